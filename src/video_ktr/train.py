@@ -1,0 +1,17 @@
+"""`video-ktr train`: GRPO with key-token reinforcement (see trainer.py for the step)."""
+
+from __future__ import annotations
+
+from video_ktr.config import parse_args
+from video_ktr.train_config import TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(TrainConfig, argv, prog="video-ktr train")
+    from video_ktr.trainer import KTRTrainer
+
+    trainer = KTRTrainer(cfg)
+    last = trainer.train()
+    if trainer.acc.is_main_process:
+        print(f"done: {trainer.state.step} steps, final model in {cfg.output_dir}; last reward {last.get('reward', float('nan')):.4f}")
+    return 0

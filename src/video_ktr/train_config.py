@@ -1,0 +1,117 @@
+"""`video-ktr train` options: one dataclass, used for the command line, YAML configs and the docs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from video_ktr.args import DataArgs
+from video_ktr.config import field
+
+SIGNALS = ("entropy", "visual", "temporal")
+SELECTIONS = ("all", "none", "random", *SIGNALS)
+
+
+@dataclass
+class TrainConfig(DataArgs):
+    """GRPO training with key-token reinforcement (Video-KTR) on Video-R1-schema data."""
+
+    model_name_or_path: str = field("", help="Policy to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
+    dataset: str = field("", help="Training data: a Video-R1-schema JSON or JSONL file (image and video rows may be mixed). [required]")
+    output_dir: str = field("", help="Where metrics.jsonl, checkpoints and the final model go. [required]")
+
+    # schedule
+    max_steps: int = field(100, help="Optimiser steps to run.")
+    learning_rate: float = field(1e-6, help="Peak learning rate of AdamW.")
+    lr_scheduler_type: str = field("cosine", choices=["cosine", "constant", "linear"], help="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = field(0.0, help="Fraction of --max_steps spent warming the learning rate up linearly.")
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    adam_beta1: float = field(0.9, help="AdamW beta1.")
+    adam_beta2: float = field(0.999, help="AdamW beta2.")
+    max_grad_norm: float = field(1.0, help="Clip the gradient norm to this (0 disables clipping).")
+    per_device_train_batch_size: int = field(
+        1, help="PROMPTS per device per micro-step (as in Video-R1); each is sampled --num_generations times, so a "
+        "micro-step trains on per_device_train_batch_size x num_generations completions.")
+    gradient_accumulation_steps: int = field(1, help="Micro-steps whose gradients are summed before each optimiser step.")
+    seed: int = field(42, help="Seed of the data order, sampling streams, probe permutations and random masks.")
+
+    # GRPO
+    num_generations: int = field(8, help="Completions sampled per prompt (the group size G).")
+    temperature: float = field(1.0, help="Sampling temperature of the rollouts.")
+    top_p: float = field(0.95, help="Nucleus sampling mass of the rollouts.")
+    max_prompt_length: int | None = field(None, help="Refuse prompts longer than this many tokens (visual tokens included).")
+    max_completion_length: int = field(768, help="Most tokens sampled per completion.")
+    beta: float = field(0.04, help="Weight of the k3 KL penalty to the frozen reference model (0: no reference model).")
+    epsilon: float = field(0.2, help="PPO clipping range (used when --num_iterations > 1).")
+    epsilon_high: float | None = field(None, help="Upper clipping range (DAPO clip-higher); defaults to --epsilon.")
+    num_iterations: int = field(1, help="Optimiser passes over each batch of rollouts; > 1 uses the clipped ratio against the sampling policy.")
+    loss_type: str = field("grpo", choices=["grpo", "bnpo", "dapo", "dr_grpo"], help="Loss normalisation: per sequence (grpo), token mean over the batch (bnpo/dapo), or by max_completion_length (dr_grpo).")
+    kl_on: str = field("mask", choices=["mask", "valid"], help="Apply the KL term on key tokens only (the paper) or on every completion token (TRL's entropy mask).")
+    normalize_by: str = field("mask", choices=["mask", "valid"], help="Divide by the number of key tokens (the paper's amplification) or by all completion tokens.")
+    reward_funcs: list[str] = field(["accuracy", "format"], help="Rewards to sum: 'accuracy', 'format', or 'package.module:function' for your own (see the README).")
+    reward_weights: list[float] | None = field(None, help="One weight per reward function (default: all 1).")
+    length_bonus: bool = field(False, help="Add Video-R1's length bonus (+0.2 for correct completions of 320-512 tokens), counting real tokens.")
+    temporal_grpo: bool = field(False, help="Add Video-R1's T-GRPO bonus: also sample G/2 completions on shuffled frames and reward ordered-frame accuracy above 0.8x the shuffled one.")
+
+    # key-token selection
+    token_selection: list[str] = field(
+        ["all"], choices=list(SELECTIONS),
+        help="Key-token signals: any of entropy, visual, temporal; 'all' = KTR (their union); 'none' = vanilla GRPO; "
+        "'random' = a random mask keeping the fraction KTR would keep (the honest control).")
+    entropy_ratio: float = field(0.2, help="Fraction of tokens kept by the entropy signal (top quantile).")
+    visual_ratio: float = field(0.2, help="Fraction of tokens kept by the visual probe signal.")
+    temporal_ratio: float = field(0.2, help="Fraction of tokens kept by the temporal probe signal (video rows only).")
+    selection_scope: str = field("group", choices=["group", "batch", "global"], help="Pool for each threshold: one prompt's G completions (the paper), the local batch, or the batch gathered across processes.")
+    positive_probe_scores: bool = field(False, help="Keep only tokens whose visual / temporal score is > 0 (avoids random picks among ties at 0).")
+    visual_probe: str = field("mask", choices=["mask", "zero_features", "blank"], help="How the visual input is taken away: placeholders masked from attention, zeroed visual features, or black frames.")
+    temporal_probe: str = field("shuffle", choices=["shuffle", "reverse", "segments"], help="How frames are disordered: random non-identity permutation, reversal, or shuffled segments.")
+
+    # model
+    dtype: str = field("float32", choices=["float32", "bfloat16", "float16", "auto"], help="Weights dtype (bfloat16 on GPUs that support it).")
+    attn_implementation: str | None = field("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2.")
+    gradient_checkpointing: bool = field(False, help="Recompute activations in the backward pass to save memory.")
+    freeze_vision_tower: bool = field(False, help="Do not train the vision encoder.")
+    use_peft: bool = field(False, help="Train LoRA adapters (needs the peft extra); the reference model is then the base with adapters disabled.")
+    lora_r: int = field(64, help="LoRA rank.")
+    lora_alpha: int = field(128, help="LoRA alpha.")
+    lora_dropout: float = field(0.05, help="LoRA dropout.")
+    lora_target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], help="Modules that get LoRA adapters (language model only unless --freeze_vision_tower false and the names match the vision tower).")
+    trust_remote_code: bool = field(False, help="Allow model code from the checkpoint (off unless you trust it).")
+    forward_batch_size: int | None = field(None, help="Rows per forward pass in the probe and reference passes (default: all rows at once).")
+
+    # bookkeeping
+    logging_steps: int = field(1, help="Print a progress line every this many steps (metrics.jsonl gets every step).")
+    save_steps: int = field(0, help="Write checkpoint-N every this many steps (0: only the final model).")
+    save_total_limit: int | None = field(None, help="Keep at most this many checkpoints (oldest removed).")
+    resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
+    report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")
+    log_completions_every: int = field(0, help="Write sampled completions with rewards to completions.jsonl every this many steps (0: never).")
+    max_bad_steps: int = field(10, help="Stop when this many steps had a non-finite loss or gradient (each is skipped and counted).")
+
+    def validate(self) -> None:
+        for name in ("model_name_or_path", "dataset", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.num_generations < 2:
+            raise ValueError("--num_generations must be >= 2: GRPO compares completions within a group")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_iterations < 1:
+            raise ValueError("--per_device_train_batch_size, --gradient_accumulation_steps and --num_iterations must be >= 1")
+        sel = set(self.token_selection)
+        exclusive = sel & {"all", "none", "random"}
+        if exclusive and len(sel) > 1:
+            raise ValueError(f"--token_selection {sorted(exclusive)[0]!r} cannot be combined with other values: {self.token_selection}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward functions")
+        for name in ("entropy_ratio", "visual_ratio", "temporal_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1]")
+        self.frame_settings()
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The signals whose union is the key-token mask (empty: vanilla GRPO)."""
+        sel = set(self.token_selection)
+        if sel & {"all", "random"}:
+            return SIGNALS
+        if "none" in sel:
+            return ()
+        return tuple(s for s in SIGNALS if s in sel)

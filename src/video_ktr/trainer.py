@@ -1,0 +1,567 @@
+"""The GRPO trainer with key-token reinforcement, on accelerate.
+
+One optimiser step, read top to bottom in :meth:`KTRTrainer.train_step`:
+
+    rollout (G completions per prompt) -> rewards -> advantages -> probes (visual, temporal) and
+    reference (no grad) -> policy log-probs and entropy (grad) -> key-token selection -> loss ->
+    backward -> optimiser step
+
+Each stage lives in its own module (rollout, rewards, loss, probes, selection, scoring); this file
+only orchestrates them and keeps the books (metrics, checkpoints, resumption).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from video_ktr import checkpoint as ckpt
+from video_ktr.data import DataError, Sample, SkipReport, load_dataset
+from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
+from video_ktr.media import FrameCache, MediaError, load_image
+from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
+from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens
+from video_ktr.probes import (
+    blank_media,
+    frame_permutation,
+    permuted_media,
+    probe_logprobs,
+    reencode_visual,
+    visual_masked_inputs,
+    zero_feature_inputs,
+)
+from video_ktr.rewards import length_bonus, load_reward_function, temporal_bonus
+from video_ktr.rollout import Completions, encode_visual_once, generate, unwrap
+from video_ktr.sampling import row_seed
+from video_ktr.scoring import sequence_logprobs
+from video_ktr.selection import (
+    mask_at_threshold,
+    mask_stats,
+    quantile_threshold,
+    random_mask_like,
+    select_key_tokens_grouped,
+)
+from video_ktr.train_config import TrainConfig
+
+
+class Timer:
+    """Seconds spent per phase of a step (for metrics and the step-breakdown benchmark)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] += time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+@dataclass
+class Rollout:
+    """Everything about one micro-batch that does not change across ``num_iterations`` passes."""
+
+    samples: list[Sample]
+    seq_inputs: dict[str, Any]
+    completions: Completions
+    rewards: Tensor  # (N,)
+    advantages: Tensor  # (N,)
+    components: dict[str, Tensor]  # per reward function, (N,)
+    vis_logp: Tensor | None = None  # (N, Lc)
+    tmp_logp: Tensor | None = None  # (N, Lc)
+    temporal_rows: Tensor | None = None  # (N,) bool
+    ref_logp: Tensor | None = None  # (N, Lc)
+    old_logp: Tensor | None = None  # (N, Lc), set at the first pass when num_iterations > 1
+    mask: Tensor | None = None  # (N, Lc) key tokens, set at the first pass
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class BadStep(RuntimeError):
+    pass
+
+
+class KTRTrainer:
+    def __init__(self, cfg: TrainConfig, accelerator: Any = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        log_with = [r for r in cfg.report_to if r != "none"] or None
+        self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out))
+        set_seed(cfg.seed)
+        self.frames = cfg.frame_settings()
+        self.cache = FrameCache(capacity=max(8, 4 * cfg.per_device_train_batch_size))
+        self.skips = SkipReport()
+        self.samples = load_dataset(
+            cfg.dataset, cfg.media_root, on_bad_sample=cfg.on_bad_sample,
+            allow_outside_media_root=cfg.allow_outside_media_root, report=self.skips,
+        )
+        self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = self.processor.tokenizer
+        model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
+        self.special = special_tokens(model.config, self.tokenizer)
+        if cfg.freeze_vision_tower:
+            freeze_vision(model)
+        self.ref_model = None
+        if cfg.use_peft:
+            model = self._apply_peft(model)
+        elif cfg.beta != 0:
+            self.ref_model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                        trust_remote_code=cfg.trust_remote_code)
+            self.ref_model.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        scheduler = self._scheduler(optimizer)
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        if self.ref_model is not None:
+            self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)
+        self.reward_fns = [load_reward_function(s) for s in cfg.reward_funcs]
+        self.reward_weights = cfg.reward_weights or [1.0] * len(self.reward_fns)
+        self.state = ckpt.TrainState()
+        self.bad_steps = 0
+        if cfg.resume_from_checkpoint:
+            self._resume(cfg.resume_from_checkpoint)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _apply_peft(self, model: torch.nn.Module) -> torch.nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:
+            raise ImportError("--use_peft needs the peft extra: pip install 'video-ktr[peft]'") from exc
+        lora = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                          target_modules=self.cfg.lora_target_modules, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer):
+        total = max(1, self.cfg.max_steps)
+        warm = int(round(self.cfg.warmup_ratio * total))
+        kind = self.cfg.lr_scheduler_type
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, total - warm)
+            if kind == "constant":
+                return 1.0
+            if kind == "linear":
+                return max(0.0, 1.0 - progress)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # ------------------------------------------------------------------ data
+    def _next_samples(self) -> list[tuple[int, Sample]]:
+        """This process's prompts of the next micro-step: a slice of the global micro-batch.
+
+        The order is a seeded permutation per epoch, so the position (micro-steps done) is all a
+        resumed run needs, and every method run with one seed sees the same prompts in the same order.
+        """
+        P, world, rank = self.cfg.per_device_train_batch_size, self.acc.num_processes, self.acc.process_index
+        n = len(self.samples)
+        start = self.state.micro_step * P * world + rank * P
+        picked = []
+        for k in range(start, start + P):
+            epoch, pos = divmod(k, n)
+            g = torch.Generator().manual_seed(row_seed(self.cfg.seed, "order", epoch))
+            perm = torch.randperm(n, generator=g)
+            picked.append(int(perm[pos]))
+        return [(i, self.samples[i]) for i in picked]
+
+    def _load_media(self, index: int, sample: Sample) -> Media:
+        if sample.data_type == "video":
+            return Media(video=self.cache.get_or_load(sample.media_path, self.frames))
+        return Media(image=load_image(sample.media_path, self.frames))
+
+    def _media_for(self, picked: list[tuple[int, Sample]]) -> tuple[list[tuple[int, Sample]], list[Media]]:
+        """Decode each prompt's media; a failure stops the run, or (skip) is replaced and counted."""
+        out, media = [], []
+        for index, sample in picked:
+            tries = 0
+            while True:
+                try:
+                    media.append(self._load_media(index, sample))
+                    out.append((index, sample))
+                    break
+                except MediaError as err:
+                    if self.cfg.on_bad_sample == "error":
+                        raise DataError(sample.source.rsplit(":", 1)[0], int(sample.source.rsplit(":", 1)[1]), "path",
+                                        f"media could not be read: {err}", "media_unreadable") from err
+                    self.skips.add(DataError(sample.source, None, "path", str(err), "media_unreadable"))
+                    tries += 1
+                    if tries > 100:
+                        raise RuntimeError("more than 100 unreadable media files in a row; check --media_root") from err
+                    index = (index + 7919 * tries) % len(self.samples)
+                    sample = self.samples[index]
+        return out, media
+
+    # ------------------------------------------------------------------ the step's stages
+    def _rewards(self, samples: list[Sample], comps: Completions) -> tuple[Tensor, dict[str, Tensor]]:
+        G = self.cfg.num_generations
+        sols = [s.solution for s in samples for _ in range(G)]
+        types = [s.problem_type for s in samples for _ in range(G)]
+        components = {}
+        total = torch.zeros(len(comps.texts))
+        for spec, fn, w in zip(self.cfg.reward_funcs, self.reward_fns, self.reward_weights):
+            values = torch.tensor([float(v) for v in fn(comps.texts, sols, types, samples=[s for s in samples for _ in range(G)])])
+            if values.shape[0] != len(comps.texts) or not torch.isfinite(values).all():
+                raise ValueError(f"reward function {spec!r} must return one finite float per completion")
+            name = spec.split(":")[-1]
+            components[name] = values
+            total += w * values
+        return total, components
+
+    def _seeds(self, picked: list[tuple[int, Sample]], stream: str, count: int) -> list[int]:
+        return [row_seed(self.cfg.seed, stream, self.state.micro_step, idx, g) for idx, _ in picked for g in range(count)]
+
+    def _generate(self, prompt_inputs: dict[str, Tensor], picked, stream: str, count: int) -> Completions:
+        rows = select_prompts(prompt_inputs, list(range(len(picked))), count)
+        return generate(
+            self.model, self.tokenizer, rows, seeds=self._seeds(picked, stream, count),
+            max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+            eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids,
+        )
+
+    def _temporal_perms(self, picked, media: list[Media]) -> dict[int, list[int]]:
+        perms = {}
+        for p, ((idx, _), m) in enumerate(zip(picked, media)):
+            if m.kind == "video":
+                g = torch.Generator().manual_seed(row_seed(self.cfg.seed, "temporal", self.state.micro_step, idx))
+                perm = frame_permutation(m.video.frames.shape[0], self.cfg.temporal_probe, g)
+                if perm is not None:
+                    perms[p] = perm
+        return perms
+
+    def make_rollout(self, timer: Timer) -> Rollout:
+        cfg, G, dev = self.cfg, self.cfg.num_generations, self.acc.device
+        with timer.phase("data"):
+            picked, media = self._media_for(self._next_samples())
+            samples = [s for _, s in picked]
+            messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
+            prompt_inputs = encode_prompts(self.processor, messages, media, max_prompt_length=cfg.max_prompt_length,
+                                           source=[s.source for s in samples])
+            prompt_inputs = to_device(prompt_inputs, dev)
+        with timer.phase("rollout"):
+            comps = self._generate(prompt_inputs, picked, "rollout", G)
+        with timer.phase("rewards"):
+            rewards, components = self._rewards(samples, comps)
+            acc = components.get("accuracy", components.get("batch_accuracy_reward"))
+            if cfg.length_bonus and acc is not None:
+                bonus = [b for p in range(len(samples)) for b in length_bonus(
+                    acc[p * G:(p + 1) * G].tolist(), comps.lengths[p * G:(p + 1) * G].tolist())]
+                components["length_bonus"] = torch.tensor(bonus)
+                rewards = rewards + components["length_bonus"]
+        perms = self._temporal_perms(picked, media) if ("temporal" in cfg.signals or cfg.temporal_grpo) else {}
+        if cfg.temporal_grpo and acc is not None and perms:
+            with timer.phase("rollout"):
+                rows = sorted(perms)
+                shuffled_prompts = reencode_visual(self.processor, select_prompts(prompt_inputs, rows),
+                                                   [permuted_media(media[p], perms[p]) for p in rows])
+                half = max(1, G // 2)
+                shuffled = self._generate(to_device(shuffled_prompts, dev), [picked[p] for p in rows], "tgrpo", half)
+            with timer.phase("rewards"):
+                accuracy = load_reward_function("accuracy")
+                s_acc = [accuracy(shuffled.texts[j * half:(j + 1) * half], [samples[p].solution] * half,
+                                  [samples[p].problem_type] * half) for j, p in enumerate(rows)]
+                bonus = torch.zeros_like(rewards)
+                for j, p in enumerate(rows):
+                    b = temporal_bonus(acc[p * G:(p + 1) * G].tolist(), list(s_acc[j]))
+                    bonus[p * G:(p + 1) * G] = torch.tensor(b)
+                components["temporal_bonus"] = bonus
+                rewards = rewards + bonus
+        advantages = group_advantages(rewards, G)
+        seq = sequence_inputs(select_prompts(prompt_inputs, list(range(len(samples))), G), comps.ids, comps.valid)
+        ro = Rollout(samples=samples, seq_inputs=seq, completions=comps, rewards=rewards, advantages=advantages,
+                     components=components)
+        n_rows = len(samples) * G
+        chunk = cfg.forward_batch_size
+        if "visual" in cfg.signals:
+            with timer.phase("probes"):
+                if cfg.visual_probe == "mask":
+                    vis_inputs = visual_masked_inputs(seq)
+                elif cfg.visual_probe == "zero_features":
+                    vis_inputs = zero_feature_inputs(unwrap(self.model), seq)
+                else:
+                    blank = reencode_visual(self.processor, prompt_inputs, [blank_media(m) for m in media])
+                    vis_inputs = sequence_inputs(encode_visual_once(self.model, to_device(blank, dev), list(range(len(samples))), G),
+                                                 comps.ids, comps.valid)
+                ro.vis_logp = probe_logprobs(self.model, vis_inputs, comps.ids, chunk)
+        if "temporal" in cfg.signals:
+            with timer.phase("probes"):
+                ro.tmp_logp = torch.zeros(comps.ids.shape, device=dev)
+                ro.temporal_rows = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+                rows = sorted(perms)
+                if rows:
+                    shuffled_prompts = reencode_visual(self.processor, select_prompts(prompt_inputs, rows),
+                                                       [permuted_media(media[p], perms[p]) for p in rows])
+                    tmp_prompts = encode_visual_once(self.model, to_device(shuffled_prompts, dev), list(range(len(rows))), G)
+                    seq_rows = torch.tensor([p * G + g for p in rows for g in range(G)], device=dev)
+                    tmp_inputs = sequence_inputs(tmp_prompts, comps.ids[seq_rows], comps.valid[seq_rows])
+                    ro.tmp_logp[seq_rows] = probe_logprobs(self.model, tmp_inputs, comps.ids[seq_rows], chunk)
+                    ro.temporal_rows[seq_rows] = True
+        if cfg.beta != 0:
+            with timer.phase("reference"):
+                ro.ref_logp = self._reference_logp(prompt_inputs, len(samples), comps)
+        return ro
+
+    @torch.no_grad()
+    def _reference_logp(self, prompt_inputs, num_prompts: int, comps: Completions) -> Tensor:
+        G = self.cfg.num_generations
+        if self.ref_model is not None:
+            inputs = sequence_inputs(encode_visual_once(self.ref_model, prompt_inputs, list(range(num_prompts)), G),
+                                     comps.ids, comps.valid)
+            return probe_logprobs(self.ref_model, inputs, comps.ids, self.cfg.forward_batch_size)
+        model = unwrap(self.model)  # PEFT: the base model is the adapters switched off
+        with model.disable_adapter():
+            inputs = sequence_inputs(encode_visual_once(model, prompt_inputs, list(range(num_prompts)), G),
+                                     comps.ids, comps.valid)
+            return probe_logprobs(model, inputs, comps.ids, self.cfg.forward_batch_size)
+
+    def _gather_pool(self, scores: Tensor, valid: Tensor) -> Tensor:
+        """The valid scores of every process (the 'global' selection scope)."""
+        flat = scores.detach().float().masked_fill(~valid, float("nan")).flatten()
+        padded = self.acc.pad_across_processes(flat, dim=0, pad_index=float("nan"))
+        return self.acc.gather(padded)
+
+    def select(self, ro: Rollout, logp: Tensor, entropy: Tensor | None) -> dict[str, Tensor]:
+        """Per-signal masks and their union, the key-token mask (vanilla GRPO: every valid token)."""
+        cfg, valid = self.cfg, ro.completions.valid
+        signals: dict[str, Tensor] = {}
+        if "entropy" in cfg.signals:
+            signals["entropy"] = entropy
+        if "visual" in cfg.signals:
+            signals["visual"] = logp.detach() - ro.vis_logp
+        if "temporal" in cfg.signals:
+            signals["temporal"] = torch.where(ro.temporal_rows[:, None], logp.detach() - ro.tmp_logp, torch.zeros_like(logp))
+        ratios = {"entropy": cfg.entropy_ratio, "visual": cfg.visual_ratio, "temporal": cfg.temporal_ratio}
+        masks = {}
+        for name, score in signals.items():
+            pool_valid = valid & ro.temporal_rows[:, None] if name == "temporal" else valid
+            positive = cfg.positive_probe_scores and name != "entropy"
+            if cfg.selection_scope == "global":
+                tau = quantile_threshold(self._gather_pool(score, pool_valid), ratios[name])
+                masks[name] = mask_at_threshold(score, pool_valid, tau.to(score.device), positive_only=positive)
+            else:
+                kw = {f"{name}": score, f"{name}_ratio": ratios[name], "positive_only": positive}
+                if name == "temporal":
+                    kw["temporal_rows"] = ro.temporal_rows
+                masks[name] = select_key_tokens_grouped(valid, cfg.num_generations, scope=cfg.selection_scope, **kw)
+        if not masks:
+            key = valid.clone()
+        else:
+            key = torch.stack(list(masks.values())).any(0)
+        if "random" in cfg.token_selection:
+            fraction = key.sum().float() / valid.sum().clamp(min=1)
+            g = torch.Generator().manual_seed(row_seed(cfg.seed, "random-mask", self.state.micro_step, self.acc.process_index))
+            key = random_mask_like(valid.cpu(), float(fraction), g).to(valid.device)
+        masks["key"] = key
+        return masks
+
+    def loss_on(self, ro: Rollout, iteration: int, timer: Timer) -> Tensor:
+        cfg = self.cfg
+        need_entropy = iteration == 0 and "entropy" in cfg.signals
+        with timer.phase("policy"):
+            logp, entropy = sequence_logprobs(self.model, ro.seq_inputs, ro.completions.ids, with_entropy=need_entropy)
+        if iteration == 0:
+            with timer.phase("selection"):
+                masks = self.select(ro, logp, entropy)
+            ro.mask = masks["key"]
+            ro.stats.update({f"{k}_fraction" if k != "key" else "key_token_fraction": v
+                             for k, v in mask_stats(ro.completions.valid, masks).items()})
+            if cfg.num_iterations > 1:
+                ro.old_logp = logp.detach()
+            if entropy is not None:
+                ro.stats["entropy"] = float(entropy[ro.completions.valid].mean()) if ro.completions.valid.any() else 0.0
+        with timer.phase("loss"):
+            loss, stats = grpo_loss(
+                logp, ro.advantages.to(logp.device), ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
+                beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_completion_length, kl_on=cfg.kl_on, normalize_by=cfg.normalize_by,
+                valid=ro.completions.valid, return_stats=True,
+            )
+            if iteration == 0:
+                per_seq = sequence_losses(
+                    logp.detach(), ro.advantages.to(logp.device), ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
+                    kl_on=cfg.kl_on, normalize_by=cfg.normalize_by, valid=ro.completions.valid,
+                )
+                ro.stats["loss_variance"] = float(per_seq.var()) if per_seq.numel() > 1 else 0.0
+        ro.stats["kl"] = float(stats.get("kl", 0.0))
+        ro.stats["clip_ratio"] = float(stats.get("clip_ratio", 0.0))
+        return loss
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step: gradient_accumulation_steps micro-batches, num_iterations passes."""
+        cfg, timer = self.cfg, Timer()
+        t0 = time.perf_counter()
+        rollouts = []
+        for _ in range(cfg.gradient_accumulation_steps):
+            rollouts.append(self.make_rollout(timer))
+            self.state.micro_step += 1
+        losses, bad = [], False
+        for it in range(cfg.num_iterations):
+            for j, ro in enumerate(rollouts):
+                loss = self.loss_on(ro, it, timer) / cfg.gradient_accumulation_steps
+                if not torch.isfinite(loss):
+                    bad = True
+                with timer.phase("backward"):
+                    last = j == len(rollouts) - 1
+                    ctx = self.acc.no_sync(self.model) if not last else _nullcontext()
+                    with ctx:
+                        self.acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if bad else loss)
+                losses.append(float(loss.detach()) * cfg.gradient_accumulation_steps)
+            with timer.phase("optimizer"):
+                grad_norm = self._clip()
+                if bad or not math.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.bad_steps += 1
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        raise BadStep(f"{self.bad_steps} steps had a non-finite loss or gradient (--max_bad_steps "
+                                      f"{cfg.max_bad_steps}); lower the learning rate or check the data")
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        return self._metrics(rollouts, losses, grad_norm, bad, timer, time.perf_counter() - t0)
+
+    def _clip(self) -> float:
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        else:
+            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        return float(norm)
+
+    def _metrics(self, rollouts: list[Rollout], losses, grad_norm, bad, timer: Timer, seconds: float) -> dict[str, float]:
+        def cat(attr):
+            return torch.cat([getattr(r, attr) if attr != "lengths" else r.completions.lengths.float() for r in rollouts])
+
+        local = {
+            "loss": sum(losses) / max(1, len(losses)),
+            "reward": float(cat("rewards").mean()),
+            "reward_std": float(cat("rewards").std()) if cat("rewards").numel() > 1 else 0.0,
+            "completion_length": float(cat("lengths").mean()),
+        }
+        comp_names = rollouts[0].components.keys()
+        for name in comp_names:
+            key = {"batch_accuracy_reward": "accuracy_reward", "batch_format_reward": "format_reward"}.get(name, f"{name}_reward" if not name.endswith("bonus") else name)
+            local[key] = float(torch.cat([r.components[name] for r in rollouts]).mean())
+        for k in ("key_token_fraction", "entropy_fraction", "visual_fraction", "temporal_fraction", "kl", "clip_ratio",
+                  "loss_variance", "entropy"):
+            vals = [r.stats[k] for r in rollouts if k in r.stats]
+            if vals:
+                local[k] = sum(vals) / len(vals)
+        names = sorted(local)
+        reduced = self.acc.reduce(torch.tensor([local[n] for n in names], device=self.acc.device), reduction="mean")
+        metrics = {"step": self.state.step, **{n: float(v) for n, v in zip(names, reduced.tolist())}}
+        metrics.update({
+            "grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0], "bad_step": int(bad),
+            "bad_steps_total": self.bad_steps, "skipped_samples": self.skips.total, "step_seconds": seconds,
+            **{f"time_{k}": v for k, v in timer.seconds.items()},
+        })
+        if self.cfg.log_completions_every and self.state.step % self.cfg.log_completions_every == 0 and self.acc.is_main_process:
+            self._log_completions(rollouts[0])
+        return metrics
+
+    def _log_completions(self, ro: Rollout) -> None:
+        G = self.cfg.num_generations
+        with (self.out / "completions.jsonl").open("a") as fh:
+            for i, text in enumerate(ro.completions.texts):
+                s = ro.samples[i // G]
+                fh.write(json.dumps({"step": self.state.step, "problem_id": s.problem_id, "completion": text,
+                                     "solution": s.solution, "reward": float(ro.rewards[i]),
+                                     "advantage": float(ro.advantages[i])}) + "\n")
+
+    # ------------------------------------------------------------------ loop, checkpoints
+    def train(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            (self.out / "train_config.json").write_text(json.dumps(_asdict(cfg), indent=2))
+        if self.acc.trackers:
+            pass
+        elif [r for r in cfg.report_to if r != "none"]:
+            self.acc.init_trackers("video-ktr", config=_asdict(cfg))
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not self.acc.is_main_process, desc="train")
+        last: dict[str, float] = {}
+        model = self.model
+        model.train()
+        while self.state.step < cfg.max_steps:
+            last = self.train_step()
+            if self.acc.is_main_process:
+                with (self.out / "metrics.jsonl").open("a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward']:.3f}", key=f"{last.get('key_token_fraction', 1.0):.2f}")
+                if cfg.logging_steps and self.state.step % cfg.logging_steps == 0:
+                    bar.write(_progress_line(last))
+            if [r for r in cfg.report_to if r != "none"]:
+                self.acc.log(last, step=self.state.step)
+            if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_final()
+        if self.skips.total and self.acc.is_main_process:
+            print(f"skipped samples: {self.skips.summary()}")
+        self.acc.end_training()
+        return last
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save(self.out, self.state.step, self.acc, self.model, self.processor, self.optimizer, self.scheduler,
+                         self.state, extra={"bad_steps": self.bad_steps, "skipped": dict(self.skips.counts)})
+        if self.cfg.save_total_limit and self.acc.is_main_process:
+            ckpt.prune(self.out, self.cfg.save_total_limit)
+        return path
+
+    def save_final(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.save_model(self.out, self.acc, self.model, self.processor)
+
+    def _resume(self, spec: str) -> None:
+        path = ckpt.find(self.out, spec)
+        extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
+        self.bad_steps = int(extra.get("bad_steps", 0))
+        if self.acc.is_main_process:
+            print(f"resumed from {path} at step {self.state.step}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _asdict(cfg: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _progress_line(m: dict[str, float]) -> str:
+    keys = ("reward", "accuracy_reward", "format_reward", "loss", "kl", "key_token_fraction", "completion_length", "step_seconds")
+    return f"step {int(m['step'])}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
