@@ -1,0 +1,145 @@
+"""The demo's report: ``summary.md`` and PNG plots from measured values only (nothing rescaled)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if sft:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([m["step"] for m in sft], [m["loss"] for m in sft], lw=0.8)
+        ax.set_xlabel("SFT step")
+        ax.set_ylabel("loss")
+        ax.set_title("SFT cold start: training loss")
+        fig.tight_layout()
+        fig.savefig(out / "sft_loss.png", dpi=110)
+        plt.close(fig)
+        written.append("sft_loss.png")
+    if rl:
+        steps = [m["step"] for m in rl]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in (("reward", "reward"), ("accuracy_reward", "accuracy reward"), ("format_reward", "format reward")):
+            if key in rl[0]:
+                vals = [m[key] for m in rl]
+                ax.plot(steps, vals, lw=0.5, alpha=0.35)
+                ax.plot(steps, moving_average(vals, 10), lw=1.5, label=f"{label} (10-step mean)")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("mean over the step's completions")
+        ax.set_title("KTR training rewards (measured)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "rl_reward.png", dpi=110)
+        plt.close(fig)
+        written.append("rl_reward.png")
+        if "key_token_fraction" in rl[0]:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            for key in ("key_token_fraction", "entropy_fraction", "visual_fraction", "temporal_fraction"):
+                if key in rl[0]:
+                    ax.plot(steps, [m[key] for m in rl], lw=1, label=key)
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("fraction of completion tokens")
+            ax.set_title("Key tokens selected per step")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / "key_tokens.png", dpi=110)
+            plt.close(fig)
+            written.append("key_tokens.png")
+    return written
+
+
+def _plot_accuracy(out: Path, before: dict, after: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted(set(before["greedy"]["by_kind"]) | set(after["greedy"]["by_kind"]))
+    labels = ["overall", *kinds]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.8))
+    width = 0.2
+    series = [("SFT greedy", before, "greedy"), ("KTR greedy", after, "greedy")]
+    if "sampled_0" in before:
+        series += [("SFT sampled", before, "sampled_0"), ("KTR sampled", after, "sampled_0")]
+    for j, (name, rep, key) in enumerate(series):
+        vals = [rep[key]["accuracy"]] + [rep[key]["by_kind"].get(k, float("nan")) for k in kinds]
+        ax.bar([i + (j - len(series) / 2 + 0.5) * width for i in range(len(labels))], vals, width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Held-out accuracy before and after RL")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    return "accuracy.png"
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    sft = read_jsonl(out / "sft" / "metrics.jsonl")
+    rl = read_jsonl(out / "ktr" / "metrics.jsonl")
+    plots = _plot_curves(out, sft, rl)
+    before, after = results["before"], results["after"]
+    plots.append(_plot_accuracy(out, before, after))
+    kinds = sorted(set(before["greedy"]["by_kind"]) | set(after["greedy"]["by_kind"]))
+    lines = [
+        "# video-ktr demo: SFT cold start, then GRPO with key-token reinforcement",
+        "",
+        f"Held-out questions: {results['config']['num_test']}; RL steps: {results['config']['rl_steps']} "
+        f"({results['config']['rl_prompts']} prompts x {results['config']['num_generations']} completions); "
+        f"token selection: {', '.join(results['config']['token_selection'])}; seed {results['config']['seed']}.",
+        "",
+        "| accuracy | SFT (before RL) | KTR (after RL) | change |",
+        "|---|---|---|---|",
+    ]
+    for key in [k for k in before if k in after]:
+        b, a = before[key]["accuracy"], after[key]["accuracy"]
+        lines.append(f"| {key} overall | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+        for kind in kinds:
+            b2, a2 = before[key]["by_kind"].get(kind), after[key]["by_kind"].get(kind)
+            if b2 is not None and a2 is not None:
+                lines.append(f"| {key} {kind} | {b2:.3f} | {a2:.3f} | {a2 - b2:+.3f} |")
+    if rl:
+        first, last = rl[: min(10, len(rl))], rl[-min(10, len(rl)):]
+
+        def mean(ms, k):
+            return sum(m.get(k, 0.0) for m in ms) / max(1, len(ms))
+
+        lines += [
+            "",
+            f"Training reward, mean of the first {len(first)} steps: {mean(first, 'reward'):.3f}; "
+            f"of the last {len(last)}: {mean(last, 'reward'):.3f}. Key-token fraction: {mean(rl, 'key_token_fraction'):.3f} "
+            f"of completion tokens on average.",
+        ]
+    t = results["timings_seconds"]
+    lines += ["", "Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+              + f"; total {results['total_seconds']:.0f} s.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
