@@ -78,8 +78,17 @@ __all__ = [
 MISSING = "(missing)"  # breakdown bucket for rows without the field: counted, never dropped
 
 VIDEO_R1_KEYS = ("problem", "problem_type", "solution")
-_SCHEMA_KEYS = {"problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source",
-                "process"}
+_SCHEMA_KEYS = {
+    "problem_id",
+    "problem",
+    "data_type",
+    "problem_type",
+    "options",
+    "solution",
+    "path",
+    "data_source",
+    "process",
+}
 PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "free-form", "OCR")
 MEDIA_EXTENSIONS = (".mp4", ".MP4", ".mkv", ".webm", ".avi")
 
@@ -94,50 +103,108 @@ VIDEOMMMU_DISCIPLINES: dict[str, tuple[str, ...]] = {
     "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
     "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
     "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
-    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
-                            "Pharmacy", "Public_Health"),
+    "Health and Medicine": (
+        "Basic_Medical_Science",
+        "Clinical_Medicine",
+        "Diagnostics_and_Laboratory_Medicine",
+        "Pharmacy",
+        "Public_Health",
+    ),
     "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
-    "Tech and Engineering": ("Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
-                             "Energy_and_Power", "Materials", "Mechanical_Engineering"),
+    "Tech and Engineering": (
+        "Agriculture",
+        "Architecture_and_Engineering",
+        "Computer_Science",
+        "Electronics",
+        "Energy_and_Power",
+        "Materials",
+        "Mechanical_Engineering",
+    ),
 }
 # lmms-eval's cache folder per discipline
-VIDEOMMMU_FOLDERS = {"Art and Design": "Art", "Business": "Business", "Science": "Science",
-                     "Health and Medicine": "Medicine", "Humanities and Social Science": "Humanities",
-                     "Tech and Engineering": "Engineering"}
+VIDEOMMMU_FOLDERS = {
+    "Art and Design": "Art",
+    "Business": "Business",
+    "Science": "Science",
+    "Health and Medicine": "Medicine",
+    "Humanities and Social Science": "Humanities",
+    "Tech and Engineering": "Engineering",
+}
 
 MMVU_DISCIPLINES: dict[str, tuple[str, ...]] = {
-    "Science": ("Biology", "Chemistry", "Modern_Physics", "Astronomy", "Geography", "Materials_Science",
-                "Neurobiology", "Electromagnetism", "Thermodynamics", "Mechanics"),
-    "Engineering": ("Civil_Engineering", "Electrical_Engineering", "Mechanical_Engineering", "Biomedical_Engineering",
-                    "Electronics_and_Communication", "Computer_Science"),
+    "Science": (
+        "Biology",
+        "Chemistry",
+        "Modern_Physics",
+        "Astronomy",
+        "Geography",
+        "Materials_Science",
+        "Neurobiology",
+        "Electromagnetism",
+        "Thermodynamics",
+        "Mechanics",
+    ),
+    "Engineering": (
+        "Civil_Engineering",
+        "Electrical_Engineering",
+        "Mechanical_Engineering",
+        "Biomedical_Engineering",
+        "Electronics_and_Communication",
+        "Computer_Science",
+    ),
     "Healthcare": ("Clinical_Medicine", "Basic_Medicine", "Preventive_Medicine", "Pharmacy", "Dentistry"),
     "Humanities_and_Social_Science": ("Art", "Literature", "History", "Law", "Economics", "Management"),
 }
 
 # VideoChat2 data_list: task -> video folder (benchmarks.md §6.1)
 MVBENCH_FOLDERS = {
-    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
-    "object_interaction": "star/Charades_v1_480", "action_antonym": "ssv2_video",
-    "fine_grained_action": "Moments_in_Time_Raw/videos", "unexpected_action": "FunQA_test/test",
-    "object_existence": "clevrer/video_validation", "moving_direction": "clevrer/video_validation",
-    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
-    "counterfactual_inference": "clevrer/video_validation", "object_shuffle": "perception/videos",
-    "action_count": "perception/videos", "state_change": "perception/videos", "character_order": "perception/videos",
-    "action_localization": "sta/sta_video", "scene_transition": "scene_qa/video", "fine_grained_pose": "nturgbd",
-    "egocentric_navigation": "vlnqa", "episodic_reasoning": "tvqa/frames_fps3_hq",
+    "action_sequence": "star/Charades_v1_480",
+    "action_prediction": "star/Charades_v1_480",
+    "object_interaction": "star/Charades_v1_480",
+    "action_antonym": "ssv2_video",
+    "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test",
+    "object_existence": "clevrer/video_validation",
+    "moving_direction": "clevrer/video_validation",
+    "moving_count": "clevrer/video_validation",
+    "moving_attribute": "clevrer/video_validation",
+    "counterfactual_inference": "clevrer/video_validation",
+    "object_shuffle": "perception/videos",
+    "action_count": "perception/videos",
+    "state_change": "perception/videos",
+    "character_order": "perception/videos",
+    "action_localization": "sta/sta_video",
+    "scene_transition": "scene_qa/video",
+    "fine_grained_pose": "nturgbd",
+    "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/frames_fps3_hq",
 }
 # lmms-eval folder names that hold the same (format-converted, not pre-cut) videos
 _MVBENCH_LMMS_FOLDERS = {"ssv2_video": "ssv2_video_mp4", "nturgbd": "nturgbd_convert"}
 
 TEMPCOMPASS_DIMS = ("action", "speed", "direction", "order", "attribute_change")
 
-VSI_MC_TYPES = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard",
-                "object_rel_distance", "route_planning", "obj_appearance_order")
+VSI_MC_TYPES = (
+    "object_rel_direction_easy",
+    "object_rel_direction_medium",
+    "object_rel_direction_hard",
+    "object_rel_distance",
+    "route_planning",
+    "obj_appearance_order",
+)
 VSI_NA_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
 VSI_DATASETS = ("arkitscenes", "scannet", "scannetpp")
 # the 8 reported tasks (rel_direction's 3 levels averaged into one), official order
-VSI_OFFICIAL_TASKS = ("obj_appearance_order", "object_abs_distance", "object_counting", "object_rel_distance",
-                      "object_size_estimation", "room_size_estimation", "route_planning", "object_rel_direction")
+VSI_OFFICIAL_TASKS = (
+    "obj_appearance_order",
+    "object_abs_distance",
+    "object_counting",
+    "object_rel_distance",
+    "object_size_estimation",
+    "room_size_estimation",
+    "route_planning",
+    "object_rel_direction",
+)
 _VSI_REL_DIRECTION = VSI_MC_TYPES[:3]
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -187,7 +254,9 @@ def _read_file(path: Path) -> Any:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise BenchmarkDataError(path, lineno, None, f"line {lineno} is not valid JSON ({exc.msg})") from None
+                raise BenchmarkDataError(
+                    path, lineno, None, f"line {lineno} is not valid JSON ({exc.msg})"
+                ) from None
         return rows
     try:
         return json.loads(text)
@@ -199,7 +268,9 @@ def _read_file(path: Path) -> Any:
 
 def _is_video_r1(data: Any) -> bool:
     return (
-        isinstance(data, list) and bool(data) and isinstance(data[0], dict)
+        isinstance(data, list)
+        and bool(data)
+        and isinstance(data[0], dict)
         and all(k in data[0] for k in VIDEO_R1_KEYS)
     )
 
@@ -284,11 +355,31 @@ def _check_letter(ctx: _Ctx, field: str, answer: str, letters: Iterable[str]) ->
     return answer
 
 
-def _row(*, problem_id: int, problem: str, problem_type: str, options: list[str] | None, answer: str, path: str,
-         data_source: str, meta: dict, uid: str, data_type: str = "video") -> dict:
-    return {"problem_id": problem_id, "problem": problem, "data_type": data_type, "problem_type": problem_type,
-            "options": options, "solution": f"<answer>{answer}</answer>", "path": path, "data_source": data_source,
-            "meta": meta, "uid": uid}
+def _row(
+    *,
+    problem_id: int,
+    problem: str,
+    problem_type: str,
+    options: list[str] | None,
+    answer: str,
+    path: str,
+    data_source: str,
+    meta: dict,
+    uid: str,
+    data_type: str = "video",
+) -> dict:
+    return {
+        "problem_id": problem_id,
+        "problem": problem,
+        "data_type": data_type,
+        "problem_type": problem_type,
+        "options": options,
+        "solution": f"<answer>{answer}</answer>",
+        "path": path,
+        "data_source": data_source,
+        "meta": meta,
+        "uid": uid,
+    }
 
 
 def _check_unique_uids(file: Path, rows: list[dict]) -> list[dict]:
@@ -332,13 +423,27 @@ def _load_holmes(data: Any, file: Path) -> list[dict]:
                 raise c.fail("Options", f"entry {k!r}: {v!r} should map a letter to a text")
         keys = sorted(opts)
         answer = _check_letter(c, "Answer", c.get(r, "Answer", str).strip(), keys)
-        meta = {"question_type": qtype, "video_id": vid, "question_id": qid,
-                "path_candidates": [f"./videos_cropped/{vid}.mp4"]}
+        meta = {
+            "question_type": qtype,
+            "video_id": vid,
+            "question_id": qid,
+            "path_candidates": [f"./videos_cropped/{vid}.mp4"],
+        }
         if isinstance(r.get("Explanation"), str):
             meta["explanation"] = r["Explanation"]
-        rows.append(_row(problem_id=i + 1, problem=question, problem_type="multiple choice",
-                         options=[f"{k}. {opts[k]}" for k in keys], answer=answer, path=f"./videos/{vid}.mp4",
-                         data_source="Video-Holmes", meta=meta, uid=f"videoholmes:{vid}:{qid}"))
+        rows.append(
+            _row(
+                problem_id=i + 1,
+                problem=question,
+                problem_type="multiple choice",
+                options=[f"{k}. {opts[k]}" for k in keys],
+                answer=answer,
+                path=f"./videos/{vid}.mp4",
+                data_source="Video-Holmes",
+                meta=meta,
+                uid=f"videoholmes:{vid}:{qid}",
+            )
+        )
     return _check_unique_uids(file, rows)
 
 
@@ -349,8 +454,11 @@ def _load_videomme(data: Any, file: Path) -> list[dict]:
         c = ctx.at(i)
         r = c.row_dict(raw)
         if "questions" in r and "videoID" not in r:
-            raise c.fail("questions", "this is the Video-MME results template (per-video rows with a 'questions' "
-                                      "list and no 'videoID'); load videomme/test-00000-of-00001.parquet instead")
+            raise c.fail(
+                "questions",
+                "this is the Video-MME results template (per-video rows with a 'questions' "
+                "list and no 'videoID'); load videomme/test-00000-of-00001.parquet instead",
+            )
         video_file = c.get(r, "videoID", str, nonempty=True)
         qid = c.get(r, "question_id", str, nonempty=True)
         meta: dict[str, Any] = {}
@@ -362,11 +470,26 @@ def _load_videomme(data: Any, file: Path) -> list[dict]:
         options = c.str_list(r, "options")
         letters = _option_letters(c, options)
         answer = _check_letter(c, "answer", c.get(r, "answer", str).strip(), letters)
-        meta.update(video_id=r.get("video_id"), question_id=qid, videoID=video_file, url=r.get("url"),
-                    path_candidates=[f"./videos/{video_file}.mp4", f"./{video_file}.mp4"])
-        rows.append(_row(problem_id=i + 1, problem=question, problem_type="multiple choice", options=list(options),
-                         answer=answer, path=f"./data/{video_file}.mp4", data_source="Video-MME", meta=meta,
-                         uid=f"videomme:{qid}"))
+        meta.update(
+            video_id=r.get("video_id"),
+            question_id=qid,
+            videoID=video_file,
+            url=r.get("url"),
+            path_candidates=[f"./videos/{video_file}.mp4", f"./{video_file}.mp4"],
+        )
+        rows.append(
+            _row(
+                problem_id=i + 1,
+                problem=question,
+                problem_type="multiple choice",
+                options=list(options),
+                answer=answer,
+                path=f"./data/{video_file}.mp4",
+                data_source="Video-MME",
+                meta=meta,
+                uid=f"videomme:{qid}",
+            )
+        )
     return _check_unique_uids(file, rows)
 
 
@@ -396,7 +519,9 @@ def _videommmu_records(data: Any, file: Path) -> list[tuple[str, int | str, Any]
         out = []
         for track, table in data.items():
             if track not in VIDEOMMMU_TRACKS:
-                raise ctx.fail(None, f"top-level key {track!r} is not a track ({', '.join(VIDEOMMMU_TRACKS)})")
+                raise ctx.fail(
+                    None, f"top-level key {track!r} is not a track ({', '.join(VIDEOMMMU_TRACKS)})"
+                )
             if not isinstance(table, dict):
                 raise ctx.fail(None, f"{track!r} should map row numbers to rows, got {type(table).__name__}")
             keys = sorted(table, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
@@ -406,12 +531,17 @@ def _videommmu_records(data: Any, file: Path) -> list[tuple[str, int | str, Any]
         return out
     track = _videommmu_track_of(file)
     if track is None:
-        raise ctx.fail(None, "cannot tell the VideoMMMU track: keep the HF layout <Track>/test-00000-of-00001.parquet "
-                             f"(Track one of {', '.join(VIDEOMMMU_TRACKS)}) or pass the folder holding all three")
+        raise ctx.fail(
+            None,
+            "cannot tell the VideoMMMU track: keep the HF layout <Track>/test-00000-of-00001.parquet "
+            f"(Track one of {', '.join(VIDEOMMMU_TRACKS)}) or pass the folder holding all three",
+        )
     return [(track, i, r) for i, r in enumerate(_as_list(ctx, data, "VideoMMMU track rows"))]
 
 
-def _convert_videommmu(records: list[tuple[str, int | str, Any]], file: Path, start_id: int = 1) -> list[dict]:
+def _convert_videommmu(
+    records: list[tuple[str, int | str, Any]], file: Path, start_id: int = 1
+) -> list[dict]:
     ctx = _Ctx(file)
     rows = []
     for n, (track, loc, raw) in enumerate(records):
@@ -421,15 +551,22 @@ def _convert_videommmu(records: list[tuple[str, int | str, Any]], file: Path, st
         subject = _videommmu_subject(vid)
         discipline = _videommmu_discipline(subject)
         if discipline is None:
-            raise c.fail("id", f"subject {subject!r} (from id {vid!r}) is not in the VideoMMMU discipline map")
+            raise c.fail(
+                "id", f"subject {subject!r} (from id {vid!r}) is not in the VideoMMMU discipline map"
+            )
         question = _IMAGE_PLACEHOLDER_RE.sub("", c.get(r, "question", str, nonempty=True)).strip()
         options = c.str_list(r, "options") if "options" in r else []
         answer = c.get(r, "answer", str).strip()
         qtype = r.get("question_type")
         if qtype is not None and qtype not in ("multiple-choice", "open"):
             raise c.fail("question_type", f"{qtype!r} should be 'multiple-choice', 'open' or null")
-        meta: dict[str, Any] = {"track": track, "subject": subject, "discipline": discipline, "id": vid,
-                                "original_question_type": qtype}
+        meta: dict[str, Any] = {
+            "track": track,
+            "subject": subject,
+            "discipline": discipline,
+            "id": vid,
+            "original_question_type": qtype,
+        }
         if qtype is None:  # GitHub Perception/Comprehension rows and one Adaptation row carry none
             qtype = "multiple-choice" if options else "open"
             meta["question_type_inferred"] = True
@@ -447,10 +584,19 @@ def _convert_videommmu(records: list[tuple[str, int | str, Any]], file: Path, st
         if track == "Adaptation":
             meta["question_only_path"] = f"./question_only/{vid}_image.mp4"
         link = r.get("link_selected")
-        rows.append(_row(problem_id=start_id + n, problem=question, problem_type=problem_type, options=lettered,
-                         answer=answer, path=f"./{folder}/{vid}.mp4",
-                         data_source=link if isinstance(link, str) and link else "VideoMMMU", meta=meta,
-                         uid=f"videommmu:{track}:{vid}"))
+        rows.append(
+            _row(
+                problem_id=start_id + n,
+                problem=question,
+                problem_type=problem_type,
+                options=lettered,
+                answer=answer,
+                path=f"./{folder}/{vid}.mp4",
+                data_source=link if isinstance(link, str) and link else "VideoMMMU",
+                meta=meta,
+                uid=f"videommmu:{track}:{vid}",
+            )
+        )
     return rows
 
 
@@ -462,9 +608,14 @@ def _load_videommmu_dir(folder: Path) -> list[dict]:
     """All tracks under an HF snapshot (<Track>/test-*.parquet[.rows.json]) or a GitHub ``data/`` folder."""
     records: list[tuple[str, int | str, Any, Path]] = []
     for track in ("Adaptation", "Comprehension", "Perception"):  # Video-R1-eval order
-        hits = sorted((folder / track).glob("test-*.parquet.rows.json")) or sorted((folder / track).glob("test-*.parquet"))
+        hits = sorted((folder / track).glob("test-*.parquet.rows.json")) or sorted(
+            (folder / track).glob("test-*.parquet")
+        )
         if not hits:
-            for cand in (folder / f"{track.lower()}_video.json", folder / "data" / f"{track.lower()}_video.json"):
+            for cand in (
+                folder / f"{track.lower()}_video.json",
+                folder / "data" / f"{track.lower()}_video.json",
+            ):
                 if cand.is_file():
                     hits = [cand]
                     break
@@ -523,11 +674,27 @@ def _load_mmvu(data: Any, file: Path) -> list[dict]:
             problem_type, options = ("numerical" if _is_number(answer) else "free-form"), None
         else:
             raise c.fail("question_type", f"{qtype!r} should be 'multiple-choice' or 'open-ended'")
-        meta = {"subject": subject, "discipline": discipline, "question_type": qtype, "id": rid,
-                "subject_name": meta_in.get("subject"), "path_candidates": [f"./{subject}/{fname}"]}
-        rows.append(_row(problem_id=i + 1, problem=question, problem_type=problem_type, options=options,
-                         answer=answer, path=f"./videos/{subject}/{fname}",
-                         data_source=r.get("youtube_url") or "MMVU", meta=meta, uid=f"mmvu:{rid}"))
+        meta = {
+            "subject": subject,
+            "discipline": discipline,
+            "question_type": qtype,
+            "id": rid,
+            "subject_name": meta_in.get("subject"),
+            "path_candidates": [f"./{subject}/{fname}"],
+        }
+        rows.append(
+            _row(
+                problem_id=i + 1,
+                problem=question,
+                problem_type=problem_type,
+                options=options,
+                answer=answer,
+                path=f"./videos/{subject}/{fname}",
+                data_source=r.get("youtube_url") or "MMVU",
+                meta=meta,
+                uid=f"mmvu:{rid}",
+            )
+        )
     return _check_unique_uids(file, rows)
 
 
@@ -567,9 +734,19 @@ def _load_mvbench(data: Any, file: Path, start_id: int = 1) -> list[dict]:
             meta.update(start=float(start), end=float(end))
         path, cands = _mvbench_paths(task, video)
         meta["path_candidates"] = cands
-        rows.append(_row(problem_id=start_id + i, problem=question, problem_type="multiple choice",
-                         options=_letter_options(candidates), answer=letter, path=path, data_source=task, meta=meta,
-                         uid=f"mvbench:{task}:{i}"))
+        rows.append(
+            _row(
+                problem_id=start_id + i,
+                problem=question,
+                problem_type="multiple choice",
+                options=_letter_options(candidates),
+                answer=letter,
+                path=path,
+                data_source=task,
+                meta=meta,
+                uid=f"mvbench:{task}:{i}",
+            )
+        )
     return rows
 
 
@@ -612,9 +789,23 @@ def _tempcompass_row(c: _Ctx, r: dict, video_id: str, dim: str, uid: str, proble
     else:
         task_type = "multi-choice"
         stem, options, letter = _tempcompass_mc(c, question, answer)
-    meta = {"dim": dim, "task_type": task_type, "video_id": video_id, "path_candidates": [f"./{video_id}.mp4"]}
-    return _row(problem_id=problem_id, problem=stem, problem_type="multiple choice", options=options, answer=letter,
-                path=f"./videos/{video_id}.mp4", data_source=dim, meta=meta, uid=f"tempcompass:{task_type}:{uid}")
+    meta = {
+        "dim": dim,
+        "task_type": task_type,
+        "video_id": video_id,
+        "path_candidates": [f"./{video_id}.mp4"],
+    }
+    return _row(
+        problem_id=problem_id,
+        problem=stem,
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        path=f"./videos/{video_id}.mp4",
+        data_source=dim,
+        meta=meta,
+        uid=f"tempcompass:{task_type}:{uid}",
+    )
 
 
 def _load_tempcompass(data: Any, file: Path) -> list[dict]:
@@ -626,11 +817,16 @@ def _load_tempcompass(data: Any, file: Path) -> list[dict]:
                 raise ctx.at(video_id).fail(None, f"expected {{dim: [questions]}}, got {type(dims).__name__}")
             for dim, items in dims.items():
                 if not isinstance(items, list):
-                    raise ctx.at(f"{video_id}/{dim}").fail(None, f"expected a list of questions, got {type(items).__name__}")
+                    raise ctx.at(f"{video_id}/{dim}").fail(
+                        None, f"expected a list of questions, got {type(items).__name__}"
+                    )
                 for k, raw in enumerate(items):
                     c = ctx.at(f"{video_id}/{dim}/{k}")
-                    rows.append(_tempcompass_row(c, c.row_dict(raw), video_id, dim, f"{video_id}:{dim}:{k}",
-                                                 len(rows) + 1))
+                    rows.append(
+                        _tempcompass_row(
+                            c, c.row_dict(raw), video_id, dim, f"{video_id}:{dim}:{k}", len(rows) + 1
+                        )
+                    )
         if not rows:
             raise ctx.fail(None, "the file holds no questions")
     else:  # lmms-lab/TempCompass flat rows
@@ -663,11 +859,24 @@ def _load_vsibench(data: Any, file: Path) -> list[dict]:
             problem_type = "multiple choice"
         else:
             if not _is_number(gt):
-                raise c.fail("ground_truth", f"{gt!r} is not a number (a question without options is numeric)")
+                raise c.fail(
+                    "ground_truth", f"{gt!r} is not a number (a question without options is numeric)"
+                )
             problem_type, options = "regression", None
         meta = {"question_type": qtype, "dataset": dataset, "scene_name": scene, "id": rid}
-        rows.append(_row(problem_id=i + 1, problem=question, problem_type=problem_type, options=options, answer=gt,
-                         path=f"./{dataset}/{scene}.mp4", data_source="VSI-Bench", meta=meta, uid=f"vsibench:{rid}"))
+        rows.append(
+            _row(
+                problem_id=i + 1,
+                problem=question,
+                problem_type=problem_type,
+                options=options,
+                answer=gt,
+                path=f"./{dataset}/{scene}.mp4",
+                data_source="VSI-Bench",
+                meta=meta,
+                uid=f"vsibench:{rid}",
+            )
+        )
     return _check_unique_uids(file, rows)
 
 
@@ -709,9 +918,20 @@ def _load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[
             raise c.fail("solution", f"{answer!r} is not a number ({ptype} row)")
         ds = r.get("data_source")
         meta = {k: v for k, v in r.items() if k not in _SCHEMA_KEYS}
-        rows.append(_row(problem_id=pid, problem=problem, problem_type=ptype, options=options, answer=answer,
-                         path=path, data_source=ds if isinstance(ds, str) and ds else display, meta=meta,
-                         uid=f"{benchmark}:{pid}", data_type=data_type))
+        rows.append(
+            _row(
+                problem_id=pid,
+                problem=problem,
+                problem_type=ptype,
+                options=options,
+                answer=answer,
+                path=path,
+                data_source=ds if isinstance(ds, str) and ds else display,
+                meta=meta,
+                uid=f"{benchmark}:{pid}",
+                data_type=data_type,
+            )
+        )
     _check_unique_uids(file, rows)
     enrich = _ENRICHERS.get(benchmark)
     if enrich is not None:
@@ -766,7 +986,8 @@ def _enrich_mmvu(row: dict) -> None:
 
 
 _MVBENCH_FOLDER_TO_TASK = {
-    folder: task for task, folder in MVBENCH_FOLDERS.items()
+    folder: task
+    for task, folder in MVBENCH_FOLDERS.items()
     if list(MVBENCH_FOLDERS.values()).count(folder) == 1
 }
 
@@ -799,8 +1020,12 @@ def _enrich_vsibench(row: dict) -> None:
 
 
 _ENRICHERS: dict[str, Callable[[dict], None]] = {
-    "videoholmes": _enrich_holmes, "videomme": _enrich_videomme, "videommmu": _enrich_videommmu,
-    "mmvu": _enrich_mmvu, "mvbench": _enrich_mvbench, "tempcompass": _enrich_tempcompass,
+    "videoholmes": _enrich_holmes,
+    "videomme": _enrich_videomme,
+    "videommmu": _enrich_videommmu,
+    "mmvu": _enrich_mmvu,
+    "mvbench": _enrich_mvbench,
+    "tempcompass": _enrich_tempcompass,
     "vsibench": _enrich_vsibench,
 }
 
@@ -856,28 +1081,81 @@ class BenchmarkSpec:
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     s.name: s
     for s in (
-        BenchmarkSpec("videoholmes", "Video-Holmes", ("holmes",), (("by_question_type", "question_type"),),
-                      _load_holmes, description="test_Video-Holmes.json (list; 'video ID', 'Options' A-F)"),
-        BenchmarkSpec("videomme", "Video-MME", (),
-                      (("by_duration", "duration"), ("by_domain", "domain"), ("by_task_type", "task_type"),
-                       ("by_sub_category", "sub_category")),
-                      _load_videomme, description="videomme/test-00000-of-00001.parquet (rows; no subtitles)"),
-        BenchmarkSpec("videommmu", "VideoMMMU", (),
-                      (("by_track", "track"), ("by_discipline", "discipline"), ("by_subject", "subject")),
-                      _load_videommmu, _load_videommmu_dir,
-                      description="<Track>/test-*.parquet, data/*_video.json, or a folder with all tracks"),
-        BenchmarkSpec("mmvu", "MMVU", ("mmvumc", "mmvuval"),
-                      (("by_discipline", "discipline"), ("by_subject", "subject"),
-                       ("by_question_type", "question_type")),
-                      _load_mmvu, description="validation.json"),
-        BenchmarkSpec("mvbench", "MVBench", (), (("by_task", "task"),), _load_mvbench_file, _load_mvbench_dir,
-                      description="json/<task>.json, or the json/ folder"),
-        BenchmarkSpec("tempcompass", "TempCompass", (), (("by_dim", "dim"), ("by_task_type", "task_type")),
-                      _load_tempcompass, description="questions/{multi-choice,yes_no}.json or lmms-lab rows"),
-        BenchmarkSpec("vsibench", "VSI-Bench", ("vsi",), (("by_question_type", "question_type"),), _load_vsibench,
-                      description="test-00000-of-00001.parquet or test.jsonl"),
-        BenchmarkSpec("video_r1", "Video-R1", ("videor1eval", "generic"), (("by_data_source", "data_source"),), None,
-                      description="any file in the Video-R1 schema (synthetic test set, eval_*.json)"),
+        BenchmarkSpec(
+            "videoholmes",
+            "Video-Holmes",
+            ("holmes",),
+            (("by_question_type", "question_type"),),
+            _load_holmes,
+            description="test_Video-Holmes.json (list; 'video ID', 'Options' A-F)",
+        ),
+        BenchmarkSpec(
+            "videomme",
+            "Video-MME",
+            (),
+            (
+                ("by_duration", "duration"),
+                ("by_domain", "domain"),
+                ("by_task_type", "task_type"),
+                ("by_sub_category", "sub_category"),
+            ),
+            _load_videomme,
+            description="videomme/test-00000-of-00001.parquet (rows; no subtitles)",
+        ),
+        BenchmarkSpec(
+            "videommmu",
+            "VideoMMMU",
+            (),
+            (("by_track", "track"), ("by_discipline", "discipline"), ("by_subject", "subject")),
+            _load_videommmu,
+            _load_videommmu_dir,
+            description="<Track>/test-*.parquet, data/*_video.json, or a folder with all tracks",
+        ),
+        BenchmarkSpec(
+            "mmvu",
+            "MMVU",
+            ("mmvumc", "mmvuval"),
+            (
+                ("by_discipline", "discipline"),
+                ("by_subject", "subject"),
+                ("by_question_type", "question_type"),
+            ),
+            _load_mmvu,
+            description="validation.json",
+        ),
+        BenchmarkSpec(
+            "mvbench",
+            "MVBench",
+            (),
+            (("by_task", "task"),),
+            _load_mvbench_file,
+            _load_mvbench_dir,
+            description="json/<task>.json, or the json/ folder",
+        ),
+        BenchmarkSpec(
+            "tempcompass",
+            "TempCompass",
+            (),
+            (("by_dim", "dim"), ("by_task_type", "task_type")),
+            _load_tempcompass,
+            description="questions/{multi-choice,yes_no}.json or lmms-lab rows",
+        ),
+        BenchmarkSpec(
+            "vsibench",
+            "VSI-Bench",
+            ("vsi",),
+            (("by_question_type", "question_type"),),
+            _load_vsibench,
+            description="test-00000-of-00001.parquet or test.jsonl",
+        ),
+        BenchmarkSpec(
+            "video_r1",
+            "Video-R1",
+            ("videor1eval", "generic"),
+            (("by_data_source", "data_source"),),
+            None,
+            description="any file in the Video-R1 schema (synthetic test set, eval_*.json)",
+        ),
     )
 }
 
@@ -915,9 +1193,13 @@ def load_benchmark(name: str, data_file: str | os.PathLike) -> list[dict]:
     if _is_video_r1(data):
         return _load_video_r1(data, path, spec.name, spec.display_name)
     if spec.load_official is None:
-        raise BenchmarkDataError(path, 0 if isinstance(data, list) else None, None,
-                                 f"not a Video-R1-schema file (rows need {', '.join(VIDEO_R1_KEYS)}); "
-                                 f"for an official file pass its benchmark name ({', '.join(BENCHMARKS)})")
+        raise BenchmarkDataError(
+            path,
+            0 if isinstance(data, list) else None,
+            None,
+            f"not a Video-R1-schema file (rows need {', '.join(VIDEO_R1_KEYS)}); "
+            f"for an official file pass its benchmark name ({', '.join(BENCHMARKS)})",
+        )
     return spec.load_official(data, path)
 
 
@@ -929,7 +1211,7 @@ def _path_variants(path: str) -> list[str]:
     out = [path]
     prefix = "./Evaluation/"
     if path.startswith(prefix):
-        rest = path[len(prefix):]
+        rest = path[len(prefix) :]
         out.append("./" + rest)
         if "/" in rest:
             out.append("./" + rest.split("/", 1)[1])
@@ -976,8 +1258,12 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-_KNOWN_ORDER = {"question_type": HOLMES_TYPES + VSI_MC_TYPES + VSI_NA_TYPES, "duration": VIDEOMME_DURATIONS,
-                "track": VIDEOMMMU_TRACKS, "dim": TEMPCOMPASS_DIMS}
+_KNOWN_ORDER = {
+    "question_type": HOLMES_TYPES + VSI_MC_TYPES + VSI_NA_TYPES,
+    "duration": VIDEOMME_DURATIONS,
+    "track": VIDEOMMMU_TRACKS,
+    "dim": TEMPCOMPASS_DIMS,
+}
 
 
 def _group(results: list[tuple[dict, float | None]], field: str) -> dict[str, dict]:
@@ -996,22 +1282,28 @@ def _group(results: list[tuple[dict, float | None]], field: str) -> dict[str, di
     def sort_key(k: str) -> tuple:
         return (k == MISSING, order.index(k) if k in order else len(order), k)
 
-    return {k: {"accuracy": _mean(buckets[k][0]), "n": len(buckets[k][0]), "n_failed": buckets[k][1][0]}
-            for k in sorted(buckets, key=sort_key)}
+    return {
+        k: {"accuracy": _mean(buckets[k][0]), "n": len(buckets[k][0]), "n_failed": buckets[k][1][0]}
+        for k in sorted(buckets, key=sort_key)
+    }
 
 
 def _check_score(i: int, res: Any) -> float | None:
     if not isinstance(res, dict):
         raise ValueError(f"results[{i}]: expected a dict, got {type(res).__name__}")
     if "score" not in res:
-        raise ValueError(f"results[{i}] ({res.get('uid')}): field 'score' missing (use None for a failed sample)")
+        raise ValueError(
+            f"results[{i}] ({res.get('uid')}): field 'score' missing (use None for a failed sample)"
+        )
     if "problem_type" not in res:
         raise ValueError(f"results[{i}] ({res.get('uid')}): field 'problem_type' missing")
     s = res["score"]
     if s is None:
         return None
     if not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s <= 1.0:
-        raise ValueError(f"results[{i}] ({res.get('uid')}): field 'score' = {s!r} should be a number in [0, 1] or None")
+        raise ValueError(
+            f"results[{i}] ({res.get('uid')}): field 'score' = {s!r} should be a number in [0, 1] or None"
+        )
     return float(s)
 
 
@@ -1019,11 +1311,17 @@ def _vsi_official(by_qtype: dict[str, dict]) -> tuple[dict[str, dict], float | N
     tasks: dict[str, dict] = {}
     for t in VSI_OFFICIAL_TASKS:
         if t == "object_rel_direction":
-            levels = [by_qtype[q] for q in _VSI_REL_DIRECTION if q in by_qtype and by_qtype[q]["accuracy"] is not None]
+            levels = [
+                by_qtype[q]
+                for q in _VSI_REL_DIRECTION
+                if q in by_qtype and by_qtype[q]["accuracy"] is not None
+            ]
             if levels:
-                tasks[t] = {"accuracy": sum(e["accuracy"] for e in levels) / len(levels),
-                            "n": sum(e["n"] for e in levels),
-                            "n_failed": sum(by_qtype[q]["n_failed"] for q in _VSI_REL_DIRECTION if q in by_qtype)}
+                tasks[t] = {
+                    "accuracy": sum(e["accuracy"] for e in levels) / len(levels),
+                    "n": sum(e["n"] for e in levels),
+                    "n_failed": sum(by_qtype[q]["n_failed"] for q in _VSI_REL_DIRECTION if q in by_qtype),
+                }
         elif t in by_qtype and by_qtype[t]["accuracy"] is not None:
             tasks[t] = dict(by_qtype[t])
     missing = [t for t in VSI_OFFICIAL_TASKS if t not in tasks]
@@ -1053,8 +1351,14 @@ def compute_metrics(benchmark: str, results: list[dict]) -> dict:
     reg = [(res, s) for res, s in checked if res["problem_type"] == "regression"]
     cls_scored = [s for _, s in cls if s is not None]
     reg_scored = [s for _, s in reg if s is not None]
-    failures = [{"uid": res.get("uid", res.get("problem_id", i)), "reason": str(res.get("error") or "no reason given")}
-                for i, (res, s) in enumerate(checked) if s is None]
+    failures = [
+        {
+            "uid": res.get("uid", res.get("problem_id", i)),
+            "reason": str(res.get("error") or "no reason given"),
+        }
+        for i, (res, s) in enumerate(checked)
+        if s is None
+    ]
     overall = _mean(cls_scored)
     m: dict[str, Any] = {
         "benchmark": spec.name,
@@ -1077,10 +1381,13 @@ def compute_metrics(benchmark: str, results: list[dict]) -> dict:
         m["by_official_task"] = tasks
         m["overall_official"] = official
         m["official_tasks_missing"] = missing
-        m["video_r1_headline"] = None if overall is None or m["mean_mra"] is None else (overall + m["mean_mra"]) / 2
+        m["video_r1_headline"] = (
+            None if overall is None or m["mean_mra"] is None else (overall + m["mean_mra"]) / 2
+        )
     if spec.name == "mvbench":
-        m["task_mean"] = _mean([e["accuracy"] for k, e in m["by_task"].items()
-                                if k != MISSING and e["accuracy"] is not None])
+        m["task_mean"] = _mean(
+            [e["accuracy"] for k, e in m["by_task"].items() if k != MISSING and e["accuracy"] is not None]
+        )
     return m
 
 
@@ -1090,20 +1397,34 @@ def _pct(x: float | None) -> str:
 
 def format_table(metrics: dict) -> str:
     """A plain-text table of the headline numbers and every breakdown (percent of scored rows)."""
-    lines = [f"{metrics.get('benchmark', '?')}: {metrics['num_samples']} samples, {metrics['num_scored']} scored, "
-             f"{metrics['num_failed']} failed   (% of scored rows; n = scored rows)"]
+    lines = [
+        f"{metrics.get('benchmark', '?')}: {metrics['num_samples']} samples, {metrics['num_scored']} scored, "
+        f"{metrics['num_failed']} failed   (% of scored rows; n = scored rows)"
+    ]
     rows: list[tuple[str, float | None, str]] = [("overall (accuracy)", metrics["overall"], "")]
     if metrics["num_failed"]:
         rows.append(("overall, failures as 0", metrics["overall_all_rows"], ""))
     if metrics.get("mean_mra") is not None:
         rows.append(("mean MRA (regression)", metrics["mean_mra"], ""))
-    for key, label in (("overall_official", "official overall (8 tasks)"),
-                       ("video_r1_headline", "Video-R1 headline (acc+MRA)/2"), ("task_mean", "mean over tasks")):
+        if metrics["mean_mra_all_rows"] != metrics["mean_mra"]:
+            rows.append(("mean MRA, failures as 0", metrics["mean_mra_all_rows"], ""))
+    n_official = len(VSI_OFFICIAL_TASKS) - len(metrics.get("official_tasks_missing", []))
+    for key, label in (
+        ("overall_official", f"official overall ({n_official} of {len(VSI_OFFICIAL_TASKS)} tasks)"),
+        ("video_r1_headline", "Video-R1 headline (acc+MRA)/2"),
+        ("task_mean", "mean over tasks"),
+    ):
         if key in metrics:
             rows.append((label, metrics[key], ""))
-    width = max([len(r[0]) for r in rows] + [
-        len(k) + 2 for key, b in metrics.items() if key.startswith("by_") and isinstance(b, dict) for k in b
-    ])
+    width = max(
+        [len(r[0]) for r in rows]
+        + [
+            len(k) + 2
+            for key, b in metrics.items()
+            if key.startswith("by_") and isinstance(b, dict)
+            for k in b
+        ]
+    )
     for label, value, _ in rows:
         lines.append(f"{label.ljust(width)}  {_pct(value)}")
     for key, breakdown in metrics.items():
