@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("video_ktr.evaluate", "evaluate a model on a video reasoning benchmark"),
     "score": ("video_ktr.evaluate", "recompute predictions and metrics of a saved evaluation file"),
     "infer": ("video_ktr.infer", "answer one question about a video or an image"),
+    "data": ("video_ktr.data_tools", "prepare data: unpack Video-R1-data archives, check every row and media file"),
     "demo": ("video_ktr.demo", "the main job on the embedded default: synth, SFT, eval, KTR, eval"),
 }
 

@@ -103,7 +103,10 @@ def read_rows(path: str | os.PathLike) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "data file does not exist", "missing_file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, None, f"not UTF-8 text (byte {exc.start}); data files must be UTF-8 JSON or JSONL", "bad_json") from None
     stripped = text.lstrip()
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
         rows = []
@@ -140,8 +143,11 @@ def resolve_media(
                 "path_outside_root",
             )
         return candidate
-    root = media_root.resolve()
-    resolved = (root / candidate).resolve()
+    try:
+        root = media_root.resolve()
+        resolved = (root / candidate).resolve()
+    except (OSError, ValueError) as exc:
+        raise DataError(file, row, "path", f"unusable media path {raw[:200]!r} ({exc})", "bad_path") from None
     if not allow_outside and not resolved.is_relative_to(root):
         raise DataError(
             file, row, "path",
@@ -211,7 +217,11 @@ def validate_row(
 
     path_value = need_str("path")
     media_path = resolve_media(path_value, media_root, allow_outside=allow_outside, file=file, row=index)
-    if check_media_exists and not media_path.is_file():
+    try:
+        exists = media_path.is_file()
+    except (OSError, ValueError) as exc:
+        raise DataError(file, index, "path", f"unusable media path ({exc})", "bad_path") from None
+    if check_media_exists and not exists:
         raise DataError(file, index, "path", f"media file {media_path} does not exist", "media_missing")
 
     pid = row.get("problem_id", index)

@@ -343,7 +343,10 @@ def _is_image_container(container: Any) -> bool:
     if names & _IMAGE_DEMUXERS or any(n.endswith("_pipe") for n in names):
         return True
     streams = container.streams.video
-    return bool(streams) and streams[0].codec_context.name in _IMAGE_CODECS and (streams[0].frames or 0) <= 1
+    codec = getattr(streams[0], "codec_context", None) if streams else None
+    if codec is None:  # a damaged container: no decoder for its stream
+        return False
+    return codec.name in _IMAGE_CODECS and (streams[0].frames or 0) <= 1
 
 
 def _stream_fps(stream: Any) -> float | None:

@@ -1,0 +1,117 @@
+"""`video-ktr infer` (video_ktr.infer): one question about a real video or an image, with a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from video_ktr import infer, tiny
+from video_ktr.evaluate import HFEngine
+from video_ktr.infer import InferError, main, normalize_options, parse_infer_args, split_output
+
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+             vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
+REAL_VIDEO = Path("/work/shared/fixtures/real/video1.mp4")
+SMALL_FRAMES = ["--max_frames", "4", "--min_frames", "4", "--max_pixels", str(4 * 28 * 28)]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", **SMALL)
+
+
+@pytest.mark.skipif(not REAL_VIDEO.is_file(), reason="real video fixture not available")
+def test_infer_on_a_real_video(tiny_dir, capsys):
+    rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(REAL_VIDEO), "--question", "What happens in the video?",
+               "--problem_type", "multiple choice", "--options", "A. a car passes", "B. nothing moves",
+               "--max_new_tokens", "16", *SMALL_FRAMES])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "Reasoning:"
+    assert any(line.startswith("Answer:") for line in lines)
+    assert "Raw output:" not in out
+
+
+def test_infer_image_prints_reasoning_answer_and_raw(tiny_dir, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "square.png"
+    Image.new("RGB", (56, 56), (255, 0, 0)).save(image)
+    seen = {}
+
+    def fixed(self, messages, media, seeds, **kw):
+        seen.update(messages=messages, media=media, kw=kw)
+        return ["<think>the square is red</think> <answer>A</answer>"]
+
+    monkeypatch.setattr(HFEngine, "generate", fixed)
+    rc = main(["--model_name_or_path", str(tiny_dir), "--image", str(image), "--question", "What colour is the square?",
+               "--options", "red, green, blue", "--greedy", "--raw", "true"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Reasoning:\nthe square is red\n" in out
+    assert "\nAnswer: A\n" in out
+    assert "Raw output:\n<think>the square is red</think> <answer>A</answer>" in out
+    (msgs,) = seen["messages"]
+    text = msgs[-1]["content"][-1]["text"]
+    assert msgs[-1]["content"][0] == {"type": "image"}
+    assert text.startswith("What colour is the square?Options:\nA. red\nB. green\nC. blue\nPlease think")
+    assert text.endswith("Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.")
+    assert seen["media"][0].kind == "image" and seen["kw"]["temperature"] == 0.0
+
+
+def test_missing_file_is_a_clear_error_before_loading_the_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded for a missing file")
+
+    monkeypatch.setattr("video_ktr.modeling.load_model", no_model)
+    rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(tmp_path / "nope.mp4"), "--question", "Why?"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "video file not found" in err and "nope.mp4" in err
+
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"not a video at all" * 20)
+    rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(corrupt), "--question", "Why?"])
+    assert rc == 2 and "corrupt.mp4" in capsys.readouterr().err
+
+
+def test_bad_requests_are_refused(tiny_dir, tmp_path, capsys):
+    base = ["--model_name_or_path", str(tiny_dir), "--question", "Why?"]
+    with pytest.raises(SystemExit) as exc:
+        main(base)  # neither --video nor --image
+    assert exc.value.code == 2 and "exactly one of --video" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--video", "a.mp4", "--image", "b.png"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (28, 28)).save(image)
+    assert main([*base, "--image", str(image), "--problem_type", "multiple choice"]) == 2
+    assert "needs --options" in capsys.readouterr().err
+
+
+def test_options_parsing():
+    cfg = parse_infer_args(["--model_name_or_path", "m", "--video", "v.mp4", "--question", "q",
+                            "--options", "A. red, dark", "B. blue", "--max_new_tokens", "3"])
+    assert cfg.options == ["A. red, dark", "B. blue"] and cfg.max_new_tokens == 3
+    cfg = parse_infer_args(["--model_name_or_path", "m", "--video", "v.mp4", "--question", "q",
+                            "--options=A. red, dark, B. blue"])
+    assert normalize_options(cfg.options) == ["A. red, dark", "B. blue"]
+    assert normalize_options(["red, green"]) == ["A. red", "B. green"]
+    assert normalize_options(["A) x", "B: y", "C.z"]) == ["A. x", "B. y", "C. z"]
+    assert normalize_options(None) is None
+    with pytest.raises(InferError, match="expected 'B'"):
+        normalize_options(["A. x", "C. y"])
+    with pytest.raises(InferError, match="mixes"):
+        normalize_options(["A. x", "y"])
+
+
+def test_split_output():
+    assert split_output("<think> hmm </think>\n<answer> B </answer>") == ("hmm", "B")
+    assert split_output("just 42") == (None, "just 42")
+    assert split_output("<think>unfinished") == ("unfinished", "<think>unfinished")
+    assert infer._question(infer.InferConfig(model_name_or_path="m", video="v", question="q"))[0] == "free-form"
