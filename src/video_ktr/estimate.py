@@ -1,0 +1,892 @@
+"""`video-ktr estimate`: a dry-run estimate of the GPU memory and tokens of one training step, per GPU.
+
+Nothing is downloaded and no model is built: the architecture comes from a local ``config.json`` (the
+training config's model directory, or ``--model_config``) or, for a hub id, from a built-in table of the
+public Qwen2.5-VL sizes. The estimate counts *live tensor bytes* phase by phase; the formulas and the
+assumptions behind every number are in docs/estimate.md.
+
+A training step (see trainer.py) goes through these phases, one after the other:
+
+    rollout   generation of P x G completions with a KV cache (no grad)
+    probes    visual / temporal probe passes and the reference pass (no grad, text forward over P x G rows)
+    policy    the forward with grad over prompt + completion, then the start of the backward
+    backward  the end of the backward: all gradients, the vision tower's activations still held
+    optimizer the AdamW step
+
+Peak per GPU = static memory (weights, reference model, optimizer states, buffers) + the largest phase.
+
+``measure_peak`` runs real training steps of the tiny CPU model in a subprocess and measures the peak
+RSS increase; the tests compare it with this estimate (docs/estimate.md has the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = float(2**30)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ASSUMED_SOURCE_FPS = 30.0  # frame rate assumed for a video of --video_seconds (only matters for very short videos)
+PIXEL_VALUE_BYTES = 4  # the processor returns float32 pixel patches; the trainer keeps them in float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Architecture
+
+
+@dataclass
+class ModelArch:
+    """The numbers of a Qwen2.5-VL / Qwen2-VL checkpoint that memory depends on."""
+
+    model_type: str  # qwen2_5_vl | qwen2_vl
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    vision_depth: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_heads: int
+    vision_out_size: int  # output of the patch merger = text hidden size
+    head_dim: int | None = None
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 112  # Qwen2.5-VL windowed attention (pixels)
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    dtype: str = "bfloat16"  # the checkpoint's dtype (used for --dtype auto)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.model_type not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(f"model_type {self.model_type!r}: the estimate knows qwen2_5_vl and qwen2_vl only")
+
+    @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden_size // self.vision_num_heads
+
+
+def _table_entry(hidden, layers, heads, kv, inter, vocab, tie, v_inter, name) -> ModelArch:
+    return ModelArch(
+        model_type="qwen2_5_vl", hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+        intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tie, vision_depth=32,
+        vision_hidden_size=1280, vision_intermediate_size=v_inter, vision_num_heads=16, vision_out_size=hidden,
+        window_size=112, fullatt_block_indexes=[7, 15, 23, 31], dtype="bfloat16",
+        source=f"built-in table: {name} (values written from memory of the public Qwen/{name}-Instruct "
+        "config.json, not read from a file; pass --model_config to use the real one)",
+    )
+
+
+# Known sizes of Qwen2.5-VL. FROM MEMORY of the public Hugging Face config.json files (not downloaded,
+# not checked against the files here): check with --model_config when in doubt.
+KNOWN_MODELS: dict[str, ModelArch] = {
+    "3B": _table_entry(2048, 36, 16, 2, 11008, 151936, True, 3420, "Qwen2.5-VL-3B"),
+    "7B": _table_entry(3584, 28, 28, 4, 18944, 152064, False, 3420, "Qwen2.5-VL-7B"),
+    "32B": _table_entry(5120, 64, 40, 8, 27648, 152064, False, 3456, "Qwen2.5-VL-32B"),
+    "72B": _table_entry(8192, 80, 64, 8, 29568, 152064, False, 3456, "Qwen2.5-VL-72B"),
+}
+
+
+def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelArch:
+    """A :class:`ModelArch` from a parsed config.json (text fields at the top level or under text_config)."""
+    model_type = raw.get("model_type", "")
+    text = raw.get("text_config") or {}
+    vision = raw.get("vision_config") or {}
+
+    def t(key: str, default: Any = None) -> Any:
+        value = text.get(key, raw.get(key, default))
+        return default if value is None else value
+
+    if not vision:
+        raise ValueError(f"{source}: no vision_config; is this a Qwen2.5-VL / Qwen2-VL checkpoint?")
+    tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    hidden = int(t("hidden_size"))
+    common = dict(
+        model_type=model_type, hidden_size=hidden, num_layers=int(t("num_hidden_layers")),
+        num_heads=int(t("num_attention_heads")), num_kv_heads=int(t("num_key_value_heads", t("num_attention_heads"))),
+        intermediate_size=int(t("intermediate_size")), vocab_size=int(t("vocab_size")), tie_word_embeddings=bool(tie),
+        head_dim=t("head_dim"), patch_size=int(vision.get("patch_size", 14)),
+        temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+        in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+        vision_depth=int(vision["depth"]), vision_num_heads=int(vision["num_heads"]),
+        dtype=str(raw.get("dtype") or raw.get("torch_dtype") or t("dtype") or t("torch_dtype") or "bfloat16"),
+        source=source,
+    )
+    if model_type == "qwen2_vl":
+        embed = int(vision["embed_dim"])
+        return ModelArch(**common, vision_hidden_size=embed, vision_intermediate_size=int(embed * vision.get("mlp_ratio", 4)),
+                         vision_out_size=int(vision.get("hidden_size", hidden)), window_size=0, fullatt_block_indexes=[])
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{source}: model_type {model_type!r}; the estimate knows qwen2_5_vl and qwen2_vl only")
+    return ModelArch(
+        **common, vision_hidden_size=int(vision["hidden_size"]), vision_intermediate_size=int(vision["intermediate_size"]),
+        vision_out_size=int(vision.get("out_hidden_size", hidden)), window_size=int(vision.get("window_size", 112)),
+        fullatt_block_indexes=list(vision.get("fullatt_block_indexes", [7, 15, 23, 31])),
+    )
+
+
+def resolve_arch(model_name_or_path: str, model_config: str | None = None) -> ModelArch:
+    """--model_config (a directory or a JSON file), else the local model directory, else the built-in table."""
+    for candidate in ([model_config] if model_config else []) + [model_name_or_path]:
+        p = Path(candidate)
+        file = p / "config.json" if p.is_dir() else p
+        if file.is_file() and file.suffix == ".json":
+            return arch_from_config(json.loads(file.read_text()), source=str(file))
+        if candidate == model_config:
+            raise FileNotFoundError(f"--model_config {model_config}: no config.json there")
+    name = model_name_or_path.replace("_", ".").lower()
+    size = re.search(r"(?<![\d.])(3|7|32|72)b\b", name)
+    if "2.5-vl" in name and size:
+        return dataclasses.replace(KNOWN_MODELS[size.group(1).upper() + "B"])
+    raise ValueError(
+        f"cannot tell the architecture of {model_name_or_path!r}: it is not a local directory with a config.json "
+        f"and not a Qwen2.5-VL {'/'.join(KNOWN_MODELS)} hub id; pass --model_config DIR_OR_JSON"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def count_params(arch: ModelArch, lora_r: int = 0, lora_targets: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
+    """Exact parameter counts of the transformers implementation (checked against the tiny model in tests).
+
+    LoRA counts r x (in + out) per adapted Linear, matching module names by their last component as PEFT
+    does: in Qwen2.5-VL the vision blocks' gate_proj / up_proj / down_proj match the default targets too.
+    """
+    h, d, nh, kv, inter, V = (arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                              arch.intermediate_size, arch.vocab_size)
+    layer = (h * nh * d + nh * d) + 2 * (h * kv * d + kv * d) + nh * d * h + 3 * h * inter + 2 * h
+    text = V * h + arch.num_layers * layer + h + (0 if arch.tie_word_embeddings else V * h)
+    hv, iv = arch.vision_hidden_size, arch.vision_intermediate_size
+    patch = arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * hv
+    attn = (hv * 3 * hv + 3 * hv) + (hv * hv + hv)
+    merged = hv * arch.spatial_merge_size**2
+    if arch.model_type == "qwen2_5_vl":
+        block = 2 * hv + attn + 2 * (hv * iv + iv) + (iv * hv + hv)  # RMSNorm x2, SwiGLU MLP with biases
+        merger = hv + (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
+    else:
+        block = 4 * hv + attn + (hv * iv + iv) + (iv * hv + hv)  # LayerNorm x2, fc1/fc2 with biases
+        merger = 2 * hv + (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
+    vision = patch + arch.vision_depth * block + merger
+    shapes = {"q_proj": (h, nh * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (nh * d, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    lora = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes) * arch.num_layers
+    if arch.model_type == "qwen2_5_vl":
+        vshapes = {"gate_proj": (hv, iv), "up_proj": (hv, iv), "down_proj": (iv, hv)}
+        lora += sum(lora_r * sum(vshapes[t]) for t in lora_targets if t in vshapes) * arch.vision_depth
+    return {"text": text, "vision": vision, "total": text + vision, "lora": lora, "text_layer": layer,
+            "embedding": V * h}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def video_geometry(cfg: Any, video_seconds: float, video_size: tuple[int, int] | None = None,
+                   arch: ModelArch | None = None) -> dict[str, Any]:
+    """Frames, frame size and visual tokens of one video under the config's frame settings.
+
+    Frames: ``smart_nframes`` of a video of ``video_seconds`` at an assumed 30 fps source rate. Frame size:
+    ``smart_resize`` of ``video_size`` (H, W) when given, else the worst case: the largest multiple of
+    28 x 28 within the per-frame pixel budget.
+    """
+    from video_ktr.media import smart_nframes, smart_resize
+
+    settings = cfg.frame_settings()
+    patch = arch.patch_size if arch else 14
+    merge = arch.spatial_merge_size if arch else 2
+    tps = arch.temporal_patch_size if arch else 2
+    factor = patch * merge
+    total = max(1, round(video_seconds * ASSUMED_SOURCE_FPS))
+    nframes = smart_nframes(total, ASSUMED_SOURCE_FPS, settings)
+    max_px = settings.frame_max_pixels(nframes)
+    if video_size:
+        fh, fw = smart_resize(video_size[0], video_size[1], factor, settings.min_pixels, max_px)
+        per_pair = (fh // factor) * (fw // factor)
+        size = f"{fh}x{fw}"
+    else:
+        per_pair = max(math.ceil(settings.min_pixels / factor**2), max_px // factor**2)
+        size = f"worst case: {per_pair} cells of {factor}x{factor} px (<= max_pixels {max_px})"
+    grid_t = math.ceil(nframes / tps)
+    tokens = grid_t * per_pair
+    return {"nframes": nframes, "frame_size": size, "tokens_per_frame_pair": per_pair, "grid_t": grid_t,
+            "visual_tokens": tokens, "patches": tokens * merge**2, "patches_per_frame_pair": per_pair * merge**2}
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Component:
+    name: str
+    phase: str
+    bytes: float
+    note: str = ""
+
+
+# static components that exist as soon as the model is loaded (the baseline of measure_peak)
+LOADED = ("policy weights", "LoRA adapters", "reference model weights", "DDP gradient buckets")
+PHASES = ("static", "rollout", "probes", "policy", "backward", "optimizer")
+PHASE_TITLES = {
+    "static": "static (held for the whole run)",
+    "rollout": "rollout: generation with KV cache, no grad",
+    "probes": "probe and reference passes, no grad (one pass at a time)",
+    "policy": "policy forward with grad + start of the backward",
+    "backward": "end of the backward",
+    "optimizer": "optimizer step",
+}
+
+
+def _attention_kind(name: str | None) -> str:
+    name = (name or "sdpa").lower()
+    if "flash" in name:
+        return "flash"
+    return "eager" if name == "eager" else "sdpa"
+
+
+def estimate(
+    cfg: Any,
+    arch: ModelArch,
+    *,
+    gpu_memory_gb: float = 80.0,
+    num_gpus: int = 8,
+    zero_stage: int = 0,
+    video_seconds: float = 60.0,
+    prompt_text_tokens: int = 200,
+    headroom: float = 0.10,
+    mixed_precision: str = "auto",
+    video_size: tuple[int, int] | None = None,
+    completion_tokens: int | None = None,
+    suggest: bool = True,
+) -> dict[str, Any]:
+    """Per-GPU memory (bytes, by component and phase) and tokens of one training step of ``cfg`` (a TrainConfig).
+
+    ``completion_tokens`` overrides the completion length (default: max_completion_length, the worst case).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
+    dtype = arch.dtype if cfg.dtype == "auto" else cfg.dtype
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    b = DTYPE_BYTES.get(dtype, 2)
+    N = num_gpus
+    h, L, nh, kv, d, inter, V = (arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads,
+                                 arch.head_dim, arch.intermediate_size, arch.vocab_size)
+    hv, iv, Lv_depth = arch.vision_hidden_size, arch.vision_intermediate_size, arch.vision_depth
+    attn = _attention_kind(cfg.attn_implementation)
+    ckpt = bool(cfg.gradient_checkpointing)
+    peft = bool(cfg.use_peft)
+    signals = cfg.signals
+
+    # ---------------------------------------------------------------- tokens
+    geo = video_geometry(cfg, video_seconds, video_size, arch)
+    P, G = cfg.per_device_train_batch_size, cfg.num_generations
+    R = P * G
+    Lvis = geo["visual_tokens"]
+    Lp = prompt_text_tokens + Lvis
+    Lc = cfg.max_completion_length if completion_tokens is None else completion_tokens
+    S = Lp + Lc
+    T = R * S
+    patches_video = geo["patches"]
+    Np = R * patches_video  # the policy pass runs the vision tower on every row's copy of the video
+    tokens = {
+        **geo, "prompt_text_tokens": prompt_text_tokens, "prompt_tokens": Lp, "completion_tokens": Lc,
+        "sequence_tokens": S, "prompts_per_gpu": P, "rows_per_gpu": R, "policy_tokens_per_gpu": T,
+        "generated_tokens_per_gpu": R * Lc, "vision_patches_per_gpu": Np,
+        "policy_tokens_per_optimizer_step": T * cfg.gradient_accumulation_steps * N,
+        "generated_tokens_per_optimizer_step": R * Lc * cfg.gradient_accumulation_steps * N,
+    }
+
+    # ---------------------------------------------------------------- parameters and their states
+    counts = count_params(arch, cfg.lora_r if peft else 0, cfg.lora_target_modules if peft else ())
+    total = counts["total"]
+    if peft:
+        trainable = counts["lora"]
+    else:
+        trainable = counts["text"] + (0 if cfg.freeze_vision_tower else counts["vision"])
+    vision_trains = (not cfg.freeze_vision_tower) if not peft else counts["lora"] > 0 and arch.model_type == "qwen2_5_vl"
+    # bf16 mixed precision (DeepSpeed with bf16, the configs/accelerate/zero*.yaml setting): fp32 master copy +
+    # fp32 m and v. Without DeepSpeed the trainer's torch AdamW keeps m and v in the weights' dtype.
+    if mixed_precision == "auto":
+        mixed = zero_stage >= 1 and b == 2
+    else:
+        mixed = mixed_precision in ("yes", "true", True)
+    train_b = 4 if peft else b  # PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype)
+    grad_b = train_b
+    opt_per_param = 12 if (mixed and train_b == 2) else 2 * train_b
+    shard_opt = N if zero_stage >= 1 else 1
+    shard_grad = N if zero_stage >= 2 else 1
+    shard_par = N if zero_stage == 3 else 1
+
+    comps: list[Component] = []
+
+    def add(name: str, phase: str, nbytes: float, note: str = "") -> None:
+        comps.append(Component(name, phase, float(nbytes), note))
+
+    sh = f" / {N} GPUs" if shard_par > 1 else ""
+    add("policy weights", "static", total * b / shard_par, f"{_count(total)} params x {b} B ({dtype}){sh}")
+    if peft:
+        add("LoRA adapters", "static", trainable * 4 / shard_par, f"{_count(trainable)} params x 4 B (fp32){sh}")
+    ref = cfg.beta != 0 and not peft
+    if ref:
+        add("reference model weights", "static", total * b / shard_par, f"beta={cfg.beta}: a frozen copy{sh}")
+    opt_note = ("fp32 master + m + v = 12 B/param" if opt_per_param == 12 else f"m + v in {'fp32' if train_b == 4 else dtype} "
+                f"= {opt_per_param} B/param (no master copy)")
+    add("AdamW states", "static", trainable * opt_per_param / shard_opt,
+        f"{_count(trainable)} trainable, {opt_note}" + (f" / {N} GPUs (ZeRO-{zero_stage})" if shard_opt > 1 else ""))
+    if zero_stage == 0 and N > 1:
+        add("DDP gradient buckets", "static", trainable * grad_b, "DDP keeps a bucket copy of the gradients (gradient_as_bucket_view=False)")
+    if zero_stage == 3:
+        working = max(counts["embedding"], 2 * counts["text_layer"]) * b
+        add("ZeRO-3 gathered parameters", "static", working, "largest of the embedding / two decoder layers, gathered during forward")
+    pixel_bytes = Np * arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * PIXEL_VALUE_BYTES
+    add("batch inputs (pixel patches of every row)", "static", pixel_bytes * cfg.gradient_accumulation_steps,
+        f"{Np} patches x {arch.in_channels * arch.temporal_patch_size * arch.patch_size**2} values x 4 B, kept per micro-step")
+
+    # ---------------------------------------------------------------- per-token activation factors (bytes)
+    norm = 4 + 2 * b  # RMSNorm keeps its fp32 input copy, the normalised value and the output (the next matmul's input)
+    if attn == "flash":
+        attn_tok = 2 * b * h + 2 * b * kv * d  # q, out; k and v unexpanded (GQA in the kernel)
+    else:
+        attn_tok = 4 * b * h  # q, k and v expanded to all heads (repeat_kv), out
+    a_text = 2 * norm * h + attn_tok + 4 * b * inter  # + MLP: gate, act(gate), up, act*up
+    if peft:  # each adapted Linear keeps its own dropout output (+ mask) and the r-wide LoRA A output
+        ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": nh * d, "gate_proj": h, "up_proj": h, "down_proj": inter}
+        per = (b + 1) if cfg.lora_dropout > 0 else 0
+        a_text += sum(ins[t] * per + cfg.lora_r * b for t in cfg.lora_target_modules if t in ins)
+    mask_layer = 0.0
+    quad_layer = 0.0
+    if attn == "sdpa":
+        mask_layer = R * S * S * b  # the padding mask converted to an additive bias, saved per layer
+    elif attn == "eager":
+        quad_layer = R * nh * S * S * (4 + b)  # fp32 softmax + its cast, per layer
+    once_text = T * h * b + 2 * T * d * b + T * norm * h  # embeddings, M-RoPE cos/sin, final norm
+    if attn != "flash":
+        once_text += R * S * S * (1 + (b if attn == "eager" else 0))  # the 4-D mask (bool; eager: also additive)
+
+    # vision blocks: norms, qkv output (v is a view of it), q and k after rope, attention out, proj input, MLP
+    a_vis = 2 * (4 + 2 * b) * hv + (7 if attn != "flash" else 6) * b * hv + 4 * b * iv
+    if arch.model_type == "qwen2_vl":
+        a_vis = 2 * (2 * b) * hv + (7 if attn != "flash" else 6) * b * hv + 3 * b * iv  # LayerNorm, fc1/act/fc2
+    vis_quad = 0.0
+    if attn == "eager":
+        ppf = geo["patches_per_frame_pair"]
+        win = (arch.window_size // arch.patch_size) ** 2 if arch.window_size else ppf
+        n_full = len([i for i in arch.fullatt_block_indexes if i < Lv_depth]) if arch.model_type == "qwen2_5_vl" else Lv_depth
+        per_row = arch.vision_num_heads * (4 + b) * geo["grid_t"] * (n_full * ppf**2 + (Lv_depth - n_full) * ppf * min(win, ppf))
+        vis_quad = R * per_row
+    vis_once = Np * (arch.in_channels * arch.temporal_patch_size * arch.patch_size**2) * b + Np * hv * (4 + 2 * b + 3 * b) \
+        + 2 * Np * arch.vision_head_dim * 4
+
+    # ---------------------------------------------------------------- rollout
+    kv_tok = L * 2 * kv * d * b
+    add("KV cache (prompt + completion)", "rollout", R * S * kv_tok,
+        f"{R} rows x {S} tokens x {L} layers x 2 x {kv} kv heads x {d} x {b} B")
+    Tp = R * Lp
+    prefill_layer = Tp * b * (3 * inter + 4 * h) + (R * Lp * Lp * (1 + b) if attn == "sdpa" else 0) \
+        + (R * nh * Lp * Lp * (4 + b) if attn == "eager" else 0)
+    prefill_vis = Np * b * (5 * hv + 3 * iv) + R * Lvis * h * b
+    prefill = prefill_layer + prefill_vis + R * V * 4
+    add("prefill working set (one layer + vision tower, no grad)", "rollout", prefill,
+        f"{Tp} prompt tokens; counted with the KV cache of the prompt only")
+    kv_prompt = R * Lp * kv_tok
+
+    # ---------------------------------------------------------------- probes / reference
+    passes = []
+    if "visual" in signals:
+        passes.append("visual")
+    if "temporal" in signals:
+        passes.append("temporal")
+    if cfg.beta != 0:
+        passes.append("reference")
+    rows_c = min(R, cfg.forward_batch_size or R)
+    Tc = rows_c * S
+    if passes:
+        layer_ng = Tc * b * (3 * inter + 4 * h) + 2 * Tc * h * b + (rows_c * S * S * (1 + b) if attn == "sdpa" else 0) \
+            + (rows_c * nh * S * S * (4 + b) if attn == "eager" else 0)
+        vis_once_ng = P * patches_video * b * (5 * hv + 3 * iv) + R * Lvis * h * b
+        add("no-grad forward working set (one layer + visual features)", "probes", layer_ng + vis_once_ng,
+            f"passes: {', '.join(passes)}; {rows_c} rows at a time (forward_batch_size)")
+        add("probe logits chunk", "probes", rows_c * (Lc + 1) * V * 8,
+            f"{rows_c} rows x {Lc + 1} x {V} x 8 B: fp32 logits + log-softmax")
+
+    # ---------------------------------------------------------------- policy forward / backward
+    if ckpt:
+        text_act = L * T * h * b + once_text
+        text_note = f"checkpointed: {L} layer inputs x {T} tokens x {h} x {b} B"
+        vis_act = (Lv_depth * Np * hv * b + vis_once) if vision_trains else 0.0
+        layer_ws = T * a_text + mask_layer + quad_layer + T * b * (2 * inter + 4 * h)
+        ws_note = "one layer recomputed + its gradient buffers"
+    else:
+        text_act = L * T * a_text + once_text
+        text_note = f"{L} layers x {T} tokens x {a_text:.0f} B/token ({a_text / h:.1f} x hidden)"
+        vis_act = (Lv_depth * Np * a_vis + vis_once + vis_quad) if vision_trains else 0.0
+        layer_ws = T * b * (2 * inter + 4 * h)
+        ws_note = "gradient buffers of one layer"
+    add("text activations", "policy", text_act, text_note)
+    if (mask_layer or quad_layer) and not ckpt:  # under checkpointing: in the recomputed layer's working set
+        add("attention " + ("masks (sdpa bias per layer)" if attn == "sdpa" else "scores (eager)"), "policy",
+            L * (mask_layer + quad_layer), f"{L} layers x {R} rows x {S}^2" + (f" x {nh} heads" if attn == "eager" else "")
+            + f" x {4 + b if attn == 'eager' else b} B")
+    add("vision tower activations", "policy", vis_act,
+        f"{Np} patches ({R} rows x {patches_video}) x {Lv_depth} blocks" + (" (frozen: none)" if not vision_trains else ""))
+    entropy = "entropy" in signals
+    logits_fwd = R * Lc * V * (16 if entropy else 8)
+    logits_bwd = R * Lc * V * 12  # log-softmax + its gradient + the gradient of the logits
+    logits = max(logits_fwd, logits_bwd)
+    add("logits of the completion positions", "policy", logits,
+        f"{R} x {Lc} x {V} x {(16 if entropy else 8) if logits_fwd >= logits_bwd else 12} B: fp32 log-softmax kept for "
+        "backward + " + ("entropy" if logits_fwd >= logits_bwd else "backward") + " temporaries")
+    add("backward working set", "policy", layer_ws, ws_note + " (counted only if larger than the logits)")
+    head_grad = counts["embedding"] * grad_b / shard_grad if not peft else 0.0
+    accum_grads = trainable * grad_b / shard_grad if cfg.gradient_accumulation_steps > 1 else 0.0
+    add("first gradients (lm_head)" if not accum_grads else "gradients (accumulating)", "policy",
+        accum_grads or head_grad, "" if not accum_grads else "gradient_accumulation_steps > 1")
+
+    grads = trainable * grad_b / shard_grad
+    add("gradients", "backward", grads, f"{_count(trainable)} x {grad_b} B" + (f" / {N} GPUs" if shard_grad > 1 else ""))
+    vis_ws = (Np * a_vis if ckpt else Np * b * (2 * iv + 4 * hv)) if vision_trains else 0.0
+    add("vision activations + working set", "backward", (vis_act + vis_ws) if vision_trains else 0.0,
+        "the vision tower is back-propagated last")
+    add("gradients", "optimizer", grads, "")
+    if opt_per_param == 12:
+        step_tmp = trainable * 4 / shard_opt
+        step_note = "fp32 gradient partition"
+    else:
+        step_tmp = trainable * train_b
+        step_note = "foreach AdamW temporary (sqrt of v)"
+    add("optimizer step temporaries", "optimizer", step_tmp, step_note)
+
+    # ---------------------------------------------------------------- phase peaks
+    def phase_sum(ph: str) -> float:
+        return sum(c.bytes for c in comps if c.phase == ph)
+
+    by = {c.name: c.bytes for c in comps if c.phase in ("rollout", "policy")}
+    peaks = {
+        "static": phase_sum("static"),
+        "rollout": max(by["KV cache (prompt + completion)"], kv_prompt + by["prefill working set (one layer + vision tower, no grad)"]),
+        "probes": phase_sum("probes"),
+        "policy": phase_sum("policy") - min(logits, layer_ws),
+        "backward": phase_sum("backward"),
+        "optimizer": phase_sum("optimizer"),
+    }
+    dynamic = {k: v for k, v in peaks.items() if k != "static"}
+    top = max(dynamic, key=dynamic.get)
+    peak = peaks["static"] + dynamic[top]
+    usable = gpu_memory_gb * GiB * (1 - headroom)
+    result: dict[str, Any] = {
+        "model": {"name": cfg.model_name_or_path, "source": arch.source, "model_type": arch.model_type,
+                  "arch": dataclasses.asdict(arch)},
+        "params": {**counts, "trainable": trainable},
+        "setup": {"dtype": dtype, "num_gpus": N, "zero_stage": zero_stage, "mixed_precision_optimizer": opt_per_param == 12,
+                  "gradient_checkpointing": ckpt, "use_peft": peft, "attention": attn, "reference_model": ref,
+                  "gpu_memory_gb": gpu_memory_gb, "headroom": headroom, "video_seconds": video_seconds},
+        "tokens": tokens,
+        "components": [dataclasses.asdict(c) | {"gb": c.bytes / GiB} for c in comps],
+        "phases_gb": {k: v / GiB for k, v in peaks.items()},
+        "largest_phase": top,
+        "peak_gb": peak / GiB,
+        "step_dependent_gb": (peak - sum(c.bytes for c in comps if c.name in LOADED)) / GiB,
+        "usable_gb": usable / GiB,
+        "fits": peak <= usable,
+    }
+    if suggest:
+        result["suggestions"] = suggestions(cfg, arch, result, gpu_memory_gb=gpu_memory_gb, num_gpus=num_gpus,
+                                            zero_stage=zero_stage, video_seconds=video_seconds,
+                                            prompt_text_tokens=prompt_text_tokens, headroom=headroom,
+                                            mixed_precision=mixed_precision, video_size=video_size,
+                                            completion_tokens=completion_tokens)
+    return result
+
+
+def _options(cfg: Any, kw: dict[str, Any], nframes: int) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """Candidate single changes: (kind, label, TrainConfig changes, estimate() argument changes)."""
+    options: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+    if not cfg.gradient_checkpointing:
+        options.append(("ckpt", "gradient_checkpointing: true", {"gradient_checkpointing": True}, {}))
+    if kw["zero_stage"] < 3 and kw["num_gpus"] > 1:
+        options.append(("zero", "ZeRO-3 (--zero_stage 3, configs/accelerate/zero3.yaml)", {}, {"zero_stage": 3}))
+    if cfg.nframes is not None and cfg.nframes >= 4:
+        options.append(("frames", f"nframes: {cfg.nframes // 2}", {"nframes": cfg.nframes // 2}, {}))
+    elif cfg.nframes is None and nframes >= 4 and max(cfg.min_frames, nframes // 2) < nframes:
+        half = max(cfg.min_frames, nframes // 2)
+        options.append(("frames", f"max_frames: {half}", {"max_frames": half}, {}))
+    if cfg.max_pixels // 2 >= max(cfg.min_pixels, 28 * 28):
+        options.append(("pixels", f"max_pixels: {cfg.max_pixels // 2}", {"max_pixels": cfg.max_pixels // 2}, {}))
+    if cfg.max_completion_length >= 2:
+        ct = kw.get("completion_tokens")
+        options.append(("completion", f"max_completion_length: {cfg.max_completion_length // 2}",
+                        {"max_completion_length": cfg.max_completion_length // 2},
+                        {"completion_tokens": None if ct is None else max(1, ct // 2)}))
+    if cfg.per_device_train_batch_size > 1:
+        p = cfg.per_device_train_batch_size // 2
+        options.append(("batch", f"per_device_train_batch_size: {p} (raise gradient_accumulation_steps to keep the batch)",
+                        {"per_device_train_batch_size": p}, {}))
+    rows = cfg.per_device_train_batch_size * cfg.num_generations
+    if (cfg.forward_batch_size is None or cfg.forward_batch_size > cfg.num_generations) and rows > cfg.num_generations:
+        options.append(("chunk", f"forward_batch_size: {cfg.num_generations} (probe/reference rows at a time)",
+                        {"forward_batch_size": cfg.num_generations}, {}))
+    if not cfg.use_peft:
+        options.append(("peft", "use_peft: true (LoRA; the reference model becomes the adapter-less base)", {"use_peft": True}, {}))
+    return options
+
+
+def _apply(cfg: Any, arch: ModelArch, kw: dict[str, Any], changes: dict[str, Any], extra: dict[str, Any]):
+    new_cfg = dataclasses.replace(cfg, **changes)
+    new_kw = {**kw, **extra}
+    try:
+        return new_cfg, new_kw, estimate(new_cfg, arch, **new_kw, suggest=False)
+    except ValueError:
+        return None
+
+
+def suggestions(cfg: Any, arch: ModelArch, base: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """What to lower first: single changes ordered by the bytes each saves (largest first), and a combined
+    plan that applies the best remaining change until the estimate fits (each kind of change once)."""
+    single = []
+    for _, label, changes, extra in _options(cfg, kw, base["tokens"]["nframes"]):
+        done = _apply(cfg, arch, kw, changes, extra)
+        if done and base["peak_gb"] - done[2]["peak_gb"] > 1e-6:
+            single.append({"change": label, "saves_gb": base["peak_gb"] - done[2]["peak_gb"],
+                           "peak_gb": done[2]["peak_gb"], "fits": done[2]["fits"]})
+    single.sort(key=lambda x: -x["saves_gb"])
+    plan: list[dict[str, Any]] = []
+    cur_cfg, cur_kw, cur = cfg, dict(kw), base
+    used: set[str] = set()
+    while not cur["fits"]:
+        best = None
+        for kind, label, changes, extra in _options(cur_cfg, cur_kw, cur["tokens"]["nframes"]):
+            if kind in used:
+                continue
+            done = _apply(cur_cfg, arch, cur_kw, changes, extra)
+            if done and cur["peak_gb"] - done[2]["peak_gb"] > 1e-6 and (best is None or done[2]["peak_gb"] < best[1][2]["peak_gb"]):
+                best = ((kind, label), done)
+        if best is None:
+            break
+        (kind, label), (cur_cfg, cur_kw, cur) = best
+        used.add(kind)
+        plan.append({"change": label, "peak_gb": cur["peak_gb"], "fits": cur["fits"]})
+    return {"single": single, "plan": plan}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _count(n: float) -> str:
+    """A parameter count: 8.292 B, 161.5 M, 923,072."""
+    if n >= 1e9:
+        return f"{n / 1e9:.3f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{int(n):,}"
+
+
+def _gb(x: float) -> str:
+    return f"{x:8.2f}" if x >= 0.01 or x == 0 else f"{x:8.4f}"
+
+
+def format_report(r: dict[str, Any], config_path: str = "") -> str:
+    t, s, p = r["tokens"], r["setup"], r["params"]
+    lines = [f"video-ktr estimate{': ' + config_path if config_path else ''}  (per GPU; GiB = 2^30 bytes)", ""]
+    lines.append(f"model    {r['model']['name']}")
+    lines.append(f"         {r['model']['source']}")
+    lines.append(f"         {_count(p['text'])} text + {_count(p['vision'])} vision = {_count(p['total'])} parameters; "
+                 f"trainable {_count(p['trainable'])}; weights {s['dtype']}")
+    opt = "bf16 mixed precision (fp32 master + m + v)" if s["mixed_precision_optimizer"] else "AdamW states in the weights' dtype"
+    lines.append(f"setup    {s['num_gpus']} GPU(s) x {s['gpu_memory_gb']:g} GiB, ZeRO stage {s['zero_stage']}, {opt}, "
+                 f"attention {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
+    lines.append(f"tokens   video of {s['video_seconds']:g} s -> {t['nframes']} frames, {t['frame_size']}, "
+                 f"{t['tokens_per_frame_pair']} tokens per frame pair -> {t['visual_tokens']} visual tokens")
+    lines.append(f"         prompt {t['prompt_tokens']} ({t['prompt_text_tokens']} text + {t['visual_tokens']} visual) + completion "
+                 f"{t['completion_tokens']} = {t['sequence_tokens']} tokens x {t['rows_per_gpu']} rows "
+                 f"({t['prompts_per_gpu']} prompts x {t['rows_per_gpu'] // max(1, t['prompts_per_gpu'])} generations)")
+    lines.append(f"         {t['policy_tokens_per_gpu']:,} policy tokens and {t['generated_tokens_per_gpu']:,} generated tokens per GPU "
+                 f"per micro-step; {t['policy_tokens_per_optimizer_step']:,} / {t['generated_tokens_per_optimizer_step']:,} per "
+                 f"optimizer step on all GPUs; {t['vision_patches_per_gpu']:,} vision patches per GPU")
+    lines.append("")
+    width = 62
+    lines.append(f"{'component':<{width}} {'GiB':>8}  note")
+    for ph in PHASES:
+        items = [c for c in r["components"] if c["phase"] == ph]
+        if not items:
+            continue
+        mark = "  <- largest" if ph == r["largest_phase"] else ""
+        lines.append(f"{PHASE_TITLES[ph]:<{width}} {_gb(r['phases_gb'][ph])}  (phase peak){mark}")
+        for c in items:
+            lines.append(f"  {c['name']:<{width - 2}} {_gb(c['gb'])}  {c['note']}")
+    lines.append("")
+    lines.append(f"peak     static {r['phases_gb']['static']:.2f} + {r['largest_phase']} {r['phases_gb'][r['largest_phase']]:.2f} "
+                 f"= {r['peak_gb']:.2f} GiB per GPU")
+    used = r["peak_gb"] / max(r["usable_gb"], 1e-9)
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"budget   {s['gpu_memory_gb']:g} GiB - {s['headroom']:.0%} headroom (CUDA context, fragmentation) = "
+                 f"{r['usable_gb']:.2f} GiB -> {verdict} ({used:.0%} of the usable memory)")
+    sugg = r.get("suggestions") or {}
+    if sugg.get("single"):
+        lines.append("")
+        lines.append("what to lower first (each change alone, largest saving first):" if not r["fits"] else
+                     "ways to lower the peak (each change alone, largest saving first):")
+        for sgg in sugg["single"]:
+            lines.append(f"  - {sgg['change']}: saves {sgg['saves_gb']:.2f} GiB -> {sgg['peak_gb']:.2f} GiB "
+                         f"({'fits' if sgg['fits'] else 'still does not fit'})")
+    if sugg.get("plan"):
+        lines.append("combined, in this order until it fits:")
+        for i, step in enumerate(sugg["plan"], 1):
+            lines.append(f"  {i}. {step['change']} -> {step['peak_gb']:.2f} GiB{' (fits)' if step['fits'] else ''}")
+        if not sugg["plan"][-1]["fits"]:
+            lines.append("  still does not fit: more GPUs (with ZeRO-3), a larger card, or a smaller model")
+    lines.append("")
+    lines.append("An estimate of live tensors from formulas (docs/estimate.md); not measured on a GPU.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="video-ktr estimate",
+        description="Dry-run memory and token estimate of a training config, per GPU. Any further --option VALUE "
+        "pairs override the training config (e.g. --gradient_checkpointing true --max_frames 32).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--config", required=True, help="The training YAML (the one given to video-ktr train).")
+    ap.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory per GPU in GiB (an '80 GB' card has 80 GiB).")
+    ap.add_argument("--num_gpus", type=int, default=8, help="GPUs (processes) training together.")
+    ap.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3],
+                    help="DeepSpeed ZeRO stage: 0 = plain DDP; 1 shards optimizer states, 2 also gradients, 3 also weights.")
+    ap.add_argument("--model_config", default=None, help="A model directory or config.json to read the architecture from.")
+    ap.add_argument("--video_seconds", type=float, default=60.0, help="Length of the videos (frames follow the fps settings).")
+    ap.add_argument("--video_size", default=None, metavar="HxW",
+                    help="Source frame size, resized like the trainer does; default: the worst case within max_pixels.")
+    ap.add_argument("--prompt_text_tokens", type=int, default=200, help="Text tokens of a prompt (system turn, question, instructions).")
+    ap.add_argument("--completion_tokens", type=int, default=None, help="Completion length to assume (default: max_completion_length).")
+    ap.add_argument("--headroom", type=float, default=0.10, help="Fraction of GPU memory kept free for the CUDA context and fragmentation.")
+    ap.add_argument("--mixed_precision", default="auto", choices=["auto", "yes", "no"],
+                    help="fp32 master weights + fp32 AdamW states (auto: with ZeRO >= 1 and 16-bit weights, as DeepSpeed bf16 does).")
+    ap.add_argument("--json", action="store_true", help="Print a machine-readable JSON dict instead of the table.")
+    return ap
+
+
+def _overrides(rest: list[str], ap: argparse.ArgumentParser) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--"):
+            ap.error(f"unexpected argument {tok!r}")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                ap.error(f"--{key} needs a value")
+            value = rest[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
+    from video_ktr.config import from_dict, load_yaml
+    from video_ktr.train_config import TrainConfig
+
+    values = load_yaml(path)
+    values.update(overrides or {})
+    return from_dict(TrainConfig, values, source=path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args, rest = ap.parse_known_args(argv)
+    try:
+        cfg = load_train_config(args.config, _overrides(rest, ap))
+        arch = resolve_arch(cfg.model_name_or_path, args.model_config)
+        size = None
+        if args.video_size:
+            m = re.fullmatch(r"(\d+)[xX](\d+)", args.video_size)
+            if not m:
+                ap.error(f"--video_size must be HxW, got {args.video_size!r}")
+            size = (int(m.group(1)), int(m.group(2)))
+        result = estimate(cfg, arch, gpu_memory_gb=args.gpu_memory_gb, num_gpus=args.num_gpus, zero_stage=args.zero_stage,
+                          video_seconds=args.video_seconds, prompt_text_tokens=args.prompt_text_tokens,
+                          headroom=args.headroom, mixed_precision=args.mixed_precision, video_size=size,
+                          completion_tokens=args.completion_tokens)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"video-ktr estimate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_report(result, args.config))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement on CPU (used by the tests and docs/estimate.md)
+
+
+_CHILD = r"""
+import json, os, resource, sys
+spec = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(spec["threads"])
+import video_ktr.trainer as T
+from video_ktr.config import from_dict
+from video_ktr.train_config import TrainConfig
+
+seen = {"prompt_tokens": 0, "visual_tokens": 0, "completion_tokens": 0}
+_encode, _generate = T.encode_prompts, T.generate
+def encode(*a, **k):
+    out = _encode(*a, **k)
+    seen["prompt_tokens"] = max(seen["prompt_tokens"], int(out["input_ids"].shape[1]))
+    seen["visual_tokens"] = max(seen["visual_tokens"], int((out["mm_token_type_ids"] != 0).sum(1).max()))
+    return out
+def generate(*a, **k):
+    out = _generate(*a, **k)
+    seen["completion_tokens"] = max(seen["completion_tokens"], int(out.ids.shape[1]))
+    return out
+T.encode_prompts, T.generate = encode, generate
+
+def rss_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+cfg = from_dict(TrainConfig, spec["config"])
+trainer = T.KTRTrainer(cfg)
+base = rss_mb()
+max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+trainer.train()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("MEASURE " + json.dumps({"rss_after_load_mb": base, "max_rss_before_training_mb": max_before,
+                                "max_rss_mb": peak, "peak_increase_mb": peak - base, **seen}))
+"""
+
+
+def prepare_tiny(workdir: str | os.PathLike, **tiny_kwargs: Any) -> tuple[str, str]:
+    """Build the tiny model and a small synthetic data set in ``workdir`` (once); returns (model_dir, train.json)."""
+    from video_ktr.synth import generate
+    from video_ktr.tiny import build_tiny_model
+
+    work = Path(workdir)
+    model, data = work / "tiny-model", work / "data"
+    if not (model / "config.json").is_file():
+        build_tiny_model(model, **tiny_kwargs)
+    if not (data / "train.json").is_file():
+        generate(data, num_train=64, num_test=0, seed=0, overwrite=True)
+    return str(model), str(data / "train.json")
+
+
+def _start_measure(config: dict[str, Any], workdir: str | os.PathLike, steps: int, malloc_mmap_threshold: int | None,
+                   threads: int, tag: str) -> tuple[subprocess.Popen, str]:
+    model, data = prepare_tiny(workdir)
+    values = dict(config)
+    values.update(model_name_or_path=model, dataset=data, output_dir=str(Path(workdir) / f"out-{tag}"), max_steps=steps,
+                  save_steps=0, report_to=["none"], resume_from_checkpoint=None, log_completions_every=0)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
+    if malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(malloc_mmap_threshold))
+    spec = json.dumps({"config": values, "threads": threads})
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=str(workdir))
+    return proc, model
+
+
+def _collect(proc: subprocess.Popen, model: str, timeout: float) -> dict[str, Any]:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("MEASURE ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measurement run failed ({proc.returncode}):\n{stderr[-4000:]}")
+    out = json.loads(lines[-1][len("MEASURE "):])
+    out["model_dir"] = model
+    return out
+
+
+def measure_peak(config: dict[str, Any], *, steps: int = 2, workdir: str | os.PathLike | None = None,
+                 malloc_mmap_threshold: int | None = None, threads: int = 2, timeout: float = 600) -> dict[str, Any]:
+    """Run ``steps`` real training steps of ``config`` (training options, e.g. configs/tiny-cpu.yaml's values) on
+    CPU in a fresh subprocess, with the tiny model and synthetic data built in ``workdir``.
+
+    Returns the peak RSS increase: ``ru_maxrss`` at the end minus the RSS right after the trainer was built
+    (model, optimizer, data loaded), plus the prompt / visual / completion lengths the steps actually had.
+    ``malloc_mmap_threshold`` sets glibc's M_MMAP_THRESHOLD in the child (e.g. 65536: every large tensor gets
+    its own mapping, returned on free, so RSS follows live memory instead of the heap's high-water mark).
+    """
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vk-measure-")
+        workdir = tmp.name
+    try:
+        proc, model = _start_measure(config, workdir, steps, malloc_mmap_threshold, threads, "run")
+        return _collect(proc, model, timeout)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any], *, workdir: str | os.PathLike,
+                             steps: int = 2, malloc_mmap_threshold: int | None = None, threads: int = 1,
+                             parallel: bool = True, timeout: float = 600) -> dict[str, Any]:
+    """Measure two configs (two subprocesses, concurrently by default) and compare the measured difference in
+    peak RSS increase with the estimated difference in step-dependent memory.
+
+    The estimate is fed the shapes the runs really had (prompt and completion lengths), 1 CPU "GPU", no ZeRO.
+    """
+    from video_ktr.config import from_dict
+    from video_ktr.train_config import TrainConfig
+
+    prepare_tiny(workdir)
+    pairs = (("a", config_a), ("b", config_b))
+    measured: dict[str, dict[str, Any]] = {}
+    if parallel:
+        started = {n: _start_measure(v, workdir, steps, malloc_mmap_threshold, threads, n) for n, v in pairs}
+        for n, (proc, model) in started.items():
+            measured[n] = _collect(proc, model, timeout)
+    else:
+        for n, v in pairs:
+            measured[n] = _collect(*_start_measure(v, workdir, steps, malloc_mmap_threshold, threads, n), timeout)
+    rows = {}
+    for name, values in pairs:
+        m = measured[name]
+        model = m["model_dir"]
+        cfg = from_dict(TrainConfig, {**values, "model_name_or_path": model, "dataset": "unused.json", "output_dir": "unused"})
+        est = estimate(cfg, resolve_arch(model), gpu_memory_gb=1e6, num_gpus=1, zero_stage=0, video_seconds=10.0,
+                       prompt_text_tokens=m["prompt_tokens"] - m["visual_tokens"], completion_tokens=m["completion_tokens"],
+                       suggest=False)
+        if est["tokens"]["visual_tokens"] != m["visual_tokens"]:
+            raise RuntimeError(f"estimated {est['tokens']['visual_tokens']} visual tokens, the run had {m['visual_tokens']}")
+        rows[name] = {"measured_mb": m["peak_increase_mb"], "estimated_mb": est["step_dependent_gb"] * 1024,
+                      "largest_phase": est["largest_phase"], "measurement": m,
+                      "phases_mb": {k: v * 1024 for k, v in est["phases_gb"].items()}}
+    dm = rows["b"]["measured_mb"] - rows["a"]["measured_mb"]
+    de = rows["b"]["estimated_mb"] - rows["a"]["estimated_mb"]
+    return {"a": rows["a"], "b": rows["b"], "measured_difference_mb": dm, "estimated_difference_mb": de,
+            "relative_error": (de - dm) / dm if dm else float("inf")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
