@@ -68,6 +68,9 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(".checkpoint-*"):  # left by a run killed while saving
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
         save_model(tmp, accelerator, model, processor)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -54,12 +54,20 @@ def processor_call(processor: Any, texts: list[str], media: list[Media], *, padd
             videos.append(frames)
             metas.append(_metadata(md))
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": padding_side}
+    # The frames and images were already resized by video_ktr.media (sides multiples of 28, area within
+    # the run's pixel settings): the processor must not resize them again. Its own bounds come from the
+    # checkpoint (transformers 5's Qwen2-VL video default is 128x28x28 pixels at least per frame, which
+    # would upscale smaller frames and change the grid), so pass bounds that hold exactly these sizes.
     if images:
         kwargs["images"] = images
+        areas = [im.size[0] * im.size[1] for im in images]
+        kwargs["images_kwargs"] = {"size": {"shortest_edge": min(areas), "longest_edge": max(areas)}}
     if videos:
         kwargs["videos"] = videos
         kwargs["video_metadata"] = metas
-        kwargs["videos_kwargs"] = {"do_sample_frames": False, "cap_pixels_per_frame": True}
+        areas = [int(v.shape[1]) * int(v.shape[2]) for v in videos]
+        kwargs["videos_kwargs"] = {"do_sample_frames": False, "cap_pixels_per_frame": False,
+                                   "size": {"shortest_edge": min(areas), "longest_edge": max(areas)}}
     out = processor(**kwargs)
     result = {k: v for k, v in out.items() if isinstance(v, Tensor)}
     if "second_per_grid_ts" in out and not isinstance(out["second_per_grid_ts"], Tensor):
@@ -94,35 +102,33 @@ def _split_rows(pixels: Tensor, grid: Tensor) -> list[Tensor]:
     return list(torch.split(pixels, [int(s) for s in sizes]))
 
 
-def select_prompts(inputs: dict[str, Any], rows: list[int], repeats: int = 1) -> dict[str, Any]:
-    """Inputs for the given rows, each repeated ``repeats`` times (visual tensors follow).
+_MODALITIES = (
+    # (mm_token_type_id, mm_encoder_outputs key, pixel key, grid key, per-item extra key)
+    (1, "image", "pixel_values", "image_grid_thw", None),
+    (2, "video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+)
 
-    Rows keep their order; a row's visual item is located by counting the rows before it that hold
-    an item of the same modality. Precomputed ``mm_encoder_outputs`` are selected the same way.
-    """
+
+def items_of_rows(mm_token_type_ids: Tensor, type_id: int) -> dict[int, int]:
+    """{row: index of its visual item of modality ``type_id``} (items are counted in row order)."""
+    item_of_row, k = {}, 0
+    for r, f in enumerate((mm_token_type_ids == type_id).any(1).tolist()):
+        if f:
+            item_of_row[r] = k
+            k += 1
+    return item_of_row
+
+
+def _take_items(inputs: dict[str, Any], items_per_modality: dict[str, list[int]], out: dict[str, Any]) -> dict[str, Any]:
+    """Copy into ``out`` the visual tensors of the listed items (in that order), per modality."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    mm = inputs["mm_token_type_ids"]
-    out: dict[str, Any] = {}
-    index = torch.tensor(rows, dtype=torch.long, device=mm.device).repeat_interleave(repeats)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        out[key] = inputs[key][index]
-    if "position_ids" in inputs:
-        out["position_ids"] = inputs["position_ids"][:, index]
     encoded_in = inputs.get("mm_encoder_outputs") or {}
     encoded_out = {}
-    for type_id, name, pix_key, grid_key, extra in (
-        (1, "image", "pixel_values", "image_grid_thw", None),
-        (2, "video", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
-    ):
+    for _, name, pix_key, grid_key, extra in _MODALITIES:
         if grid_key not in inputs:
             continue
-        item_of_row, k = {}, 0
-        for r, f in enumerate((mm == type_id).any(1).tolist()):
-            if f:
-                item_of_row[r] = k
-                k += 1
-        items = [item_of_row[r] for r in rows for _ in range(repeats) if r in item_of_row]
+        items = items_per_modality.get(name) or []
         if not items:
             continue
         if pix_key in inputs:
@@ -137,6 +143,45 @@ def select_prompts(inputs: dict[str, Any], rows: list[int], repeats: int = 1) ->
     if "mm_encoder_outputs" in inputs:
         out["mm_encoder_outputs"] = encoded_out
     return out
+
+
+def select_prompts(inputs: dict[str, Any], rows: list[int], repeats: int = 1) -> dict[str, Any]:
+    """Inputs for the given rows, each repeated ``repeats`` times (visual tensors follow).
+
+    Rows keep their order; a row's visual item is located by counting the rows before it that hold
+    an item of the same modality. Precomputed ``mm_encoder_outputs`` are selected the same way.
+    """
+    mm = inputs["mm_token_type_ids"]
+    out: dict[str, Any] = {}
+    index = torch.tensor(rows, dtype=torch.long, device=mm.device).repeat_interleave(repeats)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[key] = inputs[key][index]
+    if "position_ids" in inputs:
+        out["position_ids"] = inputs["position_ids"][:, index]
+    items = {}
+    for type_id, name, _, grid_key, _ in _MODALITIES:
+        if grid_key in inputs:
+            item_of_row = items_of_rows(mm, type_id)
+            items[name] = [item_of_row[r] for r in rows for _ in range(repeats) if r in item_of_row]
+    return _take_items(inputs, items, out)
+
+
+def keep_visual_items(inputs: dict[str, Any], keep_rows: list[int] | set[int]) -> dict[str, Any]:
+    """All rows of ``inputs``, but the visual tensors (pixels, grids, times, precomputed features)
+    hold only the items of ``keep_rows``. The token tensors are unchanged: the caller takes the other
+    rows' placeholders away (see probes.visual_masked_inputs), or the model's grid bookkeeping breaks.
+    """
+    keep = set(keep_rows)
+    mm = inputs["mm_token_type_ids"]
+    out = {k: v for k, v in inputs.items() if k not in VISUAL_KEYS and k != "mm_encoder_outputs"}
+    items = {}
+    for type_id, name, _, grid_key, _ in _MODALITIES:
+        if grid_key in inputs:
+            item_of_row = items_of_rows(mm, type_id)
+            items[name] = [i for r, i in sorted(item_of_row.items()) if r in keep]
+    if "mm_encoder_outputs" in inputs:
+        out["mm_encoder_outputs"] = {}
+    return _take_items(inputs, items, out)
 
 
 def sequence_inputs(prompt_inputs: dict[str, Tensor], completion_ids: Tensor, completion_attention: Tensor) -> dict[str, Tensor]:

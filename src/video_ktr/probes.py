@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model_inputs import VISUAL_KEYS, Media, processor_call
+from video_ktr.model_inputs import VISUAL_KEYS, Media, keep_visual_items, processor_call
 from video_ktr.scoring import sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
@@ -28,18 +28,46 @@ def text_only_positions(attention_mask: Tensor) -> Tensor:
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
-def visual_masked_inputs(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, *, filler_id: int | None = None) -> dict[str, Any]:
     """The ``mask`` probe: visual placeholders removed from attention, text kept at its own positions.
 
-    No pixels are passed (the vision tower is not run: its output would be masked out anyway); the
-    text after the visual item gets the positions it would have if the placeholders were absent.
+    ``rows``: the rows whose visual item is taken away (default: all). With all rows masked no pixels
+    are passed (the vision tower is not run: its output would be masked out anyway) and the text gets
+    the positions it would have if the placeholders were absent (0, 1, 2, ... over attended tokens).
+
+    With only some rows masked, the other rows keep their visual item: the pixels, grids and times
+    of the masked rows' items are dropped (the model pairs grids with rows in order), the masked
+    placeholders are replaced by ``filler_id`` (default: the row's first token; never attended, so
+    its value does not matter) and their token types set to text, and the model computes M-RoPE
+    positions itself from the attention mask: text-only positions for the masked rows, the usual
+    3-D positions for the others. Either way a masked row gives the same log-probs as the sequence
+    with its placeholder tokens deleted (the vision start/end markers stay).
     """
-    out = {k: v for k, v in inputs.items() if k not in VISUAL_KEYS}
-    visual = inputs["mm_token_type_ids"] != 0
+    mm = inputs["mm_token_type_ids"]
+    B = mm.shape[0]
+    masked_rows = list(range(B)) if rows is None else sorted(set(int(r) for r in rows))
+    if any(r < 0 or r >= B for r in masked_rows):
+        raise ValueError(f"rows {masked_rows} out of range for a batch of {B}")
+    row_masked = torch.zeros(B, dtype=torch.bool, device=mm.device)
+    row_masked[masked_rows] = True
+    visual = (mm != 0) & row_masked[:, None]
     attention = inputs["attention_mask"].masked_fill(visual, 0)
+    kept = [r for r in range(B) if r not in set(masked_rows)]
+    has_kept_item = bool((mm[kept] != 0).any()) if kept else False
+    if not has_kept_item:
+        out = {k: v for k, v in inputs.items() if k not in VISUAL_KEYS and k != "mm_encoder_outputs"}
+        out["attention_mask"] = attention
+        out["mm_token_type_ids"] = mm.masked_fill(visual, 0)
+        out["position_ids"] = text_only_positions(attention)
+        return out
+    if "position_ids" in inputs:
+        raise ValueError("visual_masked_inputs with some rows kept needs inputs without explicit position_ids")
+    out = keep_visual_items(inputs, kept)
+    ids = inputs["input_ids"]
+    filler = ids[:, :1].expand_as(ids) if filler_id is None else torch.full_like(ids, int(filler_id))
+    out["input_ids"] = torch.where(visual, filler, ids)
     out["attention_mask"] = attention
-    out["mm_token_type_ids"] = torch.zeros_like(inputs["mm_token_type_ids"])
-    out["position_ids"] = text_only_positions(attention)
+    out["mm_token_type_ids"] = mm.masked_fill(visual, 0)
     return out
 
 
@@ -124,3 +152,75 @@ def reencode_visual(processor: Any, inputs: dict[str, Tensor], media: list[Media
 def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_ids: Tensor, chunk_rows: int | None) -> Tensor:
     logp, _ = sequence_logprobs(model, inputs, completion_ids, with_entropy=False, chunk_rows=chunk_rows)
     return logp
+
+
+def shuffled_prompts(processor: Any, prompt_inputs: dict[str, Any], media: list[Media],
+                     perms: dict[int, list[int]]) -> tuple[list[int], dict[str, Tensor]]:
+    """The prompts of the rows in ``perms`` (sorted) with their videos' frames permuted and re-encoded."""
+    from video_ktr.model_inputs import select_prompts, to_device
+
+    rows = sorted(perms)
+    device = prompt_inputs["input_ids"].device
+    enc = reencode_visual(processor, select_prompts(prompt_inputs, rows), [permuted_media(media[p], perms[p]) for p in rows])
+    return rows, to_device(enc, device)
+
+
+@torch.no_grad()
+def visual_probe_logprobs(
+    model: torch.nn.Module, mode: str, *, seq_inputs: dict[str, Any], completion_ids: Tensor, completion_valid: Tensor,
+    group_size: int, processor: Any = None, prompt_inputs: dict[str, Any] | None = None, media: list[Media] | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """log p_vis (N, Lc): the sampled tokens with the visual input taken away (``mode`` in VISUAL_PROBES).
+
+    seq_inputs: prompt+completion inputs of the N = P x G rows (groups of ``group_size`` consecutive rows);
+    ``blank`` also needs the processor, the P un-repeated prompt inputs and their media.
+    """
+    from video_ktr.model_inputs import sequence_inputs
+    from video_ktr.rollout import encode_visual_once, unwrap
+
+    if mode == "mask":
+        inputs = visual_masked_inputs(seq_inputs)
+    elif mode == "zero_features":
+        inputs = zero_feature_inputs(unwrap(model), seq_inputs)
+    elif mode == "blank":
+        if processor is None or prompt_inputs is None or media is None:
+            raise ValueError("the blank visual probe needs processor, prompt_inputs and media")
+        blank = reencode_visual(processor, prompt_inputs, [blank_media(m) for m in media])
+        blank = {k: (v.to(prompt_inputs["input_ids"].device) if isinstance(v, Tensor) else v) for k, v in blank.items()}
+        P = prompt_inputs["input_ids"].shape[0]
+        inputs = sequence_inputs(encode_visual_once(model, blank, list(range(P)), group_size), completion_ids, completion_valid)
+    else:
+        raise ValueError(f"visual probe must be one of {VISUAL_PROBES}, got {mode!r}")
+    return probe_logprobs(model, inputs, completion_ids, chunk_rows)
+
+
+@torch.no_grad()
+def temporal_probe_logprobs(
+    model: torch.nn.Module, processor: Any, prompt_inputs: dict[str, Any], media: list[Media], perms: dict[int, list[int]],
+    completion_ids: Tensor, completion_valid: Tensor, group_size: int, chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log p_tmp (N, Lc) and the rows that have it (N,) bool.
+
+    prompt_inputs: the P un-repeated prompts; completions: N = P x G rows, groups of ``group_size``.
+    ``perms`` maps a prompt index to its frame order (the same for its G completions); prompts without
+    one (images, single frames) get log p_tmp = 0 and are not temporal rows. Each shuffled video is
+    encoded once and its features repeated for the G completions.
+    """
+    from video_ktr.model_inputs import sequence_inputs
+    from video_ktr.rollout import encode_visual_once
+
+    G = group_size
+    N, Lc = completion_ids.shape
+    device = completion_ids.device
+    tmp = torch.zeros(N, Lc, device=device)
+    temporal_rows = torch.zeros(N, dtype=torch.bool, device=device)
+    if not perms:
+        return tmp, temporal_rows
+    rows, shuffled = shuffled_prompts(processor, prompt_inputs, media, perms)
+    probe_prompts = encode_visual_once(model, shuffled, list(range(len(rows))), G)
+    seq_rows = torch.tensor([p * G + g for p in rows for g in range(G)], device=device)
+    inputs = sequence_inputs(probe_prompts, completion_ids[seq_rows], completion_valid[seq_rows])
+    tmp[seq_rows] = probe_logprobs(model, inputs, completion_ids[seq_rows], chunk_rows).to(tmp.dtype)
+    temporal_rows[seq_rows] = True
+    return tmp, temporal_rows

@@ -66,11 +66,18 @@ def generate(
     )
     gen_model = unwrap(model)
     was_training = gen_model.training
+    # generate() fills every setting left None with the checkpoint's generation_config.json, and
+    # applies several of them even in greedy mode (Qwen2.5-VL-Instruct ships repetition_penalty 1.05;
+    # others carry no_repeat_ngram_size, bad_words_ids, min_new_tokens, ...). Rollouts must be drawn
+    # from the policy's own distribution, which the loss scores: neutral defaults only.
+    saved_config = gen_model.generation_config
+    gen_model.generation_config = GenerationConfig()
     gen_model.eval()
     try:
         out = gen_model.generate(**prompt_inputs, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
     finally:
         gen_model.train(was_training)
+        gen_model.generation_config = saved_config
     ids = out[:, prompt_inputs["input_ids"].shape[1]:]
     if ids.shape[1] == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         ids = torch.full((n, 1), pad_id, dtype=out.dtype, device=out.device)

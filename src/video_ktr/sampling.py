@@ -58,7 +58,7 @@ class GumbelSampler:
             self.generators.append(g)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        scores = scores.float()
+        scores = scores.to(torch.float32, copy=True)  # never write into the caller's tensor
         if self.suppress_ids:
             ids = [i for i in self.suppress_ids if i < scores.shape[-1]]
             scores[:, ids] = float("-inf")

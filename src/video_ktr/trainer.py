@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,13 +31,11 @@ from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
 from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens
 from video_ktr.probes import (
-    blank_media,
     frame_permutation,
-    permuted_media,
     probe_logprobs,
-    reencode_visual,
-    visual_masked_inputs,
-    zero_feature_inputs,
+    shuffled_prompts,
+    temporal_probe_logprobs,
+    visual_probe_logprobs,
 )
 from video_ktr.rewards import length_bonus, load_reward_function, temporal_bonus
 from video_ktr.rollout import Completions, encode_visual_once, generate, unwrap
@@ -44,7 +43,6 @@ from video_ktr.sampling import row_seed
 from video_ktr.scoring import sequence_logprobs
 from video_ktr.selection import (
     mask_at_threshold,
-    mask_stats,
     quantile_threshold,
     random_mask_like,
     select_key_tokens_grouped,
@@ -76,6 +74,8 @@ class Rollout:
     """Everything about one micro-batch that does not change across ``num_iterations`` passes."""
 
     samples: list[Sample]
+    indices: list[int]  # dataset index of each prompt
+    micro_step: int  # the data position it was drawn at (seeds its random streams)
     seq_inputs: dict[str, Any]
     completions: Completions
     rewards: Tensor  # (N,)
@@ -87,7 +87,15 @@ class Rollout:
     ref_logp: Tensor | None = None  # (N, Lc)
     old_logp: Tensor | None = None  # (N, Lc), set at the first pass when num_iterations > 1
     mask: Tensor | None = None  # (N, Lc) key tokens, set at the first pass
-    stats: dict[str, float] = field(default_factory=dict)
+    # local sums for the step's metrics, reduced across processes by the trainer:
+    # name -> [numerator, denominator] (fractions of tokens, token means, per-iteration means)
+    sums: dict[str, list[float]] = field(default_factory=dict)
+    seq_losses: Tensor | None = None  # (N,) per-sequence losses at the first pass (loss variance)
+
+    def add(self, name: str, numerator: float, denominator: float) -> None:
+        acc = self.sums.setdefault(name, [0.0, 0.0])
+        acc[0] += float(numerator)
+        acc[1] += float(denominator)
 
 
 class BadStep(RuntimeError):
@@ -103,7 +111,8 @@ class KTRTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         log_with = [r for r in cfg.report_to if r != "none"] or None
-        self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out))
+        self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out), **accelerator_device_kwargs())
+        check_process_count(self.acc)
         set_seed(cfg.seed)
         self.frames = cfg.frame_settings()
         self.cache = FrameCache(capacity=max(8, 4 * cfg.per_device_train_batch_size))
@@ -132,8 +141,11 @@ class KTRTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
-        scheduler = self._scheduler(optimizer)
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        # The scheduler stays outside accelerate: accelerate's wrapper steps it once per process per step
+        # (it assumes the data loader's batch grew with the process count), so 2 processes would run the
+        # learning-rate schedule twice as fast as 1. Here it steps exactly once per optimiser step.
+        self.scheduler = self._scheduler(optimizer)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
         if self.ref_model is not None:
             self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)
         self.reward_fns = [load_reward_function(s) for s in cfg.reward_funcs]
@@ -272,53 +284,39 @@ class KTRTrainer:
                 components["length_bonus"] = torch.tensor(bonus)
                 rewards = rewards + components["length_bonus"]
         perms = self._temporal_perms(picked, media) if ("temporal" in cfg.signals or cfg.temporal_grpo) else {}
-        if cfg.temporal_grpo and acc is not None and perms:
-            with timer.phase("rollout"):
-                rows = sorted(perms)
-                shuffled_prompts = reencode_visual(self.processor, select_prompts(prompt_inputs, rows),
-                                                   [permuted_media(media[p], perms[p]) for p in rows])
-                half = max(1, G // 2)
-                shuffled = self._generate(to_device(shuffled_prompts, dev), [picked[p] for p in rows], "tgrpo", half)
-            with timer.phase("rewards"):
-                accuracy = load_reward_function("accuracy")
-                s_acc = [accuracy(shuffled.texts[j * half:(j + 1) * half], [samples[p].solution] * half,
-                                  [samples[p].problem_type] * half) for j, p in enumerate(rows)]
-                bonus = torch.zeros_like(rewards)
-                for j, p in enumerate(rows):
-                    b = temporal_bonus(acc[p * G:(p + 1) * G].tolist(), list(s_acc[j]))
-                    bonus[p * G:(p + 1) * G] = torch.tensor(b)
-                components["temporal_bonus"] = bonus
-                rewards = rewards + bonus
+        if cfg.temporal_grpo and acc is not None:
+            # the component exists at every step (zeros without a video), so that every process and
+            # every micro-batch reports the same metric names
+            bonus = torch.zeros_like(rewards)
+            if perms:
+                with timer.phase("rollout"):
+                    rows, shuffled = shuffled_prompts(self.processor, prompt_inputs, media, perms)
+                    half = max(1, G // 2)
+                    s_comps = self._generate(shuffled, [picked[p] for p in rows], "tgrpo", half)
+                with timer.phase("rewards"):
+                    accuracy = load_reward_function("accuracy")
+                    for j, p in enumerate(rows):
+                        s_acc = accuracy(s_comps.texts[j * half:(j + 1) * half], [samples[p].solution] * half,
+                                         [samples[p].problem_type] * half)
+                        b = temporal_bonus(acc[p * G:(p + 1) * G].tolist(), [float(v) for v in s_acc])
+                        bonus[p * G:(p + 1) * G] = torch.tensor(b, dtype=bonus.dtype)
+            components["temporal_bonus"] = bonus
+            rewards = rewards + bonus
         advantages = group_advantages(rewards, G)
         seq = sequence_inputs(select_prompts(prompt_inputs, list(range(len(samples))), G), comps.ids, comps.valid)
-        ro = Rollout(samples=samples, seq_inputs=seq, completions=comps, rewards=rewards, advantages=advantages,
-                     components=components)
-        n_rows = len(samples) * G
+        ro = Rollout(samples=samples, indices=[i for i, _ in picked], micro_step=self.state.micro_step, seq_inputs=seq,
+                     completions=comps, rewards=rewards, advantages=advantages, components=components)
         chunk = cfg.forward_batch_size
         if "visual" in cfg.signals:
             with timer.phase("probes"):
-                if cfg.visual_probe == "mask":
-                    vis_inputs = visual_masked_inputs(seq)
-                elif cfg.visual_probe == "zero_features":
-                    vis_inputs = zero_feature_inputs(unwrap(self.model), seq)
-                else:
-                    blank = reencode_visual(self.processor, prompt_inputs, [blank_media(m) for m in media])
-                    vis_inputs = sequence_inputs(encode_visual_once(self.model, to_device(blank, dev), list(range(len(samples))), G),
-                                                 comps.ids, comps.valid)
-                ro.vis_logp = probe_logprobs(self.model, vis_inputs, comps.ids, chunk)
+                ro.vis_logp = visual_probe_logprobs(
+                    self.model, cfg.visual_probe, seq_inputs=seq, completion_ids=comps.ids, completion_valid=comps.valid,
+                    group_size=G, processor=self.processor, prompt_inputs=prompt_inputs, media=media, chunk_rows=chunk,
+                )
         if "temporal" in cfg.signals:
             with timer.phase("probes"):
-                ro.tmp_logp = torch.zeros(comps.ids.shape, device=dev)
-                ro.temporal_rows = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-                rows = sorted(perms)
-                if rows:
-                    shuffled_prompts = reencode_visual(self.processor, select_prompts(prompt_inputs, rows),
-                                                       [permuted_media(media[p], perms[p]) for p in rows])
-                    tmp_prompts = encode_visual_once(self.model, to_device(shuffled_prompts, dev), list(range(len(rows))), G)
-                    seq_rows = torch.tensor([p * G + g for p in rows for g in range(G)], device=dev)
-                    tmp_inputs = sequence_inputs(tmp_prompts, comps.ids[seq_rows], comps.valid[seq_rows])
-                    ro.tmp_logp[seq_rows] = probe_logprobs(self.model, tmp_inputs, comps.ids[seq_rows], chunk)
-                    ro.temporal_rows[seq_rows] = True
+                ro.tmp_logp, ro.temporal_rows = temporal_probe_logprobs(
+                    self.model, self.processor, prompt_inputs, media, perms, comps.ids, comps.valid, G, chunk)
         if cfg.beta != 0:
             with timer.phase("reference"):
                 ro.ref_logp = self._reference_logp(prompt_inputs, len(samples), comps)
@@ -371,42 +369,78 @@ class KTRTrainer:
         else:
             key = torch.stack(list(masks.values())).any(0)
         if "random" in cfg.token_selection:
-            fraction = key.sum().float() / valid.sum().clamp(min=1)
-            g = torch.Generator().manual_seed(row_seed(cfg.seed, "random-mask", self.state.micro_step, self.acc.process_index))
-            key = random_mask_like(valid.cpu(), float(fraction), g).to(valid.device)
+            # the control: per prompt group, a uniformly random subset of its valid tokens of the size
+            # KTR keeps in that group, from a stream seeded by (seed, data position, prompt): the same
+            # whatever the batch size or process count
+            G = cfg.num_generations
+            rand = torch.zeros_like(valid)
+            for p, idx in enumerate(ro.indices):
+                rows = slice(p * G, (p + 1) * G)
+                fraction = float(key[rows].sum()) / max(1, int(valid[rows].sum()))
+                g = torch.Generator().manual_seed(row_seed(cfg.seed, "random-mask", ro.micro_step, idx))
+                rand[rows] = random_mask_like(valid[rows].cpu(), fraction, g).to(valid.device)
+            key = rand
         masks["key"] = key
         return masks
+
+    def _record_selection(self, ro: Rollout, masks: dict[str, Tensor], entropy: Tensor | None) -> None:
+        """Local token counts of each mask (fractions of the valid tokens; temporal: of the video rows')."""
+        valid = ro.completions.valid
+        n_valid = float(valid.sum())
+        for name, mask in masks.items():
+            metric = "key_token_fraction" if name == "key" else f"{name}_fraction"
+            if name == "temporal":
+                pool = valid & ro.temporal_rows[:, None]
+                ro.add(metric, float((mask & pool).sum()), float(pool.sum()))
+            else:
+                ro.add(metric, float((mask & valid).sum()), n_valid)
+        if entropy is not None:
+            ro.add("entropy", float(entropy.detach()[valid].float().sum()), n_valid)
+
+    def _global_sum(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum")[0])
 
     def loss_on(self, ro: Rollout, iteration: int, timer: Timer) -> Tensor:
         cfg = self.cfg
         need_entropy = iteration == 0 and "entropy" in cfg.signals
         with timer.phase("policy"):
             logp, entropy = sequence_logprobs(self.model, ro.seq_inputs, ro.completions.ids, with_entropy=need_entropy)
+        valid = ro.completions.valid
         if iteration == 0:
             with timer.phase("selection"):
                 masks = self.select(ro, logp, entropy)
             ro.mask = masks["key"]
-            ro.stats.update({f"{k}_fraction" if k != "key" else "key_token_fraction": v
-                             for k, v in mask_stats(ro.completions.valid, masks).items()})
+            self._record_selection(ro, masks, entropy)
             if cfg.num_iterations > 1:
                 ro.old_logp = logp.detach()
-            if entropy is not None:
-                ro.stats["entropy"] = float(entropy[ro.completions.valid].mean()) if ro.completions.valid.any() else 0.0
+        advantages = ro.advantages.to(logp.device)
         with timer.phase("loss"):
             loss, stats = grpo_loss(
-                logp, ro.advantages.to(logp.device), ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
+                logp, advantages, ro.mask, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
                 beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_completion_length, kl_on=cfg.kl_on, normalize_by=cfg.normalize_by,
-                valid=ro.completions.valid, return_stats=True,
+                valid=valid, return_stats=True,
             )
+            if cfg.loss_type == "dapo" and self.acc.num_processes > 1:
+                # DAPO's token mean is over the tokens of every process: rescale the local token mean so
+                # that the average of the processes' gradients (DDP) is the gradient of the global mean
+                denom_tokens = (ro.mask & valid) if cfg.normalize_by in ("mask", "key_tokens") else valid
+                local = float(denom_tokens.sum())
+                total = self._global_sum(local)
+                loss = loss * (max(1.0, local) * self.acc.num_processes / max(1.0, total))
             if iteration == 0:
-                per_seq = sequence_losses(
-                    logp.detach(), ro.advantages.to(logp.device), ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
-                    kl_on=cfg.kl_on, normalize_by=cfg.normalize_by, valid=ro.completions.valid,
-                )
-                ro.stats["loss_variance"] = float(per_seq.var()) if per_seq.numel() > 1 else 0.0
-        ro.stats["kl"] = float(stats.get("kl", 0.0))
-        ro.stats["clip_ratio"] = float(stats.get("clip_ratio", 0.0))
+                ro.seq_losses = sequence_losses(
+                    logp.detach(), advantages, ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
+                    kl_on=cfg.kl_on, normalize_by=cfg.normalize_by, valid=valid,
+                ).float()
+        key = ro.mask & valid
+        n_kl = float((key if cfg.kl_on in ("mask", "key_tokens") else valid).sum()) if ro.ref_logp is not None else 0.0
+        ro.add("kl", float(stats.get("kl", 0.0)) * n_kl, n_kl)
+        n_key = float(key.sum())
+        ro.add("clip_ratio", float(stats.get("clip_ratio", 0.0)) * n_key, n_key)
         return loss
 
     def train_step(self) -> dict[str, float]:
@@ -417,8 +451,10 @@ class KTRTrainer:
         for _ in range(cfg.gradient_accumulation_steps):
             rollouts.append(self.make_rollout(timer))
             self.state.micro_step += 1
-        losses, bad = [], False
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        losses, any_bad, grad_norm = [], False, 0.0
         for it in range(cfg.num_iterations):
+            bad = False
             for j, ro in enumerate(rollouts):
                 loss = self.loss_on(ro, it, timer) / cfg.gradient_accumulation_steps
                 if not torch.isfinite(loss):
@@ -431,7 +467,9 @@ class KTRTrainer:
                 losses.append(float(loss.detach()) * cfg.gradient_accumulation_steps)
             with timer.phase("optimizer"):
                 grad_norm = self._clip()
-                if bad or not math.isfinite(grad_norm):
+                # every process takes the same decision, or their weights would drift apart
+                bad = self._global_sum(float(bad or not math.isfinite(grad_norm))) > 0
+                if bad:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.bad_steps += 1
                     if self.bad_steps >= cfg.max_bad_steps:
@@ -440,9 +478,10 @@ class KTRTrainer:
                 else:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+            any_bad = any_bad or bad
         self.scheduler.step()
         self.state.step += 1
-        return self._metrics(rollouts, losses, grad_norm, bad, timer, time.perf_counter() - t0)
+        return self._metrics(rollouts, losses, grad_norm, any_bad, lr, timer, time.perf_counter() - t0)
 
     def _clip(self) -> float:
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
@@ -452,30 +491,44 @@ class KTRTrainer:
             norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
         return float(norm)
 
-    def _metrics(self, rollouts: list[Rollout], losses, grad_norm, bad, timer: Timer, seconds: float) -> dict[str, float]:
-        def cat(attr):
-            return torch.cat([getattr(r, attr) if attr != "lengths" else r.completions.lengths.float() for r in rollouts])
+    def _gather_rows(self, values: Tensor) -> Tensor:
+        """Per-completion values of every process (all hold the same number of rows)."""
+        values = values.detach().float().to(self.acc.device).contiguous()
+        return self.acc.gather(values) if self.acc.num_processes > 1 else values
 
-        local = {
-            "loss": sum(losses) / max(1, len(losses)),
-            "reward": float(cat("rewards").mean()),
-            "reward_std": float(cat("rewards").std()) if cat("rewards").numel() > 1 else 0.0,
-            "completion_length": float(cat("lengths").mean()),
+    def _metrics(self, rollouts: list[Rollout], losses, grad_norm, bad, lr: float, timer: Timer,
+                 seconds: float) -> dict[str, float]:
+        """The step's metrics over the whole global batch: the same numbers with 1 or N processes.
+
+        Per-completion values are gathered; token fractions and means are sums of counts reduced across
+        processes (so a process with more tokens weighs more, as in a single process).
+        """
+        rewards = self._gather_rows(torch.cat([r.rewards for r in rollouts]))
+        lengths = self._gather_rows(torch.cat([r.completions.lengths for r in rollouts]))
+        seq_losses = self._gather_rows(torch.cat([r.seq_losses for r in rollouts]))
+        values: dict[str, float] = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "completion_length": float(lengths.mean()),
+            "loss_variance": float(seq_losses.var()) if seq_losses.numel() > 1 else 0.0,
         }
-        comp_names = rollouts[0].components.keys()
-        for name in comp_names:
-            key = {"batch_accuracy_reward": "accuracy_reward", "batch_format_reward": "format_reward"}.get(name, f"{name}_reward" if not name.endswith("bonus") else name)
-            local[key] = float(torch.cat([r.components[name] for r in rollouts]).mean())
-        for k in ("key_token_fraction", "entropy_fraction", "visual_fraction", "temporal_fraction", "kl", "clip_ratio",
-                  "loss_variance", "entropy"):
-            vals = [r.stats[k] for r in rollouts if k in r.stats]
-            if vals:
-                local[k] = sum(vals) / len(vals)
-        names = sorted(local)
-        reduced = self.acc.reduce(torch.tensor([local[n] for n in names], device=self.acc.device), reduction="mean")
-        metrics = {"step": self.state.step, **{n: float(v) for n, v in zip(names, reduced.tolist())}}
+        for name in rollouts[0].components:
+            key = f"{name}_reward" if not name.endswith("bonus") else name
+            values[key] = float(self._gather_rows(torch.cat([r.components[name] for r in rollouts])).mean())
+        # token-weighted sums: the names are the same in every process (they depend on the settings only)
+        names = sorted({n for r in rollouts for n in r.sums})
+        local = torch.tensor([[sum(r.sums.get(n, [0.0, 0.0])[k] for r in rollouts) for k in (0, 1)] for n in names]
+                             + [[sum(losses), float(len(losses))]], dtype=torch.float64, device=self.acc.device)
+        total = self.acc.reduce(local, reduction="sum") if self.acc.num_processes > 1 else local
+        for n, (num, den) in zip(names, total[:-1].tolist()):
+            # an empty pool (no video row in the step: temporal_fraction; no reference: kl) reports 0, so
+            # that every line of metrics.jsonl has the same keys
+            values[n] = num / den if den > 0 else 0.0
+        num, den = total[-1].tolist()
+        values["loss"] = num / max(1.0, den)
+        metrics = {"step": self.state.step, **dict(sorted(values.items()))}
         metrics.update({
-            "grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0], "bad_step": int(bad),
+            "grad_norm": grad_norm, "learning_rate": lr, "bad_step": int(bad),
             "bad_steps_total": self.bad_steps, "skipped_samples": self.skips.total, "step_seconds": seconds,
             **{f"time_{k}": v for k, v in timer.seconds.items()},
         })
@@ -504,6 +557,8 @@ class KTRTrainer:
             pass
         elif [r for r in cfg.report_to if r != "none"]:
             self.acc.init_trackers("video-ktr", config=_asdict(cfg))
+        if self.acc.is_main_process:
+            self._trim_logs()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not self.acc.is_main_process, desc="train")
         last: dict[str, float] = {}
         model = self.model
@@ -519,7 +574,8 @@ class KTRTrainer:
                     bar.write(_progress_line(last))
             if [r for r in cfg.report_to if r != "none"]:
                 self.acc.log(last, step=self.state.step)
-            if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < cfg.max_steps:
+            # also at the last step: a finished run can then be resumed to a larger --max_steps
+            if cfg.save_steps and self.state.step % cfg.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
         self.save_final()
@@ -527,6 +583,26 @@ class KTRTrainer:
             print(f"skipped samples: {self.skips.summary()}")
         self.acc.end_training()
         return last
+
+    def _trim_logs(self) -> None:
+        """metrics.jsonl / completions.jsonl continue exactly where the resumed state is.
+
+        A fresh run starts new files; a resumed run drops the lines of steps after its checkpoint (a
+        run killed between a checkpoint and the next one wrote them, and they are run again).
+        """
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            kept = []
+            if self.state.step > 0:
+                for line in path.read_text().splitlines():
+                    try:
+                        if int(json.loads(line)["step"]) <= self.state.step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+            path.write_text("".join(line + "\n" for line in kept))
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save(self.out, self.state.step, self.acc, self.model, self.processor, self.optimizer, self.scheduler,
@@ -544,8 +620,36 @@ class KTRTrainer:
         path = ckpt.find(self.out, spec)
         extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
         self.bad_steps = int(extra.get("bad_steps", 0))
+        self.skips.counts.update({str(k): int(v) for k, v in (extra.get("skipped") or {}).items()})
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.state.step}")
+
+
+def _launched_world_size() -> int:
+    """The process count a launcher (torchrun, accelerate launch, mpirun) asked for."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def accelerator_device_kwargs() -> dict[str, Any]:
+    """``cpu=True`` when several processes were launched on a machine without an accelerator device.
+
+    accelerate only sets up CPU data parallelism (gloo) when told to: without it, ``torchrun
+    --nproc_per_node 2`` on a CPU machine silently runs two independent single-process trainings on
+    the same data, each writing the same files.
+    """
+    has_device = bool(getattr(torch, "accelerator", None) and torch.accelerator.is_available()) or torch.cuda.is_available()
+    return {"cpu": True} if _launched_world_size() > 1 and not has_device else {}
+
+
+def check_process_count(acc: Any) -> None:
+    launched = _launched_world_size()
+    if launched > 1 and acc.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate set up {acc.num_processes}: they would each "
+                           "train alone on the same data. Launch with `accelerate launch` and a matching config.")
 
 
 class _nullcontext:

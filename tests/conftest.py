@@ -1,0 +1,98 @@
+"""Shared fixtures: one tiny random Qwen2.5-VL and one small synthetic data set per test session.
+
+Building them takes about 4 s; every trainer / probe / sampling test reuses them (read-only: a test
+that trains writes only into its own tmp_path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process (subprocesses inherit it): the tiny models gain nothing from a
+# second thread, and on 2 shared cores a busy neighbour makes 2-thread runs about 5x slower
+# (measured: 4 two-step trainer runs 14 s with 1 thread, 70 s with 2). Override with VK_TEST_THREADS.
+_THREADS = os.environ.get("VK_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(_THREADS))
+
+# Small media settings used by every trainer test: the synthetic videos' 8 frames (4 fps, 2 s) of
+# 28x28..56x56 pixels, i.e. a (4, 4, 4) grid and 16 visual tokens per video.
+SMALL_MEDIA = ["--max_frames", "8", "--video_fps", "4", "--min_pixels", "784", "--max_pixels", "3136"]
+
+
+@dataclass(frozen=True)
+class TinySetup:
+    model_dir: Path
+    data_dir: Path
+
+    @property
+    def train_json(self) -> Path:
+        return self.data_dir / "train.json"
+
+    @property
+    def test_json(self) -> Path:
+        return self.data_dir / "test.json"
+
+    def frame_settings(self, **overrides):
+        from video_ktr.media import FrameSettings
+
+        kw = dict(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
+        kw.update(overrides)
+        return FrameSettings(**kw)
+
+    def samples(self, split: str = "train"):
+        from video_ktr.data import load_dataset
+
+        return load_dataset(self.data_dir / f"{split}.json")
+
+    def media(self, sample, **frame_overrides):
+        """The decoded visual item of a sample (a model_inputs.Media)."""
+        from video_ktr.media import load_image, load_video
+        from video_ktr.model_inputs import Media
+
+        settings = self.frame_settings(**frame_overrides)
+        if sample.data_type == "video":
+            return Media(video=load_video(sample.media_path, settings))
+        return Media(image=load_image(sample.media_path, settings))
+
+    def train_args(self, output_dir: str | Path, *extra: str) -> list[str]:
+        """`video-ktr train` arguments for a small run on the session model and data (extra args win)."""
+        return [
+            "--model_name_or_path", str(self.model_dir), "--dataset", str(self.train_json),
+            "--output_dir", str(output_dir), *SMALL_MEDIA,
+            "--num_generations", "4", "--per_device_train_batch_size", "2", "--max_completion_length", "16",
+            "--logging_steps", "0", *extra,
+        ]
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory) -> TinySetup:
+    """ONE tiny model (seed 0) and ONE synthetic data set (24 train / 8 test rows, a quarter images)."""
+    from video_ktr import synth
+    from video_ktr.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-setup")
+    model_dir = build_tiny_model(root / "model", seed=0)
+    synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0)
+    return TinySetup(model_dir=Path(model_dir), data_dir=root / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_setup):
+    """(model, processor) of the session checkpoint, in eval mode. Do not train it in place."""
+    from video_ktr.modeling import load_model, load_processor
+
+    model = load_model(str(tiny_setup.model_dir), dtype="float32", attn_implementation="sdpa")
+    model.eval()
+    processor = load_processor(str(tiny_setup.model_dir))
+    return model, processor

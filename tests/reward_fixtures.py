@@ -1,0 +1,17 @@
+"""User reward functions for the trainer tests, loaded as ``--reward_funcs tests.reward_fixtures:NAME``.
+
+They have the signature of the built-ins (see video_ktr.rewards) and reward something a random tiny
+model already does now and then, so that GRPO has a signal to learn from within a few dozen steps.
+"""
+
+from __future__ import annotations
+
+
+def count_e(completions: list[str], solutions: list[str], problem_types: list[str], **kwargs) -> list[float]:
+    """The fraction of the completion's characters that are the letter 'e' (0 for an empty completion)."""
+    return [text.count("e") / len(text) if text else 0.0 for text in completions]
+
+
+def constant(completions: list[str], solutions: list[str], problem_types: list[str], **kwargs) -> list[float]:
+    """1 for every completion: every advantage is 0 (a run must then leave the policy term at 0)."""
+    return [1.0 for _ in completions]
