@@ -183,9 +183,13 @@ def test_gradient_is_zero_on_non_key_tokens(tiny_setup, tmp_path, monkeypatch, k
     assert key.any() and (valid & ~key).any()
     grad = logp.grad
     assert torch.all(grad[~valid] == 0)
-    # the policy term: exactly 0 off the key tokens; the KL term (on all tokens with kl_on valid) has
-    # a zero gradient here too, since the policy still equals the reference at the first step
-    assert torch.all(grad[valid & ~key] == 0)
+    # the policy term is exactly 0 off the key tokens. With kl_on=valid the KL term applies there by
+    # design; at the first step policy and reference agree up to float rounding (the reference pass
+    # shares prompt prefixes, the policy pass does not), so its gradient there is rounding-sized.
+    if kl_on == "mask":
+        assert torch.all(grad[valid & ~key] == 0)
+    else:
+        assert grad[valid & ~key].abs().max() < 1e-6
     rows_with_advantage = ro.advantages.abs() > 0
     assert rows_with_advantage.any()
     on_key = grad[key & rows_with_advantage[:, None]]

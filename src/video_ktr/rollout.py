@@ -96,13 +96,20 @@ def _feature_fn(model: torch.nn.Module, name: str):
     raise AttributeError(f"{type(m).__name__} has no {name}")
 
 
-@torch.no_grad()
-def encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int) -> dict[str, Any]:
+def encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int,
+                       *, grad: bool = False) -> dict[str, Any]:
     """Inputs for ``rows`` x ``repeats`` with the visual features computed once per prompt.
 
     Returns forward kwargs without pixel tensors and with ``mm_encoder_outputs`` holding each
     prompt's features repeated ``repeats`` times (what the model would compute from repeated pixels).
+    With ``grad`` the vision tower runs with autograd on (the policy pass): the repeated features
+    send the G completions' gradients back into one vision forward per prompt.
     """
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _encode_visual_once(model, prompt_inputs, rows, repeats)
+
+
+def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int) -> dict[str, Any]:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     once = select_prompts(prompt_inputs, rows, 1)

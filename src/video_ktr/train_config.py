@@ -62,6 +62,7 @@ class TrainConfig(DataArgs):
     temporal_ratio: float = field(0.2, help="Fraction of tokens kept by the temporal probe signal (video rows only).")
     selection_scope: str = field("group", choices=["group", "batch", "global"], help="Pool for each threshold: one prompt's G completions (the paper), the local batch, or the batch gathered across processes.")
     positive_probe_scores: bool = field(False, help="Keep only tokens whose visual / temporal score is > 0 (avoids random picks among ties at 0).")
+    probe_score_tolerance: float = field(1e-5, help="Visual / temporal scores smaller than this (in nats) count as exactly 0, so float rounding never decides a selection.")
     visual_probe: str = field("mask", choices=["mask", "zero_features", "blank"], help="How the visual input is taken away: placeholders masked from attention, zeroed visual features, or black frames.")
     temporal_probe: str = field("shuffle", choices=["shuffle", "reverse", "segments"], help="How frames are disordered: random non-identity permutation, reversal, or shuffled segments.")
 
@@ -77,6 +78,9 @@ class TrainConfig(DataArgs):
     lora_target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], help="Modules that get LoRA adapters (language model only unless --freeze_vision_tower false and the names match the vision tower).")
     trust_remote_code: bool = field(False, help="Allow model code from the checkpoint (off unless you trust it).")
     forward_batch_size: int | None = field(None, help="Rows per forward pass in the probe and reference passes (default: all rows at once).")
+    policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
+    shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
+    encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
     logging_steps: int = field(1, help="Print a progress line every this many steps (metrics.jsonl gets every step).")

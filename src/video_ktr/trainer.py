@@ -87,6 +87,7 @@ class Rollout:
     ref_logp: Tensor | None = None  # (N, Lc)
     old_logp: Tensor | None = None  # (N, Lc), set at the first pass when num_iterations > 1
     mask: Tensor | None = None  # (N, Lc) key tokens, set at the first pass
+    prompt_inputs: dict[str, Any] | None = None  # the P un-repeated prompts (for once-per-prompt vision)
     # local sums for the step's metrics, reduced across processes by the trainer:
     # name -> [numerator, denominator] (fractions of tokens, token means, per-iteration means)
     sums: dict[str, list[float]] = field(default_factory=dict)
@@ -305,18 +306,21 @@ class KTRTrainer:
         advantages = group_advantages(rewards, G)
         seq = sequence_inputs(select_prompts(prompt_inputs, list(range(len(samples))), G), comps.ids, comps.valid)
         ro = Rollout(samples=samples, indices=[i for i, _ in picked], micro_step=self.state.micro_step, seq_inputs=seq,
-                     completions=comps, rewards=rewards, advantages=advantages, components=components)
+                     completions=comps, rewards=rewards, advantages=advantages, components=components,
+                     prompt_inputs=prompt_inputs)
         chunk = cfg.forward_batch_size
         if "visual" in cfg.signals:
             with timer.phase("probes"):
                 ro.vis_logp = visual_probe_logprobs(
                     self.model, cfg.visual_probe, seq_inputs=seq, completion_ids=comps.ids, completion_valid=comps.valid,
                     group_size=G, processor=self.processor, prompt_inputs=prompt_inputs, media=media, chunk_rows=chunk,
+                    shared_prefix=cfg.shared_prefix,
                 )
         if "temporal" in cfg.signals:
             with timer.phase("probes"):
                 ro.tmp_logp, ro.temporal_rows = temporal_probe_logprobs(
-                    self.model, self.processor, prompt_inputs, media, perms, comps.ids, comps.valid, G, chunk)
+                    self.model, self.processor, prompt_inputs, media, perms, comps.ids, comps.valid, G, chunk,
+                    shared_prefix=cfg.shared_prefix)
         if cfg.beta != 0:
             with timer.phase("reference"):
                 ro.ref_logp = self._reference_logp(prompt_inputs, len(samples), comps)
@@ -328,12 +332,24 @@ class KTRTrainer:
         if self.ref_model is not None:
             inputs = sequence_inputs(encode_visual_once(self.ref_model, prompt_inputs, list(range(num_prompts)), G),
                                      comps.ids, comps.valid)
-            return probe_logprobs(self.ref_model, inputs, comps.ids, self.cfg.forward_batch_size)
+            return probe_logprobs(self.ref_model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group)
         model = unwrap(self.model)  # PEFT: the base model is the adapters switched off
         with model.disable_adapter():
             inputs = sequence_inputs(encode_visual_once(model, prompt_inputs, list(range(num_prompts)), G),
                                      comps.ids, comps.valid)
-            return probe_logprobs(model, inputs, comps.ids, self.cfg.forward_batch_size)
+            return probe_logprobs(model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group)
+
+    @property
+    def _prefix_group(self) -> int | None:
+        return self.cfg.num_generations if self.cfg.shared_prefix else None
+
+    def _policy_inputs(self, ro: Rollout) -> dict[str, Any]:
+        """The policy pass's inputs: the vision tower runs once per prompt (with grad), not G times."""
+        if not self.cfg.encode_visual_once or ro.prompt_inputs is None:
+            return ro.seq_inputs
+        P = ro.prompt_inputs["input_ids"].shape[0]
+        once = encode_visual_once(self.model, ro.prompt_inputs, list(range(P)), self.cfg.num_generations, grad=True)
+        return sequence_inputs(once, ro.completions.ids, ro.completions.valid)
 
     def _gather_pool(self, scores: Tensor, valid: Tensor) -> Tensor:
         """The valid scores of every process (the 'global' selection scope)."""
@@ -348,9 +364,10 @@ class KTRTrainer:
         if "entropy" in cfg.signals:
             signals["entropy"] = entropy
         if "visual" in cfg.signals:
-            signals["visual"] = logp.detach() - ro.vis_logp
+            signals["visual"] = probe_score(logp, ro.vis_logp, cfg.probe_score_tolerance)
         if "temporal" in cfg.signals:
-            signals["temporal"] = torch.where(ro.temporal_rows[:, None], logp.detach() - ro.tmp_logp, torch.zeros_like(logp))
+            signals["temporal"] = torch.where(ro.temporal_rows[:, None], probe_score(logp, ro.tmp_logp, cfg.probe_score_tolerance),
+                                              torch.zeros_like(logp))
         ratios = {"entropy": cfg.entropy_ratio, "visual": cfg.visual_ratio, "temporal": cfg.temporal_ratio}
         masks = {}
         for name, score in signals.items():
@@ -407,7 +424,8 @@ class KTRTrainer:
         cfg = self.cfg
         need_entropy = iteration == 0 and "entropy" in cfg.signals
         with timer.phase("policy"):
-            logp, entropy = sequence_logprobs(self.model, ro.seq_inputs, ro.completions.ids, with_entropy=need_entropy)
+            logp, entropy = sequence_logprobs(self.model, self._policy_inputs(ro), ro.completions.ids, with_entropy=need_entropy,
+                                              chunk_rows=cfg.policy_chunk_rows)
         valid = ro.completions.valid
         if iteration == 0:
             with timer.phase("selection"):
@@ -510,6 +528,7 @@ class KTRTrainer:
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "completion_length": float(lengths.mean()),
+            "num_completions": float(lengths.numel()),
             "loss_variance": float(seq_losses.var()) if seq_losses.numel() > 1 else 0.0,
         }
         for name in rollouts[0].components:
@@ -650,6 +669,17 @@ def check_process_count(acc: Any) -> None:
     if launched > 1 and acc.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {acc.num_processes}: they would each "
                            "train alone on the same data. Launch with `accelerate launch` and a matching config.")
+
+
+def probe_score(logp: Tensor, probe_logp: Tensor, tolerance: float) -> Tensor:
+    """S = log p - log p_probe, with |S| < tolerance set to exactly 0.
+
+    When a probe leaves the input unchanged (a permutation of identical frames) S is 0 up to float
+    rounding, and the rounding depends on how the passes were batched; without the tolerance the
+    `>=` threshold would pick tokens by rounding noise, different on 1 and on N processes.
+    """
+    score = logp.detach() - probe_logp
+    return score.masked_fill(score.abs() < tolerance, 0.0) if tolerance > 0 else score
 
 
 class _nullcontext:

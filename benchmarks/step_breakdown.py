@@ -1,0 +1,127 @@
+"""Where a training step's time goes, GRPO (`--token_selection none`) vs KTR (`all`), same seed and data.
+
+    .venv/bin/python benchmarks/step_breakdown.py --config configs/tiny-cpu.yaml --steps 12 \
+        [--set key=value ...] [--json out.json]
+
+Each variant runs in its own subprocess (so its peak memory is its own) for ``--steps`` steps of the
+config; the first ``--warmup`` steps are left out of the medians. Printed: median seconds per phase
+(data, rollout, rewards, probes, reference, policy, selection, loss, backward, optimizer), the step-time
+ratio KTR / GRPO, generated tokens per second and peak resident memory of each. Without ``--config``
+it builds the embedded default (tiny model + synthetic data) in a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PHASES = ("data", "rollout", "rewards", "probes", "reference", "policy", "selection", "loss", "backward", "optimizer")
+
+_CHILD = r"""
+import json, resource, sys, time
+spec = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(spec["threads"])
+from video_ktr.config import from_dict, load_yaml
+from video_ktr.train_config import TrainConfig
+from video_ktr.trainer import KTRTrainer
+values = load_yaml(spec["config"]) if spec["config"] else {}
+values.update(spec["overrides"])
+cfg = from_dict(TrainConfig, values, source="benchmark")
+trainer = KTRTrainer(cfg)
+rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+steps = []
+trainer.model.train()
+while trainer.state.step < cfg.max_steps:
+    steps.append(trainer.train_step())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("RESULT " + json.dumps({"steps": steps, "peak_rss_kb": peak, "rss_after_load_kb": rss_loaded}))
+"""
+
+
+def run_variant(config: str | None, overrides: dict, threads: int) -> dict:
+    spec = {"config": config, "overrides": overrides, "threads": threads}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {overrides.get('token_selection')} failed:\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def summarize(result: dict, warmup: int) -> dict:
+    steps = result["steps"][warmup:] or result["steps"]
+    out = {"step_seconds": statistics.median(s["step_seconds"] for s in steps)}
+    for ph in PHASES:
+        out[ph] = statistics.median(s.get(f"time_{ph}", 0.0) for s in steps)
+    out["completion_length"] = statistics.median(s["completion_length"] for s in steps)
+    # generated tokens (valid completion tokens of every row) per second of rollout
+    out["rollout_tokens_per_s"] = statistics.median(
+        s["completion_length"] * s["num_completions"] / s["time_rollout"] for s in steps if s.get("time_rollout")
+    )
+    out["peak_rss_mb"] = result["peak_rss_kb"] / 1024
+    out["peak_rss_over_load_mb"] = (result["peak_rss_kb"] - result["rss_after_load_kb"]) / 1024
+    return out
+
+
+def build_default(tmp: Path) -> tuple[str, dict]:
+    from video_ktr import synth, tiny
+
+    tiny.build_tiny_model(tmp / "model", seed=0)
+    synth.generate(tmp / "data", num_train=256, num_test=8, seed=0)
+    return "configs/tiny-cpu.yaml", {"model_name_or_path": str(tmp / "model"), "dataset": str(tmp / "data" / "train.json")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="training YAML (default: the embedded default, built in a temp dir)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="override a config key: key=value (YAML value)")
+    ap.add_argument("--variants", default="none,all", help="comma list of --token_selection values to compare")
+    ap.add_argument("--json", default=None, help="write the figures here as JSON")
+    args = ap.parse_args(argv)
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        overrides: dict = {}
+        config = args.config
+        if config is None:
+            config, overrides = build_default(Path(tmpdir))
+        overrides.update({"max_steps": args.steps, "output_dir": str(Path(tmpdir) / "out"), "save_steps": 0})
+        for item in args.set:
+            k, v = item.split("=", 1)
+            overrides[k] = yaml.safe_load(v)
+        table = {}
+        for variant in args.variants.split(","):
+            ov = {**overrides, "token_selection": [variant], "output_dir": str(Path(tmpdir) / f"out-{variant}")}
+            print(f"running {variant} ({args.steps} steps) ...", flush=True)
+            table[variant] = summarize(run_variant(config, ov, args.threads), args.warmup)
+
+    names = list(table)
+    print(f"\nmedian seconds per step phase ({args.steps} steps, first {args.warmup} left out)")
+    print("phase".ljust(22) + "".join(n.rjust(12) for n in names))
+    for key in ("step_seconds", *PHASES, "completion_length", "rollout_tokens_per_s", "peak_rss_mb", "peak_rss_over_load_mb"):
+        print(key.ljust(22) + "".join(f"{table[n][key]:12.4f}" if table[n][key] is not None else "         n/a" for n in names))
+    if "none" in table and "all" in table:
+        ratio = table["all"]["step_seconds"] / table["none"]["step_seconds"]
+        mem = table["all"]["peak_rss_mb"] / table["none"]["peak_rss_mb"]
+        print(f"\nstep time KTR / GRPO = {ratio:.3f}; peak memory KTR / GRPO = {mem:.3f}")
+        table["ratios"] = {"step_time_ktr_over_grpo": ratio, "peak_memory_ktr_over_grpo": mem}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config or "embedded default", "steps": args.steps,
+                                               "overrides": {k: v for k, v in overrides.items() if k != "output_dir"},
+                                               "results": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
