@@ -127,7 +127,10 @@ def test_files_exist_and_decode_to_the_intended_pixels(written):
     for split in synth.SPLITS:
         rows = json.loads((out / f"{split}.json").read_text())
         samples = make_split(cfg, split)
-        assert rows == [s.row for s in samples]
+        assert [{k: v for k, v in r.items() if k != "seen_in_train"} for r in rows] == [
+            {k: v for k, v in s.row.items() if k != "seen_in_train"} for s in samples]
+        if split == "test":
+            assert all(isinstance(r["seen_in_train"], bool) for r in rows)
         for row, s in zip(rows, samples, strict=True):
             path = out / row["path"]
             assert path.is_file()

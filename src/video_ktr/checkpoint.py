@@ -4,6 +4,25 @@
 the optimiser and scheduler states (tensors and plain containers, loaded with ``weights_only=True``)
 and ``trainer_state.json`` (step, data position, counters, random states as JSON). A folder without
 ``trainer_state.json`` is incomplete and is never resumed from.
+
+What a kill (SIGKILL, OOM killer, preemption) can leave, and what happens to it:
+
+- killed while ``checkpoint-N`` is being written: the files are in a hidden ``.checkpoint-N.XXXX``
+  folder, which no resume ever reads (only ``checkpoint-<digits>`` folders with ``trainer_state.json``
+  are checkpoints); the previous checkpoints are untouched. Every file is fsynced before the rename,
+  and the folder after it, so a power cut cannot publish a folder whose files are not on disk.
+- the hidden leftovers are removed when the next run resumes (:func:`find`) or saves (:func:`save`).
+- killed while an old checkpoint is pruned: it is renamed to a hidden folder first, so a half-deleted
+  folder is never taken for a checkpoint.
+- killed while the final model is written (:func:`save_model`): each file is written beside its target
+  and renamed over it, so every file is either the old or the new complete version.
+- a checkpoint whose ``optimizer.pt`` / ``scheduler.pt`` holds anything but tensors and plain
+  containers is refused (``torch.load(weights_only=True)``): loading a checkpoint never runs code.
+
+Test-only hook: ``VIDEO_KTR_TEST_SAVE_DELAY=SECONDS`` (or ``SECONDS@STEP`` for the save of one step)
+makes :func:`save` sleep after every file of the checkpoint is in its temporary folder and before the
+rename, so that a test can kill a real run in the middle of a save (tests/test_reliability.py). It is
+read at each save; leave it unset outside tests.
 """
 
 from __future__ import annotations
@@ -14,6 +33,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +43,13 @@ import torch
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+TEST_SAVE_DELAY = "VIDEO_KTR_TEST_SAVE_DELAY"  # test-only, see the module docstring
+# hidden folders this module writes into before a rename (and removes when a run left them behind)
+_PARTIAL_PREFIXES = (".checkpoint-", ".final-", ".deleting-")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (refused or damaged)."""
 
 
 @dataclass
@@ -51,14 +78,82 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any) -> None:
-    """The model in safetensors (``from_pretrained`` loads it) and its processor, into ``target``."""
+def _write_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any) -> None:
     target.mkdir(parents=True, exist_ok=True)
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     unwrapped.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(str(target))
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folder itself (durable before a rename publishes it)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any) -> None:
+    """The model in safetensors (``from_pretrained`` loads it) and its processor, into ``target``.
+
+    Written into a hidden folder inside ``target`` first, then each file is renamed over its old
+    version: a kill leaves every file either old or new, never half-written.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    clean_partial(target)
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target))
+    try:
+        _write_model(tmp, accelerator, model, processor)
+        _fsync_tree(tmp)
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                dest = target / path.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+        _fsync_dir(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_partial(output_dir: Path) -> list[Path]:
+    """Remove the hidden temporary folders a killed save or prune left in ``output_dir``; returns them."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed = []
+    for stale in sorted(output_dir.iterdir()):
+        if stale.name.startswith(_PARTIAL_PREFIXES) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
+def _test_delay(step: int) -> float:
+    """Seconds to sleep before the rename (``VIDEO_KTR_TEST_SAVE_DELAY``, test-only)."""
+    spec = os.environ.get(TEST_SAVE_DELAY, "").strip()
+    if not spec:
+        return 0.0
+    seconds, _, only = spec.partition("@")
+    if only and int(only) != step:
+        return 0.0
+    return float(seconds)
 
 
 def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, processor: Any,
@@ -68,21 +163,22 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".checkpoint-*"):  # left by a run killed while saving
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+        clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
-        save_model(tmp, accelerator, model, processor)
+        _write_model(tmp, accelerator, model, processor)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {}}
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
+        delay = _test_delay(step)
+        if delay > 0:
+            time.sleep(delay)
+        if final.exists():  # the same step saved again (a resume from an older checkpoint)
+            _discard(final)
         os.replace(tmp, final)
+        _fsync_dir(output_dir)
     accelerator.wait_for_everyone()
     return final
 
@@ -100,7 +196,12 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def find(output_dir: Path, spec: str) -> Path:
-    """``spec`` as a checkpoint folder, or 'latest' / 'true' for the newest complete one."""
+    """``spec`` as a checkpoint folder, or 'latest' / 'true' for the newest complete one.
+
+    Called when a run resumes: the temporary folders of a save that a kill interrupted in
+    ``output_dir`` are removed first (they are never resumed from).
+    """
+    clean_partial(Path(output_dir))
     if spec.lower() in {"latest", "true", "last"}:
         found = complete_checkpoints(output_dir)
         if not found:
@@ -125,12 +226,25 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
     missing, unexpected = _load_weights(unwrapped, weights)
     if unexpected or missing:
         raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
     payload = json.loads((path / STATE_FILE).read_text())
     state.step, state.micro_step = int(payload["step"]), int(payload["micro_step"])
     _set_rng_state(payload.get("rng", {}))
     return payload.get("extra", {})
+
+
+def _load_tensors(file: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file} was refused: it holds pickled objects other than tensors and plain containers, and "
+            f"loading them could run arbitrary code (torch.load weights_only=True). Resume only from "
+            f"checkpoints this package wrote. ({str(err).splitlines()[0]})") from err
 
 
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -150,7 +264,15 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> t
     return missing, unexpected
 
 
+def _discard(folder: Path) -> None:
+    """Rename ``folder`` to a hidden name, then delete it: a kill in between never leaves a
+    half-deleted ``checkpoint-N`` that looks complete."""
+    trash = Path(tempfile.mkdtemp(prefix=".deleting-", dir=folder.parent))
+    os.replace(folder, trash / folder.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(output_dir: Path, keep: int) -> None:
     found = complete_checkpoints(output_dir)
     for old in found[: max(0, len(found) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)

@@ -120,6 +120,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     for key in [k for k in before if k in after]:
         b, a = before[key]["accuracy"], after[key]["accuracy"]
         lines.append(f"| {key} overall | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+        bu, au = before[key].get("unseen_accuracy"), after[key].get("unseen_accuracy")
+        if bu is not None and au is not None:
+            lines.append(f"| {key} unseen rows only ({before[key]['unseen_rows']}) | {bu:.3f} | {au:.3f} | {au - bu:+.3f} |")
         for kind in kinds:
             b2, a2 = before[key]["by_kind"].get(kind), after[key]["by_kind"].get(kind)
             if b2 is not None and a2 is not None:

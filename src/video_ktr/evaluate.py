@@ -579,6 +579,9 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
         print(f"video-ktr eval: warning: {note}", file=sys.stderr)
     protocol = build_protocol(cfg, num_rows=len(all_rows), notes=notes, command=command)
     out_file = Path(cfg.output_dir) / f"{spec.name}.json"
+    # a run killed while flushing leaves the temporary file of write_json_atomic beside the results
+    for stale in out_file.parent.glob(f".{out_file.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
     done: dict[str, dict] = {}
     if out_file.exists() and not cfg.overwrite:

@@ -517,6 +517,8 @@ def load_image(path: str | os.PathLike, settings: FrameSettings) -> Image.Image:
                 p, "is a video, not an image", "load it with load_video (data_type 'video')"
             ) from e
         raise MediaError(p, "Pillow cannot identify it as an image") from e
+    except Image.DecompressionBombError as e:  # not an OSError: it escaped as a crash before
+        raise MediaError(p, f"image is too large to decode safely ({e})", "downscale it or drop the row") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(p, f"image is corrupt or truncated ({e})") from e
     try:

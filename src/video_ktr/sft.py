@@ -401,6 +401,7 @@ class SFTTrainer:
             "step_seconds": time.perf_counter() - t0,
             "epoch": self.state.micro_step * self.rows_per_micro_step / len(self.samples),
             "bad_step": int(bad),
+            "bad_steps_total": self.bad_steps,
             "skipped_samples": self.skips.total,
         }
 

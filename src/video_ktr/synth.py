@@ -476,6 +476,10 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     start = time.perf_counter()
     splits = {split: make_split(cfg, split) for split in SPLITS}
     train_sigs = {_signature(s) for s in splits["train"]}
+    for s in splits["test"]:
+        # marks the test rows that repeat a training row exactly (question, options, answer and video),
+        # so that accuracy on truly unseen rows can be reported apart
+        s.row["seen_in_train"] = _signature(s) in train_sigs
     out = Path(cfg.output_dir)
     if not cfg.dry_run:
         _prepare_dir(out, cfg.overwrite)

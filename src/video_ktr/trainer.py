@@ -26,6 +26,17 @@ from torch import Tensor
 
 from video_ktr import checkpoint as ckpt
 from video_ktr.data import DataError, Sample, SkipReport, load_dataset
+from video_ktr.diagnostics import (
+    LinearUses,
+    gradient_decomposition,
+    last_decoder_layer,
+    output_head,
+    overlap_counts,
+    position_sums,
+    record_linear_calls,
+    token_records,
+    write_token_records,
+)
 from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
@@ -92,6 +103,18 @@ class Rollout:
     # name -> [numerator, denominator] (fractions of tokens, token means, per-iteration means)
     sums: dict[str, list[float]] = field(default_factory=dict)
     seq_losses: Tensor | None = None  # (N,) per-sequence losses at the first pass (loss variance)
+    # diagnostics (--diagnostics_steps, --log_tokens_every), set by train_step for the step's micro-batches:
+    diagnose: bool = False  # selection overlaps and positions of this micro-batch
+    diagnose_gradient: bool = False  # gradient decomposition (the first micro-batch only)
+    log_tokens: bool = False  # token records (the first micro-batch, main process only)
+    # name -> [numerator, denominator], reduced like `sums`; a name whose denominator is 0 is left out
+    diag: dict[str, list[float]] = field(default_factory=dict)
+    token_records: list | None = None
+
+    def add_diag(self, name: str, numerator: float, denominator: float) -> None:
+        acc = self.diag.setdefault(name, [0.0, 0.0])
+        acc[0] += float(numerator)
+        acc[1] += float(denominator)
 
     def add(self, name: str, numerator: float, denominator: float) -> None:
         acc = self.sums.setdefault(name, [0.0, 0.0])
@@ -422,8 +445,11 @@ class KTRTrainer:
 
     def loss_on(self, ro: Rollout, iteration: int, timer: Timer) -> Tensor:
         cfg = self.cfg
-        need_entropy = iteration == 0 and "entropy" in cfg.signals
-        with timer.phase("policy"):
+        need_entropy = iteration == 0 and ("entropy" in cfg.signals or ro.log_tokens)
+        diagnose_gradient = iteration == 0 and ro.diagnose_gradient
+        # on a diagnostics step the head's calls are recorded for the gradient decomposition
+        head = output_head(unwrap(self.model)) if diagnose_gradient else None
+        with timer.phase("policy"), record_linear_calls(head) as head_calls:
             logp, entropy = sequence_logprobs(self.model, self._policy_inputs(ro), ro.completions.ids, with_entropy=need_entropy,
                                               chunk_rows=cfg.policy_chunk_rows)
         valid = ro.completions.valid
@@ -431,7 +457,11 @@ class KTRTrainer:
             with timer.phase("selection"):
                 masks = self.select(ro, logp, entropy)
             ro.mask = masks["key"]
-            self._record_selection(ro, masks, entropy)
+            self._record_selection(ro, masks, entropy if "entropy" in cfg.signals else None)
+            if ro.diagnose:
+                self._record_selection_diagnostics(ro, masks)
+            if ro.log_tokens:
+                ro.token_records = self._token_records(ro, logp, entropy, masks)
             if cfg.num_iterations > 1:
                 ro.old_logp = logp.detach()
         advantages = ro.advantages.to(logp.device)
@@ -454,6 +484,10 @@ class KTRTrainer:
                     logp.detach(), advantages, ro.mask, ref_logp=ro.ref_logp, beta=cfg.beta,
                     kl_on=cfg.kl_on, normalize_by=cfg.normalize_by, valid=valid,
                 ).float()
+        if diagnose_gradient:
+            with timer.phase("diagnostics"):
+                self._gradient_diagnostics(ro, logp, advantages, head, head_calls)
+            del head_calls  # the head's logits are no longer needed
         key = ro.mask & valid
         n_kl = float((key if cfg.kl_on in ("mask", "key_tokens") else valid).sum()) if ro.ref_logp is not None else 0.0
         ro.add("kl", float(stats.get("kl", 0.0)) * n_kl, n_kl)
@@ -469,6 +503,7 @@ class KTRTrainer:
         for _ in range(cfg.gradient_accumulation_steps):
             rollouts.append(self.make_rollout(timer))
             self.state.micro_step += 1
+        self._plan_diagnostics(rollouts, self.state.step + 1)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         losses, any_bad, grad_norm = [], False, 0.0
         for it in range(cfg.num_iterations):
@@ -500,6 +535,74 @@ class KTRTrainer:
         self.scheduler.step()
         self.state.step += 1
         return self._metrics(rollouts, losses, grad_norm, any_bad, lr, timer, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ diagnostics (--diagnostics_steps, --log_tokens_every)
+    def _plan_diagnostics(self, rollouts: list[Rollout], step: int) -> None:
+        """Mark what the step measures: every process takes the same decisions (the sums are reduced)."""
+        cfg = self.cfg
+        diagnose = bool(cfg.diagnostics_steps) and step % cfg.diagnostics_steps == 0
+        for ro in rollouts:
+            ro.diagnose = diagnose
+        rollouts[0].diagnose_gradient = diagnose
+        rollouts[0].log_tokens = bool(cfg.log_tokens_every) and step % cfg.log_tokens_every == 0 and self.acc.is_main_process
+
+    def _record_selection_diagnostics(self, ro: Rollout, masks: dict[str, Tensor]) -> None:
+        """Jaccard overlaps of the signals' sets and mean relative positions (token counts, reduced later)."""
+        valid = ro.completions.valid
+        for name, (inter, union) in overlap_counts(masks, valid, ro.temporal_rows).items():
+            ro.add_diag(name, inter, union)
+        for name, (total, count) in position_sums(masks, valid).items():
+            ro.add_diag(name, total, count)
+
+    def _gradient_diagnostics(self, ro: Rollout, logp: Tensor, advantages: Tensor, head: torch.nn.Linear | None,
+                              head_calls: LinearUses) -> None:
+        """Norms and cosines of the key / masked / full-token loss gradients on this micro-batch.
+
+        torch.autograd.grad on the policy pass's own graph (retained): nothing reaches .grad, so the
+        training backward that follows is unchanged. The loss is the local one, before the division by
+        gradient_accumulation_steps; with several processes each process measures its own first
+        micro-batch and the metrics are the mean over processes.
+        """
+        cfg = self.cfg
+        model = unwrap(self.model)
+        groups: dict[str, list] = {}
+        layer = last_decoder_layer(model)
+        params = [p for p in layer.parameters() if p.requires_grad] if layer is not None else []
+        if params:
+            groups["last_layer"] = params
+        if head is not None and head.weight.requires_grad and head_calls.calls:
+            groups["lm_head"] = [head_calls]
+        if not groups:
+            return
+        values = gradient_decomposition(
+            logp, advantages, ro.mask, ro.completions.valid, groups, ref_logp=ro.ref_logp, old_logp=ro.old_logp,
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_length, kl_on=cfg.kl_on, normalize_by=cfg.normalize_by,
+        )
+        for name, value in values.items():
+            ro.add_diag(name, value, 1.0)
+
+    def _token_records(self, ro: Rollout, logp: Tensor, entropy: Tensor | None, masks: dict[str, Tensor]) -> list:
+        cfg, G = self.cfg, self.cfg.num_generations
+        rows = [ro.samples[i // G] for i in range(len(ro.completions.texts))]
+        visual = probe_score(logp, ro.vis_logp, cfg.probe_score_tolerance) if ro.vis_logp is not None else None
+        temporal = probe_score(logp, ro.tmp_logp, cfg.probe_score_tolerance) if ro.tmp_logp is not None else None
+        return token_records(
+            step=self.state.step + 1, problem_ids=[s.problem_id for s in rows], kinds=[s.kind for s in rows],
+            data_types=[s.data_type for s in rows], tokenizer=self.tokenizer, completion_ids=ro.completions.ids,
+            valid=ro.completions.valid, rewards=ro.rewards, advantages=ro.advantages, masks=masks, entropy=entropy,
+            visual=visual, temporal=temporal, temporal_rows=ro.temporal_rows,
+        )
+
+    def _diagnostic_values(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """The step's diagnostics, reduced across processes; a set with no token (denominator 0) is left out."""
+        names = sorted({n for r in rollouts for n in r.diag})
+        if not names:
+            return {}
+        local = torch.tensor([[sum(r.diag.get(n, [0.0, 0.0])[k] for r in rollouts) for k in (0, 1)] for n in names],
+                             dtype=torch.float64, device=self.acc.device)
+        total = self.acc.reduce(local, reduction="sum") if self.acc.num_processes > 1 else local
+        return {n: num / den for n, (num, den) in zip(names, total.tolist()) if den > 0}
 
     def _clip(self) -> float:
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
@@ -545,6 +648,7 @@ class KTRTrainer:
             values[n] = num / den if den > 0 else 0.0
         num, den = total[-1].tolist()
         values["loss"] = num / max(1.0, den)
+        values.update(self._diagnostic_values(rollouts))
         metrics = {"step": self.state.step, **dict(sorted(values.items()))}
         metrics.update({
             "grad_norm": grad_norm, "learning_rate": lr, "bad_step": int(bad),
@@ -553,6 +657,10 @@ class KTRTrainer:
         })
         if self.cfg.log_completions_every and self.state.step % self.cfg.log_completions_every == 0 and self.acc.is_main_process:
             self._log_completions(rollouts[0])
+        if rollouts[0].token_records:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_token_records(self.out / "tokens.jsonl", rollouts[0].token_records)
+            rollouts[0].token_records = None
         return metrics
 
     def _log_completions(self, ro: Rollout) -> None:
@@ -606,10 +714,10 @@ class KTRTrainer:
     def _trim_logs(self) -> None:
         """metrics.jsonl / completions.jsonl continue exactly where the resumed state is.
 
-        A fresh run starts new files; a resumed run drops the lines of steps after its checkpoint (a
+        A fresh run starts new files (tokens.jsonl too); a resumed run drops the lines of steps after its checkpoint (a
         run killed between a checkpoint and the next one wrote them, and they are run again).
         """
-        for name in ("metrics.jsonl", "completions.jsonl"):
+        for name in ("metrics.jsonl", "completions.jsonl", "tokens.jsonl"):
             path = self.out / name
             if not path.exists():
                 continue
