@@ -82,3 +82,21 @@ def test_shared_prefix_accepts_visual_features_computed_once(setup):
     fast, _ = shared_prefix_logprobs(model, once, ids, G)
     assert torch.allclose(full[valid], fast[valid], atol=1e-5)
     assert json.dumps(fast.shape[0]) == str(len(picked) * G)
+
+
+def test_shared_prefix_falls_back_when_the_model_gives_no_cache(setup):
+    model, processor, samples = setup
+    picked = samples[:2]
+    G, Lc = 2, 4
+    prompts, ids, valid = _batch(processor, picked, G, Lc, seed=3)
+    seq = sequence_inputs(select_prompts(prompts, [0, 1], G), ids, valid)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        fast, _ = shared_prefix_logprobs(model, seq, ids, G)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    with torch.no_grad():
+        full, _ = sequence_logprobs(model, seq, ids)
+    assert torch.allclose(full[valid], fast[valid], atol=1e-5)

@@ -83,18 +83,18 @@ def _target_tensors(groups: Mapping[str, Sequence[GradTarget]]) -> list[Tensor]:
     return out
 
 
-def _linear_weight_grad(uses: LinearUses, output_grads: Sequence[Tensor | None], chunk: int = 4096) -> Tensor:
-    """dL/dW = sum over calls of dY^T X, in float32, over rows in chunks (never a float32 copy of all dY)."""
+def _linear_weight_grad(uses: LinearUses, output_grads: Sequence[Tensor], chunk: int = 4096) -> Tensor:
+    """dL/dW = sum over calls of dY^T X, in float32 at least (float64 stays float64), over rows in chunks
+    (so half-precision dY is never copied to float32 whole)."""
     grad = None
     for (x, _), dy in zip(uses.calls, output_grads):
         x2 = x.detach().reshape(-1, x.shape[-1])
         if grad is None:
-            grad = torch.zeros(_out_features(uses), x2.shape[1], dtype=torch.float32, device=x2.device)
-        if dy is None:
-            continue
+            dtype = torch.promote_types(x2.dtype, torch.float32)
+            grad = torch.zeros(_out_features(uses), x2.shape[1], dtype=dtype, device=x2.device)
         dy2 = dy.reshape(-1, dy.shape[-1])
         for s in range(0, x2.shape[0], chunk):
-            grad.addmm_(dy2[s:s + chunk].float().T, x2[s:s + chunk].float())
+            grad.addmm_(dy2[s:s + chunk].to(grad.dtype).T, x2[s:s + chunk].to(grad.dtype))
     if grad is None:
         raise ValueError("LinearUses has no recorded call")
     return grad
@@ -105,13 +105,19 @@ def _out_features(uses: LinearUses) -> int:
 
 
 def _group_gradients(loss: Tensor, groups: Mapping[str, Sequence[GradTarget]]) -> dict[str, list[Tensor]]:
-    """Per group, the gradient of `loss` for each target (zeros where the loss does not reach it).
+    """Per group, the gradient of `loss` for each target (every target must be in the loss's graph).
 
     One torch.autograd.grad call for all groups, retain_graph=True: nothing is accumulated into
     .grad, and the graph stays usable for the training backward that follows.
     """
     tensors = _target_tensors(groups)
     grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    unused = [i for i, g in enumerate(grads) if g is None]
+    if unused:
+        # a parameter the loss never reaches: not a zero gradient but a wrong target (e.g. a sharded
+        # FSDP / ZeRO-3 parameter whose forward used a gathered copy); a zero would be reported silently
+        raise ValueError(f"{len(unused)} of the {len(tensors)} tensors of the gradient diagnostics are not used by the "
+                         "loss's graph: pass the tensors the forward pass used")
     out: dict[str, list[Tensor]] = {}
     k = 0
     for name, targets in groups.items():
@@ -122,8 +128,7 @@ def _group_gradients(loss: Tensor, groups: Mapping[str, Sequence[GradTarget]]) -
                 out[name].append(_linear_weight_grad(t, grads[k:k + n]))
                 k += n
             else:
-                g = grads[k]
-                out[name].append(torch.zeros_like(t) if g is None else g)
+                out[name].append(grads[k])
                 k += 1
     return out
 

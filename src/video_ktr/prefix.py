@@ -86,6 +86,12 @@ def shared_prefix_logprobs(
         prefix["position_ids"] = positions[:, first_rows, :Lp]
         out = model(**prefix, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        if cache is None:
+            # the model refused a cache (gradient checkpointing in training mode turns it off): score
+            # the full sequences instead, same numbers
+            from video_ktr.scoring import sequence_logprobs
+
+            return sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy)
         cache.batch_repeat_interleave(G)
         first_logits = out.logits[:, -1:].float().repeat_interleave(G, dim=0)  # predicts completion token 0
         suffix = {

@@ -680,8 +680,11 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
         add('<p class="note">Not logged (train with <code>--diagnostics_steps N</code>).</p>')
 
     add("<h2>Logged completions, token by token</h2>")
-    legend = "".join(f'<span class="tok {c}">{esc(n)}</span>' for n, c in
-                     (("entropy", "e"), ("visual", "v"), ("temporal", "t"), ("key (bold)", "k")))
+    legend = "".join(f'<span class="tok {c}" title="{esc(t)}">{esc(n)}</span>' for n, c, t in (
+        ("entropy", "e", "selected by the entropy signal (orange background)"),
+        ("visual", "v", "selected by the visual probe (blue underline)"),
+        ("temporal", "t", "selected by the temporal probe (green overline)"),
+        ("key (bold)", "k", "key token: gets the policy gradient (bold)")))
     add(f'<p class="legend">{legend}</p><p class="note">Hover a token for its scores (entropy, visual, temporal; n/a: '
         "not computed) and the sets that selected it. Shown: the last logged step of each run, at most "
         f"{max_completions} completions.</p>")

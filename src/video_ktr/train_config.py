@@ -94,9 +94,10 @@ class TrainConfig(DataArgs):
         "cosines of the gradients of the loss on key tokens, on masked (valid non-key) tokens and on all tokens at the "
         "last decoder layer and the LM head (first micro-batch; grad_norm_key, cos_key_full, ...), the Jaccard overlaps "
         "of the signals' token sets and the mean relative position of each set's tokens. Cost on such a step: three "
-        "extra backward passes through the LM head and the last decoder layer, the first micro-batch's head logits kept "
-        "until they are done and two float32 gradients of the head and last layer (7B: about 2 x 3.1 GB); measured on "
-        "the tiny CPU model about +10% of the step time (docs/diagnostics.md).")
+        "extra backward passes through the LM head and the last decoder layer (no extra forward), measured +0.2 s on a "
+        "0.7-1.0 s step of the tiny CPU model (about +20 percent); memory: the first micro-batch's head logits kept until done "
+        "and two float32 head and last-layer gradients (7B, 8 x 768 tokens: about 9 GB more at peak, estimated). "
+        "See docs/diagnostics.md.")
     log_tokens_every: int = field(
         0, help="Write the first micro-batch's completions token by token (text, entropy, visual and temporal scores, "
         "the sets that selected each token) to tokens.jsonl every this many steps (0: never); `video-ktr report` shows "

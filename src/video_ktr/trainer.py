@@ -28,6 +28,7 @@ from video_ktr import checkpoint as ckpt
 from video_ktr.data import DataError, Sample, SkipReport, load_dataset
 from video_ktr.diagnostics import (
     LinearUses,
+    TokenRecord,
     gradient_decomposition,
     last_decoder_layer,
     output_head,
@@ -109,7 +110,7 @@ class Rollout:
     log_tokens: bool = False  # token records (the first micro-batch, main process only)
     # name -> [numerator, denominator], reduced like `sums`; a name whose denominator is 0 is left out
     diag: dict[str, list[float]] = field(default_factory=dict)
-    token_records: list | None = None
+    token_records: list[TokenRecord] | None = None
 
     def add_diag(self, name: str, numerator: float, denominator: float) -> None:
         acc = self.diag.setdefault(name, [0.0, 0.0])
@@ -137,6 +138,10 @@ class KTRTrainer:
         log_with = [r for r in cfg.report_to if r != "none"] or None
         self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out), **accelerator_device_kwargs())
         check_process_count(self.acc)
+        if cfg.diagnostics_steps and sharded_parameters(self.acc):
+            raise ValueError("--diagnostics_steps needs whole parameters on each process (one process or DDP): under "
+                             "FSDP or DeepSpeed ZeRO-3 each process holds a shard, and the gradient diagnostics would "
+                             "not measure the full gradient. Run them with DDP or ZeRO-2, or set --diagnostics_steps 0.")
         set_seed(cfg.seed)
         self.frames = cfg.frame_settings()
         self.cache = FrameCache(capacity=max(8, 4 * cfg.per_device_train_batch_size))
@@ -449,6 +454,7 @@ class KTRTrainer:
         diagnose_gradient = iteration == 0 and ro.diagnose_gradient
         # on a diagnostics step the head's calls are recorded for the gradient decomposition
         head = output_head(unwrap(self.model)) if diagnose_gradient else None
+        head = head if head is not None and head.weight.requires_grad else None  # a frozen head (LoRA) is not measured
         with timer.phase("policy"), record_linear_calls(head) as head_calls:
             logp, entropy = sequence_logprobs(self.model, self._policy_inputs(ro), ro.completions.ids, with_entropy=need_entropy,
                                               chunk_rows=cfg.policy_chunk_rows)
@@ -570,7 +576,7 @@ class KTRTrainer:
         params = [p for p in layer.parameters() if p.requires_grad] if layer is not None else []
         if params:
             groups["last_layer"] = params
-        if head is not None and head.weight.requires_grad and head_calls.calls:
+        if head is not None and head_calls.calls:
             groups["lm_head"] = [head_calls]
         if not groups:
             return
@@ -582,7 +588,7 @@ class KTRTrainer:
         for name, value in values.items():
             ro.add_diag(name, value, 1.0)
 
-    def _token_records(self, ro: Rollout, logp: Tensor, entropy: Tensor | None, masks: dict[str, Tensor]) -> list:
+    def _token_records(self, ro: Rollout, logp: Tensor, entropy: Tensor | None, masks: dict[str, Tensor]) -> list[TokenRecord]:
         cfg, G = self.cfg, self.cfg.num_generations
         rows = [ro.samples[i // G] for i in range(len(ro.completions.texts))]
         visual = probe_score(logp, ro.vis_logp, cfg.probe_score_tolerance) if ro.vis_logp is not None else None
@@ -777,6 +783,17 @@ def check_process_count(acc: Any) -> None:
     if launched > 1 and acc.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {acc.num_processes}: they would each "
                            "train alone on the same data. Launch with `accelerate launch` and a matching config.")
+
+
+def sharded_parameters(acc: Any) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where a process holds shards of the parameters."""
+    kind = str(getattr(acc, "distributed_type", ""))
+    if kind.endswith("FSDP"):
+        return True
+    if kind.endswith("DEEPSPEED"):
+        plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
+        return getattr(plugin, "zero_stage", 0) == 3
+    return False
 
 
 def probe_score(logp: Tensor, probe_logp: Tensor, tolerance: float) -> Tensor:
