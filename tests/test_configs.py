@@ -1,0 +1,38 @@
+"""The shipped configs load: training YAMLs into TrainConfig, accelerate YAMLs into accelerate's own config class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from video_ktr.config import from_dict, load_yaml
+from video_ktr.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen2_5_vl_7b_ktr.yaml"])
+def test_training_configs_parse_into_train_config(name):
+    cfg = from_dict(TrainConfig, load_yaml(ROOT / "configs" / name), source=name)
+    assert cfg.token_selection == ["all"] and cfg.signals == ("entropy", "visual", "temporal")
+    assert cfg.entropy_ratio == cfg.visual_ratio == cfg.temporal_ratio == 0.2
+
+
+def test_paper_recipe_values():
+    cfg = from_dict(TrainConfig, load_yaml(ROOT / "configs" / "qwen2_5_vl_7b_ktr.yaml"))
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.beta, cfg.num_generations) == (2e-6, "cosine", 0.04, 8)
+    assert (cfg.max_completion_length, cfg.max_frames, cfg.max_pixels) == (768, 16, 128 * 28 * 28)
+
+
+@pytest.mark.parametrize("name,kind", [("zero2.yaml", "DEEPSPEED"), ("zero3.yaml", "DEEPSPEED"), ("fsdp.yaml", "FSDP"),
+                                       ("cpu-2proc.yaml", "MULTI_CPU")])
+def test_accelerate_configs_load_with_accelerate(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / name))
+    assert str(cfg.distributed_type).endswith(kind)
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == int(name[4])
+    if kind == "FSDP":
+        assert "Qwen2_5_VLDecoderLayer" in cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
