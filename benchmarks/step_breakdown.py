@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="override a config key: key=value (YAML value)")
     ap.add_argument("--variants", default="none,all", help="comma list of --token_selection values to compare")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the variants this many times, alternating (none, all, none, all, ...), and pool the steps: "
+                         "load on a shared machine then hits both alike")
     ap.add_argument("--json", default=None, help="write the figures here as JSON")
     args = ap.parse_args(argv)
 
@@ -100,14 +103,22 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.set:
             k, v = item.split("=", 1)
             overrides[k] = yaml.safe_load(v)
-        table = {}
-        for variant in args.variants.split(","):
-            ov = {**overrides, "token_selection": [variant], "output_dir": str(Path(tmpdir) / f"out-{variant}")}
-            print(f"running {variant} ({args.steps} steps) ...", flush=True)
-            table[variant] = summarize(run_variant(config, ov, args.threads), args.warmup)
+        pooled: dict[str, dict] = {}
+        for r in range(args.rounds):
+            for variant in args.variants.split(","):
+                ov = {**overrides, "token_selection": [variant], "output_dir": str(Path(tmpdir) / f"out-{variant}-{r}")}
+                print(f"round {r + 1}/{args.rounds}: {variant} ({args.steps} steps) ...", flush=True)
+                result = run_variant(config, ov, args.threads)
+                result["steps"] = result["steps"][args.warmup:] or result["steps"]
+                if variant in pooled:
+                    pooled[variant]["steps"] += result["steps"]
+                    pooled[variant]["peak_rss_kb"] = max(pooled[variant]["peak_rss_kb"], result["peak_rss_kb"])
+                else:
+                    pooled[variant] = result
+        table = {v: summarize(res, 0) for v, res in pooled.items()}
 
     names = list(table)
-    print(f"\nmedian seconds per step phase ({args.steps} steps, first {args.warmup} left out)")
+    print(f"\nmedian seconds per step phase ({args.rounds} round(s) of {args.steps} steps, first {args.warmup} of each left out)")
     print("phase".ljust(22) + "".join(n.rjust(12) for n in names))
     for key in ("step_seconds", *PHASES, "completion_length", "rollout_tokens_per_s", "peak_rss_mb", "peak_rss_over_load_mb"):
         print(key.ljust(22) + "".join(f"{table[n][key]:12.4f}" if table[n][key] is not None else "         n/a" for n in names))
