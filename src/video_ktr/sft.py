@@ -41,6 +41,7 @@ from video_ktr import checkpoint as ckpt
 from video_ktr.args import DataArgs
 from video_ktr.config import field, parse_args
 from video_ktr.data import DataError, Sample, SkipReport, load_dataset
+from video_ktr.jsonl import finite_or_null
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, processor_call, sequence_inputs, to_device
 from video_ktr.sampling import row_seed
@@ -508,7 +509,7 @@ class SFTTrainer:
     def _log(self, metrics: dict[str, Any], bar: Any) -> None:
         if self.acc.is_main_process:
             with (self.out / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+                fh.write(json.dumps(finite_or_null(metrics)) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
             if self.cfg.logging_steps and self.state.step % self.cfg.logging_steps == 0:
@@ -521,9 +522,9 @@ class SFTTrainer:
         path = self.out / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
         if lines and json.loads(lines[-1]).get("step") == metrics.get("step"):
-            lines[-1] = json.dumps(metrics)
+            lines[-1] = json.dumps(finite_or_null(metrics))
         else:
-            lines.append(json.dumps(metrics))
+            lines.append(json.dumps(finite_or_null(metrics)))
         path.write_text("\n".join(lines) + "\n")
 
     def _skip_counts(self) -> dict[str, int]:

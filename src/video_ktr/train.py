@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
 from video_ktr.config import parse_args
 from video_ktr.train_config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(TrainConfig, argv, prog="video-ktr train")
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.trainer import BadStep, KTRTrainer
 
     trainer = KTRTrainer(cfg)
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except BadStep as exc:
+        print(f"video-ktr train: error: {exc}", file=sys.stderr)
+        return 1
     if trainer.acc.is_main_process:
         print(f"done: {trainer.state.step} steps, final model in {cfg.output_dir}; last reward {last.get('reward', float('nan')):.4f}")
     return 0

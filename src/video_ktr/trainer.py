@@ -38,6 +38,7 @@ from video_ktr.diagnostics import (
     token_records,
     write_token_records,
 )
+from video_ktr.jsonl import finite_or_null
 from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
@@ -181,6 +182,7 @@ class KTRTrainer:
         self.reward_weights = cfg.reward_weights or [1.0] * len(self.reward_fns)
         self.state = ckpt.TrainState()
         self.bad_steps = 0
+        self.bad_rows: set[int] = set()  # dataset rows whose media could not be read (skip mode)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 
@@ -241,6 +243,8 @@ class KTRTrainer:
             tries = 0
             while True:
                 try:
+                    if index in self.bad_rows:  # known unreadable: not decoded nor counted again
+                        raise MediaError(sample.media_path, "was unreadable before")
                     media.append(self._load_media(index, sample))
                     out.append((index, sample))
                     break
@@ -248,7 +252,9 @@ class KTRTrainer:
                     if self.cfg.on_bad_sample == "error":
                         raise DataError(sample.source.rsplit(":", 1)[0], int(sample.source.rsplit(":", 1)[1]), "path",
                                         f"media could not be read: {err}", "media_unreadable") from err
-                    self.skips.add(DataError(sample.source, None, "path", str(err), "media_unreadable"))
+                    if index not in self.bad_rows:
+                        self.bad_rows.add(index)
+                        self.skips.add(DataError(sample.source, None, "path", str(err), "media_unreadable"))
                     tries += 1
                     if tries > 100:
                         raise RuntimeError("more than 100 unreadable media files in a row; check --media_root") from err
@@ -441,6 +447,8 @@ class KTRTrainer:
                 ro.add(metric, float((mask & valid).sum()), n_valid)
         if entropy is not None:
             ro.add("entropy", float(entropy.detach()[valid].float().sum()), n_valid)
+        # rows that get no gradient at all because no token was selected (counted, never an error)
+        ro.add("no_key_token_rows", float(((masks["key"] & valid).sum(1) == 0).sum()), float(valid.shape[0]))
 
     def _global_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -638,6 +646,12 @@ class KTRTrainer:
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "completion_length": float(lengths.mean()),
             "num_completions": float(lengths.numel()),
+            # completions with no text (the model ended the turn at once) and prompt groups whose
+            # rewards are all equal (advantage 0: no policy gradient), as fractions
+            "empty_completions": float(self._gather_rows(torch.tensor(
+                [float(not t.strip()) for r in rollouts for t in r.completions.texts])).mean()),
+            "zero_advantage_groups": float(self._gather_rows(torch.cat(
+                [(r.rewards.view(-1, self.cfg.num_generations).std(1) == 0).float() for r in rollouts])).mean()),
             "loss_variance": float(seq_losses.var()) if seq_losses.numel() > 1 else 0.0,
         }
         for name in rollouts[0].components:
@@ -700,7 +714,7 @@ class KTRTrainer:
             last = self.train_step()
             if self.acc.is_main_process:
                 with (self.out / "metrics.jsonl").open("a") as fh:
-                    fh.write(json.dumps(last) + "\n")
+                    fh.write(json.dumps(finite_or_null(last)) + "\n")
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", key=f"{last.get('key_token_fraction', 1.0):.2f}")
                 if cfg.logging_steps and self.state.step % cfg.logging_steps == 0:
@@ -739,7 +753,8 @@ class KTRTrainer:
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save(self.out, self.state.step, self.acc, self.model, self.processor, self.optimizer, self.scheduler,
-                         self.state, extra={"bad_steps": self.bad_steps, "skipped": dict(self.skips.counts)})
+                         self.state, extra={"bad_steps": self.bad_steps, "skipped": dict(self.skips.counts),
+                                            "bad_rows": sorted(self.bad_rows)})
         if self.cfg.save_total_limit and self.acc.is_main_process:
             ckpt.prune(self.out, self.cfg.save_total_limit)
         return path
@@ -753,6 +768,7 @@ class KTRTrainer:
         path = ckpt.find(self.out, spec)
         extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
         self.bad_steps = int(extra.get("bad_steps", 0))
+        self.bad_rows = {int(i) for i in extra.get("bad_rows", [])}
         self.skips.counts.update({str(k): int(v) for k, v in (extra.get("skipped") or {}).items()})
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.state.step}")
