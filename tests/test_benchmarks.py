@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import BENCHMARK_FIXTURES
 from video_ktr.benchmarks import (
     BENCHMARKS,
     MISSING,
@@ -25,7 +26,7 @@ from video_ktr.benchmarks import (
     resolve_media,
 )
 
-FIX = Path("/work/shared/fixtures/benchmarks")
+FIX = BENCHMARK_FIXTURES
 R1 = FIX / "video_r1_eval"
 HOLMES = FIX / "video_holmes" / "test_Video-Holmes.json"
 VIDEOMME = FIX / "videomme" / "videomme" / "test-00000-of-00001.parquet.rows.json"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.paths import BENCHMARK_FIXTURES
 from video_ktr import evaluate as ev
 from video_ktr import synth, tiny
 from video_ktr.evaluate import EvalConfig, EvalError, HFEngine, evaluate, evaluate_rows, main, score_main
@@ -28,7 +29,7 @@ from video_ktr.vllm_engine import VLLMEngine, VLLMUnavailableError, build_reques
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
-HOLMES = Path("/work/shared/fixtures/benchmarks/video_holmes/test_Video-Holmes.json")
+HOLMES = BENCHMARK_FIXTURES / "video_holmes" / "test_Video-Holmes.json"
 # small frame settings and few new tokens keep every run well under a second
 FAST = ["--max_new_tokens", "6", "--max_frames", "4", "--max_pixels", str(4 * 28 * 28), "--progress", "false"]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
@@ -13,7 +11,8 @@ from video_ktr.infer import InferError, main, normalize_options, parse_infer_arg
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
-REAL_VIDEO = Path("/work/shared/fixtures/real/video1.mp4")
+from tests.paths import REAL_VIDEO  # noqa: E402
+
 SMALL_FRAMES = ["--max_frames", "4", "--min_frames", "4", "--max_pixels", str(4 * 28 * 28)]
 
 
@@ -28,7 +27,6 @@ def tiny_dir(tmp_path_factory):
     return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", **SMALL)
 
 
-@pytest.mark.skipif(not REAL_VIDEO.is_file(), reason="real video fixture not available")
 def test_infer_on_a_real_video(tiny_dir, capsys):
     rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(REAL_VIDEO), "--question", "What happens in the video?",
                "--problem_type", "multiple choice", "--options", "A. a car passes", "B. nothing moves",

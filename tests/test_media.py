@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.paths import REAL_VIDEO  # noqa: E402
 from video_ktr import media
 from video_ktr.media import (
     FrameCache,
@@ -24,7 +25,6 @@ from video_ktr.media import (
     write_video,
 )
 
-REAL_VIDEO = Path("/work/shared/fixtures/real/video1.mp4")
 COLOURS = [
     (255, 0, 0),
     (0, 255, 0),
@@ -40,7 +40,7 @@ COLOURS = [
 @pytest.fixture(scope="module")
 def real_video() -> Path:
     assert REAL_VIDEO.is_file(), (
-        f"shared fixture {REAL_VIDEO} is missing: it is part of /work/shared/fixtures and must be present "
+        f"shared fixture {REAL_VIDEO} is missing: it is part of the shared fixtures (shared/ beside the checkout, or $VIDEO_KTR_SHARED) and must be present "
         "(640x360 h264, 22 s); restore it instead of skipping this test"
     )
     return REAL_VIDEO
