@@ -770,13 +770,32 @@ def rss_mb():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+def hwm_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so the peak measured below is the
+    # training steps' own and not a spike while the model and data were loaded
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
 cfg = from_dict(TrainConfig, spec["config"])
 trainer = T.KTRTrainer(cfg)
 base = rss_mb()
-max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+max_before = hwm_mb()
+peak_was_reset = reset_peak()
 trainer.train()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = hwm_mb() if peak_was_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("MEASURE " + json.dumps({"rss_after_load_mb": base, "max_rss_before_training_mb": max_before,
+                                "peak_reset_after_load": peak_was_reset,
                                 "max_rss_mb": peak, "peak_increase_mb": peak - base, **seen}))
 """
 
