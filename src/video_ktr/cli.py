@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("video_ktr.data_tools", "prepare data: unpack Video-R1-data archives, check every row and media file"),
     "demo": ("video_ktr.demo", "the main job on the embedded default: synth, SFT, eval, KTR, eval"),
     "estimate": ("video_ktr.estimate", "dry-run memory and token estimate of a training config, per GPU"),
+    "ablate": ("video_ktr.ablate", "run GRPO, T-GRPO, entropy/visual/temporal-only, random mask and KTR from one start over several seeds"),
     "report": ("video_ktr.report", "HTML report of training runs: curves, gradient diagnostics, selected tokens"),
 }
 
