@@ -45,6 +45,7 @@ from video_ktr.jsonl import finite_or_null
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, processor_call, sequence_inputs, to_device
 from video_ktr.sampling import row_seed
+from video_ktr.schedule import build_scheduler
 
 IGNORE_INDEX = -100
 
@@ -283,21 +284,8 @@ class SFTTrainer:
         return max(1, math.ceil(self.cfg.num_train_epochs * len(self.samples) / rows_per_step))
 
     def _scheduler(self, optimizer: torch.optim.Optimizer):
-        total = self.total_steps
-        warm = int(round(self.cfg.warmup_ratio * total))
-        kind = self.cfg.lr_scheduler_type
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, total - warm)
-            if kind == "constant":
-                return 1.0
-            if kind == "linear":
-                return max(0.0, 1.0 - progress)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return build_scheduler(optimizer, kind=self.cfg.lr_scheduler_type, total_steps=self.total_steps,
+                               warmup_ratio=self.cfg.warmup_ratio)
 
     # ------------------------------------------------------------------ data
     def _perm(self, epoch: int) -> Tensor:

@@ -53,6 +53,7 @@ from video_ktr.probes import (
 from video_ktr.rewards import length_bonus, load_reward_function, temporal_bonus
 from video_ktr.rollout import Completions, encode_visual_once, generate, unwrap
 from video_ktr.sampling import row_seed
+from video_ktr.schedule import build_scheduler
 from video_ktr.scoring import sequence_logprobs
 from video_ktr.selection import (
     mask_at_threshold,
@@ -197,21 +198,8 @@ class KTRTrainer:
         return get_peft_model(model, lora)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer):
-        total = max(1, self.cfg.max_steps)
-        warm = int(round(self.cfg.warmup_ratio * total))
-        kind = self.cfg.lr_scheduler_type
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(1, total - warm)
-            if kind == "constant":
-                return 1.0
-            if kind == "linear":
-                return max(0.0, 1.0 - progress)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return build_scheduler(optimizer, kind=self.cfg.lr_scheduler_type, total_steps=self.cfg.max_steps,
+                               warmup_ratio=self.cfg.warmup_ratio)
 
     # ------------------------------------------------------------------ data
     def _next_samples(self) -> list[tuple[int, Sample]]:
