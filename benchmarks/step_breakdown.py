@@ -70,12 +70,17 @@ def summarize(result: dict, warmup: int) -> dict:
     return out
 
 
-def build_default(tmp: Path) -> tuple[str, dict]:
+def build_default(tmp: Path, frames: int = 8, size: int = 56) -> tuple[str, dict]:
     from video_ktr import synth, tiny
 
     tiny.build_tiny_model(tmp / "model", seed=0)
-    synth.generate(tmp / "data", num_train=256, num_test=8, seed=0)
-    return "configs/tiny-cpu.yaml", {"model_name_or_path": str(tmp / "model"), "dataset": str(tmp / "data" / "train.json")}
+    synth.generate(tmp / "data", num_train=256, num_test=8, seed=0, frames=frames, size=size)
+    pixels = size * size
+    return "configs/tiny-cpu.yaml", {
+        "model_name_or_path": str(tmp / "model"), "dataset": str(tmp / "data" / "train.json"),
+        "nframes": frames, "max_frames": frames, "min_pixels": pixels, "max_pixels": pixels,
+        "image_min_pixels": pixels, "image_max_pixels": pixels,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=8, help="frames per synthetic video (embedded default only)")
+    ap.add_argument("--size", type=int, default=56, help="frame side in pixels, a multiple of 28 (embedded default only)")
     ap.add_argument("--set", action="append", default=[], help="override a config key: key=value (YAML value)")
     ap.add_argument("--variants", default="none,all", help="comma list of --token_selection values to compare")
     ap.add_argument("--rounds", type=int, default=1,
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides: dict = {}
         config = args.config
         if config is None:
-            config, overrides = build_default(Path(tmpdir))
+            config, overrides = build_default(Path(tmpdir), args.frames, args.size)
         overrides.update({"max_steps": args.steps, "output_dir": str(Path(tmpdir) / "out"), "save_steps": 0})
         for item in args.set:
             k, v = item.split("=", 1)
