@@ -624,10 +624,10 @@ def reward_curves(records: dict[str, list[RunRecord]]) -> dict[str, dict[int, li
 
 def run_ablation(opts: AblateOptions) -> dict[str, Any]:
     """Train, evaluate and report every (variant, seed); returns the content of ablation.json."""
+    from video_ktr.accel import launched_world_size
     from video_ktr.evaluate import write_json_atomic
-    from video_ktr.trainer import _launched_world_size
 
-    if _launched_world_size() > 1:
+    if launched_world_size() > 1:
         raise AblateError("video-ktr ablate runs its runs one after another in ONE process; launch it without "
                            "torchrun / accelerate launch")
     started, t0 = _now(), time.perf_counter()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from video_ktr import checkpoint as ckpt
+from video_ktr.accel import accelerator_device_kwargs, check_process_count
 from video_ktr.args import DataArgs
 from video_ktr.config import field, parse_args
 from video_ktr.data import DataError, Sample, SkipReport, load_dataset
@@ -226,7 +227,8 @@ class SFTTrainer:
         self.out = Path(cfg.output_dir)
         log_with = [r for r in cfg.report_to if r != "none"] or None
         self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out),
-                                              mixed_precision="bf16" if cfg.bf16 else "no")
+                                              mixed_precision="bf16" if cfg.bf16 else "no", **accelerator_device_kwargs())
+        check_process_count(self.acc)
         set_seed(cfg.seed)
         self.frames = cfg.frame_settings()
         self.cache = FrameCache(capacity=cfg.frame_cache_size or max(8, 4 * cfg.per_device_train_batch_size))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from video_ktr import checkpoint as ckpt
+from video_ktr.accel import accelerator_device_kwargs, check_process_count
 from video_ktr.data import DataError, Sample, SkipReport, load_dataset
 from video_ktr.diagnostics import (
     LinearUses,
@@ -760,33 +760,6 @@ class KTRTrainer:
         self.skips.counts.update({str(k): int(v) for k, v in (extra.get("skipped") or {}).items()})
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.state.step}")
-
-
-def _launched_world_size() -> int:
-    """The process count a launcher (torchrun, accelerate launch, mpirun) asked for."""
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return 1
-
-
-def accelerator_device_kwargs() -> dict[str, Any]:
-    """``cpu=True`` when several processes were launched on a machine without an accelerator device.
-
-    accelerate only sets up CPU data parallelism (gloo) when told to: without it, ``torchrun
-    --nproc_per_node 2`` on a CPU machine silently runs two independent single-process trainings on
-    the same data, each writing the same files.
-    """
-    has_device = bool(getattr(torch, "accelerator", None) and torch.accelerator.is_available()) or torch.cuda.is_available()
-    return {"cpu": True} if _launched_world_size() > 1 and not has_device else {}
-
-
-def check_process_count(acc: Any) -> None:
-    launched = _launched_world_size()
-    if launched > 1 and acc.num_processes != launched:
-        raise RuntimeError(f"{launched} processes were launched but accelerate set up {acc.num_processes}: they would each "
-                           "train alone on the same data. Launch with `accelerate launch` and a matching config.")
 
 
 def sharded_parameters(acc: Any) -> bool:
