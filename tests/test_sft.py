@@ -245,3 +245,106 @@ def test_command_line_and_yaml(tmp_path):
     with pytest.raises(ValueError, match="vision_learning_rate"):
         SFTConfig(model_name_or_path="m", dataset="d", output_dir="o", freeze_vision_tower=True,
                   vision_learning_rate=1e-5).validate()
+
+
+# ---------------------------------------------------------------------------------------------- --eval_generate
+def test_eval_generate_logs_accuracy_equal_to_evaluate_rows_on_the_final_model(env):
+    """Accuracy at every eval point, per kind; the final one is what evaluate_rows gives for the saved model."""
+    from video_ktr.evaluate import evaluate_rows
+    from video_ktr.modeling import load_model, load_processor
+
+    out = env["root"] / "generate"
+    cfg = _cfg(env, out, max_steps=3, eval_dataset=env["test"], eval_steps=2, eval_generate=True,
+               eval_max_new_tokens=24, eval_generate_rows=6, per_device_eval_batch_size=4)
+    trainer = SFTTrainer(cfg)
+    result = trainer.train()
+    assert trainer.model.training  # eval put the model back in train mode
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 3]  # every --eval_steps and after the last step
+    raw = json.loads((env["data"] / "test.json").read_text())[:6]
+    kinds = sorted({r["kind"] for r in raw})
+    for r in evals:
+        assert "eval_loss" in r and r["eval_scored_rows"] == 6 and "eval_generate_failed" not in r
+        assert sorted(k.split("/", 1)[1] for k in r if k.startswith("eval_accuracy/")) == kinds
+        assert all(0.0 <= r[k] <= 1.0 for k in r if k.startswith("eval_accuracy"))
+    assert result["eval_accuracy"] == evals[-1]["eval_accuracy"]
+
+    model = load_model(str(out), dtype="float32").eval()
+    _, metrics = evaluate_rows(model, load_processor(str(out)), raw, env["data"], cfg.frame_settings(), greedy=True,
+                               max_new_tokens=24, batch_size=4, prompt_layout=cfg.prompt_layout)
+    assert evals[-1]["eval_accuracy"] == metrics["overall"]
+    assert {k: v["accuracy"] for k, v in metrics["by_kind"].items()} == {
+        k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("eval_accuracy/")}
+
+
+def test_eval_generate_scores_like_evaluate_rows_with_a_scripted_engine(env, monkeypatch):
+    """Non-trivial accuracies: answers scripted by question text, scored and grouped as evaluate_rows does."""
+    import video_ktr.evaluate as ev
+
+    raw = json.loads((env["data"] / "test.json").read_text())
+
+    def scripted(self, messages, media, seeds, *, max_new_tokens, temperature, top_p):
+        texts = [m[-1]["content"][-1]["text"] for m in messages]
+        firsts = [next(i for i, r in enumerate(raw) if r["problem"] in t) for t in texts]
+        return [raw[i]["solution"] if i % 3 != 1 else "<think>no</think><answer>zzz</answer>" for i in firsts]
+
+    class Scripted:
+        generate = scripted
+
+    monkeypatch.setattr(ev.HFEngine, "generate", scripted)  # the engine the trainer builds on its model
+    out = env["root"] / "generate_scripted"
+    result = run_sft(_cfg(env, out, max_steps=1, eval_dataset=env["test"], eval_generate=True, per_device_eval_batch_size=3))
+    _, metrics = ev.evaluate_rows(None, None, raw, env["data"], _cfg(env, out).frame_settings(), greedy=True,
+                                  engine=Scripted(), prompt_layout="train")
+    assert 0.0 < metrics["overall"] < 1.0
+    assert result["eval_accuracy"] == metrics["overall"]
+    got = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("eval_accuracy/")}
+    assert got == {k: v["accuracy"] for k, v in metrics["by_kind"].items()}
+    assert len(set(got.values())) > 1 and _metrics(out)[-1]["eval_accuracy"] == metrics["overall"]
+
+
+def test_accuracy_sums_reduce_over_shards_to_the_evaluate_metrics():
+    """Sums over any split of the rows add up to evaluate's overall (non-regression) and by_kind (all types)."""
+    from video_ktr.evaluate import eval_metrics
+    from video_ktr.sft import accuracies, accuracy_sums
+
+    scores = [1.0, 0.0, 0.35, None, 1.0, 0.8, 0.0, None, 1.0, 0.55]
+    types = ["multiple choice", "numerical", "regression", "multiple choice", "free-form",
+             "regression", "multiple choice", "numerical", "OCR", "multiple choice"]
+    kinds = ["a", "b", "a", "c", "b", "c", "a", "b", "c", "a"]
+    results = [{"uid": str(i), "problem_type": t, "score": s, "failed": None if s is not None else "unreadable",
+                "meta": {"kind": k}} for i, (s, t, k) in enumerate(zip(scores, types, kinds))]
+    metrics = eval_metrics("video_r1", results)
+    groups = sorted(set(kinds))
+    whole = accuracies(accuracy_sums(results, groups), groups)
+    assert whole["eval_accuracy"] == metrics["overall"]
+    assert {g: whole[f"eval_accuracy/{g}"] for g in groups} == {g: e["accuracy"] for g, e in metrics["by_kind"].items()}
+    assert whole["eval_scored_rows"] == 8 and whole["eval_generate_failed"] == 2
+    shards = [accuracy_sums(results[p::3], groups) for p in range(3)]  # what 3 processes reduce
+    split = accuracies([sum(col) for col in zip(*shards)], groups)
+    assert split.keys() == whole.keys()
+    for key, value in whole.items():
+        assert split[key] == pytest.approx(value, rel=1e-12), key
+    only_failed = accuracies(accuracy_sums(results[3:4], groups), groups)  # no scored row: no mean is made up
+    assert only_failed == {"eval_scored_rows": 0, "eval_generate_failed": 1}
+
+
+def test_eval_generate_options_and_their_validation():
+    cfg = parse_args(SFTConfig, ["--model_name_or_path", "m", "--dataset", "d.json", "--output_dir", "o",
+                                 "--eval_dataset", "e.json", "--eval_generate", "true", "--eval_max_new_tokens", "64",
+                                 "--eval_generate_rows", "10"])
+    assert (cfg.eval_generate, cfg.eval_max_new_tokens, cfg.eval_generate_rows) == (True, 64, 10)
+    defaults = SFTConfig()
+    assert (defaults.eval_generate, defaults.eval_max_new_tokens, defaults.eval_generate_rows) == (False, 1024, None)
+    base = dict(model_name_or_path="m", dataset="d", output_dir="o")
+    for kw, message in [
+        (dict(eval_generate=True), "--eval_generate needs --eval_dataset"),
+        (dict(eval_dataset="e", eval_generate=True, eval_max_new_tokens=0), "--eval_max_new_tokens"),
+        (dict(eval_dataset="e", eval_generate=True, eval_generate_rows=0), "--eval_generate_rows must be >= 1"),
+        (dict(eval_dataset="e", eval_generate_rows=5), "no effect without --eval_generate"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SFTConfig(**base, **kw).validate()
+    SFTConfig(**base, eval_dataset="e", eval_generate=True, eval_generate_rows=5).validate()

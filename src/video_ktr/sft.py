@@ -20,6 +20,11 @@ rows of every micro-batch of every process and divided by the number of label to
 step (gradient accumulation and the number of processes do not change what is averaged). Only the
 logits of the target columns are formed (``logits_to_keep``).
 
+Evaluation: ``--eval_dataset`` rows give ``eval_loss`` (teacher-forced, no generation); with
+``--eval_generate`` the model also answers them greedily (:func:`video_ktr.evaluate.evaluate_rows`, the
+training prompt and frames) and ``eval_accuracy`` / ``eval_accuracy/<group>`` are logged (groups:
+:attr:`video_ktr.data.Sample.kind`). Both run every ``--eval_steps`` and after the last step.
+
 Data order: a seeded permutation per epoch; the position (micro-batches consumed) is the only state a
 resumed run needs, so ``N`` steps equal ``k`` steps plus ``N - k`` resumed steps.
 """
@@ -58,9 +63,17 @@ class SFTConfig(DataArgs):
     model_name_or_path: str = field("", help="Model to fine-tune: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
     dataset: str = field("", help="Training data: a Video-R1-COT-schema JSON or JSONL file; every row needs 'process' (<think>...</think>). [required]")
     output_dir: str = field("", help="Where metrics.jsonl, checkpoints and the final model go. [required]")
-    eval_dataset: str | None = field(None, help="Optional held-out rows (same schema): their mean token loss is logged as eval_loss (no generation).")
-    eval_steps: int = field(0, help="Compute eval_loss every this many steps (0: only after the last step); needs --eval_dataset.")
-    per_device_eval_batch_size: int = field(8, help="Rows per device per forward pass when computing eval_loss.")
+    eval_dataset: str | None = field(None, help="Optional held-out rows (same schema): their mean token loss is logged as eval_loss (no generation; see --eval_generate for accuracy).")
+    eval_steps: int = field(0, help="Compute eval_loss (and eval_accuracy with --eval_generate) every this many steps (0: only after the last step); needs --eval_dataset.")
+    per_device_eval_batch_size: int = field(8, help="Rows per device per forward pass when computing eval_loss (and per generate call with --eval_generate).")
+    eval_generate: bool = field(
+        False, help="At every eval point also answer the --eval_dataset rows greedily (same prompt and frame settings as "
+        "training; scored as `video-ktr eval` scores them) and log eval_accuracy (mean score of the non-regression "
+        "rows, as eval's 'overall') and eval_accuracy/<group> (mean score of the group's rows, the MRA for "
+        "regression rows), where a row's group is its 'kind' field if it has one, else its 'data_source', else "
+        "its 'problem_type'. Rows are split across processes; costs one generation pass per eval point.")
+    eval_max_new_tokens: int = field(1024, help="Most tokens generated per answer with --eval_generate.")
+    eval_generate_rows: int | None = field(None, help="Answer only the first N rows of --eval_dataset with --eval_generate (default: all; eval_loss still uses all).")
     target_separator: str = field(
         "", help="Text between 'process' and 'solution' in the target. '' gives <think>...</think><answer>X</answer>; "
         "Video-R1's released SFT script joins them with a newline.")
@@ -114,6 +127,15 @@ class SFTConfig(DataArgs):
             raise ValueError("--eval_steps and --save_steps must be >= 0")
         if self.eval_steps and not self.eval_dataset:
             raise ValueError("--eval_steps needs --eval_dataset")
+        if self.eval_generate and not self.eval_dataset:
+            raise ValueError("--eval_generate needs --eval_dataset")
+        if self.eval_max_new_tokens < 1:
+            raise ValueError("--eval_max_new_tokens must be >= 1")
+        if self.eval_generate_rows is not None:
+            if self.eval_generate_rows < 1:
+                raise ValueError("--eval_generate_rows must be >= 1 (leave it unset to answer every row)")
+            if not self.eval_generate:
+                raise ValueError("--eval_generate_rows has no effect without --eval_generate true")
         if self.vision_learning_rate is not None and self.freeze_vision_tower:
             raise ValueError("--vision_learning_rate has no effect with --freeze_vision_tower; drop one of them")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -212,6 +234,64 @@ def answer_token_mask(tokenizer: Any, samples: list[Sample], separator: str, wid
     return mask
 
 
+def generation_rows(samples: list[Sample]) -> list[dict[str, Any]]:
+    """Rows for :func:`video_ktr.evaluate.evaluate_rows` from loaded samples.
+
+    ``path`` is the resolved media file; ``meta["kind"]`` is :attr:`Sample.kind` (the row's kind, else
+    its data source, else its problem type), so the ``by_kind`` breakdown groups by it; ``uid`` is the
+    position in ``samples`` (unique even when problem ids repeat).
+    """
+    return [
+        {"problem_id": s.problem_id, "problem": s.problem, "data_type": s.data_type, "problem_type": s.problem_type,
+         "options": s.options, "solution": s.solution, "path": str(s.media_path), "data_source": s.data_source,
+         "meta": {"kind": s.kind}, "uid": f"sft-eval:{i}"}
+        for i, s in enumerate(samples)
+    ]
+
+
+def accuracy_sums(results: list[dict[str, Any]], groups: list[str]) -> list[float]:
+    """Flat sums of scored results, to be added over processes and turned into accuracies by :func:`accuracies`.
+
+    ``[sum, n]`` of the scored non-regression rows (``evaluate``'s ``overall``), the number of failed
+    rows, then ``[sum, n]`` of the scored rows of each group (``meta["kind"]``, as ``by_kind``; every
+    problem type, the MRA for regression rows). The scores are those :func:`evaluate_rows` gave.
+    """
+    overall: list[float] = []
+    by_group: dict[str, list[float]] = {g: [] for g in groups}
+    failed = 0
+    for r in results:
+        if r.get("score") is None:
+            failed += 1
+            continue
+        score = float(r["score"])
+        by_group[str(r["meta"]["kind"])].append(score)
+        if r["problem_type"] != "regression":
+            overall.append(score)
+    sums = [sum(overall), float(len(overall)), float(failed)]
+    for g in groups:
+        sums += [sum(by_group[g]), float(len(by_group[g]))]
+    return sums
+
+
+def accuracies(sums: list[float], groups: list[str]) -> dict[str, float | int]:
+    """``eval_accuracy`` and ``eval_accuracy/<group>`` from (reduced) :func:`accuracy_sums`.
+
+    A mean with no scored row is left out. ``eval_scored_rows`` counts the scored rows; rows whose media
+    could not be read (``--on_bad_sample skip``) are not scored and are counted in ``eval_generate_failed``.
+    """
+    out: dict[str, float | int] = {}
+    if sums[1]:
+        out["eval_accuracy"] = sums[0] / sums[1]
+    for j, g in enumerate(groups):
+        total, n = sums[3 + 2 * j], sums[4 + 2 * j]
+        if n:
+            out[f"eval_accuracy/{g}"] = total / n
+    out["eval_scored_rows"] = int(sum(sums[4::2]))  # every scored row is in exactly one group
+    if sums[2]:
+        out["eval_generate_failed"] = int(sums[2])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class SFTTrainer:
     """The SFT loop on accelerate; conventions (metrics.jsonl, checkpoints, resume) as the GRPO trainer."""
@@ -229,6 +309,13 @@ class SFTTrainer:
         self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out),
                                               mixed_precision="bf16" if cfg.bf16 else "no", **accelerator_device_kwargs())
         check_process_count(self.acc)
+        if cfg.eval_generate:
+            from video_ktr.trainer import sharded_parameters
+
+            if sharded_parameters(self.acc):
+                raise ValueError("--eval_generate needs whole parameters on each process (one process, DDP or ZeRO-2): "
+                                 "under FSDP or DeepSpeed ZeRO-3 each process would generate a different number of "
+                                 "tokens with sharded weights. Evaluate the saved model with `video-ktr eval` instead.")
         set_seed(cfg.seed)
         self.frames = cfg.frame_settings()
         self.cache = FrameCache(capacity=cfg.frame_cache_size or max(8, 4 * cfg.per_device_train_batch_size))
@@ -239,6 +326,10 @@ class SFTTrainer:
         self.eval_samples = (load_dataset(cfg.eval_dataset, cfg.media_root, report=self.eval_skips, **load_kw)
                              if cfg.eval_dataset else None)
         self.bad_rows: dict[int, str] = {}  # training rows whose media could not be read (skip policy)
+        # --eval_generate: the rows answered at each eval point and their groups (the same on every process)
+        self.generation_rows = (generation_rows(self.eval_samples[:cfg.eval_generate_rows])
+                                if cfg.eval_generate and self.eval_samples else [])
+        self.generation_groups = sorted({r["meta"]["kind"] for r in self.generation_rows})
 
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.end_id = end_of_turn_id(self.processor.tokenizer)
@@ -450,6 +541,44 @@ class SFTTrainer:
             out["eval_unreadable_media"] = int(totals[2])
         return out
 
+    @torch.no_grad()
+    def evaluate_accuracy(self) -> dict[str, float | int]:
+        """Greedy answers to the --eval_dataset rows (``--eval_generate``): ``eval_accuracy`` and per group.
+
+        The rows are split across processes as in :meth:`evaluate`; each process answers and scores its
+        share with :func:`video_ktr.evaluate.evaluate_rows` (the training prompt layout, system prompt and
+        frame settings; greedy), and the score sums and counts are added over processes
+        (:func:`accuracy_sums`, :func:`accuracies`), so every process returns the same numbers.
+        """
+        if not self.generation_rows:
+            return {}
+        from video_ktr.evaluate import evaluate_rows
+
+        acc, cfg = self.acc, self.cfg
+        mine = self.generation_rows[acc.process_index::acc.num_processes]
+        results: list[dict[str, Any]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if mine:
+                with acc.autocast():
+                    results, _ = evaluate_rows(
+                        acc.unwrap_model(self.model), self.processor, mine, cfg.media_root or Path(cfg.eval_dataset).parent,
+                        self.frames, greedy=True, max_new_tokens=cfg.eval_max_new_tokens,
+                        batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed, prompt_layout=cfg.prompt_layout,
+                        system_prompt=cfg.system_prompt, on_bad_sample=cfg.on_bad_sample)
+        finally:
+            self.model.train(was_training)
+        local = torch.tensor(accuracy_sums(results, self.generation_groups), device=acc.device, dtype=torch.float64)
+        return accuracies(acc.reduce(local, reduction="sum").tolist(), self.generation_groups)
+
+    def _evaluate_all(self) -> dict[str, float | int]:
+        """One eval point: :meth:`evaluate` (eval_loss) and, with --eval_generate, :meth:`evaluate_accuracy`."""
+        out = self.evaluate()
+        if self.cfg.eval_generate:
+            out.update(self.evaluate_accuracy())
+        return out
+
     # ------------------------------------------------------------------ loop, checkpoints
     def train(self) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -470,17 +599,22 @@ class SFTTrainer:
         self.model.train()
         while self.state.step < self.total_steps:
             last = self.train_step()
-            if cfg.eval_steps and self.state.step % cfg.eval_steps == 0 and self.state.step < self.total_steps:
-                last.update(self.evaluate())
+            evaluated = cfg.eval_steps and self.state.step % cfg.eval_steps == 0 and self.state.step < self.total_steps
+            if evaluated:
+                last.update(self._evaluate_all())
             self._log(last, bar)
+            if evaluated and acc.is_main_process and "eval_scored_rows" in last:
+                bar.write(_accuracy_line(last))
             if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.total_steps:
                 self.save_checkpoint()
         if self.eval_samples:
-            final_eval = self.evaluate()
+            final_eval = self._evaluate_all()
             last.update(final_eval)
             if acc.is_main_process and last:
                 self._rewrite_last(last)
                 bar.write(f"eval_loss={final_eval['eval_loss']:.4f} ({final_eval['eval_tokens']} tokens)")
+                if "eval_scored_rows" in final_eval:
+                    bar.write(_accuracy_line(last))
             if trackers:
                 acc.log(final_eval, step=self.state.step)
         bar.close()
@@ -508,7 +642,7 @@ class SFTTrainer:
             self.acc.log(metrics, step=self.state.step)
 
     def _rewrite_last(self, metrics: dict[str, Any]) -> None:
-        """Put the final eval_loss on the last step's line of metrics.jsonl."""
+        """Put the final eval_loss (and eval_accuracy) on the last step's line of metrics.jsonl."""
         path = self.out / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
         if lines and json.loads(lines[-1]).get("step") == metrics.get("step"):
@@ -580,12 +714,21 @@ class _nullcontext:
 
 
 def _progress_line(m: dict[str, Any]) -> str:
-    keys = ("loss", "eval_loss", "eval_answer_loss", "learning_rate", "grad_norm", "tokens", "epoch", "step_seconds")
+    keys = ("loss", "eval_loss", "eval_answer_loss", "eval_accuracy", "learning_rate", "grad_norm", "tokens", "epoch",
+            "step_seconds")
     return f"step {int(m['step'])}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
+def _accuracy_line(m: dict[str, Any]) -> str:
+    """``step N: eval_accuracy=0.625 (kind_a=0.5 kind_b=0.75; 16 rows)`` for the console."""
+    overall = f"{m['eval_accuracy']:.4f}" if "eval_accuracy" in m else "-"
+    groups = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in m.items() if k.startswith("eval_accuracy/"))
+    rows = f"{m['eval_scored_rows']} rows" + (f", {m['eval_generate_failed']} failed" if m.get("eval_generate_failed") else "")
+    return f"step {int(m['step'])}: eval_accuracy={overall} ({groups + '; ' if groups else ''}{rows})"
+
+
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Run SFT with ``cfg``; returns the last step's metrics (with eval_loss and skip counts)."""
+    """Run SFT with ``cfg``; returns the last step's metrics (with eval_loss, eval_accuracy and skip counts)."""
     return SFTTrainer(cfg).train()
 
 
@@ -595,5 +738,6 @@ def main(argv: list[str] | None = None) -> int:
     last = trainer.train()
     if trainer.acc.is_main_process:
         extra = f", eval_loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""
+        extra += f", eval_accuracy {last['eval_accuracy']:.4f}" if "eval_accuracy" in last else ""
         print(f"done: {trainer.state.step} steps, final model in {cfg.output_dir}; last loss {last.get('loss', float('nan')):.4f}{extra}")
     return 0
