@@ -272,3 +272,49 @@ def test_cli_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):
     assert len(json.loads((out / "train.json").read_text())) == 2
     assert len(list((out / "videos").iterdir())) == 4
     assert (out / "unrelated.txt").read_text() == "keep me"
+
+
+def test_cot_errors_leave_train_rows_alone_and_flaw_the_chosen_fraction(tmp_path):
+    """train_cot.json: the same rows as train.json, a seeded fraction with a wrong answer that follows
+    the kind's wrong strategy; train.json and test.json are the same as without the option."""
+    clean = make_split(_cfg(num_train=700), "train")
+    cfg = _cfg(num_train=700, cot_error_rate=0.3)
+    flawed = make_split(cfg, "train")
+    assert [s.row for s in flawed] == [s.row for s in clean]
+    cot = synth.cot_rows(flawed)
+    marked = [c for c in cot if c["cot_error"]]
+    assert 0.25 < len(marked) / len(cot) < 0.35
+    for s, c in zip(flawed, cot):
+        same = ("process", "solution", "cot_error")
+        assert {k: v for k, v in c.items() if k not in same} == {k: v for k, v in s.row.items() if k not in same}
+        if not c["cot_error"]:
+            assert (c["process"], c["solution"]) == (s.row["process"], s.row["solution"])
+            continue
+        wrong, right = answer_of(c), answer_of(s.row)
+        assert wrong != right and c["process"] != s.row["process"]
+        kind = s.row["kind"]
+        if kind == "count":
+            assert abs(int(wrong) - int(right)) == 1 and 1 <= int(wrong) <= cfg.steps
+            continue
+        letters = [o.split(". ", 1)[0] for o in s.row["options"]]
+        assert wrong in letters and f"which is option {wrong}." in c["process"]
+        text = {o.split(". ", 1)[0]: o.split(". ", 1)[1] for o in s.row["options"]}
+        if kind == "direction":
+            assert text[wrong] == OPPOSITE[text[right]]
+        elif kind == "image_position":
+            assert text[wrong].split()[0] == text[right].split()[0] and text[wrong] != text[right]
+        elif kind in ("color_first", "color_last"):
+            shown = c["process"].split("The video shows ", 1)[1].split(". ", 1)[0].split(", then ")
+            assert text[wrong] == (shown[-1] if kind == "color_first" else shown[0])
+    # the same seed flaws the same rows; the written file matches
+    assert synth.cot_rows(make_split(cfg, "train")) == cot
+    generate(tmp_path / "d", num_train=60, num_test=6, cot_error_rate=0.5)
+    rows = json.loads((tmp_path / "d" / "train_cot.json").read_text())
+    assert len(rows) == 60 and any(r["cot_error"] for r in rows) and not (tmp_path / "e").exists()
+    generate(tmp_path / "e", num_train=60, num_test=6)
+    assert not (tmp_path / "e" / "train_cot.json").exists()
+
+
+def test_cot_error_rate_is_validated():
+    with pytest.raises(ValueError, match="cot_error_rate"):
+        _cfg(cot_error_rate=1.5)

@@ -253,3 +253,24 @@ def test_qwen_vocab_model(tmp_path, qwen_cache, monkeypatch):
     assert model.generation_config.eos_token_id == [151645, 151643]
     _, inputs = _video_inputs(processor)
     _check_forward(model, processor, inputs)
+
+
+def test_tokenizer_trained_on_a_dataset_shortens_its_prompts(tmp_path):
+    """--corpus FILE.json: the BPE learns the data set's prompts and targets, so they take fewer tokens."""
+    from video_ktr import synth
+    from video_ktr.data import DataError
+    from video_ktr.prompts import user_text
+
+    synth.generate(tmp_path / "d", num_train=80, num_test=4)
+    rows = json.loads((tmp_path / "d" / "train.json").read_text())
+    lines = tiny.dataset_corpus(tmp_path / "d" / "train.json")
+    assert len(lines) == 2 * len(rows) and lines[1] == rows[0]["process"] + rows[0]["solution"]
+    assert lines[0] == user_text(rows[0]["problem"], rows[0]["problem_type"], rows[0]["options"])
+    builtin = tiny.train_bpe_tokenizer(None, vocab_size=1024)
+    own = tiny.train_bpe_tokenizer(tmp_path / "d" / "train.json", vocab_size=1024)
+    for text in lines[:4]:
+        assert len(own(text).input_ids) < len(builtin(text).input_ids)
+        assert own.decode(own(text).input_ids) == text
+    (tmp_path / "bad.json").write_text(json.dumps([{"problem": 3}]))
+    with pytest.raises(DataError, match=r"bad.json, row 0, field 'problem'"):
+        tiny.dataset_corpus(tmp_path / "bad.json")

@@ -86,6 +86,7 @@ class SynthConfig:
     num_options: int = field(4, help="Difficulty: options per colour question (2..num_colors); direction and position questions always have 4.")
     shuffle_options: bool = field(False, help="Difficulty: shuffle the option order per row; by default options keep palette order, the answer letter is still balanced.")
     color_fill: str = field("frame", help="Difficulty: colour kinds fill the whole frame ('frame') or one random cell per step ('cell').", choices=["frame", "cell"])
+    cot_error_rate: float = field(0.0, help="Imperfect cold-start data: also write train_cot.json, the training rows with this fraction's reasoning and answer replaced by a flawed teacher's (one plausible wrong strategy per kind: the wrong end of the video, frames read backwards, a miscount by one, a mirrored corner, another option's colour), marked 'cot_error': true. train.json keeps the ground truth for RL and evaluation.")
     overwrite: bool = field(False, help="Replace an existing data set in output_dir (only its own files are removed).")
     dry_run: bool = field(False, help="Build the rows and print the summary without writing anything.")
 
@@ -121,6 +122,8 @@ class SynthConfig:
             raise ValueError(f"num_colors must be in [2, {len(PALETTE)}], got {self.num_colors}")
         if not 2 <= self.num_options <= self.num_colors:
             raise ValueError(f"num_options must be in [2, num_colors={self.num_colors}], got {self.num_options}")
+        if not 0.0 <= self.cot_error_rate <= 1.0:
+            raise ValueError(f"cot_error_rate must be in [0, 1], got {self.cot_error_rate}")
         if self.color_fill not in ("frame", "cell"):
             raise ValueError(f"color_fill must be 'frame' or 'cell', got {self.color_fill!r}")
 
@@ -138,6 +141,8 @@ class _Item:
     answer: str  # the letter for MC, the number as text for numerical
     process: str  # the reasoning, without the <think> tags
     steps: np.ndarray  # uint8 (S, G, G, 3); S = 1 for images
+    # a flawed teacher's (reasoning, answer) for the same question: a plausible wrong strategy
+    mistake: tuple[str, str] | None = None
 
 
 @dataclass
@@ -146,6 +151,7 @@ class Sample:
 
     row: dict[str, Any]
     steps: np.ndarray  # uint8 (S, G, G, 3), one colour per visual token
+    mistake: tuple[str, str] | None = None  # the flawed teacher's (process, answer) if this row gets one
 
     def pixels(self, frames: int) -> np.ndarray:
         """uint8 (frames, H, W, 3) for a video (each step held for frames // S frames), (H, W, 3) for an image."""
@@ -206,6 +212,15 @@ def _then(names: list[str | None]) -> str:
     return ", then ".join(names)
 
 
+def _letter(options: list[str], text: str) -> str:
+    return LETTERS[options.index(text)]
+
+
+def _other_option(rng: np.random.Generator, options: list[str], answer: str) -> str:
+    others = [o for o in options if o != answer]
+    return others[int(rng.integers(len(others)))]
+
+
 def _palette(cfg: SynthConfig) -> list[str]:
     return list(PALETTE)[: cfg.num_colors]
 
@@ -217,13 +232,17 @@ def _color_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
     seq = [answer] + _spread(rng, [o for o in options if o != answer], cfg.steps - 1)
     letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = seq[-1]  # the mistake: reads the wrong end of the video
     return _Item(
         problem="Which colour appears first in the video?",
         problem_type="multiple choice",
         options=options,
         answer=letter,
         process=f"The video shows {_then(seq)}. The first colour is {answer}, which is option {letter}.",
-        steps=_colour_steps(seq, cfg, rng),
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. The first colour is {wrong}, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
     )
 
 
@@ -231,13 +250,17 @@ def _color_last(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item
     answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
     seq = _spread(rng, [o for o in options if o != answer], cfg.steps - 1) + [answer]
     letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = seq[0]  # the mistake: reads the wrong end of the video
     return _Item(
         problem="Which colour appears last in the video?",
         problem_type="multiple choice",
         options=options,
         answer=letter,
         process=f"The video shows {_then(seq)}. The last colour is {answer}, which is option {letter}.",
-        steps=_colour_steps(seq, cfg, rng),
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. The last colour is {wrong}, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
     )
 
 
@@ -250,13 +273,17 @@ def _color_present(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _I
     seq = [choices[i] for i in rng.integers(len(choices), size=cfg.steps)]
     seq[int(rng.integers(cfg.steps))] = answer
     letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = _other_option(rng, options, answer)  # the mistake: names a colour that is not shown
     return _Item(
         problem="Which of these colours appears in the video?",
         problem_type="multiple choice",
         options=options,
         answer=letter,
         process=f"The video shows {_then(seq)}. Of the options only {answer} appears, which is option {letter}.",
-        steps=_colour_steps(seq, cfg, rng),
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. Of the options only {wrong} appears, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
     )
 
 
@@ -273,19 +300,23 @@ def _direction(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     for t, p in enumerate(pos):
         row, col = (other, p) if horizontal else (p, other)
         steps[t, row, col] = PALETTE[colour]
-    start, end = answer.split(" to ")
-    where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
     letter = LETTERS[index]
+
+    def reasoning(direction: str) -> str:
+        start, end = direction.split(" to ")
+        where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+        return (f"The {colour} square is {where[start]} in the first frames and {where[end]} in the last frames, "
+                f"so it moves from {direction}, which is option {_letter(options, direction)}.")
+
+    wrong = " to ".join(reversed(answer.split(" to ")))  # the mistake: reads the frames backwards
     return _Item(
         problem="In which direction does the square move?",
         problem_type="multiple choice",
         options=options,
         answer=letter,
-        process=(
-            f"The {colour} square is {where[start]} in the first frames and {where[end]} in the last frames, "
-            f"so it moves from {answer}, which is option {letter}."
-        ),
+        process=reasoning(answer),
         steps=steps,
+        mistake=(reasoning(wrong), _letter(options, wrong)),
     )
 
 
@@ -296,6 +327,8 @@ def _count(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     seq = ["white" if t in white else "black" for t in range(s)]
     steps = np.zeros((s, cfg.grid, cfg.grid, 3), np.uint8)
     steps[sorted(white)] = WHITE
+    # the mistake: miscounts by one (always within 1..s)
+    wrong = n_white + (1 if n_white == 1 else -1 if n_white == s else int(rng.choice([-1, 1])))
     return _Item(
         problem=f"The video shows {s} scenes in a row. How many of them are white?",
         problem_type="numerical",
@@ -303,6 +336,7 @@ def _count(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
         answer=str(n_white),
         process=f"The scenes are {', '.join(seq)}. {n_white} of them are white.",
         steps=steps,
+        mistake=(f"The scenes are {', '.join(seq)}. {wrong} of them are white.", str(wrong)),
     )
 
 
@@ -312,6 +346,7 @@ def _image_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     steps = np.zeros((1, g, g, 3), np.uint8)
     steps[0, rng.integers(g), rng.integers(g)] = PALETTE[answer]
     letter = LETTERS[index]
+    wrong = _other_option(rng, options, answer)  # the mistake: names another option's colour
     return _Item(
         problem="What colour is the square in the image?",
         problem_type="multiple choice",
@@ -319,6 +354,7 @@ def _image_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
         answer=letter,
         process=f"The square is {answer}, which is option {letter}.",
         steps=steps,
+        mistake=(f"The square is {wrong}, which is option {_letter(options, wrong)}.", _letter(options, wrong)),
     )
 
 
@@ -331,6 +367,8 @@ def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _
     steps = np.zeros((1, g, g, 3), np.uint8)
     steps[0, row, col] = PALETTE[colour]
     letter = LETTERS[index]
+    vertical, horizontal = answer.split(" ")
+    wrong = f"{vertical} {'right' if horizontal == 'left' else 'left'}"  # the mistake: mirrors left and right
     return _Item(
         problem="Where is the square in the image?",
         problem_type="multiple choice",
@@ -338,6 +376,8 @@ def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _
         answer=letter,
         process=f"The {colour} square is in the {answer} corner, which is option {letter}.",
         steps=steps,
+        mistake=(f"The {colour} square is in the {wrong} corner, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
     )
 
 
@@ -408,8 +448,25 @@ def make_split(cfg: SynthConfig, split: str) -> list[Sample]:
             "data_source": f"synthetic/{kind}",
             "kind": kind,
         }
-        samples.append(Sample(row=row, steps=item.steps))
+        # the flawed-teacher draw has its own stream (split code 2), so it never changes a row
+        flawed = split == "train" and cfg.cot_error_rate > 0 and item.mistake is not None and (
+            np.random.default_rng([cfg.seed, 2, list(KINDS).index(kind), j]).random() < cfg.cot_error_rate)
+        samples.append(Sample(row=row, steps=item.steps, mistake=item.mistake if flawed else None))
     return samples
+
+
+def cot_rows(samples: list[Sample]) -> list[dict[str, Any]]:
+    """The chain-of-thought (SFT) rows: each training row, with the flawed teacher's reasoning and
+    answer where the row drew one (``cot_error``: true), else the ground truth (``cot_error``: false)."""
+    rows = []
+    for s in samples:
+        row = dict(s.row)
+        if s.mistake is not None:
+            row["process"] = f"<think>{s.mistake[0]}</think>"
+            row["solution"] = f"<answer>{s.mistake[1]}</answer>"
+        row["cot_error"] = s.mistake is not None
+        rows.append(row)
+    return rows
 
 
 def answer_of(row: dict[str, Any]) -> str:
@@ -439,7 +496,7 @@ def _summarise(samples: list[Sample], train_sigs: set[bytes] | None = None) -> d
     return {"rows": len(samples), "kinds": out}
 
 
-_OWN_FILES = ("train.json", "test.json", "synth_config.json")
+_OWN_FILES = ("train.json", "train_cot.json", "test.json", "synth_config.json")
 _OWN_DIRS = ("videos", "images")
 
 
@@ -488,6 +545,10 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
             with (out / f"{split}.json").open("w") as fh:
                 json.dump([s.row for s in samples], fh, indent=1)
                 fh.write("\n")
+        if cfg.cot_error_rate > 0:
+            with (out / "train_cot.json").open("w") as fh:
+                json.dump(cot_rows(splits["train"]), fh, indent=1)
+                fh.write("\n")
         with (out / "synth_config.json").open("w") as fh:
             json.dump(to_dict(cfg), fh, indent=1)
             fh.write("\n")
@@ -500,6 +561,7 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         "test": _summarise(splits["test"], train_sigs),
         # with few colours and steps the space of distinct videos is small: test items repeat train items
         "test_rows_identical_to_a_train_row": sum(_signature(s) in train_sigs for s in splits["test"]),
+        "cot_rows_with_errors": sum(s.mistake is not None for s in splits["train"]) if cfg.cot_error_rate > 0 else None,
     }
 
 
@@ -518,6 +580,7 @@ def generate(
     num_options: int = 4,
     shuffle_options: bool = False,
     color_fill: str = "frame",
+    cot_error_rate: float = 0.0,
     overwrite: bool = False,
     dry_run: bool = False,
 ) -> dict[str, Any]:
@@ -526,7 +589,7 @@ def generate(
         output_dir=str(output_dir), num_train=num_train, num_test=num_test, seed=seed, frames=frames, size=size,
         fps=fps, kinds=list(KINDS) if kinds is None else list(kinds), image_fraction=image_fraction,
         num_colors=num_colors, num_options=num_options, shuffle_options=shuffle_options, color_fill=color_fill,
-        overwrite=overwrite, dry_run=dry_run,
+        cot_error_rate=cot_error_rate, overwrite=overwrite, dry_run=dry_run,
     )
     return synthesize(cfg)
 
@@ -544,6 +607,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             seen = f"  ({info['identical_to_train']} identical to a train row)" if "identical_to_train" in info else ""
             lines.append(f"  {kind:<15} {info['rows']:>6}  {answers}{seen}")
     lines.append(f"test rows identical to a train row: {summary['test_rows_identical_to_a_train_row']}")
+    if summary.get("cot_rows_with_errors") is not None:
+        lines.append(f"train_cot.json: {summary['cot_rows_with_errors']} of {summary['train']['rows']} rows carry the flawed teacher's reasoning and answer")
     return "\n".join(lines)
 
 

@@ -168,7 +168,7 @@ class MakeTinyModelArgs:
     vision_hidden_size: int = field(64, help="Vision hidden size (Qwen2-VL: embed_dim).")
     vision_intermediate_size: int = field(128, help="Vision MLP size (Qwen2-VL: mlp_ratio * embed_dim).")
     vision_num_heads: int = field(2, help="Vision attention heads.")
-    corpus: str | None = field(None, help="Text file to train the BPE on (tokenizer=trained); default: a built-in prompt-like corpus.")
+    corpus: str | None = field(None, help="Text file, or a Video-R1-schema .json/.jsonl data file (its prompts and targets), to train the BPE on (tokenizer=trained); default: a built-in prompt-like corpus.")
     vocab_size: int = field(512, help="Target size of the trained BPE vocabulary, before the 14 special tokens.")
     seed: int = field(0, help="Seed of the random weights.")
 
@@ -317,6 +317,26 @@ def _wrap_qwen2_tokenizer(
     return tok
 
 
+def dataset_corpus(path: str | os.PathLike) -> list[str]:
+    """The text a model sees and writes for a Video-R1-schema data file (JSON list or JSONL).
+
+    One line per prompt (the question with the Video-R1 template, as ``prompts.user_text`` builds it)
+    and one per target (``process`` + ``solution``), so the trained BPE gets merges for exactly the
+    words of the task and its prompt: shorter sequences, hence faster steps, for the embedded default.
+    """
+    from video_ktr.data import DataError, read_rows
+    from video_ktr.prompts import user_text
+
+    lines: list[str] = []
+    for i, row in enumerate(read_rows(path)):
+        if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
+            raise DataError(Path(path), i, "problem", "needs a text 'problem' to build the tokenizer corpus", "bad_field")
+        options = row.get("options") if isinstance(row.get("options"), list) else None
+        lines.append(user_text(row["problem"], str(row.get("problem_type", "")), options))
+        lines.append(str(row.get("process") or "") + str(row.get("solution") or ""))
+    return lines
+
+
 def train_bpe_tokenizer(corpus: str | os.PathLike | None = None, vocab_size: int = 512) -> Any:
     """Train a byte-level BPE (Qwen2 pre-tokenizer) and wrap it as a transformers Qwen2Tokenizer.
 
@@ -328,10 +348,12 @@ def train_bpe_tokenizer(corpus: str | os.PathLike | None = None, vocab_size: int
 
     if corpus is None:
         lines = builtin_corpus()
+    elif Path(corpus).suffix in (".json", ".jsonl"):
+        lines = dataset_corpus(corpus)
     else:
         lines = Path(corpus).read_text(encoding="utf-8").splitlines()
-        if not any(line.strip() for line in lines):
-            raise ValueError(f"corpus {corpus} is empty")
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"corpus {corpus} is empty")
     raw = _qwen_pipeline(Tokenizer(BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
