@@ -30,7 +30,10 @@ class DemoConfig:
     image_fraction: float = field(0.2, help="Fraction of synthetic rows that are image questions (mixed image/video training).")
     num_colors: int = field(6, help="Palette size of the synthetic set (more colours: fewer test rows repeat a training row).")
     shuffle_options: bool = field(False, help="Shuffle the option order per synthetic row (harder: the tiny model then needs far more SFT).")
-    sft_steps: int = field(400, help="SFT cold-start steps (stopped early on purpose: RL needs something left to improve).")
+    cot_error_rate: float = field(0.4, help="Fraction of the SFT (chain-of-thought) rows whose reasoning and answer come from a flawed teacher (synth --cot_error_rate); RL and evaluation use the ground truth. 0: SFT on the correct rows.")
+    vocab_size: int = field(1024, help="Size of the tiny model's BPE vocabulary, trained on the synthetic training text (shorter prompts: faster steps).")
+    sft_steps: int = field(600, help="SFT cold-start steps.")
+    sft_eval_steps: int = field(100, help="Greedy held-out accuracy per question kind every this many SFT steps (the SFT curves; 0: only at the end).")
     sft_learning_rate: float = field(1e-3, help="SFT learning rate.")
     sft_batch_size: int = field(16, help="SFT rows per step.")
     rl_steps: int = field(80, help="GRPO steps with key-token reinforcement.")
@@ -38,7 +41,7 @@ class DemoConfig:
     rl_prompts: int = field(8, help="Prompts per GRPO step.")
     num_generations: int = field(8, help="Completions per prompt.")
     token_selection: list[str] = field(["all"], help="Key-token signals for the RL stage (all = KTR).")
-    max_completion_length: int = field(96, help="Most tokens per completion in RL and evaluation (the synthetic reasoning takes 40-70).")
+    max_completion_length: int = field(64, help="Most tokens per completion in RL and evaluation (the synthetic reasoning takes 15-40 tokens with the demo's tokenizer).")
     eval_samples: int = field(1, help="Sampled (temperature 1) evaluations per question, beside the greedy one.")
     quick: bool = field(False, help="A seconds-long smoke run (tiny numbers; for tests, not for results).")
 
@@ -72,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.quick:
         cfg.num_train, cfg.num_test, cfg.sft_steps, cfg.rl_steps = 48, 16, 20, 3
         cfg.rl_prompts, cfg.num_generations, cfg.max_completion_length = 2, 4, 24
-        cfg.num_colors = 4
+        cfg.num_colors, cfg.vocab_size, cfg.sft_eval_steps = 4, 512, 10
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -82,7 +85,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if not marker.is_file():
             summary = synth.generate(data_dir, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed,
                                      image_fraction=cfg.image_fraction, num_colors=cfg.num_colors,
-                                     shuffle_options=cfg.shuffle_options, **({"kinds": cfg.kinds} if cfg.kinds else {}))
+                                     shuffle_options=cfg.shuffle_options, cot_error_rate=cfg.cot_error_rate,
+                                     **({"kinds": cfg.kinds} if cfg.kinds else {}))
             print(synth.format_summary(summary))
         else:
             print(f"reusing {data_dir}")
@@ -91,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     base = out / "base"
     with _stage("2/6 tiny Qwen2.5-VL (random weights, local tokenizer)") as st:
         if not (base / "config.json").is_file():
-            tiny.build_tiny_model(base, seed=cfg.seed, verbose=True)
+            tiny.build_tiny_model(base, seed=cfg.seed, corpus=data_dir / "train.json", vocab_size=cfg.vocab_size, verbose=True)
         else:
             print(f"reusing {base}")
     timings["model"] = time.perf_counter() - st.t0
@@ -99,12 +103,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from video_ktr.sft import SFTConfig, run_sft
 
     sft_dir = out / "sft"
-    with _stage(f"3/6 SFT cold start ({cfg.sft_steps} steps)") as st:
+    cot_file = data_dir / ("train_cot.json" if cfg.cot_error_rate > 0 else "train.json")
+    with _stage(f"3/6 SFT cold start ({cfg.sft_steps} steps on {cot_file.name})") as st:
         if not (sft_dir / "config.json").is_file():
-            run_sft(SFTConfig(model_name_or_path=str(base), dataset=str(data_dir / "train.json"), output_dir=str(sft_dir),
+            run_sft(SFTConfig(model_name_or_path=str(base), dataset=str(cot_file), output_dir=str(sft_dir),
                               max_steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
                               per_device_train_batch_size=cfg.sft_batch_size, seed=cfg.seed, lr_scheduler_type="cosine",
-                              warmup_ratio=0.02, logging_steps=100, **_frame_args()))
+                              warmup_ratio=0.02, logging_steps=100, eval_dataset=str(data_dir / "test.json"),
+                              eval_steps=cfg.sft_eval_steps, eval_generate=True,
+                              eval_max_new_tokens=cfg.max_completion_length, per_device_eval_batch_size=32,
+                              **_frame_args()))
         else:
             print(f"reusing {sft_dir}")
     timings["sft"] = time.perf_counter() - st.t0

@@ -23,6 +23,18 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def sft_accuracy_curves(sft: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, accuracy) per question kind (and "overall") from the SFT metrics' eval_accuracy keys."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for m in sft:
+        for key, value in m.items():
+            if key == "eval_accuracy" or key.startswith("eval_accuracy/"):
+                name = "overall" if key == "eval_accuracy" else key.split("/", 1)[1]
+                if value is not None:
+                    curves.setdefault(name, []).append((int(m["step"]), float(value)))
+    return curves
+
+
 def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
     import matplotlib
 
@@ -40,6 +52,21 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
         fig.savefig(out / "sft_loss.png", dpi=110)
         plt.close(fig)
         written.append("sft_loss.png")
+        curves = sft_accuracy_curves(sft)
+        if curves:
+            fig, ax = plt.subplots(figsize=(6, 3.8))
+            for name, points in curves.items():
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3,
+                        lw=2.2 if name == "overall" else 1, label=name)
+            ax.set_xlabel("SFT step")
+            ax.set_ylabel("held-out accuracy (greedy)")
+            ax.set_ylim(0, 1.02)
+            ax.set_title("SFT cold start: accuracy per question kind")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out / "sft_accuracy.png", dpi=110)
+            plt.close(fig)
+            written.append("sft_accuracy.png")
     if rl:
         steps = [m["step"] for m in rl]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -113,6 +140,9 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"Held-out questions: {results['config']['num_test']}; RL steps: {results['config']['rl_steps']} "
         f"({results['config']['rl_prompts']} prompts x {results['config']['num_generations']} completions); "
         f"token selection: {', '.join(results['config']['token_selection'])}; seed {results['config']['seed']}.",
+        *([f"SFT data: {results['config']['cot_error_rate']:.0%} of the chain-of-thought rows carry a flawed teacher's "
+           "reasoning and answer (synth --cot_error_rate); RL rewards and evaluation use the ground truth."]
+          if results["config"].get("cot_error_rate") else []),
         "",
         "| accuracy | SFT (before RL) | KTR (after RL) | change |",
         "|---|---|---|---|",
@@ -139,6 +169,16 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             f"of the last {len(last)}: {mean(last, 'reward'):.3f}. Key-token fraction: {mean(rl, 'key_token_fraction'):.3f} "
             f"of completion tokens on average.",
         ]
+    curves = sft_accuracy_curves(sft)
+    if curves:
+        names = ["overall", *sorted(n for n in curves if n != "overall")]
+        steps = sorted({step for points in curves.values() for step, _ in points})
+        table = {n: dict(points) for n, points in curves.items()}
+        lines += ["", "SFT cold start, held-out greedy accuracy per question kind (measured during SFT):", "",
+                  "| SFT step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for step in steps:
+            cells = [f"{table[n][step]:.2f}" if step in table.get(n, {}) else "" for n in names]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     t = results["timings_seconds"]
     lines += ["", "Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
               + f"; total {results['total_seconds']:.0f} s.", ""]

@@ -1,0 +1,38 @@
+"""`video-ktr demo --quick`: every stage runs and the report is written from what was measured."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from video_ktr.demo import DemoConfig, run_demo
+from video_ktr.demo_report import read_jsonl, sft_accuracy_curves
+
+
+def test_quick_demo_runs_every_stage_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    results = run_demo(DemoConfig(output_dir=str(out), quick=True))
+    for name in ("summary.md", "results.json", "sft_loss.png", "sft_accuracy.png", "rl_reward.png", "accuracy.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["before"] == results["before"] and set(saved["timings_seconds"]) == {"synth", "model", "sft", "eval_sft", "rl"}
+    # SFT ran on the flawed-teacher rows, RL on the ground truth
+    cot = json.loads((out / "data" / "train_cot.json").read_text())
+    assert any(r["cot_error"] for r in cot)
+    assert json.loads((out / "sft" / "sft_config.json").read_text())["dataset"].endswith("train_cot.json")
+    assert json.loads((out / "ktr" / "train_config.json").read_text())["dataset"].endswith("train.json")
+    # the accuracies in the summary are the evaluation files' own numbers
+    greedy = json.loads((out / "eval_sft" / "greedy.json").read_text())
+    assert results["before"]["greedy"]["accuracy"] == greedy["metrics"]["overall"]
+    summary = (out / "summary.md").read_text()
+    assert f"| greedy overall | {results['before']['greedy']['accuracy']:.3f} | {results['after']['greedy']['accuracy']:.3f}" in summary
+    curves = sft_accuracy_curves(read_jsonl(out / "sft" / "metrics.jsonl"))
+    assert [s for s, _ in curves["overall"]] == [10, 20] and "count" in curves
+    assert "| SFT step | overall |" in summary
+    # a second run reuses every stage
+    again = run_demo(DemoConfig(output_dir=str(out), quick=True))
+    assert again["before"] == results["before"] and again["after"] == results["after"]
