@@ -36,3 +36,16 @@ def test_accelerate_configs_load_with_accelerate(name, kind):
         assert cfg.deepspeed_config["zero_stage"] == int(name[4])
     if kind == "FSDP":
         assert "Qwen2_5_VLDecoderLayer" in cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+
+
+def test_demo_rl_yaml_is_the_demo_rl_stage():
+    """configs/demo-rl.yaml (used by `video-ktr ablate`) trains exactly what `make demo`'s RL stage trains."""
+    import dataclasses
+
+    from video_ktr.demo import DemoConfig, rl_config
+
+    yaml_cfg = from_dict(TrainConfig, load_yaml(ROOT / "configs" / "demo-rl.yaml"))
+    demo_cfg = rl_config(DemoConfig(), Path("runs/demo/sft"), Path("runs/demo/data/train.json"), Path("runs/demo-rl"))
+    ignore = {"save_steps", "logging_steps"}
+    a, b = dataclasses.asdict(yaml_cfg), dataclasses.asdict(demo_cfg)
+    assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}

@@ -123,18 +123,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         before = _evaluate(sft_dir, test_file, cfg, out / "eval_sft")
     timings["eval_sft"] = time.perf_counter() - st.t0
 
-    from video_ktr.train_config import TrainConfig
     from video_ktr.trainer import KTRTrainer
 
     rl_dir = out / "ktr"
     with _stage(f"5/6 GRPO with key-token reinforcement ({cfg.rl_steps} steps, {cfg.rl_prompts} prompts x {cfg.num_generations})") as st:
         if not (rl_dir / "config.json").is_file():
-            tcfg = TrainConfig(model_name_or_path=str(sft_dir), dataset=str(data_dir / "train.json"), output_dir=str(rl_dir),
-                               max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
-                               per_device_train_batch_size=cfg.rl_prompts, num_generations=cfg.num_generations,
-                               max_completion_length=cfg.max_completion_length, top_p=1.0, beta=0.0, seed=cfg.seed,
-                               token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args())
-            KTRTrainer(tcfg).train()
+            KTRTrainer(rl_config(cfg, sft_dir, data_dir / "train.json", rl_dir)).train()
         else:
             print(f"reusing {rl_dir}")
     timings["rl"] = time.perf_counter() - st.t0
@@ -149,6 +143,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         write_report(out, results)
     print(f"\nsummary: {out / 'summary.md'}")
     return results
+
+
+def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
+    """The RL stage's TrainConfig (configs/demo-rl.yaml holds the same values as a YAML)."""
+    from video_ktr.train_config import TrainConfig
+
+    return TrainConfig(model_name_or_path=str(model), dataset=str(dataset), output_dir=str(output_dir),
+                       max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
+                       per_device_train_batch_size=cfg.rl_prompts, num_generations=cfg.num_generations,
+                       max_completion_length=cfg.max_completion_length, temperature=1.0, top_p=1.0, beta=0.0,
+                       seed=cfg.seed, token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args())
 
 
 def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> dict[str, Any]:
