@@ -5,9 +5,11 @@
 
 Each variant runs in its own subprocess (so its peak memory is its own) for ``--steps`` steps of the
 config; the first ``--warmup`` steps are left out of the medians. Printed: median seconds per phase
-(data, rollout, rewards, probes, reference, policy, selection, loss, backward, optimizer), the step-time
-ratio KTR / GRPO, generated tokens per second and peak resident memory of each. Without ``--config``
-it builds the embedded default (tiny model + synthetic data) in a temporary folder first.
+(data, rollout, rewards, probes, reference, policy, selection, loss, backward, optimizer), the same in
+CPU seconds of the process (less disturbed by other load on a shared machine; use ``--threads 1``),
+the step-time ratio KTR / GRPO, generated tokens per second and peak resident memory of each.
+Without ``--config`` it builds the embedded default (tiny model + synthetic data) in a temporary
+folder first.
 """
 
 from __future__ import annotations
@@ -25,12 +27,39 @@ PHASES = ("data", "rollout", "rewards", "probes", "reference", "policy", "select
 
 _CHILD = r"""
 import json, resource, sys, time
+from collections import defaultdict
 spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
+import video_ktr.trainer as trainer_module
 from video_ktr.config import from_dict, load_yaml
 from video_ktr.train_config import TrainConfig
 from video_ktr.trainer import KTRTrainer
+
+class CpuTimer(trainer_module.Timer):
+    # the trainer's phase timer, also counting this process's CPU seconds per phase
+    last = None
+
+    def __init__(self):
+        super().__init__()
+        self.cpu = defaultdict(float)
+        CpuTimer.last = self
+
+    def phase(self, name):
+        wall, timer = super().phase(name), self
+
+        class _Both:
+            def __enter__(self):
+                self.c0 = time.process_time()
+                wall.__enter__()
+
+            def __exit__(self, *exc):
+                wall.__exit__(*exc)
+                timer.cpu[name] += time.process_time() - self.c0
+
+        return _Both()
+
+trainer_module.Timer = CpuTimer
 values = load_yaml(spec["config"]) if spec["config"] else {}
 values.update(spec["overrides"])
 cfg = from_dict(TrainConfig, values, source="benchmark")
@@ -39,7 +68,11 @@ rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 steps = []
 trainer.model.train()
 while trainer.state.step < cfg.max_steps:
-    steps.append(trainer.train_step())
+    c0 = time.process_time()
+    m = trainer.train_step()
+    m["cpu_step_seconds"] = time.process_time() - c0
+    m.update({f"cpu_{k}": v for k, v in CpuTimer.last.cpu.items()})
+    steps.append(m)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("RESULT " + json.dumps({"steps": steps, "peak_rss_kb": peak, "rss_after_load_kb": rss_loaded}))
 """
@@ -60,6 +93,9 @@ def summarize(result: dict, warmup: int) -> dict:
     out = {"step_seconds": statistics.median(s["step_seconds"] for s in steps)}
     for ph in PHASES:
         out[ph] = statistics.median(s.get(f"time_{ph}", 0.0) for s in steps)
+    out["cpu_step_seconds"] = statistics.median(s.get("cpu_step_seconds", 0.0) for s in steps)
+    for ph in PHASES:
+        out[f"cpu_{ph}"] = statistics.median(s.get(f"cpu_{ph}", 0.0) for s in steps)
     out["completion_length"] = statistics.median(s["completion_length"] for s in steps)
     # generated tokens (valid completion tokens of every row) per second of rollout
     out["rollout_tokens_per_s"] = statistics.median(
@@ -129,11 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     print("phase".ljust(22) + "".join(n.rjust(12) for n in names))
     for key in ("step_seconds", *PHASES, "completion_length", "rollout_tokens_per_s", "peak_rss_mb", "peak_rss_over_load_mb"):
         print(key.ljust(22) + "".join(f"{table[n][key]:12.4f}" if table[n][key] is not None else "         n/a" for n in names))
+    # CPU seconds of the benchmarked process: on a shared machine, time spent waiting for a core shows in
+    # the wall-clock figures above but not here (with --threads 1 the two agree on an idle machine)
+    print("\nmedian CPU seconds of the process per step phase")
+    for key in ("cpu_step_seconds", *(f"cpu_{ph}" for ph in PHASES)):
+        print(key.ljust(22) + "".join(f"{table[n][key]:12.4f}" for n in names))
     if "none" in table and "all" in table:
         ratio = table["all"]["step_seconds"] / table["none"]["step_seconds"]
+        cpu_ratio = table["all"]["cpu_step_seconds"] / max(table["none"]["cpu_step_seconds"], 1e-9)
         mem = table["all"]["peak_rss_mb"] / table["none"]["peak_rss_mb"]
-        print(f"\nstep time KTR / GRPO = {ratio:.3f}; peak memory KTR / GRPO = {mem:.3f}")
-        table["ratios"] = {"step_time_ktr_over_grpo": ratio, "peak_memory_ktr_over_grpo": mem}
+        print(f"\nstep time KTR / GRPO = {ratio:.3f} (CPU time {cpu_ratio:.3f}); peak memory KTR / GRPO = {mem:.3f}")
+        table["ratios"] = {"step_time_ktr_over_grpo": ratio, "cpu_time_ktr_over_grpo": cpu_ratio,
+                           "peak_memory_ktr_over_grpo": mem}
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config or "embedded default", "steps": args.steps,
                                                "overrides": {k: v for k, v in overrides.items() if k != "output_dir"},

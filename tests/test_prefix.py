@@ -12,7 +12,7 @@ from video_ktr.data import load_dataset
 from video_ktr.media import FrameSettings, load_image, load_video
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs
 from video_ktr.modeling import load_model, load_processor
-from video_ktr.prefix import shared_prefix_logprobs
+from video_ktr.prefix import full_positions, group_positions, shared_prefix_logprobs
 from video_ktr.probes import visual_masked_inputs
 from video_ktr.rollout import encode_visual_once
 from video_ktr.scoring import sequence_logprobs
@@ -100,3 +100,65 @@ def test_shared_prefix_falls_back_when_the_model_gives_no_cache(setup):
     with torch.no_grad():
         full, _ = sequence_logprobs(model, seq, ids)
     assert torch.allclose(full[valid], fast[valid], atol=1e-5)
+
+
+def _mixed_batch(processor, samples, G, Lc, seed):
+    """A video, an image and a video prompt with ragged completions: a row with no
+    valid token, a whole prompt group with none, a row with a gap, and no row using the last column."""
+    picked = [s for s in samples if s.data_type == "video"][:1] + [s for s in samples if s.data_type == "image"][:1] \
+        + [s for s in samples if s.data_type == "video"][1:2]
+    assert [s.data_type for s in picked] == ["video", "image", "video"]
+    prompts, ids, valid = _batch(processor, picked, G, Lc, seed=seed)
+    valid[:, Lc - 1] = False  # no row reaches the last column
+    valid[1] = False  # an empty completion in the first group
+    valid[G:2 * G] = False  # the image prompt's completions are all empty
+    valid[2 * G, 2] = False  # an unattended token between attended ones
+    valid[2 * G + 1, 3:] = False
+    return prompts, ids, valid
+
+
+def test_group_positions_equal_full_positions_at_attended_tokens(setup):
+    model, processor, samples = setup
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=4)
+    seq = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
+    full = full_positions(model, seq)
+    Lp = seq["input_ids"].shape[1] - Lc
+    prefix, completion = group_positions(model, seq, Lc, G)
+    assert prefix.shape == (3, 3, Lp) and completion.shape == (3, 3 * G, Lc)
+    attended = seq["attention_mask"].bool()
+    first_rows = attended[::G, :Lp]
+    assert torch.equal(prefix[:, first_rows], full[:, ::G, :Lp][:, first_rows])
+    assert torch.equal(completion, full[:, :, Lp:])  # unattended tokens too: a next token is predicted from them
+    # the video rows really have 3-D positions (else this test would check text positions only)
+    assert (full[0, 0] != full[1, 0]).any()
+
+
+@pytest.mark.parametrize("prompts_per_chunk", [None, 1, 2])
+def test_shared_prefix_scores_ragged_completions_like_the_full_forward(setup, prompts_per_chunk):
+    model, processor, samples = setup
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=5)
+    seq = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
+    with torch.no_grad():
+        full, full_h = sequence_logprobs(model, seq, ids, with_entropy=True)
+    fast, fast_h = shared_prefix_logprobs(model, seq, ids, G, with_entropy=True, prompts_per_chunk=prompts_per_chunk)
+    assert torch.allclose(full[valid], fast[valid], atol=1e-5), (full - fast)[valid].abs().max()
+    assert torch.allclose(full_h[valid], fast_h[valid], atol=1e-4)
+    # nothing is computed after a row's last valid token, nor for a row without one
+    last = torch.arange(Lc)[None] > torch.where(valid.any(1), Lc - 1 - valid.flip(1).int().argmax(1), -1)[:, None]
+    assert (fast[last] == 0).all() and (fast_h[last] == 0).all()
+    assert (fast[G:2 * G] == 0).all() and (fast[1] == 0).all()
+
+
+def test_shared_prefix_with_no_valid_token_runs_nothing(setup):
+    model, processor, samples = setup
+    prompts, ids, valid = _batch(processor, samples[:2], 2, 4, seed=6)
+    seq = sequence_inputs(select_prompts(prompts, [0, 1], 2), ids, torch.zeros_like(valid))
+
+    class NoForward(torch.nn.Module):
+        def forward(self, **kwargs):
+            raise AssertionError("no forward pass expected")
+
+    logp, ent = shared_prefix_logprobs(NoForward(), seq, ids, 2, with_entropy=True)
+    assert logp.shape == ids.shape and (logp == 0).all() and (ent == 0).all()

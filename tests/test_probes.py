@@ -6,22 +6,31 @@
   with their rows);
 - features encoded once per prompt and repeated == the pixels repeated G times;
 - M-RoPE temporal positions differ across frames (the sampling metadata reaches the processor);
-- frame permutations and the temporal probe's identity sanity check.
+- frame permutations and the temporal probe's identity sanity check;
+- the optimised probes (shared prefixes in chunks, pixel-free token inputs, permuted pixels instead of a
+  second processor call) == the straightforward computation, on video and image rows with empty and
+  short completions; the trainer's fallback paths give the same numbers.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from video_ktr.model_inputs import encode_prompts, processor_call, select_prompts, sequence_inputs
+from video_ktr.model_inputs import Media, encode_prompts, processor_call, select_prompts, sequence_inputs
 from video_ktr.modeling import special_tokens
+from video_ktr.prefix import strip_pixels
 from video_ktr.probes import (
     frame_permutation,
     permuted_media,
+    reencode_visual,
+    shuffled_prompts,
     temporal_probe_logprobs,
     visual_masked_inputs,
     visual_probe_logprobs,
+    zero_feature_inputs,
 )
 from video_ktr.rollout import encode_visual_once
 from video_ktr.scoring import sequence_logprobs
@@ -237,3 +246,115 @@ def test_temporal_probe_with_identity_order_scores_zero(tiny_model, batch):
     tmp, _ = temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G)
     assert (logp - tmp)[rows][valid[rows]].abs().max() > 0
     assert permuted_media(media[0], perms[0]).video.frames[0].equal(media[0].video.frames[-1])
+
+
+# --------------------------------------------------------------- the optimised probes == the straightforward ones
+
+
+def _ragged(batch):
+    """The batch's completions with a row without any valid token, a whole prompt group without any
+    (the last video's), and a shorter row."""
+    ids, valid = batch["ids"].clone(), batch["valid"].clone()
+    valid[3] = False  # the image prompt's second completion
+    valid[6:8] = False  # both completions of the last video
+    valid[4, 4:] = False
+    ids[~valid] = batch["special"].pad_id
+    return ids, valid
+
+
+def _straightforward_temporal(model, processor, prompts, media, perms, ids, valid, G):
+    """Per prompt: the processor re-encodes the permuted frames, the pixels are repeated G times and the
+    full prompt+completion sequences are run."""
+    out = torch.zeros(ids.shape)
+    for p, perm in perms.items():
+        enc = reencode_visual(processor, select_prompts(prompts, [p]), [permuted_media(media[p], perm)])
+        rows = list(range(p * G, (p + 1) * G))
+        out[rows] = _logp(model, sequence_inputs(select_prompts(enc, [0], G), ids[rows], valid[rows]), ids[rows])
+    return out
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2, 4])
+def test_optimised_probes_equal_the_straightforward_computation(tiny_model, batch, chunk_rows):
+    model, processor = tiny_model
+    prompts, media, G = batch["prompts"], batch["media"], batch["G"]
+    ids, valid = _ragged(batch)
+    P = prompts["input_ids"].shape[0]
+    full_seq = sequence_inputs(select_prompts(prompts, list(range(P)), G), ids, valid)  # pixels repeated G times
+    token_seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), ids, valid)  # the trainer's
+    assert "pixel_values_videos" not in token_seq and "video_grid_thw" in token_seq
+    kw = dict(seq_inputs=token_seq, completion_ids=ids, completion_valid=valid, group_size=G, processor=processor,
+              prompt_inputs=prompts, media=media, chunk_rows=chunk_rows)
+    for mode, plain in (("mask", visual_masked_inputs(full_seq)), ("zero_features", zero_feature_inputs(model, full_seq))):
+        want = _logp(model, plain, ids)
+        got = visual_probe_logprobs(model, mode, **kw)
+        assert torch.allclose(got[valid], want[valid], atol=ATOL), (mode, (got - want)[valid].abs().max())
+        assert (got[~valid] == 0).all()  # nothing after a row's last valid token, nothing for empty rows
+    videos = [p for p, m in enumerate(media) if m.kind == "video"]
+    perms = {p: frame_permutation(media[p].video.frames.shape[0], "shuffle", torch.Generator().manual_seed(p)) for p in videos}
+    want = _straightforward_temporal(model, processor, prompts, media, perms, ids, valid, G)
+    got, rows = temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G, chunk_rows)
+    assert rows.tolist() == [p in perms for p in range(P) for _ in range(G)]
+    assert torch.allclose(got[valid], want[valid], atol=ATOL), (got - want)[valid].abs().max()
+    assert (got[~valid] == 0).all()
+    assert (got - batch["full"])[valid & rows[:, None]].abs().max() > 1e-3  # the permutation matters
+
+
+def test_permuted_pixels_equal_the_processors(tiny_setup, tiny_model, batch, monkeypatch):
+    import video_ktr.probes as probes
+
+    _, processor = tiny_model
+    prompts, media = batch["prompts"], batch["media"]
+    # three video grids ((2, 4, 4), (4, 4, 4), (4, 2, 2)) and a 7-frame video the processor pads to 8
+    sample = next(s for s in tiny_setup.samples() if s.data_type == "video")
+    odd = tiny_setup.media(sample)
+    odd = Media(video=replace(odd.video, frames=odd.video.frames[:7]))
+    odd_prompts = encode_prompts(processor, [sample.messages()], [odd])
+    assert odd_prompts["video_grid_thw"].tolist() == [[4, 4, 4]]
+    for inputs, items in ((prompts, media), (odd_prompts, [odd])):
+        videos = [p for p, m in enumerate(items) if m.kind == "video"]
+        perms = {p: frame_permutation(items[p].video.frames.shape[0], "shuffle", torch.Generator().manual_seed(p + 1))
+                 for p in videos}
+        rows, fast = shuffled_prompts(processor, inputs, items, perms)
+        assert rows == videos
+        want = reencode_visual(processor, select_prompts(inputs, rows), [permuted_media(items[p], perms[p]) for p in rows])
+        assert torch.equal(fast["pixel_values_videos"], want["pixel_values_videos"])
+        assert torch.equal(fast["video_grid_thw"], want["video_grid_thw"])
+        assert not torch.equal(fast["pixel_values_videos"], select_prompts(inputs, rows)["pixel_values_videos"])
+    # a processor of unknown layout is called again instead
+    monkeypatch.setattr(probes, "_patch_layout", lambda processor: None)
+    calls = []
+    monkeypatch.setattr(probes, "reencode_visual", lambda *a: calls.append(1) or reencode_visual(*a))
+    rows, slow = shuffled_prompts(processor, odd_prompts, [odd], {0: [6, 5, 4, 3, 2, 1, 0]})
+    assert calls and torch.equal(slow["pixel_values_videos"],
+                                 reencode_visual(processor, odd_prompts, [permuted_media(odd, [6, 5, 4, 3, 2, 1, 0])])["pixel_values_videos"])
+
+
+def test_rollout_keeps_no_pixel_copies_and_the_fallbacks_agree(tiny_setup, tmp_path):
+    """The rollout's rows carry no pixels; the policy inputs without once-per-prompt vision and the probes
+    without shared prefixes (the straightforward paths) give the optimised numbers."""
+    from video_ktr.config import parse_args
+    from video_ktr.train_config import TrainConfig
+    from video_ktr.trainer import KTRTrainer, Timer
+
+    cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path, "--max_steps", "1", "--token_selection", "all",
+                                                         "--reward_funcs", "format"))
+    trainer = KTRTrainer(cfg)
+    trainer.model.eval()
+    trainer.state.micro_step = 1  # an image prompt and a video prompt
+    ro = trainer.make_rollout(Timer())
+    assert {s.data_type for s in ro.samples} == {"image", "video"}
+    assert not {"pixel_values", "pixel_values_videos", "mm_encoder_outputs"} & set(ro.seq_inputs)
+    ids, valid, G = ro.completions.ids, ro.completions.valid, cfg.num_generations
+    with torch.no_grad():
+        once = sequence_logprobs(trainer.model, trainer._policy_inputs(ro), ids)[0]
+        trainer.cfg.encode_visual_once = False
+        repeated_inputs = trainer._policy_inputs(ro)
+        repeated = sequence_logprobs(trainer.model, repeated_inputs, ids)[0]
+    assert repeated_inputs["pixel_values_videos"].shape[0] == G * ro.prompt_inputs["pixel_values_videos"].shape[0]
+    assert torch.allclose(once[valid], repeated[valid], atol=ATOL)
+    trainer.cfg.shared_prefix = False
+    plain = trainer.make_rollout(Timer())
+    assert torch.equal(plain.completions.ids, ids)
+    assert torch.allclose(plain.vis_logp[valid], ro.vis_logp[valid], atol=ATOL)
+    assert torch.equal(plain.temporal_rows, ro.temporal_rows) and ro.temporal_rows.any()
+    assert torch.allclose(plain.tmp_logp[valid], ro.tmp_logp[valid], atol=ATOL)

@@ -5,9 +5,10 @@ naively. Here the prompt (with its video) runs once per prompt, its key/value ca
 times, and only the completions run per row: P Lp + N Lc token-forwards. With Video-R1's long prompt
 and a video, Lp is several times Lc, so the probe and reference passes shrink by about that factor.
 
-Positions are those of the full sequence (M-RoPE positions from ``get_rope_index`` on prompt +
-completion, or the caller's ``position_ids``), so the result equals the full forward to float
-tolerance: tests pin it.
+Positions are those of the full sequence (M-RoPE positions from ``get_rope_index`` on the prompts,
+continued over the completions; or the caller's ``position_ids``), so the result equals the full
+forward to float tolerance: tests pin it. Completion columns after a row's last attended token are
+not scored (0), and rows without an attended completion token are not run at all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 from video_ktr.model_inputs import VISUAL_KEYS, select_prompts
+
+_PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
 
 def _rope_fn(model: torch.nn.Module):
@@ -33,13 +36,18 @@ def _rope_fn(model: torch.nn.Module):
     return None
 
 
+def _rope_index(model: torch.nn.Module, inputs: dict[str, Any]):
+    """The model's M-RoPE index function when it applies to ``inputs`` (a visual grid), else None."""
+    has_grid = "image_grid_thw" in inputs or "video_grid_thw" in inputs
+    return _rope_fn(model) if has_grid else None
+
+
 def full_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> Tensor:
     """(3, N, L) M-RoPE positions of full sequences, as the model's own forward would compute them."""
     if "position_ids" in inputs:
         return inputs["position_ids"]
-    fn = _rope_fn(model)
-    has_grid = "image_grid_thw" in inputs or "video_grid_thw" in inputs
-    if fn is None or not has_grid:
+    fn = _rope_index(model, inputs)
+    if fn is None:
         pos = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         return pos.unsqueeze(0).expand(3, -1, -1)
     pos, _ = fn(
@@ -48,6 +56,48 @@ def full_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> Tensor:
         attention_mask=inputs["attention_mask"],
     )
     return pos
+
+
+def group_positions(model: torch.nn.Module, seq_inputs: dict[str, Any], completion_width: int,
+                    group_size: int) -> tuple[Tensor, Tensor]:
+    """``full_positions`` of N = P x G rows in groups sharing a prompt: (3, P, Lp) prompts, (3, N, Lc) completions.
+
+    The same numbers, but the rope index runs over the P prompts only (one row per group, plus one
+    attended text column that gives where a completion starts), not over the N full sequences: a
+    completion is text, so its k-th attended token sits k places after that start whatever the
+    prompt holds. Unattended completion tokens get what ``full_positions`` gives them (0 with the
+    rope index; the previous position with plain text positions).
+    """
+    G, Lc = group_size, completion_width
+    Lp = seq_inputs["input_ids"].shape[1] - Lc
+    if "position_ids" in seq_inputs:
+        pos = seq_inputs["position_ids"]
+        return pos[:, ::G, :Lp], pos[:, :, Lp:]
+    N = seq_inputs["input_ids"].shape[0]
+    first = select_prompts(strip_pixels(seq_inputs), list(range(0, N, G)))
+    P = first["input_ids"].shape[0]
+    one = torch.ones(P, 1, dtype=first["attention_mask"].dtype, device=first["attention_mask"].device)
+    probe = dict(first)
+    probe["input_ids"] = torch.cat([first["input_ids"][:, :Lp], first["input_ids"][:, Lp - 1:Lp]], dim=1)
+    probe["attention_mask"] = torch.cat([first["attention_mask"][:, :Lp], one], dim=1)
+    probe["mm_token_type_ids"] = torch.cat([first["mm_token_type_ids"][:, :Lp], torch.zeros_like(one).to(
+        first["mm_token_type_ids"].dtype)], dim=1)
+    pos = full_positions(model, probe)
+    start = pos[:, :, Lp].repeat_interleave(G, dim=1)  # (3, N): position of a completion's first attended token
+    attended = seq_inputs["attention_mask"][:, Lp:].bool()  # (N, Lc)
+    completion = start[:, :, None] + attended.long().cumsum(-1)[None] - 1
+    if _rope_index(model, probe) is not None:
+        completion = completion.masked_fill(~attended[None], 0)
+    else:
+        completion = completion.clamp(min=0)
+    return pos[:, :, :Lp], completion
+
+
+def _token_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log p of ``ids`` (R, T) under ``logits`` (R, T, V), and the entropy of each distribution (R, T)."""
+    logsm = torch.log_softmax(logits.float(), dim=-1)
+    logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp, (-(logsm.exp() * logsm).sum(-1) if with_entropy else None)
 
 
 @torch.no_grad()
@@ -65,25 +115,40 @@ def shared_prefix_logprobs(
     seq_inputs: forward kwargs of N = P x G prompt+completion rows laid out as consecutive groups of
     ``group_size`` rows sharing one prompt (identical prompt columns and visual input); the last Lc
     columns are ``completion_ids`` (N, Lc). Returns logp (N, Lc) and entropy (N, Lc) or None.
+
+    Equal to the full forward to float tolerance up to each row's last attended completion token;
+    after it (and in rows without one) the values are 0, where a full forward would give numbers that
+    no caller reads. A chunk's completion columns run only up to its longest row, and rows without an
+    attended completion token are not run.
     """
     N, Lc = completion_ids.shape
     G = group_size
     if N % G:
         raise ValueError(f"{N} rows do not split into groups of {G}")
-    L = seq_inputs["input_ids"].shape[1]
-    Lp = L - Lc
-    positions = full_positions(model, seq_inputs)
+    Lp = seq_inputs["input_ids"].shape[1] - Lc
     P = N // G
+    logp = torch.zeros(N, Lc, device=completion_ids.device)
+    entropy = torch.zeros(N, Lc, device=completion_ids.device) if with_entropy else None
+    if N == 0 or Lc == 0:
+        return logp, entropy
+    # columns to score per row: up to its last attended completion token (0: nothing to score)
+    att = seq_inputs["attention_mask"][:, Lp:].bool()
+    widths = torch.where(att.any(1), Lc - att.flip(1).int().argmax(1), torch.zeros_like(att[:, 0], dtype=torch.long))
+    if not bool((widths > 0).any()):
+        return logp, entropy
+    prefix_pos, completion_pos = group_positions(model, seq_inputs, Lc, G)
+    prompt_inputs = {k: (v[:, :Lp] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                     for k, v in seq_inputs.items() if k != "position_ids"}
     step = P if not prompts_per_chunk else max(1, prompts_per_chunk)
-    logps, ents = [], []
     for p0 in range(0, P, step):
         prompts = list(range(p0, min(P, p0 + step)))
-        first_rows = [p * G for p in prompts]
         rows = torch.tensor([p * G + g for p in prompts for g in range(G)], device=completion_ids.device)
-        prefix = {k: (v[:, :Lp] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
-                  for k, v in seq_inputs.items() if k != "position_ids"}
-        prefix = select_prompts(prefix, first_rows)
-        prefix["position_ids"] = positions[:, first_rows, :Lp]
+        rows = rows[widths[rows] > 0]
+        if not len(rows):
+            continue
+        width = int(widths[rows].max())
+        prefix = select_prompts(prompt_inputs, [p * G for p in prompts])
+        prefix["position_ids"] = prefix_pos[:, prompts]
         out = model(**prefix, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         if cache is None:
@@ -91,24 +156,41 @@ def shared_prefix_logprobs(
             # the full sequences instead, same numbers
             from video_ktr.scoring import sequence_logprobs
 
-            return sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy)
-        cache.batch_repeat_interleave(G)
-        first_logits = out.logits[:, -1:].float().repeat_interleave(G, dim=0)  # predicts completion token 0
-        suffix = {
-            "input_ids": completion_ids[rows],
-            "attention_mask": seq_inputs["attention_mask"][rows],
-            "position_ids": positions[:, rows, Lp:],
-            "past_key_values": cache,
-        }
-        rest = model(**suffix, use_cache=True).logits[:, :-1].float() if Lc > 1 else first_logits[:, :0]
-        logits = torch.cat([first_logits, rest], dim=1)
-        logsm = torch.log_softmax(logits, dim=-1)
-        logps.append(logsm.gather(-1, completion_ids[rows].unsqueeze(-1)).squeeze(-1))
+            logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy)
+            break
+        owner = torch.div(rows, G, rounding_mode="floor") - p0  # each row's prompt within the chunk
+        cache.batch_select_indices(owner)
+        ids = completion_ids[rows, :width]
+        # the prefix's last position predicts completion token 0
+        first, first_h = _token_logprobs(out.logits[owner, -1:], ids[:, :1], with_entropy)
+        logp[rows, :1] = first
         if with_entropy:
-            ents.append(-(logsm.exp() * logsm).sum(-1))
-        del out, cache, logits, logsm
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+            entropy[rows, :1] = first_h
+        if width > 1:
+            suffix = {
+                "input_ids": ids,
+                "attention_mask": seq_inputs["attention_mask"][rows, :Lp + width],
+                "position_ids": completion_pos[:, rows, :width],
+                "past_key_values": cache,
+            }
+            rest, rest_h = _token_logprobs(model(**suffix, use_cache=True).logits[:, :-1], ids[:, 1:], with_entropy)
+            logp[rows, 1:width] = rest
+            if with_entropy:
+                entropy[rows, 1:width] = rest_h
+        del out, cache
+    # a chunk runs up to its longest row: clear what lies after each row's own last attended token
+    unscored = torch.arange(Lc, device=completion_ids.device)[None] >= widths[:, None]
+    return logp.masked_fill(unscored, 0.0), (entropy.masked_fill(unscored, 0.0) if with_entropy else None)
 
 
 def strip_visual(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in VISUAL_KEYS}
+
+
+def strip_pixels(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` without pixel tensors and precomputed features (grids and times kept).
+
+    For passes that never run the vision tower (the probes' token inputs). Not a model input as it
+    is: the placeholders would get no features.
+    """
+    return {k: v for k, v in inputs.items() if k not in _PIXEL_KEYS}

@@ -155,7 +155,8 @@ def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_id
 
     With ``group_size`` (rows laid out as groups sharing one prompt) each prompt's prefix is run once
     and its cache shared by the group (prefix.shared_prefix_logprobs; equal to the full forward to
-    float tolerance); ``chunk_rows`` then counts prompts x group_size rows per chunk.
+    float tolerance; 0 after a row's last valid token); ``chunk_rows`` then counts prompts x
+    group_size rows per chunk.
     """
     if group_size and group_size > 1:
         from video_ktr.prefix import shared_prefix_logprobs
@@ -167,14 +168,80 @@ def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_id
     return logp
 
 
+def _patch_layout(processor: Any) -> tuple[int, int] | None:
+    """(temporal_patch_size, patch_size) of a Qwen2-VL video processor, None for any other processor."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vp = getattr(processor, "video_processor", None)
+    if not isinstance(vp, Qwen2VLVideoProcessor):
+        return None
+    # a subclass that lays the patches out its own way is re-encoded by the processor instead
+    for name in ("patchify", "_preprocess"):
+        if getattr(type(vp), name) is not getattr(Qwen2VLVideoProcessor, name):
+            return None
+    return int(vp.temporal_patch_size), int(vp.patch_size)
+
+
+def permuted_video_pixels(pixels: Tensor, grid: Tensor, num_frames: int, perm: list[int],
+                          layout: tuple[int, int]) -> Tensor | None:
+    """The pixel rows (t h w, C tp p p) of one processed video with its ``num_frames`` frames in the order ``perm``.
+
+    Qwen2-VL's video processor resizes, rescales and normalises each frame on its own, pads the frames
+    to a multiple of the temporal patch tp with copies of the last one, and flattens a (t, h, w) grid
+    of patches whose values are laid out (channel, temporal patch, patch row, patch column). Undoing
+    the layout gives the processed frames; permuting them (and padding with the new last frame) and
+    laying them out again gives, value for value, what the processor returns for the permuted frames
+    (tests pin it), without a second processor call. None when ``pixels`` do not fit this layout.
+    """
+    tp, patch = layout
+    t, h, w = (int(x) for x in grid.tolist())
+    rows, dim = pixels.shape
+    channels = dim // (tp * patch * patch)
+    padded = num_frames + (-num_frames % tp)
+    if rows != t * h * w or channels * tp * patch * patch != dim or t * tp != padded or sorted(perm) != list(range(num_frames)):
+        return None
+    frames = pixels.view(t, h * w, channels, tp, patch * patch).permute(0, 3, 1, 2, 4).reshape(padded, h * w, channels, -1)
+    order = torch.tensor(list(perm) + [perm[-1]] * (padded - num_frames), device=pixels.device)
+    frames = frames[order].view(t, tp, h * w, channels, patch * patch)
+    return frames.permute(0, 2, 3, 1, 4).reshape(rows, dim)
+
+
+def _permuted_prompts(processor: Any, prompts: dict[str, Tensor], media: list[Media],
+                      perms: list[list[int]]) -> dict[str, Tensor] | None:
+    """``prompts`` (video rows only) with each video's pixel rows permuted in place (None: not possible)."""
+    layout = _patch_layout(processor)
+    if layout is None or "pixel_values_videos" not in prompts or "pixel_values" in prompts:
+        return None
+    grids = prompts["video_grid_thw"]
+    sizes = [int(n) for n in grids.prod(-1).tolist()]
+    if len(sizes) != len(media) or sum(sizes) != prompts["pixel_values_videos"].shape[0] or any(m.kind != "video" for m in media):
+        return None
+    chunks = []
+    for chunk, grid, m, perm in zip(torch.split(prompts["pixel_values_videos"], sizes), grids, media, perms):
+        moved = permuted_video_pixels(chunk, grid, m.video.frames.shape[0], perm, layout)
+        if moved is None:
+            return None
+        chunks.append(moved)
+    out = dict(prompts)
+    out["pixel_values_videos"] = torch.cat(chunks)
+    return out
+
+
 def shuffled_prompts(processor: Any, prompt_inputs: dict[str, Any], media: list[Media],
                      perms: dict[int, list[int]]) -> tuple[list[int], dict[str, Tensor]]:
-    """The prompts of the rows in ``perms`` (sorted) with their videos' frames permuted and re-encoded."""
+    """The prompts of the rows in ``perms`` (sorted) with their videos' frames permuted and re-encoded.
+
+    The processed frames are permuted where the processor's layout is known (permuted_video_pixels: the
+    same values, no processor call); otherwise the processor re-encodes the permuted frames.
+    """
     from video_ktr.model_inputs import select_prompts, to_device
 
     rows = sorted(perms)
     device = prompt_inputs["input_ids"].device
-    enc = reencode_visual(processor, select_prompts(prompt_inputs, rows), [permuted_media(media[p], perms[p]) for p in rows])
+    prompts = select_prompts(prompt_inputs, rows)
+    enc = _permuted_prompts(processor, prompts, [media[p] for p in rows], [perms[p] for p in rows])
+    if enc is None:
+        enc = reencode_visual(processor, prompts, [permuted_media(media[p], perms[p]) for p in rows])
     return rows, to_device(enc, device)
 
 

@@ -43,6 +43,7 @@ from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
 from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens
+from video_ktr.prefix import strip_pixels
 from video_ktr.probes import (
     frame_permutation,
     probe_logprobs,
@@ -90,7 +91,7 @@ class Rollout:
     samples: list[Sample]
     indices: list[int]  # dataset index of each prompt
     micro_step: int  # the data position it was drawn at (seeds its random streams)
-    seq_inputs: dict[str, Any]
+    seq_inputs: dict[str, Any]  # the N prompt+completion rows; from make_rollout without pixel tensors
     completions: Completions
     rewards: Tensor  # (N,)
     advantages: Tensor  # (N,)
@@ -326,7 +327,9 @@ class KTRTrainer:
             components["temporal_bonus"] = bonus
             rewards = rewards + bonus
         advantages = group_advantages(rewards, G)
-        seq = sequence_inputs(select_prompts(prompt_inputs, list(range(len(samples))), G), comps.ids, comps.valid)
+        # the N rows' token inputs and grids, without G copies of the pixels: no probe reads pixels,
+        # and the policy pass encodes the P prompts' own (_policy_inputs)
+        seq = sequence_inputs(select_prompts(strip_pixels(prompt_inputs), list(range(len(samples))), G), comps.ids, comps.valid)
         ro = Rollout(samples=samples, indices=[i for i, _ in picked], micro_step=self.state.micro_step, seq_inputs=seq,
                      completions=comps, rewards=rewards, advantages=advantages, components=components,
                      prompt_inputs=prompt_inputs)
@@ -366,12 +369,19 @@ class KTRTrainer:
         return self.cfg.num_generations if self.cfg.shared_prefix else None
 
     def _policy_inputs(self, ro: Rollout) -> dict[str, Any]:
-        """The policy pass's inputs: the vision tower runs once per prompt (with grad), not G times."""
-        if not self.cfg.encode_visual_once or ro.prompt_inputs is None:
+        """The policy pass's inputs: the vision tower runs once per prompt (with grad), not G times.
+
+        With ``--encode_visual_once false`` the rows get the prompts' pixels repeated G times, built for
+        this pass only (the rollout keeps no pixel copies, see make_rollout).
+        """
+        if ro.prompt_inputs is None:
             return ro.seq_inputs
-        P = ro.prompt_inputs["input_ids"].shape[0]
-        once = encode_visual_once(self.model, ro.prompt_inputs, list(range(P)), self.cfg.num_generations, grad=True)
-        return sequence_inputs(once, ro.completions.ids, ro.completions.valid)
+        P, G = ro.prompt_inputs["input_ids"].shape[0], self.cfg.num_generations
+        if not self.cfg.encode_visual_once:
+            rows = select_prompts(ro.prompt_inputs, list(range(P)), G)
+        else:
+            rows = encode_visual_once(self.model, ro.prompt_inputs, list(range(P)), G, grad=True)
+        return sequence_inputs(rows, ro.completions.ids, ro.completions.valid)
 
     def _gather_pool(self, scores: Tensor, valid: Tensor) -> Tensor:
         """The valid scores of every process (the 'global' selection scope)."""
