@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.config import build_parser, from_dict, load_yaml
+from video_ktr.jsonl import read_jsonl
 from video_ktr.train_config import TrainConfig
 
 # name -> the only settings that differ between variants
@@ -279,10 +280,7 @@ def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts:
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(folder / "metrics.jsonl")
 
 
 def _finite(values: list[Any]) -> list[float]:
