@@ -13,6 +13,7 @@ from video_ktr.media import FrameSettings, load_image, load_video
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs
 from video_ktr.modeling import load_model, load_processor
 from video_ktr.prefix import full_positions, group_positions, shared_prefix_logprobs
+from video_ktr.scoring import width_buckets
 from video_ktr.probes import visual_masked_inputs
 from video_ktr.rollout import encode_visual_once
 from video_ktr.scoring import sequence_logprobs
@@ -134,15 +135,17 @@ def test_group_positions_equal_full_positions_at_attended_tokens(setup):
     assert (full[0, 0] != full[1, 0]).any()
 
 
-@pytest.mark.parametrize("prompts_per_chunk", [None, 1, 2])
-def test_shared_prefix_scores_ragged_completions_like_the_full_forward(setup, prompts_per_chunk):
+@pytest.mark.parametrize("prompts_per_chunk,bucket_overhead", [(None, 10**6), (None, 0), (1, 0), (2, 10**6)])
+def test_shared_prefix_scores_ragged_completions_like_the_full_forward(setup, prompts_per_chunk, bucket_overhead):
     model, processor, samples = setup
     G, Lc = 3, 6
     prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=5)
     seq = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
     with torch.no_grad():
         full, full_h = sequence_logprobs(model, seq, ids, with_entropy=True)
-    fast, fast_h = shared_prefix_logprobs(model, seq, ids, G, with_entropy=True, prompts_per_chunk=prompts_per_chunk)
+    # bucket_overhead 0: every distinct width runs as its own bucket; 10**6: one bucket per chunk
+    fast, fast_h = shared_prefix_logprobs(model, seq, ids, G, with_entropy=True, prompts_per_chunk=prompts_per_chunk,
+                                          bucket_overhead=bucket_overhead)
     assert torch.allclose(full[valid], fast[valid], atol=1e-5), (full - fast)[valid].abs().max()
     assert torch.allclose(full_h[valid], fast_h[valid], atol=1e-4)
     # nothing is computed after a row's last valid token, nor for a row without one
@@ -162,3 +165,50 @@ def test_shared_prefix_with_no_valid_token_runs_nothing(setup):
 
     logp, ent = shared_prefix_logprobs(NoForward(), seq, ids, 2, with_entropy=True)
     assert logp.shape == ids.shape and (logp == 0).all() and (ent == 0).all()
+
+
+def test_width_buckets_split_where_padding_costs_more_than_a_call():
+    # alike widths: one run whatever the overhead
+    assert width_buckets([5, 5, 5, 5], overhead=0) == [(0, 4)]
+    # two short rows and two long ones: apart when a call costs less than the padding it saves
+    assert width_buckets([2, 2, 90, 96], overhead=10) == [(0, 2), (2, 4)]
+    assert width_buckets([2, 2, 90, 96], overhead=1000) == [(0, 4)]
+    # zero overhead: every distinct width on its own (runs of equal widths stay together)
+    assert width_buckets([1, 3, 3, 7], overhead=0) == [(0, 1), (1, 3), (3, 4)]
+    assert width_buckets([], overhead=5) == []
+    # the split is the cheapest one: check against every split of a small case
+    import itertools
+
+    widths, overhead = [1, 4, 5, 9, 20, 21, 40], 12
+
+    def cost(runs):
+        return sum((b - a) * widths[b - 1] + overhead for a, b in runs)
+
+    best = min(cost(list(zip((0,) + cuts, cuts + (len(widths),))))
+               for k in range(len(widths)) for cuts in itertools.combinations(range(1, len(widths)), k))
+    assert cost(width_buckets(widths, overhead)) == best
+    with pytest.raises(ValueError, match="sorted"):
+        width_buckets([3, 1])
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_length_buckets_give_the_policy_pass_the_same_logprobs_and_gradients(setup, chunk_rows):
+    """The policy pass (with grad) in width buckets: the same log-probs, entropies and parameter gradients."""
+    model, processor, samples = setup
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=7)
+    seq = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
+    results = []
+    for overhead in (None, 0):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, seq, ids, with_entropy=True, chunk_rows=chunk_rows, bucket_overhead=overhead)
+        (logp * valid).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logp.detach(), ent, grads))
+    (plain, plain_h, plain_g), (bucketed, bucketed_h, bucketed_g) = results
+    assert torch.allclose(plain[valid], bucketed[valid], atol=1e-5)
+    assert torch.allclose(plain_h[valid], bucketed_h[valid], atol=1e-4)
+    assert len(plain_g) == len(bucketed_g) > 0
+    for a, b in zip(plain_g, bucketed_g):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    model.zero_grad()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.model_inputs import VISUAL_KEYS, select_prompts
+from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, completion_widths, width_buckets
 
 _PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
@@ -109,6 +110,7 @@ def shared_prefix_logprobs(
     *,
     with_entropy: bool = False,
     prompts_per_chunk: int | None = None,
+    bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
 ) -> tuple[Tensor, Tensor | None]:
     """log p of each completion token (and entropy), computing each prompt's prefix once.
 
@@ -118,8 +120,9 @@ def shared_prefix_logprobs(
 
     Equal to the full forward to float tolerance up to each row's last attended completion token;
     after it (and in rows without one) the values are 0, where a full forward would give numbers that
-    no caller reads. A chunk's completion columns run only up to its longest row, and rows without an
-    attended completion token are not run.
+    no caller reads. Rows without an attended completion token are not run, and the completions run
+    in buckets of similar width (``width_buckets``; ``bucket_overhead`` None: one bucket per chunk of
+    prompts), each only up to its longest row.
     """
     N, Lc = completion_ids.shape
     G = group_size
@@ -132,8 +135,7 @@ def shared_prefix_logprobs(
     if N == 0 or Lc == 0:
         return logp, entropy
     # columns to score per row: up to its last attended completion token (0: nothing to score)
-    att = seq_inputs["attention_mask"][:, Lp:].bool()
-    widths = torch.where(att.any(1), Lc - att.flip(1).int().argmax(1), torch.zeros_like(att[:, 0], dtype=torch.long))
+    widths = completion_widths(seq_inputs["attention_mask"], Lc)
     if not bool((widths > 0).any()):
         return logp, entropy
     prefix_pos, completion_pos = group_positions(model, seq_inputs, Lc, G)
@@ -146,7 +148,6 @@ def shared_prefix_logprobs(
         rows = rows[widths[rows] > 0]
         if not len(rows):
             continue
-        width = int(widths[rows].max())
         prefix = select_prompts(prompt_inputs, [p * G for p in prompts])
         prefix["position_ids"] = prefix_pos[:, prompts]
         out = model(**prefix, use_cache=True, logits_to_keep=1)
@@ -159,28 +160,50 @@ def shared_prefix_logprobs(
             logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy)
             break
         owner = torch.div(rows, G, rounding_mode="floor") - p0  # each row's prompt within the chunk
-        cache.batch_select_indices(owner)
-        ids = completion_ids[rows, :width]
         # the prefix's last position predicts completion token 0
-        first, first_h = _token_logprobs(out.logits[owner, -1:], ids[:, :1], with_entropy)
+        first, first_h = _token_logprobs(out.logits[owner, -1:], completion_ids[rows, :1], with_entropy)
         logp[rows, :1] = first
         if with_entropy:
             entropy[rows, :1] = first_h
-        if width > 1:
+        # the rest of the completions in buckets of similar width, so that short rows do not run the
+        # padding up to the longest row of the chunk (one bucket when the widths are alike)
+        rows = rows[torch.argsort(widths[rows], stable=True)]
+        buckets = width_buckets(widths[rows].tolist(), bucket_overhead) if bucket_overhead is not None else [(0, len(rows))]
+        for b, (start, stop) in enumerate(buckets):
+            brows = rows[start:stop]
+            width = int(widths[brows].max())
+            if width <= 1:
+                continue
+            bcache = cache if b == len(buckets) - 1 else _cache_view(cache)
+            bcache.batch_select_indices(torch.div(brows, G, rounding_mode="floor") - p0)
+            ids = completion_ids[brows, :width]
             suffix = {
                 "input_ids": ids,
-                "attention_mask": seq_inputs["attention_mask"][rows, :Lp + width],
-                "position_ids": completion_pos[:, rows, :width],
-                "past_key_values": cache,
+                "attention_mask": seq_inputs["attention_mask"][brows, :Lp + width],
+                "position_ids": completion_pos[:, brows, :width],
+                "past_key_values": bcache,
             }
             rest, rest_h = _token_logprobs(model(**suffix, use_cache=True).logits[:, :-1], ids[:, 1:], with_entropy)
-            logp[rows, 1:width] = rest
+            logp[brows, 1:width] = rest
             if with_entropy:
-                entropy[rows, 1:width] = rest_h
+                entropy[brows, 1:width] = rest_h
+            del bcache
         del out, cache
     # a chunk runs up to its longest row: clear what lies after each row's own last attended token
     unscored = torch.arange(Lc, device=completion_ids.device)[None] >= widths[:, None]
     return logp.masked_fill(unscored, 0.0), (entropy.masked_fill(unscored, 0.0) if with_entropy else None)
+
+
+def _cache_view(cache: Any) -> Any:
+    """A cache object whose batch selection leaves ``cache`` as it is (the tensors are shared, not copied)."""
+    import copy
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return copy.deepcopy(cache)
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in layers]
+    return view
 
 
 def strip_visual(inputs: dict[str, Any]) -> dict[str, Any]:

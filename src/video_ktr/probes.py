@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.model_inputs import VISUAL_KEYS, Media, keep_visual_items, processor_call
-from video_ktr.scoring import sequence_logprobs
+from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
 TEMPORAL_PROBES = ("shuffle", "reverse", "segments")
@@ -150,21 +150,24 @@ def reencode_visual(processor: Any, inputs: dict[str, Tensor], media: list[Media
 
 @torch.no_grad()
 def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_ids: Tensor, chunk_rows: int | None,
-                   group_size: int | None = None) -> Tensor:
+                   group_size: int | None = None, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS) -> Tensor:
     """log p of the completion tokens without grad.
 
     With ``group_size`` (rows laid out as groups sharing one prompt) each prompt's prefix is run once
     and its cache shared by the group (prefix.shared_prefix_logprobs; equal to the full forward to
     float tolerance; 0 after a row's last valid token); ``chunk_rows`` then counts prompts x
-    group_size rows per chunk.
+    group_size rows per chunk. Rows run in buckets of similar completion width unless
+    ``bucket_overhead`` is None (scoring.width_buckets).
     """
     if group_size and group_size > 1:
         from video_ktr.prefix import shared_prefix_logprobs
 
         per_chunk = max(1, chunk_rows // group_size) if chunk_rows else None
-        logp, _ = shared_prefix_logprobs(model, inputs, completion_ids, group_size, prompts_per_chunk=per_chunk)
+        logp, _ = shared_prefix_logprobs(model, inputs, completion_ids, group_size, prompts_per_chunk=per_chunk,
+                                         bucket_overhead=bucket_overhead)
         return logp
-    logp, _ = sequence_logprobs(model, inputs, completion_ids, with_entropy=False, chunk_rows=chunk_rows)
+    logp, _ = sequence_logprobs(model, inputs, completion_ids, with_entropy=False, chunk_rows=chunk_rows,
+                                bucket_overhead=bucket_overhead)
     return logp
 
 
@@ -249,7 +252,7 @@ def shuffled_prompts(processor: Any, prompt_inputs: dict[str, Any], media: list[
 def visual_probe_logprobs(
     model: torch.nn.Module, mode: str, *, seq_inputs: dict[str, Any], completion_ids: Tensor, completion_valid: Tensor,
     group_size: int, processor: Any = None, prompt_inputs: dict[str, Any] | None = None, media: list[Media] | None = None,
-    chunk_rows: int | None = None, shared_prefix: bool = True,
+    chunk_rows: int | None = None, shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
 ) -> Tensor:
     """log p_vis (N, Lc): the sampled tokens with the visual input taken away (``mode`` in VISUAL_PROBES).
 
@@ -272,14 +275,14 @@ def visual_probe_logprobs(
         inputs = sequence_inputs(encode_visual_once(model, blank, list(range(P)), group_size), completion_ids, completion_valid)
     else:
         raise ValueError(f"visual probe must be one of {VISUAL_PROBES}, got {mode!r}")
-    return probe_logprobs(model, inputs, completion_ids, chunk_rows, group_size if shared_prefix else None)
+    return probe_logprobs(model, inputs, completion_ids, chunk_rows, group_size if shared_prefix else None, bucket_overhead)
 
 
 @torch.no_grad()
 def temporal_probe_logprobs(
     model: torch.nn.Module, processor: Any, prompt_inputs: dict[str, Any], media: list[Media], perms: dict[int, list[int]],
     completion_ids: Tensor, completion_valid: Tensor, group_size: int, chunk_rows: int | None = None,
-    shared_prefix: bool = True,
+    shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """log p_tmp (N, Lc) and the rows that have it (N,) bool.
 
@@ -303,6 +306,6 @@ def temporal_probe_logprobs(
     seq_rows = torch.tensor([p * G + g for p in rows for g in range(G)], device=device)
     inputs = sequence_inputs(probe_prompts, completion_ids[seq_rows], completion_valid[seq_rows])
     tmp[seq_rows] = probe_logprobs(model, inputs, completion_ids[seq_rows], chunk_rows,
-                                   G if shared_prefix else None).to(tmp.dtype)
+                                   G if shared_prefix else None, bucket_overhead).to(tmp.dtype)
     temporal_rows[seq_rows] = True
     return tmp, temporal_rows

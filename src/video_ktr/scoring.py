@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# What one more forward call costs, in completion-token forwards: the price a width bucket must save
+# (rows x width) to be worth running apart. Measured on the tiny default (one CPU thread).
+BUCKET_OVERHEAD_TOKENS = 256
+
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int | None = None) -> Tensor:
     """C[i, t] = 1 up to and including the first end-of-turn token of row i (all tokens if none).
@@ -26,6 +30,49 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: list[int] | tuple[int
     return idx <= first.unsqueeze(1)
 
 
+def completion_widths(attention_mask: Tensor, Lc: int) -> Tensor:
+    """Per row, the columns up to and including its last attended completion token (0: none)."""
+    att = attention_mask[:, attention_mask.shape[1] - Lc:].bool()
+    return torch.where(att.any(1), Lc - att.flip(1).int().argmax(1), torch.zeros_like(att[:, 0], dtype=torch.long))
+
+
+def _truncate(inputs: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """The first ``length`` columns of the per-token tensors (visual tensors untouched)."""
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in out:
+            out[key] = out[key][:, :length]
+    if "position_ids" in out:
+        out["position_ids"] = out["position_ids"][..., :length]
+    return out
+
+
+def width_buckets(widths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Split rows sorted by width (ascending) into runs [start, stop) that minimise the padded work.
+
+    A run costs its rows x its widest row (token-forwards, padding included) plus ``overhead`` for
+    the extra forward call; dynamic programming over the cut points gives the cheapest split
+    (one run when the widths are alike or ``overhead`` is large).
+    """
+    n = len(widths)
+    if any(a > b for a, b in zip(widths, widths[1:])):
+        raise ValueError("width_buckets needs the widths sorted in ascending order")
+    if n == 0:
+        return []
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest split of the first j rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * widths[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return runs[::-1]
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     inputs: dict[str, Tensor],
@@ -34,6 +81,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     chunk_rows: int | None = None,
     temperature: float = 1.0,
+    bucket_overhead: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log p (and entropy) of the completion tokens under ``model`` for prompt+completion ``inputs``.
 
@@ -41,23 +89,48 @@ def sequence_logprobs(
     logits of the Lc predicting positions are formed (``logits_to_keep``), and rows run in chunks of
     ``chunk_rows`` so that a no-grad pass never holds more than ``chunk_rows x Lc x V`` logits.
     Grad flows when the caller has grad enabled.
+
+    With ``bucket_overhead`` (the cost of one more forward call in token-forwards) the rows run in
+    buckets of similar completion width (``width_buckets``), each cut after its longest row's
+    last attended token, instead of every row padded to Lc; values after its bucket's width are then 0
+    (after the row's last attended token: no caller reads them). Equal to the unbucketed pass to float
+    tolerance at the attended tokens.
     """
     from video_ktr.model_inputs import select_prompts
 
     B, Lc = completion_ids.shape
-    step = B if not chunk_rows else max(1, chunk_rows)
-    logps, ents = [], []
-    for start in range(0, B, step):
-        rows = list(range(start, min(B, start + step)))
-        sub = inputs if len(rows) == B else select_prompts(inputs, rows)
-        logits = model(**sub, logits_to_keep=Lc + 1, use_cache=False).logits[:, :-1]
-        logits = logits.float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logsm = torch.log_softmax(logits, dim=-1)
-        logps.append(logsm.gather(-1, completion_ids[rows].unsqueeze(-1)).squeeze(-1))
-        if with_entropy:
-            with torch.no_grad():
-                ents.append(-(logsm.exp() * logsm).sum(-1))
-        del logits, logsm
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    L = inputs["input_ids"].shape[1]
+    if bucket_overhead is None or B == 0:
+        groups = [(list(range(B)), Lc)]
+    else:
+        widths = completion_widths(inputs["attention_mask"], Lc)
+        order = torch.argsort(widths, stable=True).tolist()
+        sorted_widths = widths[order].tolist()
+        groups = [(order[a:b], max(1, sorted_widths[b - 1])) for a, b in width_buckets(sorted_widths, bucket_overhead)]
+    logps, ents, done = [], [], []
+    for group, width in groups:
+        step = len(group) if not chunk_rows else max(1, chunk_rows)
+        for start in range(0, len(group), step):
+            rows = group[start:start + step]
+            sub = inputs if rows == list(range(B)) else select_prompts(inputs, rows)
+            if width < Lc:
+                sub = _truncate(sub, L - Lc + width)
+            logits = model(**sub, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+            logits = logits.float()
+            if temperature != 1.0:
+                logits = logits / temperature
+            logsm = torch.log_softmax(logits, dim=-1)
+            logp = logsm.gather(-1, completion_ids[rows, :width].unsqueeze(-1)).squeeze(-1)
+            logps.append(torch.nn.functional.pad(logp, (0, Lc - width)))
+            if with_entropy:
+                with torch.no_grad():
+                    ents.append(torch.nn.functional.pad(-(logsm.exp() * logsm).sum(-1), (0, Lc - width)))
+            done += rows
+            del logits, logsm
+    logp, entropy = torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    if done != list(range(B)):
+        back = torch.empty(B, dtype=torch.long, device=logp.device)
+        back[torch.tensor(done, device=logp.device)] = torch.arange(B, device=logp.device)
+        logp = logp[back]
+        entropy = entropy[back] if entropy is not None else None
+    return logp, entropy

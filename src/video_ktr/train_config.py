@@ -80,6 +80,7 @@ class TrainConfig(DataArgs):
     forward_batch_size: int | None = field(None, help="Rows per forward pass in the probe and reference passes (default: all rows at once).")
     policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
     shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
+    length_buckets: bool = field(True, help="The policy, probe and reference passes run the completions in buckets of similar length, each cut after its longest row, instead of padding every row to the longest of the batch (same numbers, less compute when lengths vary).")
     encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping

@@ -55,7 +55,7 @@ from video_ktr.rewards import length_bonus, load_reward_function, temporal_bonus
 from video_ktr.rollout import Completions, encode_visual_once, generate, unwrap
 from video_ktr.sampling import row_seed
 from video_ktr.schedule import build_scheduler
-from video_ktr.scoring import sequence_logprobs
+from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 from video_ktr.selection import (
     mask_at_threshold,
     quantile_threshold,
@@ -339,13 +339,13 @@ class KTRTrainer:
                 ro.vis_logp = visual_probe_logprobs(
                     self.model, cfg.visual_probe, seq_inputs=seq, completion_ids=comps.ids, completion_valid=comps.valid,
                     group_size=G, processor=self.processor, prompt_inputs=prompt_inputs, media=media, chunk_rows=chunk,
-                    shared_prefix=cfg.shared_prefix,
+                    shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead,
                 )
         if "temporal" in cfg.signals:
             with timer.phase("probes"):
                 ro.tmp_logp, ro.temporal_rows = temporal_probe_logprobs(
                     self.model, self.processor, prompt_inputs, media, perms, comps.ids, comps.valid, G, chunk,
-                    shared_prefix=cfg.shared_prefix)
+                    shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead)
         if cfg.beta != 0:
             with timer.phase("reference"):
                 ro.ref_logp = self._reference_logp(prompt_inputs, len(samples), comps)
@@ -357,12 +357,18 @@ class KTRTrainer:
         if self.ref_model is not None:
             inputs = sequence_inputs(encode_visual_once(self.ref_model, prompt_inputs, list(range(num_prompts)), G),
                                      comps.ids, comps.valid)
-            return probe_logprobs(self.ref_model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group)
+            return probe_logprobs(self.ref_model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group,
+                                  self._bucket_overhead)
         model = unwrap(self.model)  # PEFT: the base model is the adapters switched off
         with model.disable_adapter():
             inputs = sequence_inputs(encode_visual_once(model, prompt_inputs, list(range(num_prompts)), G),
                                      comps.ids, comps.valid)
-            return probe_logprobs(model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group)
+            return probe_logprobs(model, inputs, comps.ids, self.cfg.forward_batch_size, self._prefix_group,
+                                  self._bucket_overhead)
+
+    @property
+    def _bucket_overhead(self) -> int | None:
+        return BUCKET_OVERHEAD_TOKENS if self.cfg.length_buckets else None
 
     @property
     def _prefix_group(self) -> int | None:
@@ -463,7 +469,7 @@ class KTRTrainer:
         head = head if head is not None and head.weight.requires_grad else None  # a frozen head (LoRA) is not measured
         with timer.phase("policy"), record_linear_calls(head) as head_calls:
             logp, entropy = sequence_logprobs(self.model, self._policy_inputs(ro), ro.completions.ids, with_entropy=need_entropy,
-                                              chunk_rows=cfg.policy_chunk_rows)
+                                              chunk_rows=cfg.policy_chunk_rows, bucket_overhead=self._bucket_overhead)
         valid = ro.completions.valid
         if iteration == 0:
             with timer.phase("selection"):
