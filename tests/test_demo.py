@@ -31,6 +31,12 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert results["before"]["greedy"]["accuracy"] == greedy["metrics"]["overall"]
     summary = (out / "summary.md").read_text()
     assert f"| greedy overall | {results['before']['greedy']['accuracy']:.3f} | {results['after']['greedy']['accuracy']:.3f}" in summary
+    # the sampled row is the mean of the sampled evaluations, each from its own file
+    k = DemoConfig().eval_samples
+    sampled = [json.loads((out / "eval_ktr" / f"sampled_{i}.json").read_text())["metrics"]["overall"] for i in range(k)]
+    assert k > 1 and abs(results["after"]["sampled"]["accuracy"] - sum(sampled) / k) < 1e-12
+    assert f"| sampled (mean of {k}) overall | {results['before']['sampled']['accuracy']:.3f} |" in summary
+    assert "| sampled_0 overall" not in summary
     curves = sft_accuracy_curves(read_jsonl(out / "sft" / "metrics.jsonl"))
     assert [s for s, _ in curves["overall"]] == [10, 20] and "count" in curves
     assert "| SFT step | overall |" in summary

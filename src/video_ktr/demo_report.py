@@ -96,8 +96,9 @@ def _plot_accuracy(out: Path, before: dict, after: dict) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.8))
     width = 0.2
     series = [("SFT greedy", before, "greedy"), ("KTR greedy", after, "greedy")]
-    if "sampled_0" in before:
-        series += [("SFT sampled", before, "sampled_0"), ("KTR sampled", after, "sampled_0")]
+    sampled = "sampled" if "sampled" in before and "sampled" in after else "sampled_0"
+    if sampled in before and sampled in after:
+        series += [("SFT sampled", before, sampled), ("KTR sampled", after, sampled)]
     for j, (name, rep, key) in enumerate(series):
         vals = [rep[key]["accuracy"]] + [rep[key]["by_kind"].get(k, float("nan")) for k in kinds]
         ax.bar([i + (j - len(series) / 2 + 0.5) * width for i in range(len(labels))], vals, width, label=name)
@@ -133,16 +134,19 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         "| accuracy | SFT (before RL) | KTR (after RL) | change |",
         "|---|---|---|---|",
     ]
-    for key in [k for k in before if k in after]:
+    # greedy and the mean of the sampled evaluations (each sample's own figures stay in results.json)
+    keys = [k for k in before if k in after and not (k.startswith("sampled_") and "sampled" in before)]
+    for key in keys:
         b, a = before[key]["accuracy"], after[key]["accuracy"]
-        lines.append(f"| {key} overall | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+        label = f"sampled (mean of {before[key]['samples']})" if key == "sampled" else key
+        lines.append(f"| {label} overall | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
         bu, au = before[key].get("unseen_accuracy"), after[key].get("unseen_accuracy")
         if bu is not None and au is not None:
-            lines.append(f"| {key} unseen rows only ({before[key]['unseen_rows']}) | {bu:.3f} | {au:.3f} | {au - bu:+.3f} |")
+            lines.append(f"| {label} unseen rows only ({before[key]['unseen_rows']}) | {bu:.3f} | {au:.3f} | {au - bu:+.3f} |")
         for kind in kinds:
             b2, a2 = before[key]["by_kind"].get(kind), after[key]["by_kind"].get(kind)
             if b2 is not None and a2 is not None:
-                lines.append(f"| {key} {kind} | {b2:.3f} | {a2:.3f} | {a2 - b2:+.3f} |")
+                lines.append(f"| {label} {kind} | {b2:.3f} | {a2:.3f} | {a2 - b2:+.3f} |")
     if rl:
         first, last = rl[: min(10, len(rl))], rl[-min(10, len(rl)):]
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# What one more forward call costs, in completion-token forwards: the price a width bucket must save
-# (rows x width) to be worth running apart. Measured on the tiny default (one CPU thread).
+# What one more forward call costs, in completion-token forwards: the padded work (rows x width) a
+# width bucket must save to be run apart. A round figure, not tuned per machine: it keeps the buckets
+# few (2-4 for 64 rows of ragged completions) so that the fixed cost of a call never dominates.
 BUCKET_OVERHEAD_TOKENS = 256
 
 
