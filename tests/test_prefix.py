@@ -13,10 +13,9 @@ from video_ktr.media import FrameSettings, load_image, load_video
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs
 from video_ktr.modeling import load_model, load_processor
 from video_ktr.prefix import full_positions, group_positions, shared_prefix_logprobs
-from video_ktr.scoring import width_buckets
 from video_ktr.probes import visual_masked_inputs
 from video_ktr.rollout import encode_visual_once
-from video_ktr.scoring import sequence_logprobs
+from video_ktr.scoring import sequence_logprobs, width_buckets
 
 SETTINGS = FrameSettings(nframes=8, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=3136,
                          image_min_pixels=3136, image_max_pixels=3136)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.model_inputs import VISUAL_KEYS, select_prompts
-from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, completion_widths, width_buckets
+from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths
 
 _PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
@@ -121,7 +121,7 @@ def shared_prefix_logprobs(
     Equal to the full forward to float tolerance up to each row's last attended completion token;
     after it (and in rows without one) the values are 0, where a full forward would give numbers that
     no caller reads. Rows without an attended completion token are not run, and the completions run
-    in buckets of similar width (``width_buckets``; ``bucket_overhead`` None: one bucket per chunk of
+    in buckets of similar width (``bucket_rows``; ``bucket_overhead`` None: one bucket per chunk of
     prompts), each only up to its longest row.
     """
     N, Lc = completion_ids.shape
@@ -167,11 +167,8 @@ def shared_prefix_logprobs(
             entropy[rows, :1] = first_h
         # the rest of the completions in buckets of similar width, so that short rows do not run the
         # padding up to the longest row of the chunk (one bucket when the widths are alike)
-        rows = rows[torch.argsort(widths[rows], stable=True)]
-        buckets = width_buckets(widths[rows].tolist(), bucket_overhead) if bucket_overhead is not None else [(0, len(rows))]
-        for b, (start, stop) in enumerate(buckets):
-            brows = rows[start:stop]
-            width = int(widths[brows].max())
+        buckets = bucket_rows(rows, widths, bucket_overhead)
+        for b, (brows, width) in enumerate(buckets):
             if width <= 1:
                 continue
             bcache = cache if b == len(buckets) - 1 else _cache_view(cache)
@@ -189,7 +186,7 @@ def shared_prefix_logprobs(
                 entropy[brows, 1:width] = rest_h
             del bcache
         del out, cache
-    # a chunk runs up to its longest row: clear what lies after each row's own last attended token
+    # a bucket runs up to its longest row: clear what lies after each row's own last attended token
     unscored = torch.arange(Lc, device=completion_ids.device)[None] >= widths[:, None]
     return logp.masked_fill(unscored, 0.0), (entropy.masked_fill(unscored, 0.0) if with_entropy else None)
 

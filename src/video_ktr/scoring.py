@@ -74,6 +74,17 @@ def width_buckets(widths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> 
     return runs[::-1]
 
 
+def bucket_rows(rows: Tensor, widths: Tensor, overhead: int | None) -> list[tuple[Tensor, int]]:
+    """``rows`` (indices into ``widths``) in buckets of similar width: (bucket's rows, its widest row).
+
+    The rows are sorted by width and cut where ``width_buckets`` says; ``overhead`` None: one bucket.
+    """
+    rows = rows[torch.argsort(widths[rows], stable=True)]
+    sorted_widths = widths[rows].tolist()
+    runs = width_buckets(sorted_widths, overhead) if overhead is not None else [(0, len(sorted_widths))]
+    return [(rows[a:b], sorted_widths[b - 1]) for a, b in runs if b > a]
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     inputs: dict[str, Tensor],
@@ -105,9 +116,8 @@ def sequence_logprobs(
         groups = [(list(range(B)), Lc)]
     else:
         widths = completion_widths(inputs["attention_mask"], Lc)
-        order = torch.argsort(widths, stable=True).tolist()
-        sorted_widths = widths[order].tolist()
-        groups = [(order[a:b], max(1, sorted_widths[b - 1])) for a, b in width_buckets(sorted_widths, bucket_overhead)]
+        groups = [(rows.tolist(), max(1, width))
+                  for rows, width in bucket_rows(torch.arange(B, device=widths.device), widths, bucket_overhead)]
     logps, ents, done = [], [], []
     for group, width in groups:
         step = len(group) if not chunk_rows else max(1, chunk_rows)
@@ -130,8 +140,7 @@ def sequence_logprobs(
             del logits, logsm
     logp, entropy = torch.cat(logps), (torch.cat(ents) if with_entropy else None)
     if done != list(range(B)):
-        back = torch.empty(B, dtype=torch.long, device=logp.device)
-        back[torch.tensor(done, device=logp.device)] = torch.arange(B, device=logp.device)
+        back = torch.argsort(torch.tensor(done, device=logp.device))  # the inverse of the bucket order
         logp = logp[back]
         entropy = entropy[back] if entropy is not None else None
     return logp, entropy
