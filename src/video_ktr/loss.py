@@ -43,10 +43,12 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     rewards = rewards if rewards.is_floating_point() else rewards.float()
     if group_size == 1:
         return torch.zeros_like(rewards)
-    grouped = rewards.view(-1, group_size)
+    # the group statistics in float64: a float32 mean of equal rewards can miss them by one ulp, and that
+    # rounding divided by a std of the same size gave equal rewards advantages of about 1e-4, not 0
+    grouped = rewards.view(-1, group_size).double()
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=True)
-    return ((grouped - mean) / (std + eps)).reshape(n)
+    return ((grouped - mean) / (std + eps)).reshape(n).to(rewards.dtype)
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
