@@ -15,3 +15,9 @@ def count_e(completions: list[str], solutions: list[str], problem_types: list[st
 def constant(completions: list[str], solutions: list[str], problem_types: list[str], **kwargs) -> list[float]:
     """1 for every completion: every advantage is 0 (a run must then leave the policy term at 0)."""
     return [1.0 for _ in completions]
+
+
+def count_e_on_videos(completions: list[str], solutions: list[str], problem_types: list[str], **kwargs) -> list[float]:
+    """count_e on video questions, 1 on image questions: every image prompt group has advantage 0."""
+    samples = kwargs["samples"]
+    return [1.0 if s.data_type == "image" else v for s, v in zip(samples, count_e(completions, solutions, problem_types))]

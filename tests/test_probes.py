@@ -121,6 +121,32 @@ def test_mask_probe_equals_deleting_the_placeholders(tiny_model, batch):
     assert (full - masked)[valid].abs().max() > 1e-3
 
 
+def test_mask_probe_drops_placeholder_and_padding_columns(tiny_model, batch):
+    """With the completion width given, the masked placeholders and left padding leave the batch: the prompt
+    part is as wide as the longest row's text, and the log-probs (full and shared-prefix) are unchanged."""
+    from video_ktr.prefix import shared_prefix_logprobs
+
+    model, _ = tiny_model
+    seq, ids, valid, G = batch["seq"], batch["ids"], batch["valid"], batch["G"]
+    Lc = ids.shape[1]
+    compact = visual_masked_inputs(seq, completion_width=Lc)
+    text = (seq["mm_token_type_ids"][:, :-Lc] == 0) & (seq["attention_mask"][:, :-Lc] == 1)
+    assert compact["input_ids"].shape[1] == int(text.sum(1).max()) + Lc < seq["input_ids"].shape[1]
+    placeholders = (compact["input_ids"] == model.config.video_token_id) | (compact["input_ids"] == model.config.image_token_id)
+    assert not (placeholders & compact["attention_mask"].bool()).any()  # a shorter row's left columns are padding
+    assert torch.equal(compact["input_ids"][:, -Lc:], ids) and torch.equal(compact["attention_mask"][:, -Lc:], valid.long())
+    # each row keeps its text tokens in order, at their positions
+    for r in range(ids.shape[0]):
+        kept = compact["attention_mask"][r, :-Lc].bool()
+        assert torch.equal(compact["input_ids"][r, :-Lc][kept], seq["input_ids"][r, :-Lc][text[r]])
+    assert torch.equal(compact["position_ids"][:, :, -Lc:], visual_masked_inputs(seq)["position_ids"][:, :, -Lc:])
+    assert torch.allclose(_logp(model, compact, ids)[valid], batch["all_masked"][valid], atol=ATOL)
+    fast, _ = shared_prefix_logprobs(model, compact, ids, G)
+    assert torch.allclose(fast[valid], batch["all_masked"][valid], atol=ATOL)
+    # nothing to drop: the inputs come back as they are
+    assert visual_masked_inputs(compact, completion_width=Lc)["input_ids"] is compact["input_ids"]
+
+
 @pytest.mark.parametrize("masked_rows", [[0], [2, 3], [1], [0, 1, 2]], ids=["first-video", "last-videos", "image", "all-but-last"])
 def test_masking_some_rows_leaves_the_others_unchanged(tiny_model, batch, masked_rows):
     model, _ = tiny_model

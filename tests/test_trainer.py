@@ -353,3 +353,72 @@ def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch,
     want = [expected if s.data_type == "video" else 0.0 for s in ro.samples for _ in range(G)]
     assert bonus == pytest.approx(want)
     assert ro.rewards.tolist() == pytest.approx([ordered + b for b in want])
+
+
+# ---------------------------------------------------------------- probes skipped on groups with advantage 0
+SKIP_REWARD = ["--reward_funcs", "tests.reward_fixtures:count_e_on_videos", "--beta", "0", "--max_grad_norm", "0"]
+
+
+def _trainer_at_mixed_batch(tiny_setup, out, *extra):
+    from video_ktr.trainer import KTRTrainer
+
+    cfg = parse_args(TrainConfig, tiny_setup.train_args(out, *SKIP_REWARD, "--token_selection", "all", *extra))
+    trainer = KTRTrainer(cfg)
+    trainer.state.micro_step = 1  # the micro-batch with an image prompt (advantage 0 here) and a video prompt
+    return trainer
+
+
+def test_probes_skip_zero_advantage_groups_and_the_step_is_unchanged(tiny_setup, tmp_path):
+    """A group whose rewards are all equal gets no probe pass; the loss, the gradient step and the masks of
+    the other groups equal those of a run that probes every group (--probe_all_groups)."""
+    runs = {}
+    for name, extra in (("skip", []), ("all", ["--probe_all_groups", "true"])):
+        trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path / name, *extra)
+        kept = []
+        original = trainer.make_rollout
+        trainer.make_rollout = lambda timer, original=original, kept=kept: kept.append(original(timer)) or kept[-1]
+        metrics = trainer.train_step()
+        runs[name] = (trainer, kept[0], metrics)
+    (t_skip, ro_skip, m_skip), (t_all, ro_all, m_all) = runs["skip"], runs["all"]
+    G = t_skip.cfg.num_generations
+    image = torch.tensor([s.data_type == "image" for s in ro_skip.samples]).repeat_interleave(G)
+    assert image.any() and (~image).any()
+    assert torch.equal(ro_skip.completions.ids, ro_all.completions.ids)
+    assert (ro_skip.advantages[image] == 0).all() and (ro_skip.advantages[~image] != 0).any()
+    # the image group was not probed: no scores, no visual picks; the video group's probes are the same numbers
+    assert ro_skip.probed_rows.tolist() == (~image).tolist() and ro_all.probed_rows.all()
+    assert (ro_skip.vis_logp[image] == 0).all() and (ro_all.vis_logp[image] != 0).any()
+    valid = ro_skip.completions.valid
+    video = valid & ~image[:, None]
+    assert torch.allclose(ro_skip.vis_logp[video], ro_all.vis_logp[video], atol=1e-5)
+    assert torch.allclose(ro_skip.tmp_logp[video], ro_all.tmp_logp[video], atol=1e-5)
+    assert torch.equal(ro_skip.mask[~image], ro_all.mask[~image])
+    # the same loss and the same parameters after the step
+    assert m_skip["loss"] == pytest.approx(m_all["loss"], abs=1e-6)
+    for (n, a), (_, b) in zip(t_skip.model.named_parameters(), t_all.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert m_skip["probed_groups"] == 0.5 and m_all["probed_groups"] == 1.0
+
+
+@pytest.mark.parametrize("extra", [["--beta", "0.04", "--kl_on", "mask"], ["--loss_type", "dapo"], ["--loss_type", "bnpo"],
+                                   ["--selection_scope", "batch"], ["--diagnostics_steps", "1"],
+                                   ["--log_tokens_every", "1"]])
+def test_every_group_is_probed_where_its_mask_can_matter(tiny_setup, tmp_path, extra):
+    """KL on key tokens, a batch token mean over key tokens, a threshold pooled over groups, or a step that
+    records diagnostics: the advantage-0 group's key tokens count, so it is probed."""
+    trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path, *extra)
+    ro = trainer.make_rollout(Timer())
+    G = trainer.cfg.num_generations
+    image = torch.tensor([s.data_type == "image" for s in ro.samples]).repeat_interleave(G)
+    assert (ro.advantages[image] == 0).all()
+    assert ro.probed_rows.all() and (ro.vis_logp[image] != 0).any()
+
+
+@pytest.mark.parametrize("extra", [["--beta", "0.04", "--kl_on", "valid"], ["--loss_type", "dr_grpo"],
+                                   ["--loss_type", "dapo", "--normalize_by", "valid"]])
+def test_zero_advantage_groups_are_skipped_where_exact(tiny_setup, tmp_path, extra):
+    trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path, *extra)
+    ro = trainer.make_rollout(Timer())
+    G = trainer.cfg.num_generations
+    image = torch.tensor([s.data_type == "image" for s in ro.samples]).repeat_interleave(G)
+    assert ro.probed_rows.tolist() == (~image).tolist()

@@ -28,7 +28,36 @@ def text_only_positions(attention_mask: Tensor) -> Tensor:
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
-def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, *, filler_id: int | None = None) -> dict[str, Any]:
+def drop_unattended_prompt_columns(inputs: dict[str, Any], completion_width: int) -> dict[str, Any]:
+    """Text-only ``inputs`` (no visual tensors) without the prompt columns that no row attends to.
+
+    Each row's attended prompt tokens move right, next to its completion (the last ``completion_width``
+    columns, kept as they are), and the prompt part is cut to the widest row's attended count. Unattended
+    columns are keys nobody attends to and queries nobody reads, so with the caller's ``position_ids``
+    carried along the log-probs are the same numbers while every pass over the prompt is shorter: the
+    ``mask`` probe's placeholders (and left padding) are not run at all.
+    """
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    Lp = L - completion_width
+    keep = inputs["attention_mask"][:, :Lp].bool()
+    width = int(keep.sum(1).max()) if B and Lp else 0
+    if width == Lp:
+        return inputs
+    # a stable sort puts each row's unattended prompt columns first and its attended ones after, in order
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, Lp - width:]
+    cols = torch.cat([order, torch.arange(Lp, L, device=ids.device).expand(B, -1)], dim=1)
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[key] = inputs[key].gather(1, cols)
+    if "position_ids" in inputs:
+        pos = inputs["position_ids"]
+        out["position_ids"] = pos.gather(2, cols[None].expand(pos.shape[0], -1, -1))
+    return out
+
+
+def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, *, filler_id: int | None = None,
+                         completion_width: int | None = None) -> dict[str, Any]:
     """The ``mask`` probe: visual placeholders removed from attention, text kept at its own positions.
 
     ``rows``: the rows whose visual item is taken away (default: all). With all rows masked no pixels
@@ -42,6 +71,10 @@ def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, 
     positions itself from the attention mask: text-only positions for the masked rows, the usual
     3-D positions for the others. Either way a masked row gives the same log-probs as the sequence
     with its placeholder tokens deleted (the vision start/end markers stay).
+
+    With all rows masked and ``completion_width`` given (the last columns are completions), the masked
+    placeholders and left padding are dropped from the prompt columns (drop_unattended_prompt_columns):
+    the same numbers, and the probe does not run the placeholders through the language model.
     """
     mm = inputs["mm_token_type_ids"]
     B = mm.shape[0]
@@ -59,7 +92,7 @@ def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, 
         out["attention_mask"] = attention
         out["mm_token_type_ids"] = mm.masked_fill(visual, 0)
         out["position_ids"] = text_only_positions(attention)
-        return out
+        return out if completion_width is None else drop_unattended_prompt_columns(out, completion_width)
     if "position_ids" in inputs:
         raise ValueError("visual_masked_inputs with some rows kept needs inputs without explicit position_ids")
     out = keep_visual_items(inputs, kept)
@@ -263,7 +296,7 @@ def visual_probe_logprobs(
     from video_ktr.rollout import encode_visual_once, unwrap
 
     if mode == "mask":
-        inputs = visual_masked_inputs(seq_inputs)
+        inputs = visual_masked_inputs(seq_inputs, completion_width=completion_ids.shape[1])
     elif mode == "zero_features":
         inputs = zero_feature_inputs(unwrap(model), seq_inputs)
     elif mode == "blank":

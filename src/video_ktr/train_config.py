@@ -81,6 +81,12 @@ class TrainConfig(DataArgs):
     policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
     shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
     length_buckets: bool = field(True, help="The policy, probe and reference passes run the completions in buckets of similar length, each cut after its longest row, instead of padding every row to the longest of the batch (same numbers, less compute when lengths vary).")
+    probe_all_groups: bool = field(
+        False, help="Run the visual and temporal probes on every prompt group. Off (default): a group whose G "
+        "completions got equal rewards has advantage 0, and where no loss term reads its key tokens (beta 0 or "
+        "--kl_on valid, a per-sequence loss or dr_grpo, --selection_scope group) its probes are skipped: the loss "
+        "and its gradient are the same, and the key-token metrics count the probed groups only. Diagnostics and "
+        "token-record steps probe every group.")
     encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
@@ -126,6 +132,18 @@ class TrainConfig(DataArgs):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         self.frame_settings()
+
+    @property
+    def zero_advantage_masks_matter(self) -> bool:
+        """Whether the key tokens of a group whose advantages are all 0 can change the loss or another group's mask.
+
+        Such a group's policy term is 0 on every token; its mask still counts through the KL term on key
+        tokens (beta != 0, --kl_on mask), the batch token count of bnpo / dapo with --normalize_by mask, or
+        a threshold pooled over more than one group (--selection_scope batch / global).
+        """
+        kl_on_keys = self.beta != 0 and self.kl_on == "mask"
+        batch_count = self.loss_type in ("bnpo", "dapo") and self.normalize_by == "mask"
+        return kl_on_keys or batch_count or self.selection_scope != "group"
 
     @property
     def signals(self) -> tuple[str, ...]:

@@ -99,6 +99,7 @@ class Rollout:
     vis_logp: Tensor | None = None  # (N, Lc)
     tmp_logp: Tensor | None = None  # (N, Lc)
     temporal_rows: Tensor | None = None  # (N,) bool
+    probed_rows: Tensor | None = None  # (N,) bool: rows whose groups ran the probes (the others: advantage 0)
     ref_logp: Tensor | None = None  # (N, Lc)
     old_logp: Tensor | None = None  # (N, Lc), set at the first pass when num_iterations > 1
     mask: Tensor | None = None  # (N, Lc) key tokens, set at the first pass
@@ -334,22 +335,49 @@ class KTRTrainer:
                      completions=comps, rewards=rewards, advantages=advantages, components=components,
                      prompt_inputs=prompt_inputs)
         chunk = cfg.forward_batch_size
+        P = len(samples)
+        probed = self._groups_to_probe(advantages, P) if {"visual", "temporal"} & set(cfg.signals) else list(range(P))
+        ro.probed_rows = torch.zeros(P, dtype=torch.bool, device=comps.ids.device)
+        ro.probed_rows[probed] = True
+        ro.probed_rows = ro.probed_rows.repeat_interleave(G)
         if "visual" in cfg.signals:
             with timer.phase("probes"):
-                ro.vis_logp = visual_probe_logprobs(
-                    self.model, cfg.visual_probe, seq_inputs=seq, completion_ids=comps.ids, completion_valid=comps.valid,
-                    group_size=G, processor=self.processor, prompt_inputs=prompt_inputs, media=media, chunk_rows=chunk,
-                    shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead,
-                )
+                ro.vis_logp = torch.zeros(comps.ids.shape, device=comps.ids.device)
+                if probed:
+                    rows = ro.probed_rows.nonzero().squeeze(1)
+                    all_probed = len(probed) == P
+                    ro.vis_logp[rows] = visual_probe_logprobs(
+                        self.model, cfg.visual_probe, completion_ids=comps.ids[rows], completion_valid=comps.valid[rows],
+                        seq_inputs=seq if all_probed else sequence_inputs(
+                            select_prompts(strip_pixels(prompt_inputs), probed, G), comps.ids[rows], comps.valid[rows]),
+                        prompt_inputs=prompt_inputs if all_probed else select_prompts(prompt_inputs, probed),
+                        media=[media[p] for p in probed], group_size=G, processor=self.processor, chunk_rows=chunk,
+                        shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead,
+                    )
         if "temporal" in cfg.signals:
             with timer.phase("probes"):
                 ro.tmp_logp, ro.temporal_rows = temporal_probe_logprobs(
-                    self.model, self.processor, prompt_inputs, media, perms, comps.ids, comps.valid, G, chunk,
-                    shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead)
+                    self.model, self.processor, prompt_inputs, media, {p: perms[p] for p in probed if p in perms},
+                    comps.ids, comps.valid, G, chunk, shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead)
         if cfg.beta != 0:
             with timer.phase("reference"):
                 ro.ref_logp = self._reference_logp(prompt_inputs, len(samples), comps)
         return ro
+
+    def _groups_to_probe(self, advantages: Tensor, num_prompts: int) -> list[int]:
+        """The prompt groups whose visual / temporal probes run: all of them, unless skipping is exact.
+
+        A group whose advantages are all 0 (equal rewards) has no policy gradient; where its key tokens
+        feed no other term (TrainConfig.zero_advantage_masks_matter) its probes cannot change the loss
+        and are skipped. Steps that record diagnostics or token records probe every group, so those
+        records describe whole batches.
+        """
+        everything = list(range(num_prompts))
+        diagnose, log_tokens = self._diagnostics_at(self.state.step + 1)
+        if self.cfg.probe_all_groups or self.cfg.zero_advantage_masks_matter or diagnose or log_tokens:
+            return everything
+        informative = (advantages.view(num_prompts, -1) != 0).any(1).tolist()
+        return [p for p in everything if informative[p]]
 
     @torch.no_grad()
     def _reference_logp(self, prompt_inputs, num_prompts: int, comps: Completions) -> Tensor:
@@ -419,6 +447,11 @@ class KTRTrainer:
                 if name == "temporal":
                     kw["temporal_rows"] = ro.temporal_rows
                 masks[name] = select_key_tokens_grouped(valid, cfg.num_generations, scope=cfg.selection_scope, **kw)
+        if ro.probed_rows is not None:
+            # a skipped group (advantage 0, see _groups_to_probe) has no probe scores: no visual / temporal picks
+            for name in ("visual", "temporal"):
+                if name in masks:
+                    masks[name] = masks[name] & ro.probed_rows[:, None]
         if not masks:
             key = valid.clone()
         else:
@@ -439,20 +472,26 @@ class KTRTrainer:
         return masks
 
     def _record_selection(self, ro: Rollout, masks: dict[str, Tensor], entropy: Tensor | None) -> None:
-        """Local token counts of each mask (fractions of the valid tokens; temporal: of the video rows')."""
+        """Local token counts of each mask (fractions of the valid tokens; temporal: of the video rows').
+
+        The fractions count the rows of probed groups only (all rows unless groups with advantage 0 were
+        skipped, see _groups_to_probe): a skipped group has no visual or temporal picks to count.
+        """
         valid = ro.completions.valid
-        n_valid = float(valid.sum())
+        probed = ro.probed_rows if ro.probed_rows is not None else torch.ones_like(valid[:, 0])
+        scored = valid & probed[:, None]
+        n_scored = float(scored.sum())
         for name, mask in masks.items():
             metric = "key_token_fraction" if name == "key" else f"{name}_fraction"
-            if name == "temporal":
-                pool = valid & ro.temporal_rows[:, None]
-                ro.add(metric, float((mask & pool).sum()), float(pool.sum()))
-            else:
-                ro.add(metric, float((mask & valid).sum()), n_valid)
+            pool = scored & ro.temporal_rows[:, None] if name == "temporal" else scored
+            ro.add(metric, float((mask & pool).sum()), float(pool.sum()) if name == "temporal" else n_scored)
         if entropy is not None:
-            ro.add("entropy", float(entropy.detach()[valid].float().sum()), n_valid)
+            ro.add("entropy", float(entropy.detach()[valid].float().sum()), float(valid.sum()))
         # rows that get no gradient at all because no token was selected (counted, never an error)
-        ro.add("no_key_token_rows", float(((masks["key"] & valid).sum(1) == 0).sum()), float(valid.shape[0]))
+        ro.add("no_key_token_rows", float(((masks["key"] & valid).sum(1) == 0)[probed].sum()), float(probed.sum()))
+        if {"visual", "temporal"} & set(self.cfg.signals):
+            G = self.cfg.num_generations
+            ro.add("probed_groups", float(probed.sum()) / G, valid.shape[0] / G)
 
     def _global_sum(self, value: float) -> float:
         if self.acc.num_processes == 1:
@@ -557,12 +596,18 @@ class KTRTrainer:
     # ------------------------------------------------------------------ diagnostics (--diagnostics_steps, --log_tokens_every)
     def _plan_diagnostics(self, rollouts: list[Rollout], step: int) -> None:
         """Mark what the step measures: every process takes the same decisions (the sums are reduced)."""
-        cfg = self.cfg
-        diagnose = bool(cfg.diagnostics_steps) and step % cfg.diagnostics_steps == 0
+        diagnose, log_tokens = self._diagnostics_at(step)
         for ro in rollouts:
             ro.diagnose = diagnose
         rollouts[0].diagnose_gradient = diagnose
-        rollouts[0].log_tokens = bool(cfg.log_tokens_every) and step % cfg.log_tokens_every == 0 and self.acc.is_main_process
+        rollouts[0].log_tokens = log_tokens
+
+    def _diagnostics_at(self, step: int) -> tuple[bool, bool]:
+        """(selection and gradient diagnostics, token records) for optimiser step ``step`` (1-based)."""
+        cfg = self.cfg
+        diagnose = bool(cfg.diagnostics_steps) and step % cfg.diagnostics_steps == 0
+        log_tokens = bool(cfg.log_tokens_every) and step % cfg.log_tokens_every == 0 and self.acc.is_main_process
+        return diagnose, log_tokens
 
     def _record_selection_diagnostics(self, ro: Rollout, masks: dict[str, Tensor]) -> None:
         """Jaccard overlaps of the signals' sets and mean relative positions (token counts, reduced later)."""
