@@ -459,10 +459,16 @@ def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_se
     assert torch.all(logp.grad[:4] == 0) and torch.all(logp.grad[5] == 0)
     # what the step's metrics show of these rows
     assert m["completion_length"] == pytest.approx(float(comps.lengths.float().mean()))
-    assert m["key_token_fraction"] == pytest.approx(float((ro.mask & comps.valid).sum() / comps.valid.sum()))
+    # the zero-advantage group was not probed (beta 0, per-sequence loss, group scope): the key-token metrics
+    # count the probed group's rows
+    assert ro.probed_rows.tolist() == [False] * 4 + [True] * 4
+    probed = comps.valid & ro.probed_rows[:, None]
+    assert m["key_token_fraction"] == pytest.approx(float((ro.mask & probed).sum() / probed.sum()))
     assert m["num_completions"] == 8
-    # counted in the metrics, as fractions: empty completions, zero-advantage groups, rows without key tokens
-    for key, expected in (("empty_completions", 5 / 8), ("zero_advantage_groups", 1 / 2), ("no_key_token_rows", 1 / 8)):
+    # counted in the metrics, as fractions: empty completions, zero-advantage groups, probed groups, rows
+    # without key tokens (of the probed rows)
+    for key, expected in (("empty_completions", 5 / 8), ("zero_advantage_groups", 1 / 2), ("probed_groups", 1 / 2),
+                          ("no_key_token_rows", 1 / 4)):
         assert m[key] == pytest.approx(expected), key
 
 
