@@ -211,3 +211,37 @@ def test_length_buckets_give_the_policy_pass_the_same_logprobs_and_gradients(set
     for a, b in zip(plain_g, bucketed_g):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("prompts_per_chunk", [None, 2])
+def test_shared_prefix_with_grad_gives_the_full_forwards_gradients(setup, prompts_per_chunk):
+    """The policy pass's form: log-probs with grad, visual features computed once per prompt with grad,
+    ragged completions on video and image prompts: the parameter gradients equal the full forward's."""
+    model, processor, samples = setup
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=9)
+    valid[2 * G, 2] = True  # sampled completions have no gaps
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(9)) * valid
+
+    def grads(shared: bool):
+        model.zero_grad(set_to_none=True)
+        inputs = sequence_inputs(encode_visual_once(model, prompts, [0, 1, 2], G, grad=True), ids, valid)
+        if shared:
+            logp, ent = shared_prefix_logprobs(model, inputs, ids, G, with_entropy=True, grad=True,
+                                               prompts_per_chunk=prompts_per_chunk)
+        else:
+            logp, ent = sequence_logprobs(model, inputs, ids, with_entropy=True)
+        assert logp.requires_grad and not ent.requires_grad
+        (logp * weights).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = grads(False)
+    fast, fast_grads = grads(True)
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(full[valid], fast[valid], atol=1e-5)
+    assert full_grads.keys() == fast_grads.keys() and any("visual" in n for n in full_grads)
+    for name, g in full_grads.items():
+        assert torch.allclose(g, fast_grads[name], atol=1e-6, rtol=1e-4), name
+    # and without grad asked for, nothing is recorded
+    inputs = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
+    assert not shared_prefix_logprobs(model, inputs, ids, G)[0].requires_grad

@@ -433,16 +433,16 @@ def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_se
 
     trainer.select = select
     captured, rollouts = [], []
-    real_logprobs, real_rollout = trainer_module.sequence_logprobs, trainer.make_rollout
+    real_logprobs, real_rollout = trainer_module.KTRTrainer._policy_logprobs, trainer.make_rollout
 
-    def logprobs(*args, **kwargs):
-        logp, entropy = real_logprobs(*args, **kwargs)
+    def logprobs(self, *args, **kwargs):
+        logp, entropy = real_logprobs(self, *args, **kwargs)
         if logp.requires_grad:
             logp.retain_grad()
             captured.append(logp)
         return logp, entropy
 
-    monkeypatch.setattr(trainer_module, "sequence_logprobs", logprobs)
+    monkeypatch.setattr(trainer_module.KTRTrainer, "_policy_logprobs", logprobs)
     trainer.make_rollout = lambda timer: rollouts.append(real_rollout(timer)) or rollouts[-1]
     m = trainer.train_step()
 

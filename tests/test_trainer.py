@@ -150,16 +150,16 @@ def _capture_logp(monkeypatch):
     import video_ktr.trainer as trainer_module
 
     captured = []
-    original = trainer_module.sequence_logprobs
+    original = trainer_module.KTRTrainer._policy_logprobs
 
-    def spy(*args, **kwargs):
-        logp, entropy = original(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        logp, entropy = original(self, *args, **kwargs)
         if logp.requires_grad:
             logp.retain_grad()
             captured.append(logp)
         return logp, entropy
 
-    monkeypatch.setattr(trainer_module, "sequence_logprobs", spy)
+    monkeypatch.setattr(trainer_module.KTRTrainer, "_policy_logprobs", spy)
     return captured
 
 
@@ -422,3 +422,21 @@ def test_zero_advantage_groups_are_skipped_where_exact(tiny_setup, tmp_path, ext
     G = trainer.cfg.num_generations
     image = torch.tensor([s.data_type == "image" for s in ro.samples]).repeat_interleave(G)
     assert ro.probed_rows.tolist() == (~image).tolist()
+
+
+def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_path):
+    """--policy_shared_prefix (default) and the full-sequence policy pass: the same loss, masks and weights."""
+    out = {}
+    for flag in ("true", "false"):
+        trainer = make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all",
+                               "--beta", "0.04", "--max_grad_norm", "0", "--policy_shared_prefix", flag)
+        kept = []
+        original = trainer.make_rollout
+        trainer.make_rollout = lambda timer, original=original, kept=kept: kept.append(original(timer)) or kept[-1]
+        metrics = trainer.train_step()
+        out[flag] = (trainer, kept[0], metrics)
+    (a, ro_a, m_a), (b, ro_b, m_b) = out["true"], out["false"]
+    assert torch.equal(ro_a.completions.ids, ro_b.completions.ids) and torch.equal(ro_a.mask, ro_b.mask)
+    assert m_a["loss"] == pytest.approx(m_b["loss"], abs=1e-6) and m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-4)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n

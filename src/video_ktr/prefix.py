@@ -1,7 +1,7 @@
 """Shared-prefix scoring: the G completions of a prompt share its prompt, so encode the prompt once.
 
-A no-grad pass over N = P x G sequences of length Lp + Lc costs N (Lp + Lc) token-forwards when run
-naively. Here the prompt (with its video) runs once per prompt, its key/value cache is repeated G
+A pass over N = P x G sequences of length Lp + Lc costs N (Lp + Lc) token-forwards when run
+naively (the probes and the reference without grad, the policy pass with grad). Here the prompt (with its video) runs once per prompt, its key/value cache is repeated G
 times, and only the completions run per row: P Lp + N Lc token-forwards. With Video-R1's long prompt
 and a video, Lp is several times Lc, so the probe and reference passes shrink by about that factor.
 
@@ -98,10 +98,12 @@ def _token_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Te
     """log p of ``ids`` (R, T) under ``logits`` (R, T, V), and the entropy of each distribution (R, T)."""
     logsm = torch.log_softmax(logits.float(), dim=-1)
     logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return logp, (-(logsm.exp() * logsm).sum(-1) if with_entropy else None)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # the entropy selects tokens and is logged; it never takes a gradient
+        return logp, -(logsm.exp() * logsm).sum(-1)
 
 
-@torch.no_grad()
 def shared_prefix_logprobs(
     model: torch.nn.Module,
     seq_inputs: dict[str, Any],
@@ -111,6 +113,7 @@ def shared_prefix_logprobs(
     with_entropy: bool = False,
     prompts_per_chunk: int | None = None,
     bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
+    grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log p of each completion token (and entropy), computing each prompt's prefix once.
 
@@ -123,7 +126,19 @@ def shared_prefix_logprobs(
     no caller reads. Rows without an attended completion token are not run, and the completions run
     in buckets of similar width (``bucket_rows``; ``bucket_overhead`` None: one bucket per chunk of
     prompts), each only up to its longest row.
+
+    ``grad``: log p carries the gradient (when grad is enabled): the policy pass. The prompt's cache is
+    then part of the graph and each prompt's gradient is the sum over its G completions, the same as
+    the full forward's (tests pin it); the entropy never takes a gradient. Default: no grad.
     """
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return _shared_prefix_logprobs(model, seq_inputs, completion_ids, group_size, with_entropy, prompts_per_chunk,
+                                       bucket_overhead)
+
+
+def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], completion_ids: Tensor, group_size: int,
+                            with_entropy: bool, prompts_per_chunk: int | None,
+                            bucket_overhead: int | None) -> tuple[Tensor, Tensor | None]:
     N, Lc = completion_ids.shape
     G = group_size
     if N % G:
@@ -157,7 +172,8 @@ def shared_prefix_logprobs(
             # the full sequences instead, same numbers
             from video_ktr.scoring import sequence_logprobs
 
-            logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy)
+            logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy,
+                                              bucket_overhead=bucket_overhead)
             break
         owner = torch.div(rows, G, rounding_mode="floor") - p0  # each row's prompt within the chunk
         # the prefix's last position predicts completion token 0

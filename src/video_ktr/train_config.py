@@ -81,6 +81,11 @@ class TrainConfig(DataArgs):
     policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
     shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
     length_buckets: bool = field(True, help="The policy, probe and reference passes run the completions in buckets of similar length, each cut after its longest row, instead of padding every row to the longest of the batch (same numbers, less compute when lengths vary).")
+    policy_shared_prefix: bool = field(
+        True, help="The policy pass (with grad) runs each prompt (with its video) once and shares it across the G "
+        "completions, as the probe and reference passes do: the same log-probs and gradients, about P x Lp + N x Lc "
+        "token-forwards instead of N x (Lp + Lc), for GRPO and KTR alike. Off with --gradient_checkpointing (no cache "
+        "in training) and on gradient-diagnostics steps (they read the full pass).")
     probe_all_groups: bool = field(
         False, help="Run the visual and temporal probes on every prompt group. Off (default): a group whose G "
         "completions got equal rewards has advantage 0, and where no loss term reads its key tokens (beta 0 or "

@@ -43,7 +43,7 @@ from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
 from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens
-from video_ktr.prefix import strip_pixels
+from video_ktr.prefix import shared_prefix_logprobs, strip_pixels
 from video_ktr.probes import (
     frame_permutation,
     probe_logprobs,
@@ -417,6 +417,24 @@ class KTRTrainer:
             rows = encode_visual_once(self.model, ro.prompt_inputs, list(range(P)), G, grad=True)
         return sequence_inputs(rows, ro.completions.ids, ro.completions.valid)
 
+    def _policy_logprobs(self, ro: Rollout, with_entropy: bool, full_pass: bool) -> tuple[Tensor, Tensor | None]:
+        """log p (with grad) and entropy of the rollout's completions under the policy.
+
+        With --policy_shared_prefix each prompt runs once and its cache serves its G completions
+        (prefix.shared_prefix_logprobs with grad: the same numbers and gradients); ``full_pass`` (the
+        gradient diagnostics, which read the head's calls on full rows) and gradient checkpointing take
+        the full sequences.
+        """
+        cfg = self.cfg
+        inputs = self._policy_inputs(ro)
+        if cfg.policy_shared_prefix and not full_pass and not cfg.gradient_checkpointing:
+            G = cfg.num_generations
+            per_chunk = max(1, cfg.policy_chunk_rows // G) if cfg.policy_chunk_rows else None
+            return shared_prefix_logprobs(self.model, inputs, ro.completions.ids, G, with_entropy=with_entropy,
+                                          prompts_per_chunk=per_chunk, bucket_overhead=self._bucket_overhead, grad=True)
+        return sequence_logprobs(self.model, inputs, ro.completions.ids, with_entropy=with_entropy,
+                                 chunk_rows=cfg.policy_chunk_rows, bucket_overhead=self._bucket_overhead)
+
     def _gather_pool(self, scores: Tensor, valid: Tensor) -> Tensor:
         """The valid scores of every process (the 'global' selection scope)."""
         flat = scores.detach().float().masked_fill(~valid, float("nan")).flatten()
@@ -507,8 +525,7 @@ class KTRTrainer:
         head = output_head(unwrap(self.model)) if diagnose_gradient else None
         head = head if head is not None and head.weight.requires_grad else None  # a frozen head (LoRA) is not measured
         with timer.phase("policy"), record_linear_calls(head) as head_calls:
-            logp, entropy = sequence_logprobs(self.model, self._policy_inputs(ro), ro.completions.ids, with_entropy=need_entropy,
-                                              chunk_rows=cfg.policy_chunk_rows, bucket_overhead=self._bucket_overhead)
+            logp, entropy = self._policy_logprobs(ro, need_entropy, full_pass=diagnose_gradient)
         valid = ro.completions.valid
         if iteration == 0:
             with timer.phase("selection"):
