@@ -141,7 +141,7 @@ def test_video_tokens_from_frame_settings():
 
 def test_memory_arithmetic_by_hand():
     cfg = train_config(per_device_train_batch_size=1, num_generations=2, max_completion_length=10, nframes=4,
-                       min_frames=2, max_frames=4, min_pixels=3136, max_pixels=3136, beta=0.0)
+                       min_frames=2, max_frames=4, min_pixels=3136, max_pixels=3136, beta=0.0, policy_shared_prefix=False)
     kw = dict(num_gpus=1, zero_stage=0, video_seconds=10, prompt_text_tokens=20, suggest=False)
     r = E.estimate(cfg, hand_arch(), **kw)
     t = r["tokens"]
@@ -161,6 +161,17 @@ def test_memory_arithmetic_by_hand():
     assert component(r, "attention masks (sdpa bias per layer)") == L * R * S * S * b
     ck = E.estimate(dataclasses.replace(cfg, gradient_checkpointing=True), hand_arch(), **kw)
     assert component(ck, "text activations") == L * T * 64 * b + once
+    # the policy pass with shared prompts: the prompt once (P x Lp tokens), the completions (R x Lc) with each
+    # row's copy of the S keys and values (expanded to the 64-wide heads), masks over the R x Lc queries
+    P, Lp, h = 1, 28, 64
+    sh = E.estimate(dataclasses.replace(cfg, policy_shared_prefix=True), hand_arch(), **kw)
+    kv_key = 2 * b * h
+    Tpol = P * Lp + R * Lc
+    masks = P * Lp * Lp + R * Lc * S
+    once_sh = Tpol * h * b + 2 * Tpol * d * b + Tpol * (4 + 2 * b) * h + masks
+    assert component(sh, "text activations") == L * (P * Lp * a_text + R * Lc * (a_text - kv_key) + R * S * kv_key) + once_sh
+    assert component(sh, "attention masks (sdpa bias per layer)") == L * masks * b
+    assert component(sh, "text activations") < component(r, "text activations")
     # peak = static + the largest phase
     assert r["peak_gb"] == pytest.approx(r["phases_gb"]["static"] + r["phases_gb"][r["largest_phase"]])
 

@@ -437,6 +437,25 @@ def estimate(
         vis_act = (Lv_depth * Np * hv * b + vis_once) if vision_trains else 0.0
         layer_ws = T * a_text + mask_layer + quad_layer + T * b * (2 * inter + 4 * h)
         ws_note = "one layer recomputed + its gradient buffers"
+    elif getattr(cfg, "policy_shared_prefix", False):
+        # each prompt runs once (P x Lp tokens); each completion token (R x Lc) attends over its row's copy of
+        # the prompt's keys and values, which the attention keeps for backward (expanded to all heads but
+        # with flash attention); masks over R x Lc queries only
+        kv_key = 2 * b * (kv * d if attn == "flash" else h)
+        Tpol = P * Lp + R * Lc
+        per_layer = P * Lp * a_text + R * Lc * (a_text - kv_key) + R * S * kv_key
+        if attn == "sdpa":
+            mask_layer = (P * Lp * Lp + R * Lc * S) * b
+        elif attn == "eager":
+            quad_layer = (P * Lp * Lp + R * Lc * S) * nh * (4 + b)
+        once = Tpol * h * b + 2 * Tpol * d * b + Tpol * norm * h + (0 if attn == "flash" else (P * Lp * Lp + R * Lc * S) * (
+            1 + (b if attn == "eager" else 0)))
+        text_act = L * per_layer + once
+        text_note = (f"shared prompts: {L} layers x ({P} x {Lp} prompt + {R} x {Lc} completion tokens) x {a_text:.0f} B/token "
+                     f"+ {R} rows' copies of {S} keys")
+        layer_ws = Tpol * b * (2 * inter + 4 * h)
+        vis_act = (Lv_depth * Np * a_vis + vis_once + vis_quad) if vision_trains else 0.0
+        ws_note = "gradient buffers of one layer"
     else:
         text_act = L * T * a_text + once_text
         text_note = f"{L} layers x {T} tokens x {a_text:.0f} B/token ({a_text / h:.1f} x hidden)"
