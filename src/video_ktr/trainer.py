@@ -417,17 +417,17 @@ class KTRTrainer:
             rows = encode_visual_once(self.model, ro.prompt_inputs, list(range(P)), G, grad=True)
         return sequence_inputs(rows, ro.completions.ids, ro.completions.valid)
 
-    def _policy_logprobs(self, ro: Rollout, with_entropy: bool, full_pass: bool) -> tuple[Tensor, Tensor | None]:
+    def _policy_logprobs(self, ro: Rollout, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """log p (with grad) and entropy of the rollout's completions under the policy.
 
         With --policy_shared_prefix each prompt runs once and its cache serves its G completions
-        (prefix.shared_prefix_logprobs with grad: the same numbers and gradients); ``full_pass`` (the
-        gradient diagnostics, which read the head's calls on full rows) and gradient checkpointing take
-        the full sequences.
+        (prefix.shared_prefix_logprobs with grad: the same numbers and gradients; the gradient
+        diagnostics sum the head's gradient over its calls, prompt and completion passes alike).
+        Gradient checkpointing (no cache in training) takes the full sequences.
         """
         cfg = self.cfg
         inputs = self._policy_inputs(ro)
-        if cfg.policy_shared_prefix and not full_pass and not cfg.gradient_checkpointing:
+        if cfg.policy_shared_prefix and not cfg.gradient_checkpointing:
             G = cfg.num_generations
             per_chunk = max(1, cfg.policy_chunk_rows // G) if cfg.policy_chunk_rows else None
             return shared_prefix_logprobs(self.model, inputs, ro.completions.ids, G, with_entropy=with_entropy,
@@ -525,7 +525,7 @@ class KTRTrainer:
         head = output_head(unwrap(self.model)) if diagnose_gradient else None
         head = head if head is not None and head.weight.requires_grad else None  # a frozen head (LoRA) is not measured
         with timer.phase("policy"), record_linear_calls(head) as head_calls:
-            logp, entropy = self._policy_logprobs(ro, need_entropy, full_pass=diagnose_gradient)
+            logp, entropy = self._policy_logprobs(ro, need_entropy)
         valid = ro.completions.valid
         if iteration == 0:
             with timer.phase("selection"):
