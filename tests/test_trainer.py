@@ -359,6 +359,15 @@ def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch,
 SKIP_REWARD = ["--reward_funcs", "tests.reward_fixtures:count_e_on_videos", "--beta", "0", "--max_grad_norm", "0"]
 
 
+def _step_keeping_rollout(trainer):
+    """(trainer, the step's rollout, the step's metrics) after one optimiser step."""
+    kept = []
+    original = trainer.make_rollout
+    trainer.make_rollout = lambda timer: kept.append(original(timer)) or kept[-1]
+    metrics = trainer.train_step()
+    return trainer, kept[0], metrics
+
+
 def _trainer_at_mixed_batch(tiny_setup, out, *extra):
     from video_ktr.trainer import KTRTrainer
 
@@ -371,14 +380,8 @@ def _trainer_at_mixed_batch(tiny_setup, out, *extra):
 def test_probes_skip_zero_advantage_groups_and_the_step_is_unchanged(tiny_setup, tmp_path):
     """A group whose rewards are all equal gets no probe pass; the loss, the gradient step and the masks of
     the other groups equal those of a run that probes every group (--probe_all_groups)."""
-    runs = {}
-    for name, extra in (("skip", []), ("all", ["--probe_all_groups", "true"])):
-        trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path / name, *extra)
-        kept = []
-        original = trainer.make_rollout
-        trainer.make_rollout = lambda timer, original=original, kept=kept: kept.append(original(timer)) or kept[-1]
-        metrics = trainer.train_step()
-        runs[name] = (trainer, kept[0], metrics)
+    runs = {name: _step_keeping_rollout(_trainer_at_mixed_batch(tiny_setup, tmp_path / name, *extra))
+            for name, extra in (("skip", []), ("all", ["--probe_all_groups", "true"]))}
     (t_skip, ro_skip, m_skip), (t_all, ro_all, m_all) = runs["skip"], runs["all"]
     G = t_skip.cfg.num_generations
     image = torch.tensor([s.data_type == "image" for s in ro_skip.samples]).repeat_interleave(G)
@@ -426,15 +429,9 @@ def test_zero_advantage_groups_are_skipped_where_exact(tiny_setup, tmp_path, ext
 
 def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_path):
     """--policy_shared_prefix (default) and the full-sequence policy pass: the same loss, masks and weights."""
-    out = {}
-    for flag in ("true", "false"):
-        trainer = make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all",
-                               "--beta", "0.04", "--max_grad_norm", "0", "--policy_shared_prefix", flag)
-        kept = []
-        original = trainer.make_rollout
-        trainer.make_rollout = lambda timer, original=original, kept=kept: kept.append(original(timer)) or kept[-1]
-        metrics = trainer.train_step()
-        out[flag] = (trainer, kept[0], metrics)
+    out = {flag: _step_keeping_rollout(make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all",
+                                                    "--beta", "0.04", "--max_grad_norm", "0", "--policy_shared_prefix", flag))
+           for flag in ("true", "false")}
     (a, ro_a, m_a), (b, ro_b, m_b) = out["true"], out["false"]
     assert torch.equal(ro_a.completions.ids, ro_b.completions.ids) and torch.equal(ro_a.mask, ro_b.mask)
     assert m_a["loss"] == pytest.approx(m_b["loss"], abs=1e-6) and m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-4)
