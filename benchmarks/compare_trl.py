@@ -249,6 +249,7 @@ def _child_ours(spec: dict) -> dict:
         "image_min_pixels": IMAGE_PIXELS, "image_max_pixels": IMAGE_PIXELS,
         "dtype": "float32", "attn_implementation": "sdpa", "gradient_checkpointing": False,
         "save_steps": 0, "report_to": ["none"], "reward_funcs": ["accuracy", "format"],
+        "probe_all_groups": w.get("probe_all_groups", True),
     }
     cfg = from_dict(TrainConfig, values, source="compare_trl")
     trainer = KTRTrainer(cfg)
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entropy_ratio", type=float, default=0.2, help="TRL's top_entropy_quantile and our ratios")
     ap.add_argument("--num_train", type=int, default=64, help="synthetic image questions")
     ap.add_argument("--workdir", default=None, help="keep the model, data and run logs here (default: a temp dir)")
+    ap.add_argument("--probe_all_groups", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    help="our probes run on every prompt group (default true: the random tiny model's rewards are all "
+                         "0, so skipping the groups with advantage 0 would skip every probe and compare nothing)")
     ap.add_argument("--json", default=None, help="write the figures here as JSON")
     args = ap.parse_args(argv)
 
@@ -422,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": args.prompts, "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
         "temperature": 1.0, "top_p": 1.0, "beta": 0.0, "seed": 0, "entropy_ratio": args.entropy_ratio,
+        "probe_all_groups": args.probe_all_groups,
     }
     variants = [("trl", "entropy")] + [("ours", v) for v in args.ours.split(",") if v]
     total_steps = args.steps + args.warmup
