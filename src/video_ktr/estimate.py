@@ -380,9 +380,13 @@ def estimate(
         mask_layer = R * S * S * b  # the padding mask converted to an additive bias, saved per layer
     elif attn == "eager":
         quad_layer = R * nh * S * S * (4 + b)  # fp32 softmax + its cast, per layer
-    once_text = T * h * b + 2 * T * d * b + T * norm * h  # embeddings, M-RoPE cos/sin, final norm
-    if attn != "flash":
-        once_text += R * S * S * (1 + (b if attn == "eager" else 0))  # the 4-D mask (bool; eager: also additive)
+
+    def once_per_pass(tokens: int, mask_cells: int) -> float:
+        """Embeddings, M-RoPE cos/sin, final norm, and the 4-D mask (bool; eager: also additive)."""
+        mask = 0 if attn == "flash" else mask_cells * (1 + (b if attn == "eager" else 0))
+        return tokens * h * b + 2 * tokens * d * b + tokens * norm * h + mask
+
+    once_text = once_per_pass(T, R * S * S)
 
     # vision blocks: norms, qkv output (v is a view of it), q and k after rope, attention out, proj input, MLP
     a_vis = 2 * (4 + 2 * b) * hv + (7 if attn != "flash" else 6) * b * hv + 4 * b * iv
@@ -437,30 +441,27 @@ def estimate(
         vis_act = (Lv_depth * Np * hv * b + vis_once) if vision_trains else 0.0
         layer_ws = T * a_text + mask_layer + quad_layer + T * b * (2 * inter + 4 * h)
         ws_note = "one layer recomputed + its gradient buffers"
-    elif getattr(cfg, "policy_shared_prefix", False):
-        # each prompt runs once (P x Lp tokens); each completion token (R x Lc) attends over its row's copy of
-        # the prompt's keys and values, which the attention keeps for backward (expanded to all heads but
-        # with flash attention); masks over R x Lc queries only
-        kv_key = 2 * b * (kv * d if attn == "flash" else h)
-        Tpol = P * Lp + R * Lc
-        per_layer = P * Lp * a_text + R * Lc * (a_text - kv_key) + R * S * kv_key
-        if attn == "sdpa":
-            mask_layer = (P * Lp * Lp + R * Lc * S) * b
-        elif attn == "eager":
-            quad_layer = (P * Lp * Lp + R * Lc * S) * nh * (4 + b)
-        once = Tpol * h * b + 2 * Tpol * d * b + Tpol * norm * h + (0 if attn == "flash" else (P * Lp * Lp + R * Lc * S) * (
-            1 + (b if attn == "eager" else 0)))
-        text_act = L * per_layer + once
-        text_note = (f"shared prompts: {L} layers x ({P} x {Lp} prompt + {R} x {Lc} completion tokens) x {a_text:.0f} B/token "
-                     f"+ {R} rows' copies of {S} keys")
-        layer_ws = Tpol * b * (2 * inter + 4 * h)
-        vis_act = (Lv_depth * Np * a_vis + vis_once + vis_quad) if vision_trains else 0.0
-        ws_note = "gradient buffers of one layer"
     else:
-        text_act = L * T * a_text + once_text
-        text_note = f"{L} layers x {T} tokens x {a_text:.0f} B/token ({a_text / h:.1f} x hidden)"
+        if cfg.policy_shared_prefix:
+            # each prompt runs once (P x Lp tokens); each completion token (R x Lc) attends over its row's copy of
+            # the prompt's keys and values, which the attention keeps for backward (expanded to all heads but
+            # with flash attention); masks over R x Lc queries only
+            kv_key = 2 * b * (kv * d if attn == "flash" else h)
+            Tpol = P * Lp + R * Lc
+            mask_cells = P * Lp * Lp + R * Lc * S
+            if attn == "sdpa":
+                mask_layer = mask_cells * b
+            elif attn == "eager":
+                quad_layer = mask_cells * nh * (4 + b)
+            text_act = L * (P * Lp * a_text + R * Lc * (a_text - kv_key) + R * S * kv_key) + once_per_pass(Tpol, mask_cells)
+            text_note = (f"shared prompts: {L} layers x ({P} x {Lp} prompt + {R} x {Lc} completion tokens) x {a_text:.0f} "
+                         f"B/token + {R} rows' copies of {S} keys")
+        else:
+            Tpol = T
+            text_act = L * T * a_text + once_text
+            text_note = f"{L} layers x {T} tokens x {a_text:.0f} B/token ({a_text / h:.1f} x hidden)"
         vis_act = (Lv_depth * Np * a_vis + vis_once + vis_quad) if vision_trains else 0.0
-        layer_ws = T * b * (2 * inter + 4 * h)
+        layer_ws = Tpol * b * (2 * inter + 4 * h)
         ws_note = "gradient buffers of one layer"
     add("text activations", "policy", text_act, text_note)
     if (mask_layer or quad_layer) and not ckpt:  # under checkpointing: in the recomputed layer's working set

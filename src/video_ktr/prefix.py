@@ -1,8 +1,9 @@
 """Shared-prefix scoring: the G completions of a prompt share its prompt, so encode the prompt once.
 
-A pass over N = P x G sequences of length Lp + Lc costs N (Lp + Lc) token-forwards when run
-naively (the probes and the reference without grad, the policy pass with grad). Here the prompt (with its video) runs once per prompt, its key/value cache is repeated G
-times, and only the completions run per row: P Lp + N Lc token-forwards. With Video-R1's long prompt
+A pass over N = P x G sequences of length Lp + Lc (the probes and the reference without grad, the
+policy pass with grad) costs N (Lp + Lc) token-forwards when run naively. Here the prompt (with its
+video) runs once per prompt, its key/value cache is repeated G times, and only the completions run per
+row: P Lp + N Lc token-forwards. With Video-R1's long prompt
 and a video, Lp is several times Lc, so the probe and reference passes shrink by about that factor.
 
 Positions are those of the full sequence (M-RoPE positions from ``get_rope_index`` on the prompts,

@@ -348,8 +348,7 @@ class KTRTrainer:
                     all_probed = len(probed) == P
                     ro.vis_logp[rows] = visual_probe_logprobs(
                         self.model, cfg.visual_probe, completion_ids=comps.ids[rows], completion_valid=comps.valid[rows],
-                        seq_inputs=seq if all_probed else sequence_inputs(
-                            select_prompts(strip_pixels(prompt_inputs), probed, G), comps.ids[rows], comps.valid[rows]),
+                        seq_inputs=seq if all_probed else select_prompts(seq, rows.tolist()),
                         prompt_inputs=prompt_inputs if all_probed else select_prompts(prompt_inputs, probed),
                         media=[media[p] for p in probed], group_size=G, processor=self.processor, chunk_rows=chunk,
                         shared_prefix=cfg.shared_prefix, bucket_overhead=self._bucket_overhead,
@@ -498,11 +497,10 @@ class KTRTrainer:
         valid = ro.completions.valid
         probed = ro.probed_rows if ro.probed_rows is not None else torch.ones_like(valid[:, 0])
         scored = valid & probed[:, None]
-        n_scored = float(scored.sum())
         for name, mask in masks.items():
             metric = "key_token_fraction" if name == "key" else f"{name}_fraction"
             pool = scored & ro.temporal_rows[:, None] if name == "temporal" else scored
-            ro.add(metric, float((mask & pool).sum()), float(pool.sum()) if name == "temporal" else n_scored)
+            ro.add(metric, float((mask & pool).sum()), float(pool.sum()))
         if entropy is not None:
             ro.add("entropy", float(entropy.detach()[valid].float().sum()), float(valid.sum()))
         # rows that get no gradient at all because no token was selected (counted, never an error)
