@@ -718,3 +718,34 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
         for micro in range(0, 5):
             strict.state.micro_step = micro
             strict._media_for(strict._next_samples())
+
+
+def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path, bad_media_dataset):
+    """The next micro-step's media decode in the background (--dataloader_prefetch); a file that cannot be read
+    there stops the step whose batch holds it, with the file named, and never an earlier step."""
+    from video_ktr.data import DataError
+
+    data, bad = bad_media_dataset
+    strict = _trainer(tiny_setup, tmp_path / "strict", "--dataset", str(data), "--token_selection", "none", "--beta", "0",
+                      "--max_completion_length", "4", "--max_steps", "9")
+    holds_bad = [any(i in bad for i, _ in strict._samples_at(m)) for m in range(9)]
+    first = next(m for m in range(1, 9) if holds_bad[m] and not holds_bad[m - 1])
+    strict.state.micro_step = strict.state.step = first - 1
+    m = strict.train_step()  # its batch is good; the prefetch of the next one fails in the background
+    assert math.isfinite(m["loss"]) and strict._pending is not None and strict._pending[0] == first
+    with pytest.raises(DataError, match=r"mixed\.json.*media could not be read"):
+        strict.train_step()
+    strict.close()
+
+
+def test_skips_found_while_prefetching_count_with_the_step_that_uses_them(tiny_setup, tmp_path, bad_media_dataset):
+    data, bad = bad_media_dataset
+    runs = {}
+    for prefetch in ("true", "false"):
+        trainer = _trainer(tiny_setup, tmp_path / prefetch, "--dataset", str(data), "--on_bad_sample", "skip",
+                           "--token_selection", "none", "--beta", "0", "--max_completion_length", "4", "--max_steps", "4",
+                           "--dataloader_prefetch", prefetch)
+        runs[prefetch] = [(trainer.train_step()["skipped_samples"], trainer.skips.total) for _ in range(4)]
+        trainer.close()
+    assert runs["true"] == runs["false"], runs
+    assert runs["true"][-1][0] > 0 and all(metric == total for metric, total in runs["true"])

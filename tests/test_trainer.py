@@ -437,3 +437,36 @@ def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_pat
     assert m_a["loss"] == pytest.approx(m_b["loss"], abs=1e-6) and m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-4)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup, tmp_path):
+    """--dataloader_prefetch prepares micro-step k+1's data while step k computes: the same batches, the same
+    steps; the thread prepares nothing past the run's last micro-step and is gone after train()."""
+    runs = {}
+    for prefetch in ("true", "false"):
+        trainer = make_trainer(tiny_setup, tmp_path / prefetch, *BASE, "--max_steps", "3", "--token_selection", "all",
+                               "--dataloader_prefetch", prefetch)
+        steps, pending = [], []
+        for _ in range(3):
+            steps.append(trainer.train_step())
+            pending.append(trainer._pending[0] if trainer._pending else None)
+        runs[prefetch] = (steps, pending, trainer)
+    (on, on_pending, a), (off, off_pending, b) = runs["true"], runs["false"]
+    assert on_pending == [1, 2, None] and off_pending == [None, None, None]
+    for x, y in zip(on, off):
+        for key in ("loss", "reward", "completion_length", "key_token_fraction", "visual_fraction", "temporal_fraction",
+                    "grad_norm"):
+            assert x[key] == y[key], (key, x[key], y[key])
+    # the batch made in the background equals the one made in the step, tensor for tensor
+    a._prefetch(1)
+    background, inline = a._batch_for(1), b._prepare_batch(1, b.processor)
+    assert [i for i, _ in background.picked] == [i for i, _ in inline.picked]
+    assert background.prompt_inputs.keys() == inline.prompt_inputs.keys()
+    for key, value in background.prompt_inputs.items():
+        assert torch.equal(value, inline.prompt_inputs[key]), key
+    a.state.step = 2
+    a._prefetch(3 - 1)
+    threads = list(a._loader._threads)
+    assert threads and all(t.name.startswith("video-ktr-data") for t in threads)
+    a.train()  # the last step, then close()
+    assert a._loader is None and a._pending is None and not any(t.is_alive() for t in threads)

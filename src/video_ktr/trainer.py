@@ -12,9 +12,11 @@ only orchestrates them and keeps the books (metrics, checkpoints, resumption).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +133,17 @@ class BadStep(RuntimeError):
     pass
 
 
+@dataclass
+class PreparedBatch:
+    """One micro-step's data, made on the CPU (in the prefetch thread or the step itself)."""
+
+    micro_step: int
+    picked: list[tuple[int, Sample]]  # (dataset row, sample) of each prompt, unreadable rows replaced
+    media: list[Media]
+    prompt_inputs: dict[str, Tensor]  # processor outputs, on the CPU
+    unreadable: dict[int, DataError]  # rows found unreadable while preparing it (counted when the step takes it)
+
+
 class KTRTrainer:
     def __init__(self, cfg: TrainConfig, accelerator: Any = None):
         from accelerate import Accelerator
@@ -186,6 +199,9 @@ class KTRTrainer:
         self.state = ckpt.TrainState()
         self.bad_steps = 0
         self.bad_rows: set[int] = set()  # dataset rows whose media could not be read (skip mode)
+        self._loader: ThreadPoolExecutor | None = None  # the data prefetch thread (--dataloader_prefetch)
+        self._loader_processor: Any = None
+        self._pending: tuple[int, Future] | None = None  # (micro-step, its batch being prepared)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 
@@ -204,15 +220,15 @@ class KTRTrainer:
                                warmup_ratio=self.cfg.warmup_ratio)
 
     # ------------------------------------------------------------------ data
-    def _next_samples(self) -> list[tuple[int, Sample]]:
-        """This process's prompts of the next micro-step: a slice of the global micro-batch.
+    def _samples_at(self, micro_step: int) -> list[tuple[int, Sample]]:
+        """This process's prompts of micro-step ``micro_step``: a slice of the global micro-batch.
 
         The order is a seeded permutation per epoch, so the position (micro-steps done) is all a
         resumed run needs, and every method run with one seed sees the same prompts in the same order.
         """
         P, world, rank = self.cfg.per_device_train_batch_size, self.acc.num_processes, self.acc.process_index
         n = len(self.samples)
-        start = self.state.micro_step * P * world + rank * P
+        start = micro_step * P * world + rank * P
         picked = []
         for k in range(start, start + P):
             epoch, pos = divmod(k, n)
@@ -221,6 +237,10 @@ class KTRTrainer:
             picked.append(int(perm[pos]))
         return [(i, self.samples[i]) for i in picked]
 
+    def _next_samples(self) -> list[tuple[int, Sample]]:
+        """The prompts of the next micro-step."""
+        return self._samples_at(self.state.micro_step)
+
     def _load_media(self, index: int, sample: Sample) -> Media:
         if sample.data_type == "video":
             return Media(video=self.cache.get_or_load(sample.media_path, self.frames))
@@ -228,12 +248,23 @@ class KTRTrainer:
 
     def _media_for(self, picked: list[tuple[int, Sample]]) -> tuple[list[tuple[int, Sample]], list[Media]]:
         """Decode each prompt's media; a failure stops the run, or (skip) is replaced and counted."""
-        out, media = [], []
+        out, media, unreadable = self._decode_media(picked)
+        self._count_unreadable(unreadable)
+        return out, media
+
+    def _decode_media(self, picked: list[tuple[int, Sample]]):
+        """``_media_for`` without touching the trainer: also returns the rows newly found unreadable.
+
+        Safe in the prefetch thread: it reads ``bad_rows`` (written only by the main thread, which does
+        not write it while a prefetch runs) and leaves the counting to the main thread, so a skip is
+        reported with the step that uses its batch.
+        """
+        out, media, unreadable = [], [], {}
         for index, sample in picked:
             tries = 0
             while True:
                 try:
-                    if index in self.bad_rows:  # known unreadable: not decoded nor counted again
+                    if index in self.bad_rows or index in unreadable:  # known unreadable: not decoded nor counted again
                         raise MediaError(sample.media_path, "was unreadable before")
                     media.append(self._load_media(index, sample))
                     out.append((index, sample))
@@ -242,15 +273,71 @@ class KTRTrainer:
                     if self.cfg.on_bad_sample == "error":
                         raise DataError(sample.source.rsplit(":", 1)[0], int(sample.source.rsplit(":", 1)[1]), "path",
                                         f"media could not be read: {err}", "media_unreadable") from err
-                    if index not in self.bad_rows:
-                        self.bad_rows.add(index)
-                        self.skips.add(DataError(sample.source, None, "path", str(err), "media_unreadable"))
+                    if index not in self.bad_rows and index not in unreadable:
+                        unreadable[index] = DataError(sample.source, None, "path", str(err), "media_unreadable")
                     tries += 1
                     if tries > 100:
                         raise RuntimeError("more than 100 unreadable media files in a row; check --media_root") from err
                     index = (index + 7919 * tries) % len(self.samples)
                     sample = self.samples[index]
-        return out, media
+        return out, media, unreadable
+
+    def _count_unreadable(self, unreadable: dict[int, DataError]) -> None:
+        for index, err in unreadable.items():
+            if index not in self.bad_rows:
+                self.bad_rows.add(index)
+                self.skips.add(err)
+
+    def _prepare_batch(self, micro_step: int, processor: Any) -> PreparedBatch:
+        """Micro-step ``micro_step``'s data on the CPU: its prompts, decoded media and processor outputs."""
+        cfg = self.cfg
+        picked, media, unreadable = self._decode_media(self._samples_at(micro_step))
+        samples = [s for _, s in picked]
+        messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
+        prompt_inputs = encode_prompts(processor, messages, media, max_prompt_length=cfg.max_prompt_length,
+                                       source=[s.source for s in samples])
+        return PreparedBatch(micro_step, picked, media, prompt_inputs, unreadable)
+
+    def _batch_for(self, micro_step: int) -> PreparedBatch:
+        """Micro-step ``micro_step``'s data: the batch prefetched while the previous step computed, or made now.
+
+        A prefetched batch raises here what preparing it raised (a bad file with --on_bad_sample error,
+        a prompt over --max_prompt_length), so an error stops the step that needs the batch, never an
+        earlier one. A prefetch of another micro-step (the state was moved: resumption, a test) is
+        awaited, so two threads never prepare at once, and dropped unused; its batch is made again
+        when its micro-step comes, and raises then if it must.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            key, future = pending
+            if key == micro_step:
+                batch = future.result()
+                self._count_unreadable(batch.unreadable)
+                return batch
+            wait([future])
+        batch = self._prepare_batch(micro_step, self.processor)
+        self._count_unreadable(batch.unreadable)
+        return batch
+
+    def _prefetch(self, micro_step: int) -> None:
+        """Start preparing micro-step ``micro_step``'s data in the background (--dataloader_prefetch)."""
+        cfg = self.cfg
+        if not cfg.dataloader_prefetch or micro_step >= cfg.max_steps * cfg.gradient_accumulation_steps:
+            return
+        if self._loader is None:
+            # a processor of its own: a fast tokenizer refuses calls from two threads at once ("Already borrowed")
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-ktr-data")
+            self._loader_processor = copy.deepcopy(self.processor)
+        self._pending = (micro_step, self._loader.submit(self._prepare_batch, micro_step, self._loader_processor))
+
+    def close(self) -> None:
+        """Stop the data prefetch thread (after the batch it is preparing). train() calls it at the end."""
+        if self._pending is not None:
+            wait([self._pending[1]])
+            self._pending = None
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
 
     # ------------------------------------------------------------------ the step's stages
     def _rewards(self, samples: list[Sample], comps: Completions) -> tuple[Tensor, dict[str, Tensor]]:
@@ -292,12 +379,12 @@ class KTRTrainer:
     def make_rollout(self, timer: Timer) -> Rollout:
         cfg, G, dev = self.cfg, self.cfg.num_generations, self.acc.device
         with timer.phase("data"):
-            picked, media = self._media_for(self._next_samples())
+            batch = self._batch_for(self.state.micro_step)
+            # the next micro-step's videos decode and go through the processor while this one computes
+            self._prefetch(self.state.micro_step + 1)
+            picked, media = batch.picked, batch.media
             samples = [s for _, s in picked]
-            messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
-            prompt_inputs = encode_prompts(self.processor, messages, media, max_prompt_length=cfg.max_prompt_length,
-                                           source=[s.source for s in samples])
-            prompt_inputs = to_device(prompt_inputs, dev)
+            prompt_inputs = to_device(batch.prompt_inputs, dev)
         with timer.phase("rollout"):
             comps = self._generate(prompt_inputs, picked, "rollout", G)
         with timer.phase("rewards"):
@@ -774,20 +861,23 @@ class KTRTrainer:
         last: dict[str, float] = {}
         model = self.model
         model.train()
-        while self.state.step < cfg.max_steps:
-            last = self.train_step()
-            if self.acc.is_main_process:
-                with (self.out / "metrics.jsonl").open("a") as fh:
-                    fh.write(json.dumps(finite_or_null(last)) + "\n")
-                bar.update(1)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", key=f"{last.get('key_token_fraction', 1.0):.2f}")
-                if cfg.logging_steps and self.state.step % cfg.logging_steps == 0:
-                    bar.write(_progress_line(last))
-            if [r for r in cfg.report_to if r != "none"]:
-                self.acc.log(last, step=self.state.step)
-            # also at the last step: a finished run can then be resumed to a larger --max_steps
-            if cfg.save_steps and self.state.step % cfg.save_steps == 0:
-                self.save_checkpoint()
+        try:
+            while self.state.step < cfg.max_steps:
+                last = self.train_step()
+                if self.acc.is_main_process:
+                    with (self.out / "metrics.jsonl").open("a") as fh:
+                        fh.write(json.dumps(finite_or_null(last)) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{last['reward']:.3f}", key=f"{last.get('key_token_fraction', 1.0):.2f}")
+                    if cfg.logging_steps and self.state.step % cfg.logging_steps == 0:
+                        bar.write(_progress_line(last))
+                if [r for r in cfg.report_to if r != "none"]:
+                    self.acc.log(last, step=self.state.step)
+                # also at the last step: a finished run can then be resumed to a larger --max_steps
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            self.close()
         bar.close()
         self.save_final()
         if self.skips.total and self.acc.is_main_process:
