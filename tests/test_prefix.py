@@ -245,3 +245,46 @@ def test_shared_prefix_with_grad_gives_the_full_forwards_gradients(setup, prompt
     # and without grad asked for, nothing is recorded
     inputs = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
     assert not shared_prefix_logprobs(model, inputs, ids, G)[0].requires_grad
+
+
+def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup, monkeypatch):
+    """TRANSFORMERS_SDPA_FORCE_GQA=1 (set on CPU by modeling.use_sdpa_gqa_on_cpu): the kernel takes the grouped
+    key/value heads instead of copies, with padding masks and a shared prompt's cache: the same log-probs,
+    entropies and gradients."""
+    from video_ktr.modeling import GQA_ENV
+
+    model, processor, samples = setup
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=11)
+    valid[2 * G, 2] = True
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(11)) * valid
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(GQA_ENV, flag)
+        model.zero_grad(set_to_none=True)
+        inputs = sequence_inputs(encode_visual_once(model, prompts, [0, 1, 2], G, grad=True), ids, valid)
+        logp, ent = shared_prefix_logprobs(model, inputs, ids, G, with_entropy=True, grad=True)
+        (logp * weights).sum().backward()
+        with torch.no_grad():
+            full, _ = sequence_logprobs(model, sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid), ids)
+        results[flag] = (logp.detach(), ent, full, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    (a, a_h, a_full, a_g), (b, b_h, b_full, b_g) = results["0"], results["1"]
+    assert torch.allclose(a[valid], b[valid], atol=1e-6) and torch.allclose(a_h[valid], b_h[valid], atol=1e-5)
+    assert torch.allclose(a_full[valid], b_full[valid], atol=1e-6)
+    assert a_g.keys() == b_g.keys()
+    for name, g in a_g.items():
+        assert torch.allclose(g, b_g[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_grouped_heads_are_turned_on_for_cpu_only_and_a_users_choice_stays(monkeypatch):
+    import os
+
+    from video_ktr.modeling import GQA_ENV, use_sdpa_gqa_on_cpu
+
+    monkeypatch.delenv(GQA_ENV, raising=False)
+    assert not use_sdpa_gqa_on_cpu("cuda:0") and GQA_ENV not in os.environ
+    assert use_sdpa_gqa_on_cpu("cpu") and os.environ[GQA_ENV] == "1"
+    monkeypatch.setenv(GQA_ENV, "0")
+    assert not use_sdpa_gqa_on_cpu(torch.device("cpu")) and os.environ[GQA_ENV] == "0"

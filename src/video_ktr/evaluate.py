@@ -252,7 +252,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: Any, processor: Any) -> None:
-        from video_ktr.modeling import special_tokens
+        from video_ktr.modeling import special_tokens, use_sdpa_gqa_on_cpu
         from video_ktr.rollout import unwrap
 
         self.model = model
@@ -262,6 +262,7 @@ class HFEngine:
         self.special = special_tokens(base.config, self.tokenizer)
         param = next(base.parameters())
         self.device = param.device
+        use_sdpa_gqa_on_cpu(self.device)
         self.dtype = param.dtype if param.dtype.is_floating_point else None
 
     def generate(self, messages: list[list[dict]], media: list[Any], seeds: Sequence[int], *,

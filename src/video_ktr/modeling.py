@@ -67,6 +67,26 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
     return model
 
 
+GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def use_sdpa_gqa_on_cpu(device: str | torch.device) -> bool:
+    """On CPU, let transformers' sdpa attention take grouped key/value heads as they are, also under a mask.
+
+    With an attention mask (left padding, a shared prompt's cache) transformers copies each key/value head
+    once per query head it serves before calling the kernel, at every layer and call, unless
+    ``TRANSFORMERS_SDPA_FORCE_GQA=1``; torch's CPU kernel takes grouped heads with a mask (``enable_gqa``) and
+    gives the same numbers without the copies (tests/test_modeling.py pins it). On CUDA the kernel that
+    masks need takes no grouped heads and would fall back to the slow math kernel, so this leaves other
+    devices alone, and a value the user set is kept. Returns whether grouped heads are on.
+    """
+    import os
+
+    if torch.device(device).type == "cpu" and GQA_ENV not in os.environ:
+        os.environ[GQA_ENV] = "1"
+    return os.environ.get(GQA_ENV) == "1"
+
+
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder of a Qwen-VL model (also inside PEFT / accelerate wrappers)."""
     for name, module in model.named_modules():

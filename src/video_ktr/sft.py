@@ -300,7 +300,7 @@ class SFTTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from video_ktr.modeling import freeze_vision, load_model, load_processor, vision_tower
+        from video_ktr.modeling import freeze_vision, load_model, load_processor, use_sdpa_gqa_on_cpu, vision_tower
 
         cfg.validate()
         self.cfg = cfg
@@ -309,6 +309,7 @@ class SFTTrainer:
         self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out),
                                               mixed_precision="bf16" if cfg.bf16 else "no", **accelerator_device_kwargs())
         check_process_count(self.acc)
+        use_sdpa_gqa_on_cpu(self.acc.device)
         if cfg.eval_generate:
             from video_ktr.trainer import sharded_parameters
 

@@ -44,7 +44,7 @@ from video_ktr.jsonl import finite_or_null
 from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
-from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens
+from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens, use_sdpa_gqa_on_cpu
 from video_ktr.prefix import shared_prefix_logprobs, strip_pixels
 from video_ktr.probes import (
     frame_permutation,
@@ -155,6 +155,7 @@ class KTRTrainer:
         log_with = [r for r in cfg.report_to if r != "none"] or None
         self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out), **accelerator_device_kwargs())
         check_process_count(self.acc)
+        use_sdpa_gqa_on_cpu(self.acc.device)
         if cfg.diagnostics_steps and sharded_parameters(self.acc):
             raise ValueError("--diagnostics_steps needs whole parameters on each process (one process or DDP): under "
                              "FSDP or DeepSpeed ZeRO-3 each process holds a shard, and the gradient diagnostics would "
