@@ -258,6 +258,6 @@ def test_estimated_difference_matches_measured_cpu_runs(tmp_path):
         assert m["peak_reset_after_load"] and m["max_rss_mb"] > m["rss_after_load_mb"] + 50
         assert (m["visual_tokens"], m["completion_tokens"]) == (16, base["max_completion_length"])
         assert run["largest_phase"] == "policy"
-    assert r["measured_difference_mb"] > 200
+    assert r["measured_difference_mb"] > 150
     assert abs(r["relative_error"]) <= 0.25, r
     assert abs(r["b"]["estimated_mb"] / r["b"]["measured_mb"] - 1) <= 0.25, r  # and the absolute step memory

@@ -154,3 +154,42 @@ def test_checkpoint_generation_settings_do_not_bias_rollouts(tiny_model, prompts
         model.generation_config = saved
     assert model.generation_config is saved
     assert torch.equal(plain.ids, biased.ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_shared_prefill_samples_what_repeated_prompts_sample(tiny_model, prompts, temperature):
+    """The rollout's prompts run once and their caches are repeated per completion (group_size, shared_prefill):
+    the same tokens as prefilling G copies of each prompt, on video and image prompts of different lengths."""
+    from video_ktr.rollout import _shared_prefill
+
+    model, processor = tiny_model
+    inputs, special = prompts
+    G = 3
+    seeds = [row_seed(1, "rollout", 0, p, g) for p in range(3) for g in range(G)]
+    args = dict(seeds=seeds, max_new_tokens=16, temperature=temperature, top_p=0.95, eos_ids=special.eos_ids,
+                pad_id=special.pad_id, suppress_ids=special.vision_ids, group_size=G)
+    assert _shared_prefill(model, inputs, G) is not None  # the shared path is taken here
+    shared = generate(model, processor.tokenizer, inputs, shared_prefill=True, **args)
+    repeated = generate(model, processor.tokenizer, inputs, shared_prefill=False, **args)
+    assert torch.equal(shared.ids, repeated.ids) and torch.equal(shared.valid, repeated.valid)
+    assert shared.texts == repeated.texts
+    if temperature:
+        assert _row(shared, 0) != _row(shared, 1)  # each row still has its own stream
+    # the one-row-per-prompt call is the same as before: group_size 1 repeats nothing
+    single = generate(model, processor.tokenizer, select_prompts(inputs, [p for p in range(3) for _ in range(G)]),
+                      **{**args, "group_size": 1})
+    assert torch.equal(single.ids, repeated.ids)
+
+
+def test_shared_prefill_steps_aside_where_it_cannot_apply(tiny_model, prompts):
+    """A prompt ending in a vision token (the cut would split its item) or right-padded: every row is prefilled."""
+    from video_ktr.rollout import _shared_prefill
+
+    model, _ = tiny_model
+    inputs, _ = prompts
+    ends_in_vision = dict(inputs, mm_token_type_ids=inputs["mm_token_type_ids"].clone())
+    ends_in_vision["mm_token_type_ids"][0, -1] = 2
+    assert _shared_prefill(model, ends_in_vision, 2) is None
+    right_padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
+    right_padded["attention_mask"][1, -1] = 0
+    assert _shared_prefill(model, right_padded, 2) is None

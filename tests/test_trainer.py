@@ -470,3 +470,17 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
     assert threads and all(t.name.startswith("video-ktr-data") for t in threads)
     a.train()  # the last step, then close()
     assert a._loader is None and a._pending is None and not any(t.is_alive() for t in threads)
+
+
+def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):
+    """--rollout_shared_prefill (default on) vs G prefilled copies: the same completions, rewards and loss, with
+    T-GRPO's shuffled-frame rollouts (G/2 rows per prompt) included."""
+    runs = {}
+    for flag in ("true", "false"):
+        trainer = make_trainer(tiny_setup, tmp_path / flag, *BASE, "--token_selection", "all", "--temporal_grpo", "true",
+                               "--rollout_shared_prefill", flag)
+        runs[flag] = [trainer.train_step() for _ in range(2)]
+        trainer.close()
+    for x, y in zip(runs["true"], runs["false"]):
+        for key in ("loss", "reward", "completion_length", "key_token_fraction", "temporal_bonus", "grad_norm"):
+            assert x[key] == y[key], (key, x[key], y[key])

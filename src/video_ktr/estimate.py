@@ -277,10 +277,14 @@ def estimate(
     video_size: tuple[int, int] | None = None,
     completion_tokens: int | None = None,
     suggest: bool = True,
+    grouped_heads: bool = False,
 ) -> dict[str, Any]:
     """Per-GPU memory (bytes, by component and phase) and tokens of one training step of ``cfg`` (a TrainConfig).
 
     ``completion_tokens`` overrides the completion length (default: max_completion_length, the worst case).
+    ``grouped_heads``: sdpa takes the grouped key/value heads as they are under a mask (on CPU, where the
+    trainer sets TRANSFORMERS_SDPA_FORCE_GQA=1: modeling.use_sdpa_gqa_on_cpu); on GPUs sdpa with a mask
+    expands them to all heads, the default here.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -365,7 +369,8 @@ def estimate(
 
     # ---------------------------------------------------------------- per-token activation factors (bytes)
     norm = 4 + 2 * b  # RMSNorm keeps its fp32 input copy, the normalised value and the output (the next matmul's input)
-    if attn == "flash":
+    kv_unexpanded = attn == "flash" or (attn == "sdpa" and grouped_heads)
+    if kv_unexpanded:
         attn_tok = 2 * b * h + 2 * b * kv * d  # q, out; k and v unexpanded (GQA in the kernel)
     else:
         attn_tok = 4 * b * h  # q, k and v expanded to all heads (repeat_kv), out
@@ -406,13 +411,15 @@ def estimate(
     kv_tok = L * 2 * kv * d * b
     add("KV cache (prompt + completion)", "rollout", R * S * kv_tok,
         f"{R} rows x {S} tokens x {L} layers x 2 x {kv} kv heads x {d} x {b} B")
-    Tp = R * Lp
-    prefill_layer = Tp * b * (3 * inter + 4 * h) + (R * Lp * Lp * (1 + b) if attn == "sdpa" else 0) \
-        + (R * nh * Lp * Lp * (4 + b) if attn == "eager" else 0)
-    prefill_vis = Np * b * (5 * hv + 3 * iv) + R * Lvis * h * b
-    prefill = prefill_layer + prefill_vis + R * V * 4
+    # --rollout_shared_prefill: each prompt (and its video) is prefilled once, its cache then repeated G times
+    Rp = P if cfg.rollout_shared_prefill else R
+    Tp = Rp * Lp
+    prefill_layer = Tp * b * (3 * inter + 4 * h) + (Rp * Lp * Lp * (1 + b) if attn == "sdpa" else 0) \
+        + (Rp * nh * Lp * Lp * (4 + b) if attn == "eager" else 0)
+    prefill_vis = Np * Rp // R * b * (5 * hv + 3 * iv) + Rp * Lvis * h * b
+    prefill = prefill_layer + prefill_vis + Rp * V * 4
     add("prefill working set (one layer + vision tower, no grad)", "rollout", prefill,
-        f"{Tp} prompt tokens; counted with the KV cache of the prompt only")
+        f"{Tp} prompt tokens ({Rp} rows); counted with the KV cache of the prompt only")
     kv_prompt = R * Lp * kv_tok
 
     # ---------------------------------------------------------------- probes / reference
@@ -444,9 +451,9 @@ def estimate(
     else:
         if cfg.policy_shared_prefix:
             # each prompt runs once (P x Lp tokens); each completion token (R x Lc) attends over its row's copy of
-            # the prompt's keys and values, which the attention keeps for backward (expanded to all heads but
-            # with flash attention); masks over R x Lc queries only
-            kv_key = 2 * b * (kv * d if attn == "flash" else h)
+            # the prompt's keys and values, which the attention keeps for backward (expanded to all heads unless
+            # the kernel takes grouped heads); masks over R x Lc queries only
+            kv_key = 2 * b * (kv * d if kv_unexpanded else h)
             Tpol = P * Lp + R * Lc
             mask_cells = P * Lp * Lp + R * Lc * S
             if attn == "sdpa":
@@ -896,6 +903,7 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
     The estimate is fed the shapes the runs really had (prompt and completion lengths), 1 CPU "GPU", no ZeRO.
     """
     from video_ktr.config import from_dict
+    from video_ktr.modeling import GQA_ENV
     from video_ktr.train_config import TrainConfig
 
     prepare_tiny(workdir)
@@ -915,7 +923,7 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
         cfg = from_dict(TrainConfig, {**values, "model_name_or_path": model, "dataset": "unused.json", "output_dir": "unused"})
         est = estimate(cfg, resolve_arch(model), gpu_memory_gb=1e6, num_gpus=1, zero_stage=0, video_seconds=10.0,
                        prompt_text_tokens=m["prompt_tokens"] - m["visual_tokens"], completion_tokens=m["completion_tokens"],
-                       suggest=False)
+                       suggest=False, grouped_heads=os.environ.get(GQA_ENV, "1") == "1")  # the run's trainer sets it on CPU
         if est["tokens"]["visual_tokens"] != m["visual_tokens"]:
             raise RuntimeError(f"estimated {est['tokens']['visual_tokens']} visual tokens, the run had {m['visual_tokens']}")
         rows[name] = {"measured_mb": m["peak_increase_mb"], "estimated_mb": est["step_dependent_gb"] * 1024,

@@ -48,11 +48,83 @@ def generate(
     eos_ids: tuple[int, ...],
     pad_id: int,
     suppress_ids: tuple[int, ...] = (),
+    group_size: int = 1,
+    shared_prefill: bool = True,
+    min_new_tokens: int = 0,
 ) -> Completions:
-    """Sample one completion per row of ``prompt_inputs`` (rows already repeated G times).
+    """Sample one completion per row of ``prompt_inputs`` x ``group_size`` (each prompt's G rows in a row).
 
-    ``seeds`` has one seed per row (see sampling.GumbelSampler); temperature 0 is greedy decoding.
+    ``seeds`` has one seed per row (see sampling.GumbelSampler); temperature 0 is greedy decoding;
+    ``min_new_tokens`` > 0 holds the end-of-turn tokens back until then (benchmarks).
+
+    With ``group_size`` > 1 and ``shared_prefill``, each prompt (and its vision tower) runs once and its
+    key/value cache is repeated for its G rows before decoding starts (_shared_prefill); the logits are
+    those of G separate prompt rows to float tolerance, and the sampled tokens the same (tests pin it).
+    Otherwise the prompt rows are repeated and ``generate`` prefills every one of them.
     """
+    rows = select_prompts(prompt_inputs, list(range(prompt_inputs["input_ids"].shape[0])), group_size)
+    prefilled = None
+    if group_size > 1 and shared_prefill:
+        prefilled = _shared_prefill(model, prompt_inputs, group_size)
+    if prefilled is not None:
+        cache, deltas = prefilled
+        tokens = {k: rows[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        return _generate(model, tokenizer, tokens, seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, cache=cache,
+                         rope_deltas=deltas, min_new_tokens=min_new_tokens)
+    return _generate(model, tokenizer, rows, seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, min_new_tokens=min_new_tokens)
+
+
+def _rope_owner(model: torch.nn.Module) -> Any:
+    """The module that holds ``rope_deltas`` and ``get_rope_index`` (Qwen2-VL / Qwen2.5-VL), or None."""
+    m = unwrap(model)
+    for cand in (m, getattr(m, "model", None), getattr(getattr(m, "base_model", None), "model", None)):
+        for obj in (cand, getattr(cand, "model", None) if cand is not None else None):
+            if obj is not None and hasattr(obj, "get_rope_index") and hasattr(obj, "rope_deltas"):
+                return obj
+    return None
+
+
+@torch.no_grad()
+def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int):
+    """Each prompt's cache up to its last token, computed once and repeated ``group_size`` times.
+
+    The prompts (left-padded, so every row's last column is a real token) run once without their last
+    column, with their pixels; the cache is repeated per row of the group, and generate() then feeds
+    only the last prompt column before it decodes. The M-RoPE offsets (``rope_deltas``) the model stored
+    for the P prompts are repeated the same way, which is what generate() reads for positions after a
+    cached prefix. Returns (cache, rope_deltas), or None where this does not apply (the last prompt
+    column is a vision token, a model without M-RoPE offsets, or one that returns no cache), and then
+    the caller prefills every row.
+    """
+    owner = _rope_owner(model)
+    mm = prompt_inputs["mm_token_type_ids"]
+    if owner is None or prompt_inputs["input_ids"].shape[1] < 2 or bool(mm[:, -1].any()):
+        return None
+    if not bool(prompt_inputs["attention_mask"][:, -1].all()):
+        return None  # right padding: the last column is not every row's last token
+    gen_model = unwrap(model)
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        owner.rope_deltas = None
+        head = {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                for k, v in prompt_inputs.items()}
+        out = gen_model(**head, use_cache=True, logits_to_keep=1)
+    finally:
+        gen_model.train(was_training)
+    cache, deltas = out.past_key_values, owner.rope_deltas
+    if cache is None or deltas is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(group_size)
+    return cache, deltas.repeat_interleave(group_size, dim=0)
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
+              max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
+              suppress_ids: tuple[int, ...], cache: Any = None, rope_deltas: Tensor | None = None,
+              min_new_tokens: int = 0) -> Completions:
     from transformers import GenerationConfig, LogitsProcessorList
 
     n = prompt_inputs["input_ids"].shape[0]
@@ -62,7 +134,7 @@ def generate(
     sampler = GumbelSampler(seeds, temperature=temperature, top_p=top_p, suppress_ids=list(suppress_ids), device=device)
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids), pad_token_id=pad_id,
-        num_beams=1, use_cache=True,
+        num_beams=1, use_cache=True, **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
     )
     gen_model = unwrap(model)
     was_training = gen_model.training
@@ -73,8 +145,15 @@ def generate(
     saved_config = gen_model.generation_config
     gen_model.generation_config = GenerationConfig()
     gen_model.eval()
+    extra: dict[str, Any] = {}
+    if cache is not None:
+        # continue from the shared prefill: generate() feeds the uncached last column, and takes positions
+        # after the cache from the stored offsets (the grids are not passed: no vision token is left)
+        extra["past_key_values"] = cache
+        _rope_owner(model).rope_deltas = rope_deltas
     try:
-        out = gen_model.generate(**prompt_inputs, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        out = gen_model.generate(**prompt_inputs, **extra, generation_config=config,
+                                 logits_processor=LogitsProcessorList([sampler]))
     finally:
         gen_model.train(was_training)
         gen_model.generation_config = saved_config

@@ -300,7 +300,13 @@ class SFTTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from video_ktr.modeling import freeze_vision, load_model, load_processor, use_sdpa_gqa_on_cpu, vision_tower
+        from video_ktr.modeling import (
+            freeze_vision,
+            load_model,
+            load_processor,
+            use_sdpa_gqa_on_cpu,
+            vision_tower,
+        )
 
         cfg.validate()
         self.cfg = cfg

@@ -16,8 +16,8 @@ import copy
 import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,11 +360,11 @@ class KTRTrainer:
         return [row_seed(self.cfg.seed, stream, self.state.micro_step, idx, g) for idx, _ in picked for g in range(count)]
 
     def _generate(self, prompt_inputs: dict[str, Tensor], picked, stream: str, count: int) -> Completions:
-        rows = select_prompts(prompt_inputs, list(range(len(picked))), count)
         return generate(
-            self.model, self.tokenizer, rows, seeds=self._seeds(picked, stream, count),
+            self.model, self.tokenizer, prompt_inputs, seeds=self._seeds(picked, stream, count),
             max_new_tokens=self.cfg.max_completion_length, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
             eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids,
+            group_size=count, shared_prefill=self.cfg.rollout_shared_prefill,
         )
 
     def _temporal_perms(self, picked, media: list[Media]) -> dict[int, list[int]]:
