@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             k, v = item.split("=", 1)
             overrides[k] = yaml.safe_load(v)
         pooled: dict[str, dict] = {}
+        paired: list[float] = []  # --interleave: KTR step / the GRPO step next to it in time, per step pair
         for r in range(args.rounds):
             # the order is reversed every other round (A B, B A, ...): a machine that drifts during a run
             # then hits every variant alike
@@ -182,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in order:
                     print(f"round {r + 1}/{args.rounds}: {variant} ({args.steps} steps) ...", flush=True)
                     results[variant] = run_variants(config, [specs[variant]], args.threads)[0]
-            for variant, result in results.items():
+            for result in results.values():
                 result["steps"] = result["steps"][args.warmup:] or result["steps"]
+            if args.interleave and "none" in results and "all" in results:
+                paired += [a["step_seconds"] / n["step_seconds"]
+                           for a, n in zip(results["all"]["steps"], results["none"]["steps"])]
+            for variant, result in results.items():
                 if variant in pooled:
                     pooled[variant]["steps"] += result["steps"]
                     pooled[variant]["peak_rss_kb"] = max(pooled[variant]["peak_rss_kb"], result["peak_rss_kb"])
@@ -212,9 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         # phase is not taken out: it is small against the pass)
         own = table["all"]["step_seconds"] - table["all"]["probes"] - table["all"]["selection"]
         in_step = table["all"]["step_seconds"] / max(own, 1e-9)
-        print(f"\nstep time KTR / GRPO = {ratio:.3f} (CPU time {cpu_ratio:.3f}); KTR step / its phases without probes "
-              f"and selection = {in_step:.3f}; peak memory KTR / GRPO = {mem_text}")
+        # with --interleave: the median over step pairs (the KTR step and the GRPO step run next to it), which
+        # cancels drift that a ratio of two medians keeps; with its quartiles as the spread
+        pair = statistics.median(paired) if paired else None
+        spread = statistics.quantiles(paired, n=4) if len(paired) >= 2 else None
+        pair_text = (f"; paired per step: median {pair:.3f} (quartiles {spread[0]:.3f}-{spread[2]:.3f}, {len(paired)} pairs)"
+                     if pair is not None and spread else "")
+        print(f"\nstep time KTR / GRPO = {ratio:.3f} (CPU time {cpu_ratio:.3f}){pair_text}; KTR step / its phases without "
+              f"probes and selection = {in_step:.3f}; peak memory KTR / GRPO = {mem_text}")
         table["ratios"] = {"step_time_ktr_over_grpo": ratio, "cpu_time_ktr_over_grpo": cpu_ratio,
+                           "step_time_ktr_over_grpo_paired_median": pair,
+                           "step_time_ktr_over_grpo_paired_quartiles": [spread[0], spread[2]] if spread else None,
                            "ktr_step_over_ktr_step_without_probes": in_step,
                            "peak_memory_ktr_over_grpo": None if args.interleave else mem}
     if args.json:
