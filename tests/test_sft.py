@@ -348,3 +348,34 @@ def test_eval_generate_options_and_their_validation():
         with pytest.raises(ValueError, match=message):
             SFTConfig(**base, **kw).validate()
     SFTConfig(**base, eval_dataset="e", eval_generate=True, eval_generate_rows=5).validate()
+
+
+def test_prefetched_rows_train_like_inline_ones_and_errors_wait_for_their_step(env, tmp_path):
+    """--dataloader_prefetch decodes the next micro-step's media in the background: the same rows and steps; a file
+    that cannot be read stops the step whose rows hold it (not an earlier one), and the thread stops after train()."""
+    kw = dict(max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2, lr_scheduler_type="constant")
+    runs = {}
+    for prefetch in (True, False):
+        trainer = SFTTrainer(_cfg(env, tmp_path / str(prefetch), dataloader_prefetch=prefetch, **kw))
+        runs[prefetch] = (trainer.train(), trainer)
+    (on, a), (off, _) = runs[True], runs[False]
+    assert on["loss"] == off["loss"] and on["tokens"] == off["tokens"]
+    assert a._loader is None and a._pending is None
+    assert [m["loss"] for m in _metrics(tmp_path / "True")] == [m["loss"] for m in _metrics(tmp_path / "False")]
+
+    rows = json.loads((env["data"] / "train.json").read_text())[:8]
+    corrupt = dict(rows[1], problem_id="corrupt", path="./broken/corrupt2.mp4")
+    (env["data"] / "broken").mkdir(exist_ok=True)
+    (env["data"] / "broken" / "corrupt2.mp4").write_bytes(b"\x00not a video" * 50)
+    data = tmp_path / "late_bad.json"
+    data.write_text(json.dumps(rows + [corrupt]))
+    trainer = SFTTrainer(_cfg(env, tmp_path / "late", dataset=str(data), media_root=str(env["data"]), max_steps=9,
+                              per_device_train_batch_size=1))
+    bad_at = [i for i in range(9) if str(trainer.samples[int(trainer._perm(0)[i])].media_path).endswith("corrupt2.mp4")]
+    assert bad_at and bad_at[0] >= 1
+    for _ in range(bad_at[0]):
+        trainer.train_step()  # the prefetch of the failing micro-step runs in the background during the last of these
+    assert trainer._pending is not None and trainer._pending[0] == bad_at[0]
+    with pytest.raises(DataError, match="media could not be read"):
+        trainer.train_step()
+    trainer.close()

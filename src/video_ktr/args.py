@@ -43,3 +43,4 @@ class DataArgs(MediaArgs):
         help="Multiple-choice layout of the released code: 'train' (newline after every option) or 'eval' (options joined by newlines).",
     )
     system_prompt: str | None = field(None, help="A system turn to add; by default the chat template's default system turn is used.")
+    dataloader_prefetch: bool = field(True, help="Decode the next micro-step's media (and, in train, run the processor) in a background thread while this step computes (same batches).")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,8 @@ class SFTTrainer:
         self.eval_samples = (load_dataset(cfg.eval_dataset, cfg.media_root, report=self.eval_skips, **load_kw)
                              if cfg.eval_dataset else None)
         self.bad_rows: dict[int, str] = {}  # training rows whose media could not be read (skip policy)
+        self._loader: ThreadPoolExecutor | None = None  # the data prefetch thread (--dataloader_prefetch)
+        self._pending: tuple[int, Future] | None = None  # (micro-step, its rows being decoded)
         # --eval_generate: the rows answered at each eval point and their groups (the same on every process)
         self.generation_rows = (generation_rows(self.eval_samples[:cfg.eval_generate_rows])
                                 if cfg.eval_generate and self.eval_samples else [])
@@ -404,21 +407,47 @@ class SFTTrainer:
         return DataError(file, int(row) if row.isdigit() else None, "path", f"media could not be read: {err}", "media_unreadable")
 
     def _next_rows(self) -> tuple[list[Sample], list[Media]]:
-        """This process's rows of the next micro-step, with decoded media.
+        """This process's rows of the next micro-step, with decoded media (prefetched while the last step ran).
+
+        A prefetch of another micro-step (the state was moved) is awaited and dropped; an error raised while
+        prefetching is raised here, by the step that needs the rows.
+        """
+        micro = self.state.micro_step
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == micro:
+            samples, media, unreadable = pending[1].result()
+        else:
+            if pending is not None:
+                wait([pending[1]])
+            samples, media, unreadable = self._rows_at(micro)
+        for index, derr in unreadable.items():
+            if index not in self.bad_rows:
+                self.bad_rows[index] = str(derr)
+                self.skips.add(derr)
+        self.state.micro_step += 1
+        if self.cfg.dataloader_prefetch and self.state.micro_step < self.total_steps * self.cfg.gradient_accumulation_steps:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-ktr-sft-data")
+            self._pending = (self.state.micro_step, self._loader.submit(self._rows_at, self.state.micro_step))
+        return samples, media
+
+    def _rows_at(self, micro_step: int) -> tuple[list[Sample], list[Media], dict[int, DataError]]:
+        """The rows of micro-step ``micro_step`` with decoded media, and the rows found unreadable on the way.
 
         Global position k = micro_step x rows_per_micro_step + rank x batch + j; epoch and place in the
         epoch's permutation follow from k. A row whose media cannot be read stops the run ('error') or
-        is replaced by the next row of the same epoch's order and counted once ('skip').
+        is replaced by the next row of the same epoch's order and counted once ('skip', by _next_rows: this
+        runs in the prefetch thread and only reads the trainer's state).
         """
         P, n = self.cfg.per_device_train_batch_size, len(self.samples)
-        start = self.state.micro_step * self.rows_per_micro_step + self.acc.process_index * P
-        samples, media = [], []
+        start = micro_step * self.rows_per_micro_step + self.acc.process_index * P
+        samples, media, unreadable = [], [], {}
         for k in range(start, start + P):
             epoch, pos = divmod(k, n)
             perm = self._perm(epoch)
             for offset in range(n):
                 index = int(perm[(pos + offset) % n])
-                if index in self.bad_rows:
+                if index in self.bad_rows or index in unreadable:
                     continue
                 sample = self.samples[index]
                 try:
@@ -427,15 +456,23 @@ class SFTTrainer:
                     derr = self._media_error(sample, err)
                     if self.cfg.on_bad_sample == "error":
                         raise derr from err
-                    self.bad_rows[index] = str(derr)
-                    self.skips.add(derr)
+                    unreadable[index] = derr
                     continue
                 samples.append(sample)
                 break
             else:
-                raise RuntimeError(f"no training row has readable media ({self.skips.summary()}); check --media_root")
-        self.state.micro_step += 1
-        return samples, media
+                raise RuntimeError(f"no training row has readable media ({len(self.bad_rows) + len(unreadable)} unreadable "
+                                   f"rows; {self.skips.summary()}); check --media_root")
+        return samples, media, unreadable
+
+    def close(self) -> None:
+        """Stop the data prefetch thread (after the rows it is decoding). train() calls it at the end."""
+        if self._pending is not None:
+            wait([self._pending[1]])
+            self._pending = None
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
 
     def _batch(self, samples: list[Sample], media: list[Media]) -> tuple[dict[str, Tensor], Tensor]:
         inputs, labels = build_sft_batch(self.processor, samples, media, layout=self.cfg.prompt_layout,
@@ -604,16 +641,19 @@ class SFTTrainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process, desc="sft")
         last: dict[str, Any] = {"step": self.state.step}
         self.model.train()
-        while self.state.step < self.total_steps:
-            last = self.train_step()
-            evaluated = cfg.eval_steps and self.state.step % cfg.eval_steps == 0 and self.state.step < self.total_steps
-            if evaluated:
-                last.update(self._evaluate_all())
-            self._log(last, bar)
-            if evaluated and acc.is_main_process and "eval_scored_rows" in last:
-                bar.write(_accuracy_line(last))
-            if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.total_steps:
-                self.save_checkpoint()
+        try:
+            while self.state.step < self.total_steps:
+                last = self.train_step()
+                evaluated = cfg.eval_steps and self.state.step % cfg.eval_steps == 0 and self.state.step < self.total_steps
+                if evaluated:
+                    last.update(self._evaluate_all())
+                self._log(last, bar)
+                if evaluated and acc.is_main_process and "eval_scored_rows" in last:
+                    bar.write(_accuracy_line(last))
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            self.close()
         if self.eval_samples:
             final_eval = self._evaluate_all()
             last.update(final_eval)

@@ -93,7 +93,6 @@ class TrainConfig(DataArgs):
         "and its gradient are the same, and the key-token metrics count the probed groups only. Diagnostics and "
         "token-record steps probe every group.")
     rollout_shared_prefill: bool = field(True, help="The rollout runs each prompt (and its vision tower) once and repeats its cache for the G completions before decoding, instead of prefilling G copies (same logits to float tolerance).")
-    dataloader_prefetch: bool = field(True, help="Prepare the next micro-step's data (decode its videos, run the processor) in a background thread while this step computes (same batches, the data time leaves the step).")
     encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
