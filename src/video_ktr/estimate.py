@@ -312,7 +312,9 @@ def estimate(
     S = Lp + Lc
     T = R * S
     patches_video = geo["patches"]
-    Np = R * patches_video  # the policy pass runs the vision tower on every row's copy of the video
+    # the policy pass runs the vision tower once per prompt (--encode_visual_once, the default) or on every row's copy
+    Rv = P if cfg.encode_visual_once else R
+    Np = Rv * patches_video
     tokens = {
         **geo, "prompt_text_tokens": prompt_text_tokens, "prompt_tokens": Lp, "completion_tokens": Lc,
         "sequence_tokens": S, "prompts_per_gpu": P, "rows_per_gpu": R, "policy_tokens_per_gpu": T,
@@ -364,7 +366,7 @@ def estimate(
         working = max(counts["embedding"], 2 * counts["text_layer"]) * b
         add("ZeRO-3 gathered parameters", "static", working, "largest of the embedding / two decoder layers, gathered during forward")
     pixel_bytes = Np * arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * PIXEL_VALUE_BYTES
-    add("batch inputs (pixel patches of every row)", "static", pixel_bytes * cfg.gradient_accumulation_steps,
+    add("batch inputs (pixel patches)", "static", pixel_bytes * cfg.gradient_accumulation_steps,
         f"{Np} patches x {arch.in_channels * arch.temporal_patch_size * arch.patch_size**2} values x 4 B, kept per micro-step")
 
     # ---------------------------------------------------------------- per-token activation factors (bytes)
@@ -403,7 +405,7 @@ def estimate(
         win = (arch.window_size // arch.patch_size) ** 2 if arch.window_size else ppf
         n_full = len([i for i in arch.fullatt_block_indexes if i < Lv_depth]) if arch.model_type == "qwen2_5_vl" else Lv_depth
         per_row = arch.vision_num_heads * (4 + b) * geo["grid_t"] * (n_full * ppf**2 + (Lv_depth - n_full) * ppf * min(win, ppf))
-        vis_quad = R * per_row
+        vis_quad = Rv * per_row
     vis_once = Np * (arch.in_channels * arch.temporal_patch_size * arch.patch_size**2) * b + Np * hv * (4 + 2 * b + 3 * b) \
         + 2 * Np * arch.vision_head_dim * 4
 
@@ -416,7 +418,7 @@ def estimate(
     Tp = Rp * Lp
     prefill_layer = Tp * b * (3 * inter + 4 * h) + (Rp * Lp * Lp * (1 + b) if attn == "sdpa" else 0) \
         + (Rp * nh * Lp * Lp * (4 + b) if attn == "eager" else 0)
-    prefill_vis = Np * Rp // R * b * (5 * hv + 3 * iv) + Rp * Lvis * h * b
+    prefill_vis = Rp * patches_video * b * (5 * hv + 3 * iv) + Rp * Lvis * h * b
     prefill = prefill_layer + prefill_vis + Rp * V * 4
     add("prefill working set (one layer + vision tower, no grad)", "rollout", prefill,
         f"{Tp} prompt tokens ({Rp} rows); counted with the KV cache of the prompt only")
@@ -476,7 +478,7 @@ def estimate(
             L * (mask_layer + quad_layer), f"{L} layers x {R} rows x {S}^2" + (f" x {nh} heads" if attn == "eager" else "")
             + f" x {4 + b if attn == 'eager' else b} B")
     add("vision tower activations", "policy", vis_act,
-        f"{Np} patches ({R} rows x {patches_video}) x {Lv_depth} blocks" + (" (frozen: none)" if not vision_trains else ""))
+        f"{Np} patches ({Rv} {'prompt' if Rv == P else 'row'}{'s' if Rv > 1 else ''} x {patches_video}) x {Lv_depth} blocks" + (" (frozen: none)" if not vision_trains else ""))
     entropy = "entropy" in signals
     logits_fwd = R * Lc * V * (16 if entropy else 8)
     logits_bwd = R * Lc * V * 12  # log-softmax + its gradient + the gradient of the logits
