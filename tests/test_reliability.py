@@ -732,7 +732,7 @@ def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path
     first = next(m for m in range(1, 9) if holds_bad[m] and not holds_bad[m - 1])
     strict.state.micro_step = strict.state.step = first - 1
     m = strict.train_step()  # its batch is good; the prefetch of the next one fails in the background
-    assert math.isfinite(m["loss"]) and strict._pending is not None and strict._pending[0] == first
+    assert math.isfinite(m["loss"]) and strict._prefetcher.pending_key == first
     with pytest.raises(DataError, match=r"mixed\.json.*media could not be read"):
         strict.train_step()
     strict.close()

@@ -360,7 +360,7 @@ def test_prefetched_rows_train_like_inline_ones_and_errors_wait_for_their_step(e
         runs[prefetch] = (trainer.train(), trainer)
     (on, a), (off, _) = runs[True], runs[False]
     assert on["loss"] == off["loss"] and on["tokens"] == off["tokens"]
-    assert a._loader is None and a._pending is None
+    assert a._prefetcher.pending_key is None and not a._prefetcher.threads
     assert [m["loss"] for m in _metrics(tmp_path / "True")] == [m["loss"] for m in _metrics(tmp_path / "False")]
 
     rows = json.loads((env["data"] / "train.json").read_text())[:8]
@@ -375,7 +375,7 @@ def test_prefetched_rows_train_like_inline_ones_and_errors_wait_for_their_step(e
     assert bad_at and bad_at[0] >= 1
     for _ in range(bad_at[0]):
         trainer.train_step()  # the prefetch of the failing micro-step runs in the background during the last of these
-    assert trainer._pending is not None and trainer._pending[0] == bad_at[0]
+    assert trainer._prefetcher.pending_key == bad_at[0]
     with pytest.raises(DataError, match="media could not be read"):
         trainer.train_step()
     trainer.close()

@@ -449,7 +449,7 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
         steps, pending = [], []
         for _ in range(3):
             steps.append(trainer.train_step())
-            pending.append(trainer._pending[0] if trainer._pending else None)
+            pending.append(trainer._prefetcher.pending_key)
         runs[prefetch] = (steps, pending, trainer)
     (on, on_pending, a), (off, off_pending, b) = runs["true"], runs["false"]
     assert on_pending == [1, 2, None] and off_pending == [None, None, None]
@@ -466,10 +466,10 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
         assert torch.equal(value, inline.prompt_inputs[key]), key
     a.state.step = 2
     a._prefetch(3 - 1)
-    threads = list(a._loader._threads)
+    threads = a._prefetcher.threads
     assert threads and all(t.name.startswith("video-ktr-data") for t in threads)
     a.train()  # the last step, then close()
-    assert a._loader is None and a._pending is None and not any(t.is_alive() for t in threads)
+    assert a._prefetcher.pending_key is None and not a._prefetcher.threads and not any(t.is_alive() for t in threads)
 
 
 def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):
@@ -484,3 +484,28 @@ def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):
     for x, y in zip(runs["true"], runs["false"]):
         for key in ("loss", "reward", "completion_length", "key_token_fraction", "temporal_bonus", "grad_norm"):
             assert x[key] == y[key], (key, x[key], y[key])
+
+
+def test_prefetcher_gives_the_prefetched_result_or_makes_it_now():
+    from video_ktr.prefetch import Prefetcher
+
+    calls = []
+
+    def make(key):
+        calls.append(key)
+        if key == "bad":
+            raise ValueError("bad item")
+        return key * 2
+
+    pre = Prefetcher("test-prefetch")
+    assert pre.take(1, make, 1) == 2 and calls == [1]  # nothing prefetched: made now
+    pre.start(2, make, 2)
+    assert pre.pending_key == 2 and pre.take(2, make, 2) == 4 and calls == [1, 2]  # made once, in the background
+    pre.start(3, make, 3)
+    assert pre.take(4, make, 4) == 8 and calls == [1, 2, 3, 4]  # another key: awaited, dropped, made now
+    pre.start("bad", make, "bad")
+    with pytest.raises(ValueError, match="bad item"):  # raised by the take that needs it
+        pre.take("bad", make, "bad")
+    threads = pre.threads
+    pre.close()
+    assert pre.pending_key is None and not pre.threads and threads and not any(t.is_alive() for t in threads)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from video_ktr.data import DataError, Sample, SkipReport, load_dataset
 from video_ktr.jsonl import finite_or_null
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, processor_call, sequence_inputs, to_device
+from video_ktr.prefetch import Prefetcher
 from video_ktr.sampling import row_seed
 from video_ktr.schedule import build_scheduler
 
@@ -334,8 +334,7 @@ class SFTTrainer:
         self.eval_samples = (load_dataset(cfg.eval_dataset, cfg.media_root, report=self.eval_skips, **load_kw)
                              if cfg.eval_dataset else None)
         self.bad_rows: dict[int, str] = {}  # training rows whose media could not be read (skip policy)
-        self._loader: ThreadPoolExecutor | None = None  # the data prefetch thread (--dataloader_prefetch)
-        self._pending: tuple[int, Future] | None = None  # (micro-step, its rows being decoded)
+        self._prefetcher = Prefetcher("video-ktr-sft-data")  # the next micro-step's rows (--dataloader_prefetch)
         # --eval_generate: the rows answered at each eval point and their groups (the same on every process)
         self.generation_rows = (generation_rows(self.eval_samples[:cfg.eval_generate_rows])
                                 if cfg.eval_generate and self.eval_samples else [])
@@ -413,22 +412,14 @@ class SFTTrainer:
         prefetching is raised here, by the step that needs the rows.
         """
         micro = self.state.micro_step
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == micro:
-            samples, media, unreadable = pending[1].result()
-        else:
-            if pending is not None:
-                wait([pending[1]])
-            samples, media, unreadable = self._rows_at(micro)
+        samples, media, unreadable = self._prefetcher.take(micro, self._rows_at, micro)
         for index, derr in unreadable.items():
             if index not in self.bad_rows:
                 self.bad_rows[index] = str(derr)
                 self.skips.add(derr)
         self.state.micro_step += 1
         if self.cfg.dataloader_prefetch and self.state.micro_step < self.total_steps * self.cfg.gradient_accumulation_steps:
-            if self._loader is None:
-                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-ktr-sft-data")
-            self._pending = (self.state.micro_step, self._loader.submit(self._rows_at, self.state.micro_step))
+            self._prefetcher.start(self.state.micro_step, self._rows_at, self.state.micro_step)
         return samples, media
 
     def _rows_at(self, micro_step: int) -> tuple[list[Sample], list[Media], dict[int, DataError]]:
@@ -467,12 +458,7 @@ class SFTTrainer:
 
     def close(self) -> None:
         """Stop the data prefetch thread (after the rows it is decoding). train() calls it at the end."""
-        if self._pending is not None:
-            wait([self._pending[1]])
-            self._pending = None
-        if self._loader is not None:
-            self._loader.shutdown(wait=True)
-            self._loader = None
+        self._prefetcher.close()
 
     def _batch(self, samples: list[Sample], media: list[Media]) -> tuple[dict[str, Tensor], Tensor]:
         inputs, labels = build_sft_batch(self.processor, samples, media, layout=self.cfg.prompt_layout,

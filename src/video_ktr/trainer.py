@@ -17,7 +17,6 @@ import json
 import math
 import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
 from video_ktr.media import FrameCache, MediaError, load_image
 from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
 from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens, use_sdpa_gqa_on_cpu
+from video_ktr.prefetch import Prefetcher
 from video_ktr.prefix import shared_prefix_logprobs, strip_pixels
 from video_ktr.probes import (
     frame_permutation,
@@ -200,9 +200,8 @@ class KTRTrainer:
         self.state = ckpt.TrainState()
         self.bad_steps = 0
         self.bad_rows: set[int] = set()  # dataset rows whose media could not be read (skip mode)
-        self._loader: ThreadPoolExecutor | None = None  # the data prefetch thread (--dataloader_prefetch)
+        self._prefetcher = Prefetcher("video-ktr-data")  # the next micro-step's batch (--dataloader_prefetch)
         self._loader_processor: Any = None
-        self._pending: tuple[int, Future] | None = None  # (micro-step, its batch being prepared)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 
@@ -304,19 +303,9 @@ class KTRTrainer:
 
         A prefetched batch raises here what preparing it raised (a bad file with --on_bad_sample error,
         a prompt over --max_prompt_length), so an error stops the step that needs the batch, never an
-        earlier one. A prefetch of another micro-step (the state was moved: resumption, a test) is
-        awaited, so two threads never prepare at once, and dropped unused; its batch is made again
-        when its micro-step comes, and raises then if it must.
+        earlier one; a prefetch of another micro-step is awaited and dropped (prefetch.Prefetcher.take).
         """
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            key, future = pending
-            if key == micro_step:
-                batch = future.result()
-                self._count_unreadable(batch.unreadable)
-                return batch
-            wait([future])
-        batch = self._prepare_batch(micro_step, self.processor)
+        batch = self._prefetcher.take(micro_step, self._prepare_batch, micro_step, self.processor)
         self._count_unreadable(batch.unreadable)
         return batch
 
@@ -325,20 +314,14 @@ class KTRTrainer:
         cfg = self.cfg
         if not cfg.dataloader_prefetch or micro_step >= cfg.max_steps * cfg.gradient_accumulation_steps:
             return
-        if self._loader is None:
+        if self._loader_processor is None:
             # a processor of its own: a fast tokenizer refuses calls from two threads at once ("Already borrowed")
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-ktr-data")
             self._loader_processor = copy.deepcopy(self.processor)
-        self._pending = (micro_step, self._loader.submit(self._prepare_batch, micro_step, self._loader_processor))
+        self._prefetcher.start(micro_step, self._prepare_batch, micro_step, self._loader_processor)
 
     def close(self) -> None:
         """Stop the data prefetch thread (after the batch it is preparing). train() calls it at the end."""
-        if self._pending is not None:
-            wait([self._pending[1]])
-            self._pending = None
-        if self._loader is not None:
-            self._loader.shutdown(wait=True)
-            self._loader = None
+        self._prefetcher.close()
 
     # ------------------------------------------------------------------ the step's stages
     def _rewards(self, samples: list[Sample], comps: Completions) -> tuple[Tensor, dict[str, Tensor]]:
