@@ -703,7 +703,8 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
     # every bad row is decoded exactly where the data order puts it, without starting a rollout
     for micro in range(0, 5):
         trainer.state.micro_step = micro
-        picked, media = trainer._media_for(trainer._next_samples())
+        batch = trainer._batch_for(micro)
+        picked, media = batch.picked, batch.media
         assert len(picked) == len(media) == 2 and all(i not in bad for i, _ in picked)
     assert trainer.skips.counts["media_unreadable"] >= len(bad)
     reasons = " ".join(trainer.skips.examples)
@@ -717,7 +718,7 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
     with pytest.raises(DataError, match=r"mixed\.json.*media could not be read"):
         for micro in range(0, 5):
             strict.state.micro_step = micro
-            strict._media_for(strict._next_samples())
+            strict._batch_for(micro)
 
 
 def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path, bad_media_dataset):

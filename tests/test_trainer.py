@@ -79,7 +79,7 @@ def test_first_steps_mix_videos_and_images(tiny_setup, tmp_path):
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "2")
     kinds = []
     for _ in range(2):
-        kinds += [s.data_type for _, s in trainer._next_samples()]
+        kinds += [s.data_type for _, s in trainer._samples_at(trainer.state.micro_step)]
         trainer.state.micro_step += 1
     assert set(kinds) == {"video", "image"}, kinds  # the configurations below see both kinds of rows
 

@@ -76,7 +76,7 @@ def use_sdpa_gqa_on_cpu(device: str | torch.device) -> bool:
     With an attention mask (left padding, a shared prompt's cache) transformers copies each key/value head
     once per query head it serves before calling the kernel, at every layer and call, unless
     ``TRANSFORMERS_SDPA_FORCE_GQA=1``; torch's CPU kernel takes grouped heads with a mask (``enable_gqa``) and
-    gives the same numbers without the copies (tests/test_modeling.py pins it). On CUDA the kernel that
+    gives the same numbers without the copies (tests/test_prefix.py pins it). On CUDA the kernel that
     masks need takes no grouped heads and would fall back to the slow math kernel, so this leaves other
     devices alone, and a value the user set is kept. Returns whether grouped heads are on.
     """

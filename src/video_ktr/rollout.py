@@ -62,28 +62,23 @@ def generate(
     those of G separate prompt rows to float tolerance, and the sampled tokens the same (tests pin it).
     Otherwise the prompt rows are repeated and ``generate`` prefills every one of them.
     """
-    rows = select_prompts(prompt_inputs, list(range(prompt_inputs["input_ids"].shape[0])), group_size)
-    prefilled = None
-    if group_size > 1 and shared_prefill:
-        prefilled = _shared_prefill(model, prompt_inputs, group_size)
-    if prefilled is not None:
-        cache, deltas = prefilled
-        tokens = {k: rows[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        return _generate(model, tokenizer, tokens, seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, cache=cache,
-                         rope_deltas=deltas, min_new_tokens=min_new_tokens)
+    cache = _shared_prefill(model, prompt_inputs, group_size) if group_size > 1 and shared_prefill else None
+    if cache is not None:  # the token columns only: the pixels went into the cache
+        rows = {k: prompt_inputs[k].repeat_interleave(group_size, dim=0)
+                for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    else:
+        rows = select_prompts(prompt_inputs, list(range(prompt_inputs["input_ids"].shape[0])), group_size)
     return _generate(model, tokenizer, rows, seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, min_new_tokens=min_new_tokens)
+                     top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, cache=cache,
+                     min_new_tokens=min_new_tokens)
 
 
 def _rope_owner(model: torch.nn.Module) -> Any:
     """The module that holds ``rope_deltas`` and ``get_rope_index`` (Qwen2-VL / Qwen2.5-VL), or None."""
-    m = unwrap(model)
-    for cand in (m, getattr(m, "model", None), getattr(getattr(m, "base_model", None), "model", None)):
-        for obj in (cand, getattr(cand, "model", None) if cand is not None else None):
-            if obj is not None and hasattr(obj, "get_rope_index") and hasattr(obj, "rope_deltas"):
-                return obj
-    return None
+    from video_ktr.prefix import _rope_fn
+
+    owner = getattr(_rope_fn(model), "__self__", None)
+    return owner if hasattr(owner, "rope_deltas") else None
 
 
 @torch.no_grad()
@@ -93,10 +88,10 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     The prompts (left-padded, so every row's last column is a real token) run once without their last
     column, with their pixels; the cache is repeated per row of the group, and generate() then feeds
     only the last prompt column before it decodes. The M-RoPE offsets (``rope_deltas``) the model stored
-    for the P prompts are repeated the same way, which is what generate() reads for positions after a
-    cached prefix. Returns (cache, rope_deltas), or None where this does not apply (the last prompt
-    column is a vision token, a model without M-RoPE offsets, or one that returns no cache), and then
-    the caller prefills every row.
+    for the P prompts are repeated the same way and left on the model, which is where generate() reads
+    them for positions after a cached prefix. Returns the cache, or None where this does not apply (the
+    last prompt column is a vision token, a model without M-RoPE offsets, or one that returns no cache),
+    and then the caller prefills every row.
     """
     owner = _rope_owner(model)
     mm = prompt_inputs["mm_token_type_ids"]
@@ -118,13 +113,13 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     if cache is None or deltas is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(group_size)
-    return cache, deltas.repeat_interleave(group_size, dim=0)
+    owner.rope_deltas = deltas.repeat_interleave(group_size, dim=0)
+    return cache
 
 
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
               max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
-              suppress_ids: tuple[int, ...], cache: Any = None, rope_deltas: Tensor | None = None,
-              min_new_tokens: int = 0) -> Completions:
+              suppress_ids: tuple[int, ...], cache: Any = None, min_new_tokens: int = 0) -> Completions:
     from transformers import GenerationConfig, LogitsProcessorList
 
     n = prompt_inputs["input_ids"].shape[0]
@@ -145,12 +140,9 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, T
     saved_config = gen_model.generation_config
     gen_model.generation_config = GenerationConfig()
     gen_model.eval()
-    extra: dict[str, Any] = {}
-    if cache is not None:
-        # continue from the shared prefill: generate() feeds the uncached last column, and takes positions
-        # after the cache from the stored offsets (the grids are not passed: no vision token is left)
-        extra["past_key_values"] = cache
-        _rope_owner(model).rope_deltas = rope_deltas
+    # continuing from a shared prefill, generate() feeds the uncached last column and takes positions after
+    # the cache from the offsets _shared_prefill left on the model (no grids: no vision token is left)
+    extra = {"past_key_values": cache} if cache is not None else {}
     try:
         out = gen_model.generate(**prompt_inputs, **extra, generation_config=config,
                                  logits_processor=LogitsProcessorList([sampler]))

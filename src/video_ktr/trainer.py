@@ -137,7 +137,6 @@ class BadStep(RuntimeError):
 class PreparedBatch:
     """One micro-step's data, made on the CPU (in the prefetch thread or the step itself)."""
 
-    micro_step: int
     picked: list[tuple[int, Sample]]  # (dataset row, sample) of each prompt, unreadable rows replaced
     media: list[Media]
     prompt_inputs: dict[str, Tensor]  # processor outputs, on the CPU
@@ -237,27 +236,18 @@ class KTRTrainer:
             picked.append(int(perm[pos]))
         return [(i, self.samples[i]) for i in picked]
 
-    def _next_samples(self) -> list[tuple[int, Sample]]:
-        """The prompts of the next micro-step."""
-        return self._samples_at(self.state.micro_step)
-
     def _load_media(self, index: int, sample: Sample) -> Media:
         if sample.data_type == "video":
             return Media(video=self.cache.get_or_load(sample.media_path, self.frames))
         return Media(image=load_image(sample.media_path, self.frames))
 
-    def _media_for(self, picked: list[tuple[int, Sample]]) -> tuple[list[tuple[int, Sample]], list[Media]]:
-        """Decode each prompt's media; a failure stops the run, or (skip) is replaced and counted."""
-        out, media, unreadable = self._decode_media(picked)
-        self._count_unreadable(unreadable)
-        return out, media
-
     def _decode_media(self, picked: list[tuple[int, Sample]]):
-        """``_media_for`` without touching the trainer: also returns the rows newly found unreadable.
+        """Decode each prompt's media; a failure stops the run, or (skip) is replaced by another row.
 
-        Safe in the prefetch thread: it reads ``bad_rows`` (written only by the main thread, which does
-        not write it while a prefetch runs) and leaves the counting to the main thread, so a skip is
-        reported with the step that uses its batch.
+        Returns the prompts, their media and the rows newly found unreadable, which the caller counts
+        (_count_unreadable). Safe in the prefetch thread: it reads ``bad_rows`` (written only by the main
+        thread, which does not write it while a prefetch runs), so a skip is reported with the step that
+        uses its batch.
         """
         out, media, unreadable = [], [], {}
         for index, sample in picked:
@@ -296,7 +286,7 @@ class KTRTrainer:
         messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
         prompt_inputs = encode_prompts(processor, messages, media, max_prompt_length=cfg.max_prompt_length,
                                        source=[s.source for s in samples])
-        return PreparedBatch(micro_step, picked, media, prompt_inputs, unreadable)
+        return PreparedBatch(picked, media, prompt_inputs, unreadable)
 
     def _batch_for(self, micro_step: int) -> PreparedBatch:
         """Micro-step ``micro_step``'s data: the batch prefetched while the previous step computed, or made now.
