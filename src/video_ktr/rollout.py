@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from video_ktr.kv_cache import new_cache, repeat_rows
 from video_ktr.model_inputs import select_prompts
 from video_ktr.sampling import GumbelSampler
 from video_ktr.scoring import completion_mask
@@ -62,7 +63,8 @@ def generate(
     those of G separate prompt rows to float tolerance, and the sampled tokens the same (tests pin it).
     Otherwise the prompt rows are repeated and ``generate`` prefills every one of them.
     """
-    cache = _shared_prefill(model, prompt_inputs, group_size) if group_size > 1 and shared_prefill else None
+    capacity = prompt_inputs["input_ids"].shape[1] + max_new_tokens
+    cache = _shared_prefill(model, prompt_inputs, group_size, capacity) if group_size > 1 and shared_prefill else None
     if cache is not None:  # the token columns only: the pixels went into the cache
         rows = {k: prompt_inputs[k].repeat_interleave(group_size, dim=0)
                 for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -82,7 +84,7 @@ def _rope_owner(model: torch.nn.Module) -> Any:
 
 
 @torch.no_grad()
-def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int):
+def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int, capacity: int = 0):
     """Each prompt's cache up to its last token, computed once and repeated ``group_size`` times.
 
     The prompts (left-padded, so every row's last column is a real token) run once without their last
@@ -91,7 +93,8 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     for the P prompts are repeated the same way and left on the model, which is where generate() reads
     them for positions after a cached prefix. Returns the cache, or None where this does not apply (the
     last prompt column is a vision token, a model without M-RoPE offsets, or one that returns no cache),
-    and then the caller prefills every row.
+    and then the caller prefills every row. The repeated cache reserves room for ``capacity`` tokens
+    (kv_cache.repeat_rows: decoding then writes in place instead of concatenating).
     """
     owner = _rope_owner(model)
     mm = prompt_inputs["mm_token_type_ids"]
@@ -112,7 +115,8 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     cache, deltas = out.past_key_values, owner.rope_deltas
     if cache is None or deltas is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
-    cache.batch_repeat_interleave(group_size)
+    if not repeat_rows(cache, group_size, capacity):
+        cache.batch_repeat_interleave(group_size)
     owner.rope_deltas = deltas.repeat_interleave(group_size, dim=0)
     return cache
 
@@ -142,6 +146,8 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, T
     gen_model.eval()
     # continuing from a shared prefill, generate() feeds the uncached last column and takes positions after
     # the cache from the offsets _shared_prefill left on the model (no grids: no vision token is left)
+    if cache is None:  # decoding writes into room reserved for the whole completion (kv_cache)
+        cache = new_cache(gen_model, prompt_inputs["input_ids"].shape[1] + max_new_tokens)
     extra = {"past_key_values": cache} if cache is not None else {}
     try:
         out = gen_model.generate(**prompt_inputs, **extra, generation_config=config,

@@ -1,0 +1,163 @@
+"""A key/value cache that reserves room for the tokens to come instead of concatenating at every step.
+
+transformers' ``DynamicLayer.update`` appends with ``torch.cat``: each decoding step copies a layer's
+whole cache to add one column, so a rollout of T tokens copies the cache T times (16 % of the tiny
+default's rollout, measured). The reserving layer here (a ``DynamicLayer`` in all else) writes the new columns into a buffer that already has
+room for them and hands attention a view of the filled part: the same values in the same shapes, so
+the attention, and every logit, is the same number (tests pin it). When the room runs out the buffer
+grows by doubling, so a wrong guess only costs speed.
+
+Used by the rollouts (rollout.generate), which run without autograd. An in-place write into a buffer
+that a graph reads would be wrong, so an update that carries a gradient takes the concatenating path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _dynamic_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+class _ReservedMixin:
+    """``update`` writes into reserved room; ``keys`` / ``values`` are views of the filled part."""
+
+    capacity: int
+    _kbuf: Tensor | None
+    _vbuf: Tensor | None
+
+    def _owns(self) -> bool:
+        """Whether ``keys`` / ``values`` are still the views of this layer's buffers (nothing replaced them)."""
+        kb, vb = self._kbuf, self._vbuf
+        k, v = self.keys, self.values
+        return (kb is not None and k is not None and v is not None and k.data_ptr() == kb.data_ptr()
+                and v.data_ptr() == vb.data_ptr() and k.shape[0] == kb.shape[0] and k.shape[1:2] == kb.shape[1:2])
+
+    def _reserve(self, like_k: Tensor, like_v: Tensor, length: int, room: int) -> None:
+        """New buffers with ``room`` columns holding the current ``length`` columns."""
+        B, H, _, Dk = like_k.shape
+        kb = like_k.new_empty(B, H, room, Dk)
+        vb = like_v.new_empty(B, H, room, like_v.shape[-1])
+        if length:
+            kb[:, :, :length].copy_(self.keys)
+            vb[:, :, :length].copy_(self.values)
+        self._kbuf, self._vbuf = kb, vb
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._kbuf = self._vbuf = None  # the graph needs fresh tensors: concatenate
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.get_seq_length()
+        new = old + key_states.shape[-2]
+        if not (old and self._owns()) or self._kbuf.shape[-2] < new:
+            room = max(self.capacity, new) if not (old and self._owns()) else max(2 * self._kbuf.shape[-2], new)
+            self._reserve(key_states, value_states, old, room)
+        self._kbuf[:, :, old:new].copy_(key_states)
+        self._vbuf[:, :, old:new].copy_(value_states)
+        self.keys = self._kbuf[:, :, :new]
+        self.values = self._vbuf[:, :, :new]
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # a shorter view of the same buffer: still owned, the room stays
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _reserved_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"Reserved{base.__name__}", (_ReservedMixin, base), {})
+    return _CLASSES[base]
+
+
+def _reserved_layers(cache: Any) -> list[Any] | None:
+    """``cache``'s layers with each plain dynamic one replaced by a reserving one holding the same state.
+
+    None (and ``cache`` untouched) when a layer is of another kind (sliding window, static, quantised,
+    offloaded): its own update is kept.
+    """
+    base = _dynamic_layer_class()
+    layers = getattr(cache, "layers", None) or []
+    if not layers or any(not (type(layer) is base or isinstance(layer, _ReservedMixin)) for layer in layers):
+        return None
+    out = []
+    for layer in layers:
+        if not isinstance(layer, _ReservedMixin):
+            new = _reserved_class(base).__new__(_reserved_class(base))
+            new.__dict__.update(layer.__dict__)
+            new._kbuf = new._vbuf = None
+            layer = new
+        out.append(layer)
+    cache.layers = out
+    return out
+
+
+def reserve(cache: Any, capacity: int) -> Any:
+    """Give each plain dynamic layer of ``cache`` room for ``capacity`` tokens (in place; returns ``cache``).
+
+    Nothing changes when a layer is of another kind (sliding window, static, quantised, offloaded). A layer
+    that already holds keys gets its buffer now (one copy, which the first concatenation would have
+    made anyway); an empty one on its first update.
+    """
+    for layer in _reserved_layers(cache) or []:
+        layer.capacity = int(capacity)
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            n = layer.keys.shape[-2]
+            if not layer._owns() or layer._kbuf.shape[-2] < capacity:
+                layer._reserve(layer.keys, layer.values, n, max(int(capacity), n))
+                layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
+    return cache
+
+
+def new_cache(model: torch.nn.Module, capacity: int) -> Any:
+    """An empty cache for ``model`` whose plain layers reserve room for ``capacity`` tokens (None: not possible)."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    except Exception:  # a config transformers cannot read the layer layout from: let generate() build its own
+        return None
+    if not getattr(cache, "layers", None):
+        return None
+    return reserve(cache, capacity)
+
+
+def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
+    """Repeat each row of ``cache`` ``repeats`` times (as ``batch_repeat_interleave``) into reserved room.
+
+    One copy per layer straight into a buffer with room for ``capacity`` tokens (instead of a repeat and
+    later a concatenation per step). Returns False (``cache`` untouched) when a layer is not a plain
+    dynamic one; the caller then repeats it the usual way.
+    """
+    layers = _reserved_layers(cache)
+    if layers is None:
+        return False
+    for layer in layers:
+        layer.capacity = int(capacity)
+        if not layer.is_initialized or layer.keys is None or not layer.keys.numel():
+            continue
+        k, v = layer.keys, layer.values
+        B, H, n, Dk = k.shape
+        room = max(int(capacity), n)
+        kb = k.new_empty(B * repeats, H, room, Dk)
+        vb = v.new_empty(B * repeats, H, room, v.shape[-1])
+        kb.view(B, repeats, H, room, Dk)[:, :, :, :n].copy_(k[:, None].expand(B, repeats, H, n, Dk))
+        vb.view(B, repeats, H, room, v.shape[-1])[:, :, :, :n].copy_(v[:, None].expand(B, repeats, H, n, v.shape[-1]))
+        layer._kbuf, layer._vbuf = kb, vb
+        layer.keys, layer.values = kb[:, :, :n], vb[:, :, :n]
+    return True
+
