@@ -193,3 +193,21 @@ def test_shared_prefill_steps_aside_where_it_cannot_apply(tiny_model, prompts):
     right_padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
     right_padded["attention_mask"][1, -1] = 0
     assert _shared_prefill(model, right_padded, 2) is None
+
+
+@pytest.mark.parametrize("vocab", [50, 640, 151_936])
+def test_sampler_noise_blocks_are_the_per_step_stream(vocab):
+    """Drawing a block of steps per row gives the noise of one draw per row per step (on CPU), so the same tokens."""
+    from video_ktr.sampling import noise_block_steps
+
+    seeds = [row_seed(3, "rollout", 0, p, 0) for p in range(3)]
+    steps = noise_block_steps(vocab) * 2 + 3  # past two block boundaries
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(3, vocab, generator=g) for _ in range(steps)]
+    blocked = GumbelSampler(seeds, temperature=0.7)
+    streams = [torch.Generator().manual_seed(s) for s in seeds]
+    for logits in scores:
+        noise = torch.stack([torch.rand(vocab, generator=s) for s in streams]).clamp(1e-10, 1.0 - 1e-7)
+        expected = logits / 0.7 - torch.log(-torch.log(noise))
+        assert torch.equal(blocked(None, logits), expected)
+    assert noise_block_steps(640) > 1 and noise_block_steps(151_936) == 1

@@ -35,11 +35,25 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+NOISE_BLOCK_ELEMENTS = 1 << 18  # uniform draws per row per block (1 MiB of float32: a real vocabulary draws per step)
+NOISE_BLOCK_STEPS = 32
+
+
+def noise_block_steps(vocab_size: int) -> int:
+    """Decoding steps whose noise one row draws at once: a function of the vocabulary size only."""
+    return max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_ELEMENTS // max(1, vocab_size)))
+
+
 class GumbelSampler:
     """A logits processor for ``generate(do_sample=False)`` that turns greedy decoding into sampling.
 
     ``seeds`` holds one seed per row of the generation batch. ``temperature`` 0 means greedy.
     ``suppress_ids`` are never produced (vision placeholders: a random model can sample them).
+
+    Each row draws the uniform noise of several decoding steps at once (``noise_block_steps``, which
+    depends on the vocabulary size only, so a row's tokens still depend on its own seed only): one
+    generator call per row per block instead of one per row per step. On CPU a block is the same
+    stream as the steps drawn one by one (tests pin it), so the tokens are those of a draw per step.
     """
 
     def __init__(self, seeds: list[int], temperature: float = 1.0, top_p: float = 1.0,
@@ -56,6 +70,19 @@ class GumbelSampler:
             g = torch.Generator(device=device)
             g.manual_seed(int(s))
             self.generators.append(g)
+        self._noise: Tensor | None = None  # (rows, block, vocab) uniform draws
+        self._next = 0  # the block's next unused step
+
+    def _uniform(self, shape: tuple[int, int], device: torch.device) -> Tensor:
+        """(rows, vocab) uniform noise of this step, each row from its own stream."""
+        rows, vocab = shape
+        block = self._noise
+        if block is None or self._next >= block.shape[1] or block.shape[2] != vocab or block.device != device:
+            steps = noise_block_steps(vocab)
+            block = torch.stack([torch.rand(steps, vocab, generator=g, device=device) for g in self.generators])
+            self._noise, self._next = block, 0
+        self._next += 1
+        return block[:, self._next - 1]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         scores = scores.to(torch.float32, copy=True)  # never write into the caller's tensor
@@ -67,8 +94,6 @@ class GumbelSampler:
         if scores.shape[0] != len(self.generators):
             raise RuntimeError(f"sampler built for {len(self.generators)} rows, got {scores.shape[0]}")
         scores = top_p_filter(scores / self.temperature, self.top_p)
-        noise = torch.stack([
-            torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators
-        ])
-        gumbel = -torch.log(-torch.log(noise.clamp_(1e-10, 1.0 - 1e-7)))
+        noise = self._uniform(tuple(scores.shape), scores.device)
+        gumbel = -torch.log(-torch.log(noise.clamp(1e-10, 1.0 - 1e-7)))
         return scores + gumbel
