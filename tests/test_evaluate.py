@@ -280,6 +280,39 @@ def test_on_bad_sample_error_stops(broken_data, tmp_path):
         evaluate(cfg, engine=FakeEngine(_mixed_outputs(rows)))
 
 
+
+def test_media_prefetch_gives_the_same_results_and_failures(broken_data, monkeypatch):
+    """The next batch's media decode in a thread while this batch generates: the same results, failures
+    and engine calls as loading in the loop, a bad file raised at its own batch, and the thread stopped."""
+    import threading
+
+    data, rows = broken_data
+    rows = rows[2:] + rows[:2]  # the bad rows land in the last batch, which is prefetched
+    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    threads = []
+    real_load = ev._load_batch
+    monkeypatch.setattr(ev, "_load_batch", lambda *a: threads.append(threading.current_thread().name) or real_load(*a))
+    runs = {}
+    for prefetch in (False, True):
+        threads.clear()
+        fake = FakeEngine(_mixed_outputs(rows))
+        results, metrics = evaluate_rows(None, None, rows, data, settings, engine=fake, batch_size=3, prefetch=prefetch)
+        runs[prefetch] = (results, metrics, fake.calls, list(threads))
+    (plain, plain_metrics, plain_calls, plain_threads), (fetched, fetched_metrics, fetched_calls, fetched_threads) = (
+        runs[False], runs[True])
+    assert fetched == plain and fetched_metrics == plain_metrics and fetched_calls == plain_calls == [3, 3]
+    assert [r["uid"] for r in fetched if r["failed"]] == ["video_r1:0", "video_r1:1"]
+    assert all(name == threading.current_thread().name for name in plain_threads)
+    assert len(fetched_threads) == 3 and all(name.startswith("video-ktr-eval-media") for name in fetched_threads[1:])
+    assert not [t for t in threading.enumerate() if t.name.startswith("video-ktr-eval-media")]
+    # with --on_bad_sample error the prefetched bad batch stops the run at that batch, naming the row
+    fake = FakeEngine(_mixed_outputs(rows))
+    with pytest.raises(EvalError, match="row video_r1:0"):
+        evaluate_rows(None, None, rows, data, settings, engine=fake, batch_size=3, on_bad_sample="error")
+    assert fake.calls == [3, 3]  # the two good batches were answered first
+    assert not [t for t in threading.enumerate() if t.name.startswith("video-ktr-eval-media")]
+
+
 # --------------------------------------------------------------------------------------------------
 # video-ktr score
 

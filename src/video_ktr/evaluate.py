@@ -66,6 +66,7 @@ from video_ktr.benchmarks import (
 )
 from video_ktr.config import field, parse_args
 from video_ktr.media import FrameCache, FrameSettings, MediaError, load_image
+from video_ktr.prefetch import Prefetcher
 from video_ktr.prompts import OPTION_LAYOUTS, build_messages, template_hash
 from video_ktr.rewards import eval_extract, eval_score, normalize_problem_type
 from video_ktr.sampling import row_seed
@@ -149,6 +150,7 @@ class EvalConfig(MediaArgs):
     gpu_memory_utilization: float = field(0.9, help="vLLM only: fraction of GPU memory vLLM may use.")
     max_model_len: int | None = field(None, help="vLLM only: context length to reserve (default: the model's).")
     progress: bool = field(True, help="Show a progress bar on stderr.")
+    dataloader_prefetch: bool = field(True, help="Decode the next batch's media in a background thread while this batch generates (same results).")
 
     def validate(self) -> None:
         for name in ("model_name_or_path", "benchmark", "data_file", "output_dir"):
@@ -236,6 +238,32 @@ def load_media(path: str | os.PathLike, data_type: str, settings: FrameSettings,
         raise MediaError(path, f"unknown data_type {data_type!r}", "rows must have data_type 'video' or 'image'")
     cache = cache if cache is not None else FrameCache(capacity=1)
     return Media(video=cache.get_or_load(path, settings))
+
+
+def _load_batch(batch: list[dict], media_root: str | os.PathLike, settings: FrameSettings,
+                cache: FrameCache) -> tuple[list[tuple[dict, Any, str]], list[tuple[dict, str, str | None, Exception]]]:
+    """The media of a batch of rows: ``(ready, failures)``.
+
+    ``ready`` holds (row, media, path) in row order; ``failures`` (row, reason, path or None, exception)
+    for media that cannot be found or decoded. It records nothing itself (it may run in the prefetch
+    thread): the caller skips or raises when it takes the batch.
+    """
+    ready: list[tuple[dict, Any, str]] = []
+    failures: list[tuple[dict, str, str | None, Exception]] = []
+    for row in batch:
+        path = None
+        try:
+            path = resolve_media(row, media_root)
+            ready.append((row, load_media(path, row.get("data_type", "video"), settings, cache), str(path)))
+        except (FileNotFoundError, MediaError) as exc:
+            if isinstance(exc, MediaError):
+                reason = str(exc)
+            else:
+                tried = media_candidates(row, media_root)
+                reason = (f"media file not found under {media_root} (tried {len(tried)} paths, "
+                          f"first {tried[0] if tried else row.get('path')})")
+            failures.append((row, reason, None if path is None else str(path), exc))
+    return ready, failures
 
 
 def pick_device(device: str = "auto") -> str:
@@ -369,6 +397,7 @@ def evaluate_rows(
     done: dict[str, dict] | None = None,
     on_batch: Callable[[dict[str, dict]], None] | None = None,
     progress: bool = False,
+    prefetch: bool = True,
 ) -> tuple[list[dict], dict]:
     """Evaluate an already-loaded model on Video-R1-schema rows; returns ``(results, metrics)``.
 
@@ -377,6 +406,8 @@ def evaluate_rows(
     pixels). ``engine``: an object with the :class:`HFEngine` ``generate`` signature (default: an
     HFEngine on ``model``/``processor``). ``done``: results by uid that are not generated again
     (resume). ``on_batch(results_by_uid)`` is called after every batch (the CLI writes its file there).
+    ``prefetch``: the next batch's media decode in a background thread while this batch generates (the
+    same results; a bad file is skipped or raised when its batch is taken, as without it).
     ``results`` follow the order of ``rows``.
     """
     if on_bad_sample not in BAD_SAMPLE_CHOICES:
@@ -400,25 +431,19 @@ def evaluate_rows(
 
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
                    unit="row", file=sys.stderr, dynamic_ncols=True)
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    prefetcher = Prefetcher("video-ktr-eval-media") if prefetch else None
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            ready: list[tuple[dict, Any, str]] = []
-            for row in batch:
-                path = None
-                try:
-                    path = resolve_media(row, media_root)
-                    ready.append((row, load_media(path, row.get("data_type", "video"), settings, cache), str(path)))
-                except (FileNotFoundError, MediaError) as exc:
-                    if isinstance(exc, MediaError):
-                        reason = str(exc)
-                    else:
-                        tried = media_candidates(row, media_root)
-                        reason = (f"media file not found under {media_root} (tried {len(tried)} paths, "
-                                  f"first {tried[0] if tried else row.get('path')})")
-                    if on_bad_sample == "error":
-                        raise EvalError(f"row {row['uid']}: {reason} (use --on_bad_sample skip to record it as failed and go on)") from exc
-                    results[row["uid"]] = _failed(row, reason, None if path is None else str(path))
+        for i, batch in enumerate(batches):
+            args = (batch, media_root, settings, cache)
+            ready, failures = prefetcher.take(i, _load_batch, *args) if prefetcher else _load_batch(*args)
+            if prefetcher is not None and i + 1 < len(batches):
+                # the next batch's media decode while this one generates
+                prefetcher.start(i + 1, _load_batch, batches[i + 1], media_root, settings, cache)
+            for row, reason, path, exc in failures:
+                if on_bad_sample == "error":
+                    raise EvalError(f"row {row['uid']}: {reason} (use --on_bad_sample skip to record it as failed and go on)") from exc
+                results[row["uid"]] = _failed(row, reason, path)
             if ready:
                 messages = [
                     build_messages(r["problem"], r["problem_type"], r.get("options"), r.get("data_type", "video"),
@@ -444,6 +469,8 @@ def evaluate_rows(
                 bar.set_postfix(acc=f"{sum(scored) / len(scored):.3f}" if scored else "-", failed=n_failed)
                 bar.update(len(batch))
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         if bar is not None:
             bar.close()
     ordered = [results[r["uid"]] for r in rows]
@@ -643,6 +670,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=dec["max_new_tokens"], batch_size=cfg.batch_size,
         seed=cfg.seed, prompt_layout=cfg.prompt_layout, system_prompt=cfg.system_prompt,
         on_bad_sample=cfg.on_bad_sample, engine=engine, done=by_uid, on_batch=on_batch, progress=cfg.progress,
+        prefetch=cfg.dataloader_prefetch,
     )
     results = merged(by_uid)
     metrics = eval_metrics(spec.name, results)
