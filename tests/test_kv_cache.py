@@ -48,6 +48,22 @@ def test_reserved_updates_return_what_concatenation_returns(capacity):
     assert roomy.layers[0]._kbuf.data_ptr() == ptr and roomy.layers[0].keys.data_ptr() == ptr
 
 
+def test_room_is_reserved_a_step_ahead_not_to_the_end():
+    """A long expected length reserves RESERVE_STEP tokens ahead at a time: memory follows what is filled."""
+    step = kv_cache.RESERVE_STEP
+    assert kv_cache.room_for(5, 64) == 64 and kv_cache.room_for(5, 10_000) == 5 + step
+    assert kv_cache.room_for(64, 64) == 64 + step  # past the expected length: a step more each time
+    cache, g = _filled()
+    kv_cache.reserve(cache, 10_000)
+    layer = cache.layers[0]
+    sizes = [layer._kbuf.shape[-2]]
+    for _ in range(step + 10):
+        _steps(cache, g, 1)
+        sizes.append(layer._kbuf.shape[-2])
+    assert sorted(set(sizes)) == [5 + step, 5 + step + 1 + step]  # one growth in step + 10 tokens
+    assert cache.get_seq_length() == 5 + step + 10
+
+
 def test_reserved_layer_survives_selection_and_crop():
     """Beam-search style row selection and cropping replace or shorten the keys: later updates stay right."""
     plain, g1 = _filled()

@@ -4,8 +4,11 @@ transformers' ``DynamicLayer.update`` appends with ``torch.cat``: each decoding 
 whole cache to add one column, so a rollout of T tokens copies the cache T times (16 % of the tiny
 default's rollout, measured). The reserving layer here (a ``DynamicLayer`` in all else) writes the new columns into a buffer that already has
 room for them and hands attention a view of the filled part: the same values in the same shapes, so
-the attention, and every logit, is the same number (tests pin it). When the room runs out the buffer
-grows by doubling, so a wrong guess only costs speed.
+the attention, and every logit, is the same number (tests pin it). The room is reserved up to
+``RESERVE_STEP`` tokens ahead of what is filled, never past the expected length (``capacity``): a batch
+that stops early never holds much more memory than the concatenating cache would (an evaluation with
+``max_new_tokens`` 1024 whose answers take 300 tokens would otherwise reserve 1024). When the room runs out
+it grows by another ``RESERVE_STEP`` tokens: one copy per ``RESERVE_STEP`` tokens instead of one per token.
 
 Used by the rollouts (rollout.generate), which run without autograd. An in-place write into a buffer
 that a graph reads would be wrong, so an update that carries a gradient takes the concatenating path.
@@ -17,6 +20,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+RESERVE_STEP = 256  # tokens of room reserved ahead of the filled part
+
+
+def room_for(needed: int, capacity: int) -> int:
+    """Columns to reserve for ``needed`` tokens: up to RESERVE_STEP more, not past ``capacity`` while it holds."""
+    return needed + RESERVE_STEP if needed >= capacity else min(capacity, needed + RESERVE_STEP)
 
 
 def _dynamic_layer_class():
@@ -58,8 +69,7 @@ class _ReservedMixin:
         old = self.get_seq_length()
         new = old + key_states.shape[-2]
         if not (old and self._owns()) or self._kbuf.shape[-2] < new:
-            room = max(self.capacity, new) if not (old and self._owns()) else max(2 * self._kbuf.shape[-2], new)
-            self._reserve(key_states, value_states, old, room)
+            self._reserve(key_states, value_states, old, room_for(new, self.capacity))
         self._kbuf[:, :, old:new].copy_(key_states)
         self._vbuf[:, :, old:new].copy_(value_states)
         self.keys = self._kbuf[:, :, :new]
@@ -106,7 +116,7 @@ def _reserved_layers(cache: Any) -> list[Any] | None:
 
 
 def reserve(cache: Any, capacity: int) -> Any:
-    """Give each plain dynamic layer of ``cache`` room for ``capacity`` tokens (in place; returns ``cache``).
+    """Give each plain dynamic layer of ``cache`` room towards ``capacity`` tokens (``room_for``; in place; returns ``cache``).
 
     Nothing changes when a layer is of another kind (sliding window, static, quantised, offloaded). A layer
     that already holds keys gets its buffer now (one copy, which the first concatenation would have
@@ -116,14 +126,14 @@ def reserve(cache: Any, capacity: int) -> Any:
         layer.capacity = int(capacity)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel():
             n = layer.keys.shape[-2]
-            if not layer._owns() or layer._kbuf.shape[-2] < capacity:
-                layer._reserve(layer.keys, layer.values, n, max(int(capacity), n))
+            if not layer._owns() or layer._kbuf.shape[-2] < min(capacity, n + RESERVE_STEP):
+                layer._reserve(layer.keys, layer.values, n, room_for(n, int(capacity)))
                 layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
     return cache
 
 
 def new_cache(model: torch.nn.Module, capacity: int) -> Any:
-    """An empty cache for ``model`` whose plain layers reserve room for ``capacity`` tokens (None: not possible)."""
+    """An empty cache for ``model`` whose plain layers reserve room towards ``capacity`` tokens (None: not possible)."""
     from transformers import DynamicCache
 
     config = getattr(model, "config", None)
@@ -139,8 +149,8 @@ def new_cache(model: torch.nn.Module, capacity: int) -> Any:
 def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
     """Repeat each row of ``cache`` ``repeats`` times (as ``batch_repeat_interleave``) into reserved room.
 
-    One copy per layer straight into a buffer with room for ``capacity`` tokens (instead of a repeat and
-    later a concatenation per step). Returns False (``cache`` untouched) when a layer is not a plain
+    One copy per layer straight into a buffer with room towards ``capacity`` tokens (instead of a repeat
+    and later a concatenation per step). Returns False (``cache`` untouched) when a layer is not a plain
     dynamic one; the caller then repeats it the usual way.
     """
     layers = _reserved_layers(cache)
@@ -152,7 +162,7 @@ def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
             continue
         k, v = layer.keys, layer.values
         B, H, n, Dk = k.shape
-        room = max(int(capacity), n)
+        room = room_for(n, int(capacity))
         kb = k.new_empty(B * repeats, H, room, Dk)
         vb = v.new_empty(B * repeats, H, room, v.shape[-1])
         kb.view(B, repeats, H, room, Dk)[:, :, :, :n].copy_(k[:, None].expand(B, repeats, H, n, Dk))
