@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 RESERVE_STEP = 256  # tokens of room reserved ahead of the filled part
 
 

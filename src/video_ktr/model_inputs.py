@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")  # the pixel tensors among VISUAL_KEYS
 
 
 @dataclass
@@ -199,7 +200,7 @@ def to_device(inputs: dict[str, Tensor], device: torch.device | str, dtype: torc
     out = {}
     for k, v in inputs.items():
         v = v.to(device)
-        if dtype is not None and k in ("pixel_values", "pixel_values_videos"):
+        if dtype is not None and k in PIXEL_KEYS:
             v = v.to(dtype)
         out[k] = v
     return out

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model_inputs import VISUAL_KEYS, select_prompts
+from video_ktr.model_inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
 from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths
 
-_PIXEL_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+_PIXEL_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
 
 def _rope_fn(model: torch.nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model_inputs import VISUAL_KEYS, Media, keep_visual_items, processor_call
+from video_ktr.model_inputs import PIXEL_KEYS, VISUAL_KEYS, Media, keep_visual_items, processor_call
 from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
@@ -112,7 +112,7 @@ def zero_feature_inputs(model: torch.nn.Module, inputs: dict[str, Tensor]) -> di
     hidden = getattr(cfg, "text_config", cfg).hidden_size
     merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
     dtype = next(model.parameters()).dtype
-    out: dict[str, Any] = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos")}
+    out: dict[str, Any] = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
     encoded = {}
     for name, grid_key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
         if grid_key in inputs:
@@ -172,7 +172,7 @@ def reencode_visual(processor: Any, inputs: dict[str, Tensor], media: list[Media
     dummy = [processor.video_token if m.kind == "video" else processor.image_token for m in media]
     enc = processor_call(processor, dummy, media)
     out = dict(inputs)
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in PIXEL_KEYS:
         if key in enc:
             out[key] = enc[key]
     for grid in ("image_grid_thw", "video_grid_thw"):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.kv_cache import new_cache, repeat_rows
-from video_ktr.model_inputs import select_prompts
+from video_ktr.model_inputs import PIXEL_KEYS, select_prompts
 from video_ktr.sampling import GumbelSampler
 from video_ktr.scoring import completion_mask
 
@@ -191,7 +191,7 @@ def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor]
 
     once = select_prompts(prompt_inputs, rows, 1)
     expanded = select_prompts(prompt_inputs, rows, repeats)
-    out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in ("pixel_values", "pixel_values_videos")}
+    out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in PIXEL_KEYS}
     encoded = {}
     for name, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         if pix in once:
