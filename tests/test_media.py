@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.paths import REAL_VIDEO  # noqa: E402
@@ -395,3 +396,60 @@ def test_frame_cache_concurrent_requests_decode_once(coloured_video: Path, monke
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(results) == 4 and all(r is results[0] for r in results)
+
+
+# ---------------------------------------------------------------------------------------------- long videos
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,000 frames, each with its own pattern (x264's key frames every 250 frames by default)."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(1000, 16, 24, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    write_video(path, frames, fps=25.0, lossless=False)
+    return path
+
+
+def _sequential(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    kept, _ = media._decode(path, wanted)  # no frame count: always in order
+    return kept
+
+
+@pytest.mark.parametrize("wanted", [{3, 420, 421, 999}, {0, 310, 620, 930}, {640, 998}])
+def test_seeking_over_long_gaps_gives_the_frames_decoding_in_order_gives(long_video: Path, wanted, monkeypatch):
+    seeks = []
+    real_seek = media._decode_seeking
+    monkeypatch.setattr(media, "_decode_seeking", lambda *a: seeks.append(a) or real_seek(*a))
+    kept, count = media._decode(long_video, wanted, total=1000)
+    assert seeks and real_seek(long_video, sorted(wanted), 1000) is not None  # the seeking path answered
+    expected = _sequential(long_video, wanted)
+    assert sorted(kept) == sorted(expected) and count == max(wanted) + 1
+    for i in wanted:
+        np.testing.assert_array_equal(kept[i], expected[i])
+
+
+def test_seeking_on_the_real_video_gives_the_same_frames(real_video: Path):
+    wanted = [5, 330, 331, 480]
+    kept = media._decode_seeking(real_video, wanted, 491)
+    assert kept is not None
+    expected = _sequential(real_video, set(wanted))
+    for i in wanted:
+        np.testing.assert_array_equal(kept[i], expected[i])
+
+
+def test_seeking_steps_aside_when_frame_identity_is_not_certain(long_video: Path):
+    """A frame count that is not the stream's packet count: decode in order instead (None)."""
+    assert media._decode_seeking(long_video, [0, 500], 999) is None
+    assert media._decode_seeking(long_video, [0, 1000], 1000) is None
+    # and load_video on the long file samples the same frames either way
+    settings = FrameSettings(nframes=4, min_frames=2, max_frames=4, min_pixels=16 * 28, max_pixels=16 * 28 * 4)
+    fast = load_video(long_video, settings)
+    old_gap = media.SEEK_GAP_FRAMES
+    try:
+        media.SEEK_GAP_FRAMES = 10**9
+        slow = load_video(long_video, settings)
+    finally:
+        media.SEEK_GAP_FRAMES = old_gap
+    assert fast.frame_indices == slow.frame_indices and max(b - a for a, b in zip(fast.frame_indices, fast.frame_indices[1:])) > 300
+    assert torch.equal(fast.frames, slow.frames)

@@ -380,12 +380,87 @@ def _probe(p: Path) -> tuple[int | None, float | None, float | None, int, int]:
         return frames, _stream_fps(stream), duration, int(cc.width or 0), int(cc.height or 0)
 
 
-def _decode(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+SEEK_GAP_FRAMES = 300  # seek, instead of decoding through, when the next sampled frame is this far ahead
+
+
+def _rgb(frame: Any, size: tuple[int, int]) -> np.ndarray:
+    if (frame.width, frame.height) != size:
+        return frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+    return frame.to_ndarray(format="rgb24")
+
+
+def _decode_seeking(p: Path, wanted: list[int], total: int) -> dict[int, np.ndarray] | None:
+    """The frames at the sorted indices ``wanted`` of a long video, seeking over the long gaps.
+
+    Frame k is the k-th frame in display order, as the sequential decode counts them: its presentation
+    timestamp is the k-th smallest packet timestamp of the stream (read by demuxing, without decoding).
+    Far-apart frames are reached by seeking to the key frame before them and decoding forward to that
+    timestamp; near ones by decoding on. Returns None (the caller decodes sequentially) whenever that
+    identity cannot be trusted: a packet without a timestamp, a packet count that is not ``total``, a
+    seek that lands after its target, or a target timestamp that never comes out of the decoder.
+    """
+    with av.open(str(p)) as container:
+        stream = container.streams.video[0]
+        stamps = []
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's flush packet
+                continue
+            if packet.pts is None:
+                return None
+            stamps.append(int(packet.pts))
+        stamps.sort()
+        if len(stamps) != total or len(set(stamps)) != total or wanted[-1] >= total:
+            return None
+        stream.thread_type = "AUTO"
+        kept: dict[int, np.ndarray] = {}
+        size: tuple[int, int] | None = None
+        frames = None
+        position = -1  # index of the last frame taken from ``frames``
+        for target in wanted:
+            goal = stamps[target]
+            if frames is None or target - position > SEEK_GAP_FRAMES:
+                container.seek(goal, stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+                position = -1
+                fresh = True
+            else:
+                fresh = False
+            for frame in frames:
+                if frame.pts is None:
+                    return None
+                if fresh and frame.pts > goal:
+                    return None  # the seek landed after the frame
+                fresh = False
+                if frame.pts == goal:
+                    size = size or (frame.width, frame.height)
+                    kept[target] = _rgb(frame, size)
+                    position = target
+                    break
+                if frame.pts > goal:
+                    return None
+            else:
+                return None  # the stream ended first
+    return kept
+
+
+def _decode(p: Path, wanted: set[int], total: int | None = None) -> tuple[dict[int, np.ndarray], int]:
     """Decode in order, keep RGB arrays of ``wanted`` indices; stop after the last wanted one.
 
     Returns the kept arrays and the number of frames decoded (the true frame count when the stream
     ended before ``max(wanted)``; pass an empty set to count every frame).
+
+    With ``total`` (the stream's frame count) and sampled frames more than SEEK_GAP_FRAMES apart (a long
+    video), the frames are reached by seeking (_decode_seeking: the same frames, identified by their
+    timestamps); anything that makes that unsafe falls back to decoding in order.
     """
+    order = sorted(wanted)
+    if total and order and max(b - a for a, b in zip([-1, *order], order)) > SEEK_GAP_FRAMES:
+        try:
+            kept = _decode_seeking(p, order, total)
+        except (av.FFmpegError, OSError, ValueError):
+            kept = None  # decoding in order below gives the real error, if there is one
+        if kept is not None:
+            return kept, order[-1] + 1
     last = max(wanted) if wanted else None
     kept: dict[int, np.ndarray] = {}
     count = 0
@@ -396,12 +471,8 @@ def _decode(p: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 if count in wanted:
-                    if size is None:
-                        size = (frame.width, frame.height)
-                    if (frame.width, frame.height) != size:
-                        kept[count] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
-                    else:
-                        kept[count] = frame.to_ndarray(format="rgb24")
+                    size = size or (frame.width, frame.height)
+                    kept[count] = _rgb(frame, size)
                 count += 1
                 if last is not None and count > last:
                     break
@@ -441,7 +512,7 @@ def load_video(path: str | os.PathLike, settings: FrameSettings) -> Video:
         except ValueError as e:
             raise MediaError(p, str(e), "adjust FrameSettings for this video") from e
         indices = sample_indices(total, n)
-        kept, decoded = _decode(p, set(indices))
+        kept, decoded = _decode(p, set(indices), total)
         if decoded > max(indices):
             break
         if decoded == 0:
