@@ -396,8 +396,9 @@ def _decode_seeking(p: Path, wanted: list[int], total: int) -> dict[int, np.ndar
     timestamp is the k-th smallest packet timestamp of the stream (read by demuxing, without decoding).
     Far-apart frames are reached by seeking to the key frame before them and decoding forward to that
     timestamp; near ones by decoding on. Returns None (the caller decodes sequentially) whenever that
-    identity cannot be trusted: a packet without a timestamp, a packet count that is not ``total``, a
-    seek that lands after its target, or a target timestamp that never comes out of the decoder.
+    identity cannot be trusted: a packet without a timestamp, a packet count that is not ``total``, a first
+    decoded frame that is not the first packet's, a seek that lands after its target, or a target
+    timestamp that never comes out of the decoder.
     """
     with av.open(str(p)) as container:
         stream = container.streams.video[0]
@@ -412,6 +413,12 @@ def _decode_seeking(p: Path, wanted: list[int], total: int) -> dict[int, np.ndar
         if len(stamps) != total or len(set(stamps)) != total or wanted[-1] >= total:
             return None
         stream.thread_type = "AUTO"
+        # the in-order decode must start at the first packet's frame (a stream cut inside a group of
+        # pictures can drop its leading frames, and then the counts would shift): check it
+        container.seek(stamps[0], stream=stream, backward=True, any_frame=False)
+        first = next(iter(container.decode(stream)), None)
+        if first is None or first.pts != stamps[0]:
+            return None
         kept: dict[int, np.ndarray] = {}
         size: tuple[int, int] | None = None
         frames = None
