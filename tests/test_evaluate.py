@@ -395,6 +395,42 @@ def test_evaluate_rows_in_process_on_raw_rows(first_run, tiny_dir, synth_dir):
     assert metrics["by_kind"] == full["metrics"]["by_kind"]
 
 
+def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tiny_dir, synth_dir, monkeypatch):
+    """With prefetch the hf engine's processor call runs in the prefetch thread, on its own processor copy:
+    the same answers as without prefetch (and as the CLI run), and a processor error names the batch's rows."""
+    import threading
+
+    from video_ktr.modeling import load_model, load_processor
+
+    _, full, _ = first_run
+    rows = json.loads((synth_dir / "test.json").read_text())
+    model, processor = load_model(str(tiny_dir)), load_processor(str(tiny_dir))
+    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    engine = HFEngine(model, processor)
+    threads = []
+    real_prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a: threads.append(threading.current_thread().name) or real_prepare(*a))
+    outputs = {}
+    for prefetch in (True, False):
+        threads.clear()
+        results, _ = evaluate_rows(model, processor, rows, synth_dir, settings, max_new_tokens=6, batch_size=3,
+                                   engine=engine, prefetch=prefetch)
+        outputs[prefetch] = [r["output"] for r in results]
+        if prefetch:
+            assert len(threads) == 3 and all(t.startswith("video-ktr-eval-media") for t in threads[1:])
+        else:
+            assert threads == [threading.current_thread().name] * 3
+    assert outputs[True] == outputs[False] == [r["output"] for r in full["results"]]
+    assert engine._prepare_processor is not None and engine._prepare_processor is not processor
+
+    def broken(*a):
+        raise ValueError("processor exploded")
+
+    monkeypatch.setattr(engine, "prepare", broken)
+    with pytest.raises(EvalError, match=r"generation failed for rows video_r1:0, video_r1:1, video_r1:2: ValueError"):
+        evaluate_rows(model, processor, rows, synth_dir, settings, max_new_tokens=6, batch_size=3, engine=engine)
+
+
 def test_prepare_rows_rejects_duplicates_and_bad_types():
     row = {"problem_id": 1, "problem": "q", "problem_type": "multiple-choice", "options": ["A. x"],
            "solution": "<answer>A</answer>", "path": "./v.mp4", "kind": "k"}

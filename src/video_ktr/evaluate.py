@@ -150,7 +150,7 @@ class EvalConfig(MediaArgs):
     gpu_memory_utilization: float = field(0.9, help="vLLM only: fraction of GPU memory vLLM may use.")
     max_model_len: int | None = field(None, help="vLLM only: context length to reserve (default: the model's).")
     progress: bool = field(True, help="Show a progress bar on stderr.")
-    dataloader_prefetch: bool = field(True, help="Decode the next batch's media in a background thread while this batch generates (same results).")
+    dataloader_prefetch: bool = field(True, help="Decode the next batch's media (and, with the hf engine, run the processor) in a background thread while this batch generates (same results).")
 
     def validate(self) -> None:
         for name in ("model_name_or_path", "benchmark", "data_file", "output_dir"):
@@ -292,13 +292,29 @@ class HFEngine:
         self.device = param.device
         use_sdpa_gqa_on_cpu(self.device)
         self.dtype = param.dtype if param.dtype.is_floating_point else None
+        self._prepare_processor = None
+
+    def prepare(self, messages: list[list[dict]], media: list[Any]) -> dict[str, Any]:
+        """The processor's inputs for a batch (CPU tensors), for :meth:`generate` ``prepared=``.
+
+        Runs on its own copy of the processor, so that it may run in the prefetch thread while the main
+        thread decodes text with the tokenizer (a fast tokenizer refuses calls from two threads at once).
+        """
+        import copy
+
+        from video_ktr.model_inputs import encode_prompts
+
+        if self._prepare_processor is None:
+            self._prepare_processor = copy.deepcopy(self.processor)
+        return encode_prompts(self._prepare_processor, messages, media)
 
     def generate(self, messages: list[list[dict]], media: list[Any], seeds: Sequence[int], *,
-                 max_new_tokens: int, temperature: float, top_p: float) -> list[str]:
+                 max_new_tokens: int, temperature: float, top_p: float, prepared: dict[str, Any] | None = None) -> list[str]:
         from video_ktr.model_inputs import encode_prompts, to_device
         from video_ktr.rollout import generate
 
-        inputs = to_device(encode_prompts(self.processor, messages, media), self.device, self.dtype)
+        enc = prepared if prepared is not None else encode_prompts(self.processor, messages, media)
+        inputs = to_device(enc, self.device, self.dtype)
         comps = generate(
             self.model, self.tokenizer, inputs, seeds=list(seeds), max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_ids=self.special.eos_ids, pad_id=self.special.pad_id,
@@ -406,8 +422,9 @@ def evaluate_rows(
     pixels). ``engine``: an object with the :class:`HFEngine` ``generate`` signature (default: an
     HFEngine on ``model``/``processor``). ``done``: results by uid that are not generated again
     (resume). ``on_batch(results_by_uid)`` is called after every batch (the CLI writes its file there).
-    ``prefetch``: the next batch's media decode in a background thread while this batch generates (the
-    same results; a bad file is skipped or raised when its batch is taken, as without it).
+    ``prefetch``: the next batch's media decode (and, for an engine with ``prepare`` such as the hf one, go
+    through the processor) in a background thread while this batch generates (the same results; a bad
+    file is skipped or raised when its batch is taken, as without it).
     ``results`` follow the order of ``rows``.
     """
     if on_bad_sample not in BAD_SAMPLE_CHOICES:
@@ -432,28 +449,41 @@ def evaluate_rows(
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
                    unit="row", file=sys.stderr, dynamic_ncols=True)
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    prepare = getattr(engine, "prepare", None)
+
+    def load(batch: list[dict]) -> tuple[list, list, list, Any]:
+        """A batch's media, failures, messages and (engines with ``prepare``) processor inputs, or the
+        exception the processor raised (reported with the batch's rows when the batch is taken)."""
+        ready, failures = _load_batch(batch, media_root, settings, cache)
+        messages = [build_messages(r["problem"], r["problem_type"], r.get("options"), r.get("data_type", "video"),
+                                   layout=prompt_layout, system_prompt=system_prompt) for r, _, _ in ready]
+        prepared: Any = None
+        if ready and prepare is not None:
+            try:
+                prepared = prepare(messages, [m for _, m, _ in ready])
+            except Exception as exc:  # noqa: BLE001 - raised below with the batch's rows
+                prepared = exc
+        return ready, failures, messages, prepared
+
     prefetcher = Prefetcher("video-ktr-eval-media") if prefetch else None
     try:
         for i, batch in enumerate(batches):
-            args = (batch, media_root, settings, cache)
-            ready, failures = prefetcher.take(i, _load_batch, *args) if prefetcher else _load_batch(*args)
+            ready, failures, messages, prepared = prefetcher.take(i, load, batch) if prefetcher else load(batch)
             if prefetcher is not None and i + 1 < len(batches):
-                # the next batch's media decode while this one generates
-                prefetcher.start(i + 1, _load_batch, batches[i + 1], media_root, settings, cache)
+                # the next batch's media decode (and go through the processor) while this one generates
+                prefetcher.start(i + 1, load, batches[i + 1])
             for row, reason, path, exc in failures:
                 if on_bad_sample == "error":
                     raise EvalError(f"row {row['uid']}: {reason} (use --on_bad_sample skip to record it as failed and go on)") from exc
                 results[row["uid"]] = _failed(row, reason, path)
             if ready:
-                messages = [
-                    build_messages(r["problem"], r["problem_type"], r.get("options"), r.get("data_type", "video"),
-                                   layout=prompt_layout, system_prompt=system_prompt)
-                    for r, _, _ in ready
-                ]
                 seeds = [row_seed(seed, "eval", r["uid"]) for r, _, _ in ready]
                 try:
+                    if isinstance(prepared, Exception):
+                        raise prepared
+                    extra = {"prepared": prepared} if prepared is not None else {}
                     texts = engine.generate(messages, [m for _, m, _ in ready], seeds, max_new_tokens=dec["max_new_tokens"],
-                                            temperature=dec["temperature"], top_p=dec["top_p"] or 1.0)
+                                            temperature=dec["temperature"], top_p=dec["top_p"] or 1.0, **extra)
                 except Exception as exc:
                     uids = ", ".join(r["uid"] for r, _, _ in ready)
                     raise EvalError(f"generation failed for rows {uids}: {type(exc).__name__}: {exc}") from exc
