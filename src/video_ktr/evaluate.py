@@ -266,6 +266,16 @@ def _load_batch(batch: list[dict], media_root: str | os.PathLike, settings: Fram
     return ready, failures
 
 
+def _takes_prepared(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "prepared" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def pick_device(device: str = "auto") -> str:
     import torch
 
@@ -449,7 +459,9 @@ def evaluate_rows(
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
                    unit="row", file=sys.stderr, dynamic_ncols=True)
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    prepare = getattr(engine, "prepare", None)
+    # the processor runs ahead only for an engine whose generate() takes its result (a replaced or wrapped
+    # generate() without ``prepared`` encodes its own inputs, as before)
+    prepare = getattr(engine, "prepare", None) if _takes_prepared(engine.generate) else None
 
     def load(batch: list[dict]) -> tuple[list, list, list, Any]:
         """A batch's media, failures, messages and (engines with ``prepare``) processor inputs, or the
