@@ -104,6 +104,16 @@ def _mixed_outputs(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def _record_threads(monkeypatch, owner, name: str) -> list[str]:
+    """Wrap ``owner.name`` so that each call records the name of the thread it ran in (the returned list)."""
+    import threading
+
+    threads: list[str] = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    return threads
+
+
 def _hand_metrics(results: list[dict]) -> dict:
     scored = [r for r in results if r["score"] is not None]
     overall = sum(r["score"] for r in scored) / len(scored)
@@ -289,9 +299,7 @@ def test_media_prefetch_gives_the_same_results_and_failures(broken_data, monkeyp
     data, rows = broken_data
     rows = rows[2:] + rows[:2]  # the bad rows land in the last batch, which is prefetched
     settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
-    threads = []
-    real_load = ev._load_batch
-    monkeypatch.setattr(ev, "_load_batch", lambda *a: threads.append(threading.current_thread().name) or real_load(*a))
+    threads = _record_threads(monkeypatch, ev, "_load_batch")
     runs = {}
     for prefetch in (False, True):
         threads.clear()
@@ -407,9 +415,7 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
     model, processor = load_model(str(tiny_dir)), load_processor(str(tiny_dir))
     settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
     engine = HFEngine(model, processor)
-    threads = []
-    real_prepare = engine.prepare
-    monkeypatch.setattr(engine, "prepare", lambda *a: threads.append(threading.current_thread().name) or real_prepare(*a))
+    threads = _record_threads(monkeypatch, engine, "prepare")
     outputs = {}
     for prefetch in (True, False):
         threads.clear()

@@ -16,6 +16,7 @@ that a graph reads would be wrong, so an update that carries a gradient takes th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -49,15 +50,22 @@ class _ReservedMixin:
         return (kb is not None and k is not None and v is not None and k.data_ptr() == kb.data_ptr()
                 and v.data_ptr() == vb.data_ptr() and k.shape[0] == kb.shape[0] and k.shape[1:2] == kb.shape[1:2])
 
-    def _reserve(self, like_k: Tensor, like_v: Tensor, length: int, room: int) -> None:
-        """New buffers with ``room`` columns holding the current ``length`` columns."""
+    def _reserve(self, like_k: Tensor, like_v: Tensor, length: int, room: int, repeats: int = 1) -> None:
+        """New buffers with ``room`` columns holding the current ``length`` columns, each row ``repeats``
+        times in a row (as ``batch_repeat_interleave``: one copy straight into the buffer)."""
         B, H, _, Dk = like_k.shape
-        kb = like_k.new_empty(B, H, room, Dk)
-        vb = like_v.new_empty(B, H, room, like_v.shape[-1])
+        Dv = like_v.shape[-1]
+        kb = like_k.new_empty(B * repeats, H, room, Dk)
+        vb = like_v.new_empty(B * repeats, H, room, Dv)
         if length:
-            kb[:, :, :length].copy_(self.keys)
-            vb[:, :, :length].copy_(self.values)
+            kb.view(B, repeats, H, room, Dk)[:, :, :, :length].copy_(self.keys[:, None].expand(B, repeats, H, length, Dk))
+            vb.view(B, repeats, H, room, Dv)[:, :, :, :length].copy_(self.values[:, None].expand(B, repeats, H, length, Dv))
         self._kbuf, self._vbuf = kb, vb
+        self._filled(length)
+
+    def _filled(self, length: int) -> None:
+        """``keys`` / ``values``: the views of the first ``length`` columns of the buffers."""
+        self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
@@ -71,8 +79,7 @@ class _ReservedMixin:
             self._reserve(key_states, value_states, old, room_for(new, self.capacity))
         self._kbuf[:, :, old:new].copy_(key_states)
         self._vbuf[:, :, old:new].copy_(value_states)
-        self.keys = self._kbuf[:, :, :new]
-        self.values = self._vbuf[:, :, :new]
+        self._filled(new)
         return self.keys, self.values
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -83,13 +90,9 @@ class _ReservedMixin:
         super().reset()
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _reserved_class(base: type) -> type:
-    if base not in _CLASSES:
-        _CLASSES[base] = type(f"Reserved{base.__name__}", (_ReservedMixin, base), {})
-    return _CLASSES[base]
+@functools.cache
+def _reserved_class() -> type:
+    return type("ReservedDynamicLayer", (_ReservedMixin, _dynamic_layer_class()), {})
 
 
 def _reserved_layers(cache: Any) -> list[Any] | None:
@@ -105,7 +108,7 @@ def _reserved_layers(cache: Any) -> list[Any] | None:
     out = []
     for layer in layers:
         if not isinstance(layer, _ReservedMixin):
-            new = _reserved_class(base).__new__(_reserved_class(base))
+            new = _reserved_class().__new__(_reserved_class())
             new.__dict__.update(layer.__dict__)
             new._kbuf = new._vbuf = None
             layer = new
@@ -127,7 +130,6 @@ def reserve(cache: Any, capacity: int) -> Any:
             n = layer.keys.shape[-2]
             if not layer._owns() or layer._kbuf.shape[-2] < min(capacity, n + RESERVE_STEP):
                 layer._reserve(layer.keys, layer.values, n, room_for(n, int(capacity)))
-                layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
     return cache
 
 
@@ -157,16 +159,8 @@ def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
         return False
     for layer in layers:
         layer.capacity = int(capacity)
-        if not layer.is_initialized or layer.keys is None or not layer.keys.numel():
-            continue
-        k, v = layer.keys, layer.values
-        B, H, n, Dk = k.shape
-        room = room_for(n, int(capacity))
-        kb = k.new_empty(B * repeats, H, room, Dk)
-        vb = v.new_empty(B * repeats, H, room, v.shape[-1])
-        kb.view(B, repeats, H, room, Dk)[:, :, :, :n].copy_(k[:, None].expand(B, repeats, H, n, Dk))
-        vb.view(B, repeats, H, room, v.shape[-1])[:, :, :, :n].copy_(v[:, None].expand(B, repeats, H, n, v.shape[-1]))
-        layer._kbuf, layer._vbuf = kb, vb
-        layer.keys, layer.values = kb[:, :, :n], vb[:, :, :n]
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            n = layer.keys.shape[-2]
+            layer._reserve(layer.keys, layer.values, n, room_for(n, int(capacity)), repeats)
     return True
 
