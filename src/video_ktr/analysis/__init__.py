@@ -1,0 +1,1 @@
+"""Tools over runs: reports, the demo and the ablation, the memory estimate."""

@@ -1,0 +1,1 @@
+"""Benchmark loaders (tasks), evaluation and scoring of a model, single-example inference."""

@@ -1,0 +1,1 @@
+"""Recipes that change weights: the GRPO/KTR step, SFT, checkpoints, schedules and the distributed set-up."""
