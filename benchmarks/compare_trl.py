@@ -15,9 +15,9 @@ it. Install it there once (``--install_trl`` runs exactly this)::
 (``--no-deps``: everything else TRL needs, torch, transformers 5.x, accelerate, numpy, jinja2, psutil, ...,
 comes from the project's venv, so nothing in it is shadowed.)
 
-The workload (both sides): the tiny random Qwen2.5-VL of ``video_ktr.tiny.build_tiny_model(seed=0)``; 64
+The workload (both sides): the tiny random Qwen2.5-VL of ``video_ktr.model.tiny.build_tiny_model(seed=0)``; 64
 synthetic image questions (``image_color``, ``image_position``; 56x56 PNGs, kept at 56x56 = 4 visual
-tokens); the Video-R1 question template; rewards = ``video_ktr.rewards`` accuracy + format; ``--prompts``
+tokens); the Video-R1 question template; rewards = ``video_ktr.core.rewards`` accuracy + format; ``--prompts``
 prompts x ``--num_generations`` completions per optimiser step (TRL counts completions: its
 per_device_train_batch_size is prompts x G); completions up to ``--max_completion_length`` tokens;
 temperature 1, top_p 1, beta 0 (no reference model), one iteration (no old-policy pass), loss_type grpo,
@@ -118,9 +118,9 @@ def _child_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from video_ktr.modeling import load_model
-    from video_ktr.prompts import user_text
-    from video_ktr.rewards import batch_accuracy_reward, batch_format_reward
+    from video_ktr.core.rewards import batch_accuracy_reward, batch_format_reward
+    from video_ktr.data.prompts import user_text
+    from video_ktr.model.loading import load_model
 
     w = spec["workload"]
     data_file = Path(spec["dataset"])
@@ -232,9 +232,9 @@ def _child_ours(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import transformers
 
-    from video_ktr.config import from_dict
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import from_dict
 
     w = spec["workload"]
     values = {
@@ -342,7 +342,8 @@ def summarize(steps: list[dict], peak_rss_mb: float) -> dict:
 
 
 def build_workload(workdir: Path, num_train: int) -> tuple[str, str]:
-    from video_ktr import synth, tiny
+    from video_ktr.data import synth
+    from video_ktr.model import tiny
 
     model = workdir / "model"
     data = workdir / "data"

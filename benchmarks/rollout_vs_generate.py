@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from video_ktr import synth, tiny
-    from video_ktr.data import load_dataset
-    from video_ktr.media import FrameSettings, load_video
-    from video_ktr.model_inputs import Media, encode_prompts, select_prompts
-    from video_ktr.modeling import load_model, load_processor, special_tokens
-    from video_ktr.rollout import generate as rollout_generate
-    from video_ktr.sampling import GumbelSampler, row_seed
+    from video_ktr.data import synth
+    from video_ktr.data.media import FrameSettings, load_video
+    from video_ktr.data.rows import load_dataset
+    from video_ktr.model import tiny
+    from video_ktr.model.inputs import Media, encode_prompts, select_prompts
+    from video_ktr.model.loading import load_model, load_processor, special_tokens
+    from video_ktr.model.rollout import generate as rollout_generate
+    from video_ktr.model.sampling import GumbelSampler, row_seed
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

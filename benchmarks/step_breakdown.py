@@ -32,10 +32,10 @@ from collections import defaultdict
 spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
-import video_ktr.trainer as trainer_module
-from video_ktr.config import from_dict, load_yaml
-from video_ktr.train_config import TrainConfig
-from video_ktr.trainer import KTRTrainer
+import video_ktr.training.grpo as trainer_module
+from video_ktr.utils.config import from_dict, load_yaml
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.grpo import KTRTrainer
 
 class CpuTimer(trainer_module.Timer):
     # the trainer's phase timer, also counting this process's CPU seconds per phase
@@ -123,7 +123,8 @@ def summarize(result: dict, warmup: int) -> dict:
 
 
 def build_default(tmp: Path, frames: int = 8, size: int = 56) -> tuple[str, dict]:
-    from video_ktr import synth, tiny
+    from video_ktr.data import synth
+    from video_ktr.model import tiny
 
     tiny.build_tiny_model(tmp / "model", seed=0)
     synth.generate(tmp / "data", num_train=256, num_test=8, seed=0, frames=frames, size=size)

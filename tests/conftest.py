@@ -44,21 +44,21 @@ class TinySetup:
         return self.data_dir / "test.json"
 
     def frame_settings(self, **overrides):
-        from video_ktr.media import FrameSettings
+        from video_ktr.data.media import FrameSettings
 
         kw = dict(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
         kw.update(overrides)
         return FrameSettings(**kw)
 
     def samples(self, split: str = "train"):
-        from video_ktr.data import load_dataset
+        from video_ktr.data.rows import load_dataset
 
         return load_dataset(self.data_dir / f"{split}.json")
 
     def media(self, sample, **frame_overrides):
         """The decoded visual item of a sample (a model_inputs.Media)."""
-        from video_ktr.media import load_image, load_video
-        from video_ktr.model_inputs import Media
+        from video_ktr.data.media import load_image, load_video
+        from video_ktr.model.inputs import Media
 
         settings = self.frame_settings(**frame_overrides)
         if sample.data_type == "video":
@@ -78,8 +78,8 @@ class TinySetup:
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory) -> TinySetup:
     """ONE tiny model (seed 0) and ONE synthetic data set (24 train / 8 test rows, a quarter images)."""
-    from video_ktr import synth
-    from video_ktr.tiny import build_tiny_model
+    from video_ktr.data import synth
+    from video_ktr.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-setup")
     model_dir = build_tiny_model(root / "model", seed=0)
@@ -90,7 +90,7 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_setup):
     """(model, processor) of the session checkpoint, in eval mode. Do not train it in place."""
-    from video_ktr.modeling import load_model, load_processor
+    from video_ktr.model.loading import load_model, load_processor
 
     model = load_model(str(tiny_setup.model_dir), dtype="float32", attn_implementation="sdpa")
     model.eval()

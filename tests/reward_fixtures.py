@@ -1,6 +1,6 @@
 """User reward functions for the trainer tests, loaded as ``--reward_funcs tests.reward_fixtures:NAME``.
 
-They have the signature of the built-ins (see video_ktr.rewards) and reward something a random tiny
+They have the signature of the built-ins (see video_ktr.core.rewards) and reward something a random tiny
 model already does now and then, so that GRPO has a signal to learn from within a few dozen steps.
 """
 

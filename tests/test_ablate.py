@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from video_ktr import ablate
-from video_ktr.trainer import KTRTrainer
+from video_ktr.analysis import ablation as ablate
+from video_ktr.training.grpo import KTRTrainer
 
 VARIANTS = ["grpo", "ktr"]
 SEEDS = [0, 1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.paths import BENCHMARK_FIXTURES
-from video_ktr.benchmarks import (
+from video_ktr.evaluation.tasks import (
     BENCHMARKS,
     MISSING,
     BenchmarkDataError,

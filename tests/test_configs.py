@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from video_ktr.config import from_dict, load_yaml
-from video_ktr.train_config import TrainConfig
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import from_dict, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_demo_rl_yaml_is_the_demo_rl_stage():
     """configs/demo-rl.yaml (used by `video-ktr ablate`) trains exactly what `make demo`'s RL stage trains."""
     import dataclasses
 
-    from video_ktr.demo import DemoConfig, rl_config
+    from video_ktr.analysis.demo import DemoConfig, rl_config
 
     yaml_cfg = from_dict(TrainConfig, load_yaml(ROOT / "configs" / "demo-rl.yaml"))
     demo_cfg = rl_config(DemoConfig(), Path("runs/demo/sft"), Path("runs/demo/data/train.json"), Path("runs/demo-rl"))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from video_ktr.data import (
+from video_ktr.data.rows import (
     PROBLEM_TYPES,
     DataError,
     Sample,

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from video_ktr import cli, data_tools
-from video_ktr.data_tools import ArchiveError, check_dataset, main, marker_path, unpack, unpack_archive
-from video_ktr.media import write_video
+from video_ktr import cli
+from video_ktr.data import tools as data_tools
+from video_ktr.data.media import write_video
+from video_ktr.data.tools import ArchiveError, check_dataset, main, marker_path, unpack, unpack_archive
 
 # ------------------------------------------------------------------------------------------------ unpack
 
@@ -267,7 +268,7 @@ def test_check_jsonl_keeps_the_format_and_counts_bad_lines(media: Path, tmp_path
 def test_check_truncated_video_in_both_ways(media: Path, tmp_path: Path) -> None:
     ds = tmp_path / "t.json"
     ds.write_text(json.dumps([_row(0, "./videos/half.mp4"), _row(1, "./videos/most.mp4"), _row(2, "./videos/good.mp4")]))
-    from video_ktr.media import FrameSettings
+    from video_ktr.data.media import FrameSettings
 
     result = check_dataset(ds, media, settings=FrameSettings(max_frames=4, max_pixels=3136), workers=0, progress=False)
     reasons = {r.row: r.reason for r in result.rejected}
@@ -307,7 +308,7 @@ def _crash_on_half(path: str, data_type: str, settings):
 
 
 def test_check_survives_a_worker_crash(media: Path, tmp_path: Path) -> None:
-    from video_ktr.media import FrameSettings
+    from video_ktr.data.media import FrameSettings
 
     ds = tmp_path / "c.json"
     rows = [_row(0, "./videos/good.mp4"), _row(1, "./videos/half.mp4"), _row(2, "./images/good.png", "image")]
@@ -319,6 +320,6 @@ def test_check_survives_a_worker_crash(media: Path, tmp_path: Path) -> None:
 
 
 def test_data_command_is_registered(capsys) -> None:
-    assert cli.COMMANDS["data"][0] == "video_ktr.data_tools"
+    assert cli.COMMANDS["data"][0] == "video_ktr.commands.data"
     assert cli.main(["data", "--help"]) == 0
     assert "unpack" in capsys.readouterr().out

@@ -6,9 +6,9 @@ import json
 
 from PIL import Image
 
-from video_ktr.demo import DemoConfig, run_demo
-from video_ktr.demo_report import sft_accuracy_curves
-from video_ktr.jsonl import read_jsonl
+from video_ktr.analysis.demo import DemoConfig, run_demo
+from video_ktr.analysis.demo_report import sft_accuracy_curves
+from video_ktr.utils.jsonl import read_jsonl
 
 
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):

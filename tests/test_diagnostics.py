@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from video_ktr.diagnostics import (
+from video_ktr.core.diagnostics import (
     LinearUses,
     TokenRecord,
     gradient_decomposition,
@@ -26,7 +26,7 @@ from video_ktr.diagnostics import (
     token_texts,
     write_token_records,
 )
-from video_ktr.loss import grpo_loss
+from video_ktr.core.loss import grpo_loss
 
 # ---------------------------------------------------------------------------- a toy LM
 
@@ -186,7 +186,7 @@ def test_sharded_parameters_are_detected():
 
     from accelerate.utils import DistributedType
 
-    from video_ktr.trainer import sharded_parameters
+    from video_ktr.training.grpo import sharded_parameters
 
     def acc(kind, stage=None):
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
@@ -247,7 +247,7 @@ def test_token_texts_decode_byte_level_pieces():
 
 
 def test_token_texts_join_to_the_decoded_completion(tiny_setup):
-    from video_ktr.modeling import load_processor
+    from video_ktr.model.loading import load_processor
 
     tokenizer = load_processor(str(tiny_setup.model_dir)).tokenizer
     text = "<think>Le café ouvre à 9h, the 2 clocks.\n</think> <answer>B</answer><|im_end|>"
@@ -313,9 +313,9 @@ GRADIENT_KEYS = [f"{m}{g}" for m in ("grad_norm_key", "grad_norm_masked", "grad_
 
 def diagnostics_run(tiny_setup, tmp_path_factory, name: str) -> Path:
     """A 2-step run, made once per session (test_report uses the same folders)."""
-    from video_ktr.config import parse_args
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
 
     out = tmp_path_factory.getbasetemp() / "diagnostics-runs" / name
     if not (out / "model.safetensors").is_file():
@@ -387,8 +387,8 @@ def test_vanilla_run_has_loss_variance_and_no_masked_gradient(tiny_setup, tmp_pa
 
 
 def test_negative_diagnostics_steps_is_refused(tiny_setup, tmp_path):
-    from video_ktr.config import parse_args
-    from video_ktr.train_config import TrainConfig
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(TrainConfig, tiny_setup.train_args(tmp_path, "--diagnostics_steps", "-1"))

@@ -1,4 +1,4 @@
-"""Tests of `video-ktr estimate` (video_ktr.estimate): parameter counts, memory arithmetic, ZeRO sharding,
+"""Tests of `video-ktr estimate` (video_ktr.analysis.estimate): parameter counts, memory arithmetic, ZeRO sharding,
 the 7B recipe's verdicts, and the comparison with a measured CPU run of the tiny model."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from video_ktr import estimate as E
-from video_ktr.config import load_yaml
+from video_ktr.analysis import estimate as E
+from video_ktr.utils.config import load_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = CONFIGS / "qwen2_5_vl_7b_ktr.yaml"
@@ -34,7 +34,7 @@ def hand_arch() -> E.ModelArch:
 
 
 def train_config(**kw):
-    from video_ktr.train_config import TrainConfig
+    from video_ktr.training.grpo_config import TrainConfig
 
     values = dict(model_name_or_path="m", dataset="d.json", output_dir="o")
     values.update(kw)
@@ -69,7 +69,7 @@ def test_param_count_by_hand():
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
 def tiny_dir(request, tmp_path_factory):
-    from video_ktr.tiny import build_tiny_model
+    from video_ktr.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, **SMALL)
 
@@ -232,7 +232,7 @@ def test_7b_recipe_verdicts(capsys):
 def test_cli_dispatch_and_errors(capsys, tmp_path):
     from video_ktr.cli import COMMANDS
 
-    assert COMMANDS["estimate"][0] == "video_ktr.estimate"
+    assert COMMANDS["estimate"][0] == "video_ktr.commands.estimate"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_name_or_path: someone/unknown\ndataset: d.json\noutput_dir: o\n")
     assert E.main(["--config", str(cfg)]) == 2

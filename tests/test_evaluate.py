@@ -1,4 +1,4 @@
-"""`video-ktr eval` / `video-ktr score` (video_ktr.evaluate) and the vLLM request building (video_ktr.vllm_engine).
+"""`video-ktr eval` / `video-ktr score` (video_ktr.evaluation.evaluate) and the vLLM request building (video_ktr.model.vllm_engine).
 
 A tiny random Qwen2.5-VL and an 8-row synthetic test set; a fake engine (answers chosen per row) where
 the scores must be non-trivial; a fake vLLM ``LLM`` object (vLLM is not installed here).
@@ -17,15 +17,24 @@ import pytest
 from PIL import Image
 
 from tests.paths import BENCHMARK_FIXTURES
-from video_ktr import evaluate as ev
-from video_ktr import synth, tiny
-from video_ktr.evaluate import EvalConfig, EvalError, HFEngine, evaluate, evaluate_rows, main, score_main
-from video_ktr.media import FrameSettings, write_video
-from video_ktr.model_inputs import Media
-from video_ktr.prompts import template_hash
-from video_ktr.rewards import eval_extract, eval_score
-from video_ktr.sampling import row_seed
-from video_ktr.vllm_engine import VLLMEngine, VLLMUnavailableError, build_request
+from video_ktr.core.rewards import eval_extract, eval_score
+from video_ktr.data import synth
+from video_ktr.data.media import FrameSettings, write_video
+from video_ktr.data.prompts import template_hash
+from video_ktr.evaluation import evaluate as ev
+from video_ktr.evaluation.evaluate import (
+    EvalConfig,
+    EvalError,
+    HFEngine,
+    evaluate,
+    evaluate_rows,
+    main,
+    score_main,
+)
+from video_ktr.model import tiny
+from video_ktr.model.inputs import Media
+from video_ktr.model.sampling import row_seed
+from video_ktr.model.vllm_engine import VLLMEngine, VLLMUnavailableError, build_request
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
@@ -227,7 +236,7 @@ def test_different_protocol_is_refused(first_run, tiny_dir, synth_dir, tmp_path,
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded when the protocol differs")
 
-    monkeypatch.setattr("video_ktr.modeling.load_model", no_model)
+    monkeypatch.setattr("video_ktr.model.loading.load_model", no_model)
     rc, _, stderr = _run_main(_args(tiny_dir, synth_dir / "test.json", tmp_path, "--temperature", "0.5"))
     assert rc == 2
     assert "different protocol" in stderr and "decoding.temperature: 0.1 (file) vs 0.5 (now)" in stderr
@@ -389,7 +398,7 @@ def test_official_video_holmes_file_through_eval(tiny_dir, tmp_path):
 
 
 def test_evaluate_rows_in_process_on_raw_rows(first_run, tiny_dir, synth_dir):
-    from video_ktr.modeling import load_model, load_processor
+    from video_ktr.model.loading import load_model, load_processor
 
     _, full, _ = first_run
     rows = json.loads((synth_dir / "test.json").read_text())  # raw rows: "kind" at the top level
@@ -408,7 +417,7 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
     the same answers as without prefetch (and as the CLI run), and a processor error names the batch's rows."""
     import threading
 
-    from video_ktr.modeling import load_model, load_processor
+    from video_ktr.model.loading import load_model, load_processor
 
     _, full, _ = first_run
     rows = json.loads((synth_dir / "test.json").read_text())
@@ -473,7 +482,7 @@ class FakeLLM:
 
 
 def test_vllm_requests_built_from_our_frames(tiny_dir, synth_dir):
-    from video_ktr.modeling import load_processor
+    from video_ktr.model.loading import load_processor
 
     processor = load_processor(str(tiny_dir))
     rows = ev.prepare_rows(json.loads((synth_dir / "test.json").read_text()))
@@ -507,7 +516,7 @@ def test_vllm_requests_built_from_our_frames(tiny_dir, synth_dir):
 
 
 def test_vllm_engine_drives_evaluate_rows(tiny_dir, synth_dir):
-    from video_ktr.modeling import load_processor
+    from video_ktr.model.loading import load_processor
 
     rows = json.loads((synth_dir / "test.json").read_text())[:3]
     llm = FakeLLM()

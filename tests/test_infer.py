@@ -1,13 +1,14 @@
-"""`video-ktr infer` (video_ktr.infer): one question about a real video or an image, with a tiny model."""
+"""`video-ktr infer` (video_ktr.evaluation.inference): one question about a real video or an image, with a tiny model."""
 
 from __future__ import annotations
 
 import pytest
 from PIL import Image
 
-from video_ktr import infer, tiny
-from video_ktr.evaluate import HFEngine
-from video_ktr.infer import InferError, main, normalize_options, parse_infer_args, split_output
+from video_ktr.evaluation import inference as infer
+from video_ktr.evaluation.evaluate import HFEngine
+from video_ktr.evaluation.inference import InferError, main, normalize_options, parse_infer_args, split_output
+from video_ktr.model import tiny
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
@@ -68,7 +69,7 @@ def test_missing_file_is_a_clear_error_before_loading_the_model(tiny_dir, tmp_pa
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded for a missing file")
 
-    monkeypatch.setattr("video_ktr.modeling.load_model", no_model)
+    monkeypatch.setattr("video_ktr.model.loading.load_model", no_model)
     rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(tmp_path / "nope.mp4"), "--question", "Why?"])
     err = capsys.readouterr().err
     assert rc == 2 and "video file not found" in err and "nope.mp4" in err

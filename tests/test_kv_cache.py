@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from video_ktr import kv_cache, rollout
-from video_ktr.model_inputs import encode_prompts
-from video_ktr.modeling import special_tokens
-from video_ktr.sampling import row_seed
+from video_ktr.model import kv_cache, rollout
+from video_ktr.model.inputs import encode_prompts
+from video_ktr.model.loading import special_tokens
+from video_ktr.model.sampling import row_seed
 
 
 def _filled(batch=3, heads=2, length=5, dim=4, seed=0):

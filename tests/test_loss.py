@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from video_ktr.loss import group_advantages, grpo_loss, kl_k3, sequence_losses
+from video_ktr.core.loss import group_advantages, grpo_loss, kl_k3, sequence_losses
 
 T, F = True, False
 LN2 = math.log(2.0)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tests.paths import REAL_VIDEO  # noqa: E402
-from video_ktr import media
-from video_ktr.media import (
+from video_ktr.data import media
+from video_ktr.data.media import (
     FrameCache,
     FrameSettings,
     MediaError,

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from video_ktr.model_inputs import encode_prompts, keep_visual_items, select_prompts
+from video_ktr.model.inputs import encode_prompts, keep_visual_items, select_prompts
 
 
 def _batch(tiny_setup, processor, kinds=("video", "image", "video")):

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
-from video_ktr import synth, tiny
-from video_ktr.data import load_dataset
-from video_ktr.media import FrameSettings, load_image, load_video
-from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs
-from video_ktr.modeling import load_model, load_processor
-from video_ktr.prefix import full_positions, group_positions, shared_prefix_logprobs
-from video_ktr.probes import visual_masked_inputs
-from video_ktr.rollout import encode_visual_once
-from video_ktr.scoring import sequence_logprobs, width_buckets
+from video_ktr.data import synth
+from video_ktr.data.media import FrameSettings, load_image, load_video
+from video_ktr.data.rows import load_dataset
+from video_ktr.model import tiny
+from video_ktr.model.inputs import Media, encode_prompts, select_prompts, sequence_inputs
+from video_ktr.model.loading import load_model, load_processor
+from video_ktr.model.prefix import full_positions, group_positions, shared_prefix_logprobs
+from video_ktr.model.probes import visual_masked_inputs
+from video_ktr.model.rollout import encode_visual_once
+from video_ktr.model.scoring import sequence_logprobs, width_buckets
 
 SETTINGS = FrameSettings(nframes=8, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=3136,
                          image_min_pixels=3136, image_max_pixels=3136)
@@ -251,7 +252,7 @@ def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup, m
     """TRANSFORMERS_SDPA_FORCE_GQA=1 (set on CPU by modeling.use_sdpa_gqa_on_cpu): the kernel takes the grouped
     key/value heads instead of copies, with padding masks and a shared prompt's cache: the same log-probs,
     entropies and gradients."""
-    from video_ktr.modeling import GQA_ENV
+    from video_ktr.model.loading import GQA_ENV
 
     model, processor, samples = setup
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
@@ -281,7 +282,7 @@ def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup, m
 def test_grouped_heads_are_turned_on_for_cpu_only_and_a_users_choice_stays(monkeypatch):
     import os
 
-    from video_ktr.modeling import GQA_ENV, use_sdpa_gqa_on_cpu
+    from video_ktr.model.loading import GQA_ENV, use_sdpa_gqa_on_cpu
 
     monkeypatch.delenv(GQA_ENV, raising=False)
     assert not use_sdpa_gqa_on_cpu("cuda:0") and GQA_ENV not in os.environ

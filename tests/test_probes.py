@@ -19,10 +19,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from video_ktr.model_inputs import Media, encode_prompts, processor_call, select_prompts, sequence_inputs
-from video_ktr.modeling import special_tokens
-from video_ktr.prefix import strip_pixels
-from video_ktr.probes import (
+from video_ktr.model.inputs import Media, encode_prompts, processor_call, select_prompts, sequence_inputs
+from video_ktr.model.loading import special_tokens
+from video_ktr.model.prefix import strip_pixels
+from video_ktr.model.probes import (
     frame_permutation,
     permuted_media,
     reencode_visual,
@@ -32,8 +32,8 @@ from video_ktr.probes import (
     visual_probe_logprobs,
     zero_feature_inputs,
 )
-from video_ktr.rollout import encode_visual_once
-from video_ktr.scoring import sequence_logprobs
+from video_ktr.model.rollout import encode_visual_once
+from video_ktr.model.scoring import sequence_logprobs
 
 ATOL = 1e-5
 
@@ -124,7 +124,7 @@ def test_mask_probe_equals_deleting_the_placeholders(tiny_model, batch):
 def test_mask_probe_drops_placeholder_and_padding_columns(tiny_model, batch):
     """With the completion width given, the masked placeholders and left padding leave the batch: the prompt
     part is as wide as the longest row's text, and the log-probs (full and shared-prefix) are unchanged."""
-    from video_ktr.prefix import shared_prefix_logprobs
+    from video_ktr.model.prefix import shared_prefix_logprobs
 
     model, _ = tiny_model
     seq, ids, valid, G = batch["seq"], batch["ids"], batch["valid"], batch["G"]
@@ -262,7 +262,7 @@ def test_temporal_probe_with_identity_order_scores_zero(tiny_model, batch):
     assert rows.tolist() == [media[r // G].kind == "video" for r in range(ids.shape[0])]
     # the shared-prefix probe pass differs from the full policy forward by float rounding only; the
     # trainer's probe_score turns such differences into exact zeros
-    from video_ktr.trainer import probe_score
+    from video_ktr.training.grpo import probe_score
 
     score = torch.where(rows[:, None], probe_score(logp, tmp, 1e-5), torch.zeros_like(logp))
     assert torch.equal(score[valid], torch.zeros_like(score[valid]))
@@ -326,7 +326,7 @@ def test_optimised_probes_equal_the_straightforward_computation(tiny_model, batc
 
 
 def test_permuted_pixels_equal_the_processors(tiny_setup, tiny_model, batch, monkeypatch):
-    import video_ktr.probes as probes
+    import video_ktr.model.probes as probes
 
     _, processor = tiny_model
     prompts, media = batch["prompts"], batch["media"]
@@ -358,9 +358,9 @@ def test_permuted_pixels_equal_the_processors(tiny_setup, tiny_model, batch, mon
 def test_rollout_keeps_no_pixel_copies_and_the_fallbacks_agree(tiny_setup, tmp_path):
     """The rollout's rows carry no pixels; the policy inputs without once-per-prompt vision and the probes
     without shared prefixes (the straightforward paths) give the optimised numbers."""
-    from video_ktr.config import parse_args
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer, Timer
+    from video_ktr.training.grpo import KTRTrainer, Timer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
 
     cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path, "--max_steps", "1", "--token_selection", "all",
                                                          "--reward_funcs", "format"))

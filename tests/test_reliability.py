@@ -7,7 +7,7 @@ them at a chosen point (polling the output folder), resume with the same command
 uninterrupted run made in this process on the session's tiny model and data (tests/conftest.py):
 final weights bit-for-bit (torch.equal), every metric but wall-clock times exactly equal, every step
 logged exactly once. A kill in the middle of a checkpoint save uses the test-only hook
-VIDEO_KTR_TEST_SAVE_DELAY of video_ktr.checkpoint (sleep after the checkpoint's files are written,
+VIDEO_KTR_TEST_SAVE_DELAY of video_ktr.training.checkpoint (sleep after the checkpoint's files are written,
 before the rename).
 """
 
@@ -32,9 +32,9 @@ import pytest
 import torch
 from PIL import Image
 
-from video_ktr import checkpoint as ckpt
-from video_ktr.config import parse_args
-from video_ktr.media import FrameSettings, MediaError, load_image, load_video, write_video
+from video_ktr.data.media import FrameSettings, MediaError, load_image, load_video, write_video
+from video_ktr.training import checkpoint as ckpt
+from video_ktr.utils.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "video_ktr"
@@ -141,8 +141,8 @@ def _partial_folders(out: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def train_reference(tiny_setup, tmp_path_factory) -> Path:
     """The uninterrupted GRPO-KTR run of TRAIN_STEPS steps (in this process)."""
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
 
     out = tmp_path_factory.mktemp("reliability-train") / "reference"
     KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(out, *TRAIN))).train()
@@ -156,7 +156,7 @@ def _sft_args(tiny_setup, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sft_reference(tiny_setup, tmp_path_factory) -> Path:
-    from video_ktr.sft import SFTConfig, SFTTrainer
+    from video_ktr.training.sft import SFTConfig, SFTTrainer
 
     out = tmp_path_factory.mktemp("reliability-sft") / "reference"
     SFTTrainer(parse_args(SFTConfig, _sft_args(tiny_setup, out))).train()
@@ -232,7 +232,7 @@ def test_sft_killed_mid_run_and_mid_save_resumes_bit_for_bit(tiny_setup, sft_ref
 
 
 def _eval_reference(tiny_setup, out: Path) -> dict:
-    from video_ktr.evaluate import EvalConfig, evaluate
+    from video_ktr.evaluation.evaluate import EvalConfig, evaluate
 
     cfg = parse_args(EvalConfig, ["--model_name_or_path", str(tiny_setup.model_dir), "--data_file", str(tiny_setup.test_json),
                                   "--output_dir", str(out), *EVAL])
@@ -277,8 +277,8 @@ def test_eval_killed_mid_run_resumes_without_losing_or_repeating_a_row(tiny_setu
 
 
 def _trainer(tiny_setup, out: Path, *extra: str):
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
 
     args = ["--max_steps", "3", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
             "--reward_funcs", "accuracy,format,tests.reward_fixtures:count_e", *extra]
@@ -300,7 +300,7 @@ def _adam(optimizer) -> list[tuple[float, float, float]]:
 
 def _nan_loss_at(monkeypatch, trainer, steps: set[int] | None) -> None:
     """grpo_loss returns NaN while the trainer is at one of ``steps`` (None: always)."""
-    import video_ktr.trainer as trainer_module
+    import video_ktr.training.grpo as trainer_module
 
     real = trainer_module.grpo_loss
 
@@ -343,7 +343,7 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_update(tiny_setup, tmp_pa
 
 
 def test_max_bad_steps_stops_the_run_with_a_clear_message(tiny_setup, tmp_path, monkeypatch):
-    from video_ktr.trainer import BadStep
+    from video_ktr.training.grpo import BadStep
 
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "none", "--max_bad_steps", "2")
     _nan_loss_at(monkeypatch, trainer, None)
@@ -357,7 +357,7 @@ def test_max_bad_steps_stops_the_run_with_a_clear_message(tiny_setup, tmp_path, 
 
 def test_a_user_reward_that_returns_nan_stops_the_step(tiny_setup, tmp_path):
     """A reward is data the loss trusts: a non-finite one is refused (named), never turned into an update."""
-    from video_ktr.trainer import Timer
+    from video_ktr.training.grpo import Timer
 
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "none", "--beta", "0", "--max_completion_length", "4")
     trainer.reward_fns[2] = lambda completions, *a, **kw: [float("nan")] * len(completions)
@@ -366,8 +366,8 @@ def test_a_user_reward_that_returns_nan_stops_the_step(tiny_setup, tmp_path):
 
 
 def test_sft_nonfinite_loss_is_skipped_counted_and_bounded(tiny_setup, tmp_path, monkeypatch):
-    import video_ktr.sft as sft_module
-    from video_ktr.sft import SFTConfig, SFTTrainer
+    import video_ktr.training.sft as sft_module
+    from video_ktr.training.sft import SFTConfig, SFTTrainer
 
     trainer = SFTTrainer(parse_args(SFTConfig, _sft_args(tiny_setup, tmp_path, "--max_bad_steps", "2")))
     real = sft_module.token_ce_sum
@@ -392,7 +392,7 @@ class _EndFirst:
     """Wraps rollout.GumbelSampler: rows in ``rows`` emit the end-of-turn token first (a logits bias)."""
 
     def __init__(self, rows: set[int], eos: int):
-        from video_ktr.sampling import GumbelSampler
+        from video_ktr.model.sampling import GumbelSampler
 
         rows_, eos_ = rows, eos
 
@@ -416,8 +416,8 @@ class _EndFirst:
 def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_setup, tmp_path, monkeypatch):
     """One GRPO-KTR step where prompt 0's G=4 completions are all empty (<|im_end|> first: identical
     rewards, advantage 0), prompt 1's first completion is empty and its second keeps no key token."""
-    import video_ktr.rollout as rollout_module
-    import video_ktr.trainer as trainer_module
+    import video_ktr.model.rollout as rollout_module
+    import video_ktr.training.grpo as trainer_module
 
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "all", "--beta", "0", "--max_grad_norm", "0")
     eos = trainer.special.eos_ids[0]
@@ -555,8 +555,8 @@ class _Trap:
 
 
 def test_checkpoint_with_a_pickled_object_is_refused(tiny_setup, train_reference, tmp_path):
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
 
     out = tmp_path / "run"
     shutil.copytree(train_reference / "checkpoint-2", out / "checkpoint-2")
@@ -575,7 +575,7 @@ def test_checkpoint_with_a_pickled_object_is_refused(tiny_setup, train_reference
 
 
 def test_a_model_stored_as_a_pickle_is_not_loaded(tiny_setup, tmp_path):
-    from video_ktr.modeling import load_model
+    from video_ktr.model.loading import load_model
 
     model_dir = tmp_path / "pickled-model"
     shutil.copytree(tiny_setup.model_dir, model_dir)
@@ -593,12 +593,12 @@ def test_trust_remote_code_is_off_unless_the_user_sets_it(monkeypatch):
 
     import transformers
 
-    from video_ktr import modeling
-    from video_ktr.evaluate import EvalConfig
-    from video_ktr.infer import InferConfig
-    from video_ktr.sft import SFTConfig
-    from video_ktr.train_config import TrainConfig
-    from video_ktr.vllm_engine import VLLMEngine
+    from video_ktr.evaluation.evaluate import EvalConfig
+    from video_ktr.evaluation.inference import InferConfig
+    from video_ktr.model import loading as modeling
+    from video_ktr.model.vllm_engine import VLLMEngine
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.training.sft import SFTConfig
 
     for cls in (TrainConfig, SFTConfig, EvalConfig, InferConfig):
         assert cls.__dataclass_fields__["trust_remote_code"].default is False, cls
@@ -695,7 +695,7 @@ def bad_media_dataset(tiny_setup, tmp_path) -> tuple[Path, dict[int, str]]:
 
 
 def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp_path, bad_media_dataset):
-    from video_ktr.data import DataError
+    from video_ktr.data.rows import DataError
 
     data, bad = bad_media_dataset
     trainer = _trainer(tiny_setup, tmp_path / "out", "--dataset", str(data), "--on_bad_sample", "skip",
@@ -724,7 +724,7 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
 def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path, bad_media_dataset):
     """The next micro-step's media decode in the background (--dataloader_prefetch); a file that cannot be read
     there stops the step whose batch holds it, with the file named, and never an earlier step."""
-    from video_ktr.data import DataError
+    from video_ktr.data.rows import DataError
 
     data, bad = bad_media_dataset
     strict = _trainer(tiny_setup, tmp_path / "strict", "--dataset", str(data), "--token_selection", "none", "--beta", "0",

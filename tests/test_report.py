@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_diagnostics import diagnostics_run
-from video_ktr.diagnostics import TokenRecord, read_token_records
-from video_ktr.report import (
+from video_ktr.analysis.report import (
     WordClassifier,
     cloud_word,
     layout_word_cloud,
@@ -22,6 +21,7 @@ from video_ktr.report import (
     word_cloud,
     write_report,
 )
+from video_ktr.core.diagnostics import TokenRecord, read_token_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from video_ktr.rewards import (
+from video_ktr.core.rewards import (
     PROBLEM_TYPES,
     accuracy_reward,
     batch_accuracy_reward,

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from video_ktr.model_inputs import encode_prompts, select_prompts
-from video_ktr.modeling import special_tokens
-from video_ktr.rollout import generate
-from video_ktr.sampling import GumbelSampler, row_seed, top_p_filter
+from video_ktr.model.inputs import encode_prompts, select_prompts
+from video_ktr.model.loading import special_tokens
+from video_ktr.model.rollout import generate
+from video_ktr.model.sampling import GumbelSampler, row_seed, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_checkpoint_generation_settings_do_not_bias_rollouts(tiny_model, prompts
 def test_shared_prefill_samples_what_repeated_prompts_sample(tiny_model, prompts, temperature):
     """The rollout's prompts run once and their caches are repeated per completion (group_size, shared_prefill):
     the same tokens as prefilling G copies of each prompt, on video and image prompts of different lengths."""
-    from video_ktr.rollout import _shared_prefill
+    from video_ktr.model.rollout import _shared_prefill
 
     model, processor = tiny_model
     inputs, special = prompts
@@ -183,7 +183,7 @@ def test_shared_prefill_samples_what_repeated_prompts_sample(tiny_model, prompts
 
 def test_shared_prefill_steps_aside_where_it_cannot_apply(tiny_model, prompts):
     """A prompt ending in a vision token (the cut would split its item) or right-padded: every row is prefilled."""
-    from video_ktr.rollout import _shared_prefill
+    from video_ktr.model.rollout import _shared_prefill
 
     model, _ = tiny_model
     inputs, _ = prompts
@@ -198,7 +198,7 @@ def test_shared_prefill_steps_aside_where_it_cannot_apply(tiny_model, prompts):
 @pytest.mark.parametrize("vocab", [50, 640, 151_936])
 def test_sampler_noise_blocks_are_the_per_step_stream(vocab):
     """Drawing a block of steps per row gives the noise of one draw per row per step (on CPU), so the same tokens."""
-    from video_ktr.sampling import noise_block_steps
+    from video_ktr.model.sampling import noise_block_steps
 
     seeds = [row_seed(3, "rollout", 0, p, 0) for p in range(3)]
     steps = noise_block_steps(vocab) * 2 + 3  # past two block boundaries

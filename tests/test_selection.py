@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from video_ktr import selection
-from video_ktr.selection import (
+from video_ktr.core import selection
+from video_ktr.core.selection import (
     jaccard,
     mask_at_threshold,
     mask_stats,

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from video_ktr.loss import group_advantages
-from video_ktr.selection import quantile_threshold, random_mask_like, select_key_tokens, top_ratio_mask
+from video_ktr.core.loss import group_advantages
+from video_ktr.core.selection import quantile_threshold, random_mask_like, select_key_tokens, top_ratio_mask
 
 finite = st.floats(min_value=-50, max_value=50, allow_nan=False, allow_infinity=False, width=32)
 

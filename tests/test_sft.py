@@ -1,4 +1,4 @@
-"""Tests of `video-ktr sft` (video_ktr.sft): labels, learning, saving, resuming, bad rows."""
+"""Tests of `video-ktr sft` (video_ktr.training.sft): labels, learning, saving, resuming, bad rows."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import shutil
 import pytest
 import torch
 
-from video_ktr.config import parse_args
-from video_ktr.data import DataError, load_dataset
-from video_ktr.media import FrameCache
-from video_ktr.model_inputs import Media, processor_call
-from video_ktr.sft import (
+from video_ktr.data.media import FrameCache
+from video_ktr.data.rows import DataError, load_dataset
+from video_ktr.model.inputs import Media, processor_call
+from video_ktr.training.sft import (
     IGNORE_INDEX,
     SFTConfig,
     SFTTrainer,
@@ -21,6 +20,7 @@ from video_ktr.sft import (
     end_of_turn_id,
     run_sft,
 )
+from video_ktr.utils.config import parse_args
 
 FRAMES = dict(nframes=8, max_frames=8, min_pixels=784, max_pixels=3136)
 
@@ -42,8 +42,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from video_ktr.synth import generate
-    from video_ktr.tiny import build_tiny_model
+    from video_ktr.data.synth import generate
+    from video_ktr.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("sft")
     model = build_tiny_model(root / "model", seed=0)
@@ -73,7 +73,7 @@ def trained(env):
 
 
 def _first_rows(env, n=3):
-    from video_ktr.modeling import load_processor
+    from video_ktr.model.loading import load_processor
 
     processor = load_processor(env["model"])
     samples = load_dataset(env["train"], require_process=True)[:n]
@@ -250,8 +250,8 @@ def test_command_line_and_yaml(tmp_path):
 # ---------------------------------------------------------------------------------------------- --eval_generate
 def test_eval_generate_logs_accuracy_equal_to_evaluate_rows_on_the_final_model(env):
     """Accuracy at every eval point, per kind; the final one is what evaluate_rows gives for the saved model."""
-    from video_ktr.evaluate import evaluate_rows
-    from video_ktr.modeling import load_model, load_processor
+    from video_ktr.evaluation.evaluate import evaluate_rows
+    from video_ktr.model.loading import load_model, load_processor
 
     out = env["root"] / "generate"
     cfg = _cfg(env, out, max_steps=3, eval_dataset=env["test"], eval_steps=2, eval_generate=True,
@@ -281,7 +281,7 @@ def test_eval_generate_logs_accuracy_equal_to_evaluate_rows_on_the_final_model(e
 
 def test_eval_generate_scores_like_evaluate_rows_with_a_scripted_engine(env, monkeypatch):
     """Non-trivial accuracies: answers scripted by question text, scored and grouped as evaluate_rows does."""
-    import video_ktr.evaluate as ev
+    import video_ktr.evaluation.evaluate as ev
 
     raw = json.loads((env["data"] / "test.json").read_text())
 
@@ -307,8 +307,8 @@ def test_eval_generate_scores_like_evaluate_rows_with_a_scripted_engine(env, mon
 
 def test_accuracy_sums_reduce_over_shards_to_the_evaluate_metrics():
     """Sums over any split of the rows add up to evaluate's overall (non-regression) and by_kind (all types)."""
-    from video_ktr.evaluate import eval_metrics
-    from video_ktr.sft import accuracies, accuracy_sums
+    from video_ktr.evaluation.evaluate import eval_metrics
+    from video_ktr.training.sft import accuracies, accuracy_sums
 
     scores = [1.0, 0.0, 0.35, None, 1.0, 0.8, 0.0, None, 1.0, 0.55]
     types = ["multiple choice", "numerical", "regression", "multiple choice", "free-form",

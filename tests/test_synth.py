@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from video_ktr import synth
-from video_ktr.synth import DIRECTIONS, KINDS, PALETTE, SynthConfig, answer_of, generate, kind_of, make_split
+from video_ktr.data import synth
+from video_ktr.data.synth import (
+    DIRECTIONS,
+    KINDS,
+    PALETTE,
+    SynthConfig,
+    answer_of,
+    generate,
+    kind_of,
+    make_split,
+)
 
 NAMED = {**PALETTE, "black": (0, 0, 0), "white": (255, 255, 255)}
 OPPOSITE = {"left to right": "right to left", "right to left": "left to right",
@@ -119,7 +128,7 @@ def test_frames_are_constant_within_pairs_and_28px_cells():
 
 
 def test_files_exist_and_decode_to_the_intended_pixels(written):
-    from video_ktr.media import FrameSettings, load_video
+    from video_ktr.data.media import FrameSettings, load_video
 
     out, summary = written
     settings = FrameSettings(nframes=8, min_pixels=56 * 56, max_pixels=56 * 56)

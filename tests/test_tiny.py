@@ -1,4 +1,4 @@
-"""Tests of `video-ktr make-tiny-model` (video_ktr.tiny): the checkpoint loads offline and runs."""
+"""Tests of `video-ktr make-tiny-model` (video_ktr.model.tiny): the checkpoint loads offline and runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from video_ktr import tiny
+from video_ktr.model import tiny
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
@@ -257,9 +257,9 @@ def test_qwen_vocab_model(tmp_path, qwen_cache, monkeypatch):
 
 def test_tokenizer_trained_on_a_dataset_shortens_its_prompts(tmp_path):
     """--corpus FILE.json: the BPE learns the data set's prompts and targets, so they take fewer tokens."""
-    from video_ktr import synth
-    from video_ktr.data import DataError
-    from video_ktr.prompts import user_text
+    from video_ktr.data import synth
+    from video_ktr.data.prompts import user_text
+    from video_ktr.data.rows import DataError
 
     synth.generate(tmp_path / "d", num_train=80, num_test=4)
     rows = json.loads((tmp_path / "d" / "train.json").read_text())

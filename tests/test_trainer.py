@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from video_ktr.config import parse_args
-from video_ktr.train_config import TrainConfig
-from video_ktr.trainer import Timer
+from video_ktr.training.grpo import Timer
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import parse_args
 
 REQUIRED = ("step", "loss", "reward", "accuracy_reward", "format_reward", "kl", "completion_length", "key_token_fraction",
             "step_seconds", "grad_norm", "learning_rate", "reward_std", "loss_variance", "clip_ratio")
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_trainer(tiny_setup, out, *extra):
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
 
     cfg = parse_args(TrainConfig, tiny_setup.train_args(out, *REWARDS, *extra))
     return KTRTrainer(cfg)
@@ -147,7 +147,7 @@ def test_temporal_fraction_is_over_video_rows(tiny_setup, tmp_path):
 
 def _capture_logp(monkeypatch):
     """Keep the policy log-probs of the trainer's loss passes with their gradient."""
-    import video_ktr.trainer as trainer_module
+    import video_ktr.training.grpo as trainer_module
 
     captured = []
     original = trainer_module.KTRTrainer._policy_logprobs
@@ -335,7 +335,7 @@ def test_two_processes_equal_one(tiny_setup, tmp_path, shared_runs):
 
 @pytest.mark.parametrize("ordered,shuffled,expected", [(1.0, 0.0, 0.3), (0.5, 1.0, 0.0)])
 def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch, ordered, shuffled, expected):
-    import video_ktr.trainer as trainer_module
+    import video_ktr.training.grpo as trainer_module
 
     real = trainer_module.load_reward_function
 
@@ -369,7 +369,7 @@ def _step_keeping_rollout(trainer):
 
 
 def _trainer_at_mixed_batch(tiny_setup, out, *extra):
-    from video_ktr.trainer import KTRTrainer
+    from video_ktr.training.grpo import KTRTrainer
 
     cfg = parse_args(TrainConfig, tiny_setup.train_args(out, *SKIP_REWARD, "--token_selection", "all", *extra))
     trainer = KTRTrainer(cfg)
@@ -487,7 +487,7 @@ def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):
 
 
 def test_prefetcher_gives_the_prefetched_result_or_makes_it_now():
-    from video_ktr.prefetch import Prefetcher
+    from video_ktr.utils.prefetch import Prefetcher
 
     calls = []
 

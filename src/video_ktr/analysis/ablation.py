@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from video_ktr.config import build_parser, from_dict, load_yaml
-from video_ktr.jsonl import read_jsonl
-from video_ktr.train_config import TrainConfig
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import build_parser, from_dict, load_yaml
+from video_ktr.utils.jsonl import read_jsonl
 
 # name -> the only settings that differ between variants
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -251,9 +251,9 @@ def _accuracy_record(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts: AblateOptions) -> dict[str, Any]:
     """Greedy and sampled (temperature 1, top_p 1) accuracy of the run's final model, overall and per kind."""
-    from video_ktr.evaluate import evaluate_rows, pick_device, write_json_atomic
-    from video_ktr.media import FrameSettings
-    from video_ktr.modeling import load_model, load_processor
+    from video_ktr.data.media import FrameSettings
+    from video_ktr.evaluation.evaluate import evaluate_rows, pick_device, write_json_atomic
+    from video_ktr.model.loading import load_model, load_processor
 
     rows = read_rows(Path(protocol["data"]))
     model = load_model(str(folder), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -340,8 +340,8 @@ class RunRecord(dict):
 def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] | None, opts: AblateOptions,
             tag: str) -> RunRecord:
     """Train (or resume, or reuse) one run, evaluate its final model and write its done.json."""
-    from video_ktr import checkpoint as ckpt
-    from video_ktr.evaluate import write_json_atomic
+    from video_ktr.evaluation.evaluate import write_json_atomic
+    from video_ktr.training import checkpoint as ckpt
 
     folder = Path(cfg.output_dir)
     done_file = folder / DONE
@@ -379,7 +379,7 @@ def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] 
         if how is not None:
             print(f"{tag} {variant} seed{seed}: training ({how}, {cfg.max_steps} steps, token_selection="
                   f"{','.join(cfg.token_selection)}, temporal_grpo={cfg.temporal_grpo}) -> {folder}", flush=True)
-            from video_ktr.trainer import KTRTrainer
+            from video_ktr.training.grpo import KTRTrainer
 
             t_train = time.perf_counter()
             trainer = KTRTrainer(cfg)
@@ -567,7 +567,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int, list[float]]]) -> list[str]:
-    from video_ktr.report import _pyplot, _save
+    from video_ktr.analysis.report import _pyplot, _save
 
     plt = _pyplot()
     written = []
@@ -622,8 +622,8 @@ def reward_curves(records: dict[str, list[RunRecord]]) -> dict[str, dict[int, li
 
 def run_ablation(opts: AblateOptions) -> dict[str, Any]:
     """Train, evaluate and report every (variant, seed); returns the content of ablation.json."""
-    from video_ktr.accel import launched_world_size
-    from video_ktr.evaluate import write_json_atomic
+    from video_ktr.evaluation.evaluate import write_json_atomic
+    from video_ktr.training.distributed import launched_world_size
 
     if launched_world_size() > 1:
         raise AblateError("video-ktr ablate runs its runs one after another in ONE process; launch it without "

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from video_ktr.jsonl import read_jsonl
-from video_ktr.report import moving_average
+from video_ktr.analysis.report import moving_average
+from video_ktr.utils.jsonl import read_jsonl
 
 
 def sft_accuracy_curves(sft: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:

@@ -208,7 +208,7 @@ def video_geometry(cfg: Any, video_seconds: float, video_size: tuple[int, int] |
     ``smart_resize`` of ``video_size`` (H, W) when given, else the worst case: the largest multiple of
     28 x 28 within the per-frame pixel budget.
     """
-    from video_ktr.media import smart_nframes, smart_resize
+    from video_ktr.data.media import smart_nframes, smart_resize
 
     settings = cfg.frame_settings()
     patch = arch.patch_size if arch else 14
@@ -738,8 +738,8 @@ def _overrides(rest: list[str], ap: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
-    from video_ktr.config import from_dict, load_yaml
-    from video_ktr.train_config import TrainConfig
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import from_dict, load_yaml
 
     values = load_yaml(path)
     values.update(overrides or {})
@@ -778,9 +778,9 @@ import json, os, resource, sys
 spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
-import video_ktr.trainer as T
-from video_ktr.config import from_dict
-from video_ktr.train_config import TrainConfig
+import video_ktr.training.grpo as T
+from video_ktr.utils.config import from_dict
+from video_ktr.training.grpo_config import TrainConfig
 
 seen = {"prompt_tokens": 0, "visual_tokens": 0, "completion_tokens": 0}
 _encode, _generate = T.encode_prompts, T.generate
@@ -831,8 +831,8 @@ print("MEASURE " + json.dumps({"rss_after_load_mb": base, "max_rss_before_traini
 
 def prepare_tiny(workdir: str | os.PathLike, **tiny_kwargs: Any) -> tuple[str, str]:
     """Build the tiny model and a small synthetic data set in ``workdir`` (once); returns (model_dir, train.json)."""
-    from video_ktr.synth import generate
-    from video_ktr.tiny import build_tiny_model
+    from video_ktr.data.synth import generate
+    from video_ktr.model.tiny import build_tiny_model
 
     work = Path(workdir)
     model, data = work / "tiny-model", work / "data"
@@ -904,9 +904,9 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
 
     The estimate is fed the shapes the runs really had (prompt and completion lengths), 1 CPU "GPU", no ZeRO.
     """
-    from video_ktr.config import from_dict
-    from video_ktr.modeling import GQA_ENV
-    from video_ktr.train_config import TrainConfig
+    from video_ktr.model.loading import GQA_ENV
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import from_dict
 
     prepare_tiny(workdir)
     pairs = (("a", config_a), ("b", config_b))

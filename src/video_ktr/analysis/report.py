@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from video_ktr.diagnostics import SIGNAL_NAMES, TokenRecord, read_token_records
+from video_ktr.core.diagnostics import SIGNAL_NAMES, TokenRecord, read_token_records
 
 CURVES = (  # metric, axis label, title
     ("reward", "mean reward of the step's completions", "Reward"),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from video_ktr.config import parse_args
-from video_ktr.train_config import TrainConfig
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(TrainConfig, argv, prog="video-ktr train")
-    from video_ktr.trainer import BadStep, KTRTrainer
+    from video_ktr.training.grpo import BadStep, KTRTrainer
 
     trainer = KTRTrainer(cfg)
     try:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.loss import grpo_loss
+from video_ktr.core.loss import grpo_loss
 
 TOKEN_SETS = ("key", "masked", "full")
 SIGNAL_NAMES = ("entropy", "visual", "temporal")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from video_ktr.config import field
-from video_ktr.media import FrameSettings
+from video_ktr.data.media import FrameSettings
+from video_ktr.utils.config import field
 
 
 @dataclass

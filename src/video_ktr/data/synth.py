@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from video_ktr.config import field, parse_args, to_dict
+from video_ktr.utils.config import field, parse_args, to_dict
 
 CELL = 28  # pixels per visual token side: 14-px patches merged 2x2
 STEP_FRAMES = 2  # frames per visual token in time: temporal_patch_size
@@ -516,7 +516,7 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 def _write_media(out: Path, samples: list[Sample], cfg: SynthConfig) -> None:
     from PIL import Image
 
-    from video_ktr.media import write_video
+    from video_ktr.data.media import write_video
 
     for s in samples:
         path = out / s.row["path"]

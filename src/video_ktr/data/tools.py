@@ -27,9 +27,9 @@
     - ``--dry_run`` lists what would be extracted, skipped or refused and writes nothing.
 
 ``check`` -- validate every row and open every media file
-    Every row goes through :func:`video_ktr.data.validate_row` (media must exist under ``--media_root``),
+    Every row goes through :func:`video_ktr.data.rows.validate_row` (media must exist under ``--media_root``),
     then every distinct media file is opened in worker processes exactly as training does
-    (:func:`video_ktr.media.load_video` with the frame options / :func:`video_ktr.media.load_image`).
+    (:func:`video_ktr.data.media.load_video` with the frame options / :func:`video_ktr.data.media.load_image`).
     The summary counts every row (good + bad = rows in the file) by reason with a few examples naming
     file, row and field; the exit status is 1 if any row is bad.  ``--write_clean FILE`` writes the good
     rows, unchanged and in order, in the input's format (JSON list or JSONL), plus
@@ -59,9 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_ktr.args import MediaArgs
-from video_ktr.config import field, parse_args
-from video_ktr.data import DataError, validate_row
+from video_ktr.data.options import MediaArgs
+from video_ktr.data.rows import DataError, validate_row
+from video_ktr.utils.config import field, parse_args
 
 __all__ = [
     "ArchiveError",
@@ -494,7 +494,7 @@ def _media_reason(err: BaseException, data_type: str) -> str:
 
 def open_media(path: str, data_type: str, settings: Any) -> tuple[str, str] | None:
     """Open one media file as training does; None if usable, else (reason, message).  Never raises."""
-    from video_ktr.media import MediaError, load_image, load_video
+    from video_ktr.data.media import MediaError, load_image, load_video
 
     try:
         if data_type == "video":
@@ -529,7 +529,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     if "forkserver" in methods:
         # not fork: the parent may hold threads (tqdm, torch); the server preloads the decoders once
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["video_ktr.media"])
+        ctx.set_forkserver_preload(["video_ktr.data.media"])
     else:  # pragma: no cover - Windows / macOS without forkserver
         ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
@@ -623,7 +623,7 @@ def check_dataset(
     path = Path(dataset)
     root = Path(media_root) if media_root is not None else path.parent
     if settings is None:
-        from video_ktr.media import FrameSettings
+        from video_ktr.data.media import FrameSettings
 
         settings = FrameSettings()
     fmt, rows, rejected, linenos = _read_for_check(path)

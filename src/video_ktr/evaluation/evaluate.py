@@ -1,10 +1,10 @@
 """Benchmark evaluation (``video-ktr eval``) and re-scoring of a saved evaluation (``video-ktr score``).
 
 ``video-ktr eval --model_name_or_path M --benchmark NAME --data_file FILE --media_root DIR --output_dir OUT``
-loads the benchmark with :func:`video_ktr.benchmarks.load_benchmark` (an official annotation file or
+loads the benchmark with :func:`video_ktr.evaluation.tasks.load_benchmark` (an official annotation file or
 a Video-R1-schema file), answers every row with the model (batched; one random stream per row, seeded
 by ``row_seed(seed, "eval", uid)``, so the answers do not depend on ``--batch_size``), scores the
-answers with :func:`video_ktr.rewards.eval_score` and writes ``OUT/<benchmark>.json``::
+answers with :func:`video_ktr.core.rewards.eval_score` and writes ``OUT/<benchmark>.json``::
 
     {"results": [ {...the loaded row (problem, options, solution, path, meta, uid, ...),
                    "media_path": resolved file or null,
@@ -54,8 +54,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_ktr.args import MediaArgs
-from video_ktr.benchmarks import (
+from video_ktr.core.rewards import eval_extract, eval_score, normalize_problem_type
+from video_ktr.data.media import FrameCache, FrameSettings, MediaError, load_image
+from video_ktr.data.options import MediaArgs
+from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages, template_hash
+from video_ktr.evaluation.tasks import (
     MISSING,
     compute_metrics,
     format_table,
@@ -64,12 +67,9 @@ from video_ktr.benchmarks import (
     media_candidates,
     resolve_media,
 )
-from video_ktr.config import field, parse_args
-from video_ktr.media import FrameCache, FrameSettings, MediaError, load_image
-from video_ktr.prefetch import Prefetcher
-from video_ktr.prompts import OPTION_LAYOUTS, build_messages, template_hash
-from video_ktr.rewards import eval_extract, eval_score, normalize_problem_type
-from video_ktr.sampling import row_seed
+from video_ktr.model.sampling import row_seed
+from video_ktr.utils.config import field, parse_args
+from video_ktr.utils.prefetch import Prefetcher
 
 __all__ = [
     "EvalConfig",
@@ -229,8 +229,8 @@ def prepare_rows(rows: Sequence[dict], benchmark: str = "video_r1") -> list[dict
 
 
 def load_media(path: str | os.PathLike, data_type: str, settings: FrameSettings, cache: FrameCache | None = None) -> Any:
-    """A :class:`video_ktr.model_inputs.Media` for a video or image file (raises MediaError)."""
-    from video_ktr.model_inputs import Media
+    """A :class:`video_ktr.model.inputs.Media` for a video or image file (raises MediaError)."""
+    from video_ktr.model.inputs import Media
 
     if data_type == "image":
         return Media(image=load_image(path, settings))
@@ -285,13 +285,13 @@ def pick_device(device: str = "auto") -> str:
 
 
 class HFEngine:
-    """Batched generation with transformers and :func:`video_ktr.rollout.generate` (one seed per row)."""
+    """Batched generation with transformers and :func:`video_ktr.model.rollout.generate` (one seed per row)."""
 
     name = "hf"
 
     def __init__(self, model: Any, processor: Any) -> None:
-        from video_ktr.modeling import special_tokens, use_sdpa_gqa_on_cpu
-        from video_ktr.rollout import unwrap
+        from video_ktr.model.loading import special_tokens, use_sdpa_gqa_on_cpu
+        from video_ktr.model.rollout import unwrap
 
         self.model = model
         self.processor = processor
@@ -312,7 +312,7 @@ class HFEngine:
         """
         import copy
 
-        from video_ktr.model_inputs import encode_prompts
+        from video_ktr.model.inputs import encode_prompts
 
         if self._prepare_processor is None:
             self._prepare_processor = copy.deepcopy(self.processor)
@@ -320,8 +320,8 @@ class HFEngine:
 
     def generate(self, messages: list[list[dict]], media: list[Any], seeds: Sequence[int], *,
                  max_new_tokens: int, temperature: float, top_p: float, prepared: dict[str, Any] | None = None) -> list[str]:
-        from video_ktr.model_inputs import encode_prompts, to_device
-        from video_ktr.rollout import generate
+        from video_ktr.model.inputs import encode_prompts, to_device
+        from video_ktr.model.rollout import generate
 
         enc = prepared if prepared is not None else encode_prompts(self.processor, messages, media)
         inputs = to_device(enc, self.device, self.dtype)
@@ -355,7 +355,7 @@ def _breakdown(results: list[dict], key: str) -> dict[str, dict]:
 
 
 def eval_metrics(benchmark: str, results: list[dict]) -> dict:
-    """:func:`video_ktr.benchmarks.compute_metrics` of the results, plus ``by_kind`` when any row's
+    """:func:`video_ktr.evaluation.tasks.compute_metrics` of the results, plus ``by_kind`` when any row's
     ``meta`` has a ``kind`` (the synthetic set). Failure reasons come from each row's ``failed``."""
     metrics = compute_metrics(benchmark, [{**r, "error": r.get("failed")} for r in results])
     if any("kind" in (r.get("meta") or {}) for r in results):
@@ -684,7 +684,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
     model = processor = None
     if engine is None:
         if cfg.engine == "vllm":
-            from video_ktr.vllm_engine import VLLMEngine
+            from video_ktr.model.vllm_engine import VLLMEngine
 
             engine = VLLMEngine.from_pretrained(
                 cfg.model_name_or_path, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
@@ -692,7 +692,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
                 max_model_len=cfg.max_model_len,
             )
         else:
-            from video_ktr.modeling import load_model, load_processor
+            from video_ktr.model.loading import load_model, load_processor
 
             processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
             model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -735,8 +735,8 @@ def _error(prog: str, exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``video-ktr eval``."""
-    from video_ktr.benchmarks import BenchmarkDataError
-    from video_ktr.vllm_engine import VLLMUnavailableError
+    from video_ktr.evaluation.tasks import BenchmarkDataError
+    from video_ktr.model.vllm_engine import VLLMUnavailableError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(EvalConfig, argv, prog="video-ktr eval")

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_ktr.args import MediaArgs
-from video_ktr.config import build_parser, field, from_dict, load_yaml
-from video_ktr.media import MediaError
-from video_ktr.prompts import OPTION_LAYOUTS, build_messages
-from video_ktr.rewards import PROBLEM_TYPES, eval_extract, normalize_problem_type
-from video_ktr.sampling import row_seed
+from video_ktr.core.rewards import PROBLEM_TYPES, eval_extract, normalize_problem_type
+from video_ktr.data.media import MediaError
+from video_ktr.data.options import MediaArgs
+from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages
+from video_ktr.model.sampling import row_seed
+from video_ktr.utils.config import build_parser, field, from_dict, load_yaml
 
 __all__ = ["InferConfig", "InferError", "main", "normalize_options", "parse_infer_args", "run", "split_output"]
 
@@ -111,7 +111,7 @@ def normalize_options(options: list[str] | None) -> list[str] | None:
 
 def split_output(text: str) -> tuple[str | None, str]:
     """(reasoning, answer): the first ``<think>...</think>`` content (None if absent) and
-    :func:`video_ktr.rewards.eval_extract` of the output."""
+    :func:`video_ktr.core.rewards.eval_extract` of the output."""
     reasoning = None
     start = text.find("<think>")
     if start >= 0:
@@ -173,7 +173,7 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
     Raises InferError for a missing or unreadable media file (checked before the model is loaded).
     """
-    from video_ktr.evaluate import HFEngine, load_media, pick_device
+    from video_ktr.evaluation.evaluate import HFEngine, load_media, pick_device
 
     cfg.validate()
     ptype, options = _question(cfg)
@@ -190,17 +190,17 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
     if engine is None:
         if cfg.engine == "vllm":
-            from video_ktr.vllm_engine import VLLMEngine
+            from video_ktr.model.vllm_engine import VLLMEngine
 
             engine = VLLMEngine.from_pretrained(cfg.model_name_or_path, processor=processor, dtype=cfg.dtype,
                                                 seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
         else:
             if processor is None:
-                from video_ktr.modeling import load_processor
+                from video_ktr.model.loading import load_processor
 
                 processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
             if model is None:
-                from video_ktr.modeling import load_model
+                from video_ktr.model.loading import load_model
 
                 model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, device=pick_device(cfg.device))
@@ -219,7 +219,7 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
 def main(argv: list[str] | None = None) -> int:
     """``video-ktr infer``: prints ``Reasoning:``, ``Answer: ...`` (and ``Raw output:`` with --raw)."""
-    from video_ktr.vllm_engine import VLLMUnavailableError
+    from video_ktr.model.vllm_engine import VLLMUnavailableError
 
     cfg = parse_infer_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -55,7 +55,7 @@ def processor_call(processor: Any, texts: list[str], media: list[Media], *, padd
             videos.append(frames)
             metas.append(_metadata(md))
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": padding_side}
-    # The frames and images were already resized by video_ktr.media (sides multiples of 28, area within
+    # The frames and images were already resized by video_ktr.data.media (sides multiples of 28, area within
     # the run's pixel settings): the processor must not resize them again. Its own bounds come from the
     # checkpoint (transformers 5's Qwen2-VL video default is 128x28x28 pixels at least per frame, which
     # would upscale smaller frames and change the grid), so pass bounds that hold exactly these sizes.

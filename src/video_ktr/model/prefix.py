@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model_inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
-from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths
+from video_ktr.model.inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
+from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths
 
 _PIXEL_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
 
 def _rope_fn(model: torch.nn.Module):
-    from video_ktr.rollout import unwrap
+    from video_ktr.model.rollout import unwrap
 
     m = unwrap(model)
     for cand in (m, getattr(m, "model", None), getattr(getattr(m, "base_model", None), "model", None)):
@@ -171,7 +171,7 @@ def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], 
         if cache is None:
             # the model refused a cache (gradient checkpointing in training mode turns it off): score
             # the full sequences instead, same numbers
-            from video_ktr.scoring import sequence_logprobs
+            from video_ktr.model.scoring import sequence_logprobs
 
             logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy,
                                               bucket_overhead=bucket_overhead)

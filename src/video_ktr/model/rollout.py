@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.kv_cache import new_cache, repeat_rows
-from video_ktr.model_inputs import PIXEL_KEYS, select_prompts
-from video_ktr.sampling import GumbelSampler
-from video_ktr.scoring import completion_mask
+from video_ktr.model.inputs import PIXEL_KEYS, select_prompts
+from video_ktr.model.kv_cache import new_cache, repeat_rows
+from video_ktr.model.sampling import GumbelSampler
+from video_ktr.model.scoring import completion_mask
 
 
 @dataclass
@@ -77,7 +77,7 @@ def generate(
 
 def _rope_owner(model: torch.nn.Module) -> Any:
     """The module that holds ``rope_deltas`` and ``get_rope_index`` (Qwen2-VL / Qwen2.5-VL), or None."""
-    from video_ktr.prefix import _rope_fn
+    from video_ktr.model.prefix import _rope_fn
 
     owner = getattr(_rope_fn(model), "__self__", None)
     return owner if hasattr(owner, "rope_deltas") else None

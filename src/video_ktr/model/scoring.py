@@ -108,7 +108,7 @@ def sequence_logprobs(
     (after the row's last attended token: no caller reads them). Equal to the unbucketed pass to float
     tolerance at the attended tokens.
     """
-    from video_ktr.model_inputs import select_prompts
+    from video_ktr.model.inputs import select_prompts
 
     B, Lc = completion_ids.shape
     L = inputs["input_ids"].shape[1]

@@ -60,7 +60,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from video_ktr.config import field, parse_args
+from video_ktr.utils.config import field, parse_args
 
 ARCHS = ("qwen2_5_vl", "qwen2_vl")
 TOKENIZERS = ("trained", "qwen")
@@ -324,8 +324,8 @@ def dataset_corpus(path: str | os.PathLike) -> list[str]:
     and one per target (``process`` + ``solution``), so the trained BPE gets merges for exactly the
     words of the task and its prompt: shorter sequences, hence faster steps, for the embedded default.
     """
-    from video_ktr.data import DataError, read_rows
-    from video_ktr.prompts import user_text
+    from video_ktr.data.prompts import user_text
+    from video_ktr.data.rows import DataError, read_rows
 
     lines: list[str] = []
     for i, row in enumerate(read_rows(path)):

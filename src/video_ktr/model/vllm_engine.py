@@ -17,7 +17,7 @@ CUDA GPU). Only the request building is unit-tested, against a fake engine objec
   being the row's seed, so a row's sample does not depend on the other rows of the batch.
 
 Known differences to the ``hf`` engine: vLLM's own kernels and sampler (numbers differ slightly, and
-its seeded sampling is a different random stream than :class:`video_ktr.sampling.GumbelSampler`); the
+its seeded sampling is a different random stream than :class:`video_ktr.model.sampling.GumbelSampler`); the
 model's processor may resize frames again if its own ``min_pixels``/``max_pixels`` exclude the frame
 size chosen by the frame settings.
 """
@@ -57,7 +57,7 @@ def require_vllm() -> Any:
 
 
 def video_payload(video: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(frames, metadata)`` of a :class:`video_ktr.media.Video` for ``multi_modal_data["video"]``.
+    """``(frames, metadata)`` of a :class:`video_ktr.data.media.Video` for ``multi_modal_data["video"]``.
 
     ``frames``: ``(T, H, W, 3)`` uint8 (already sampled and resized); ``metadata``: the source's frame
     count and rate, the sampled indices and ``do_sample_frames=False`` so vLLM does not sample again.
@@ -70,7 +70,7 @@ def video_payload(video: Any) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def build_request(prompt: str, media: Any) -> dict[str, Any]:
-    """One vLLM request for a prompt text and its :class:`video_ktr.model_inputs.Media`."""
+    """One vLLM request for a prompt text and its :class:`video_ktr.model.inputs.Media`."""
     request: dict[str, Any] = {"prompt": prompt}
     if media is None or media.kind == "text":
         return request
@@ -120,7 +120,7 @@ class VLLMEngine:
         vllm = require_vllm()
         from transformers import AutoConfig
 
-        from video_ktr.modeling import load_processor, special_tokens
+        from video_ktr.model.loading import load_processor, special_tokens
 
         if processor is None:
             processor = load_processor(model, trust_remote_code=trust_remote_code)

@@ -24,10 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr import checkpoint as ckpt
-from video_ktr.accel import accelerator_device_kwargs, check_process_count
-from video_ktr.data import DataError, Sample, SkipReport, load_dataset
-from video_ktr.diagnostics import (
+from video_ktr.core.diagnostics import (
     LinearUses,
     TokenRecord,
     gradient_decomposition,
@@ -39,32 +36,41 @@ from video_ktr.diagnostics import (
     token_records,
     write_token_records,
 )
-from video_ktr.jsonl import finite_or_null
-from video_ktr.loss import group_advantages, grpo_loss, sequence_losses
-from video_ktr.media import FrameCache, MediaError, load_image
-from video_ktr.model_inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
-from video_ktr.modeling import freeze_vision, load_model, load_processor, special_tokens, use_sdpa_gqa_on_cpu
-from video_ktr.prefetch import Prefetcher
-from video_ktr.prefix import shared_prefix_logprobs, strip_pixels
-from video_ktr.probes import (
+from video_ktr.core.loss import group_advantages, grpo_loss, sequence_losses
+from video_ktr.core.rewards import length_bonus, load_reward_function, temporal_bonus
+from video_ktr.core.selection import (
+    mask_at_threshold,
+    quantile_threshold,
+    random_mask_like,
+    select_key_tokens_grouped,
+)
+from video_ktr.data.media import FrameCache, MediaError, load_image
+from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
+from video_ktr.model.inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
+from video_ktr.model.loading import (
+    freeze_vision,
+    load_model,
+    load_processor,
+    special_tokens,
+    use_sdpa_gqa_on_cpu,
+)
+from video_ktr.model.prefix import shared_prefix_logprobs, strip_pixels
+from video_ktr.model.probes import (
     frame_permutation,
     probe_logprobs,
     shuffled_prompts,
     temporal_probe_logprobs,
     visual_probe_logprobs,
 )
-from video_ktr.rewards import length_bonus, load_reward_function, temporal_bonus
-from video_ktr.rollout import Completions, encode_visual_once, generate, unwrap
-from video_ktr.sampling import row_seed
-from video_ktr.schedule import build_scheduler
-from video_ktr.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
-from video_ktr.selection import (
-    mask_at_threshold,
-    quantile_threshold,
-    random_mask_like,
-    select_key_tokens_grouped,
-)
-from video_ktr.train_config import TrainConfig
+from video_ktr.model.rollout import Completions, encode_visual_once, generate, unwrap
+from video_ktr.model.sampling import row_seed
+from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
+from video_ktr.training import checkpoint as ckpt
+from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.schedule import build_scheduler
+from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.utils.prefetch import Prefetcher
 
 
 class Timer:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from video_ktr.args import DataArgs
-from video_ktr.config import field
+from video_ktr.data.options import DataArgs
+from video_ktr.utils.config import field
 
 SIGNALS = ("entropy", "visual", "temporal")
 SELECTIONS = ("all", "none", "random", *SIGNALS)

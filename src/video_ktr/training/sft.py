@@ -21,9 +21,9 @@ step (gradient accumulation and the number of processes do not change what is av
 logits of the target columns are formed (``logits_to_keep``).
 
 Evaluation: ``--eval_dataset`` rows give ``eval_loss`` (teacher-forced, no generation); with
-``--eval_generate`` the model also answers them greedily (:func:`video_ktr.evaluate.evaluate_rows`, the
+``--eval_generate`` the model also answers them greedily (:func:`video_ktr.evaluation.evaluate.evaluate_rows`, the
 training prompt and frames) and ``eval_accuracy`` / ``eval_accuracy/<group>`` are logged (groups:
-:attr:`video_ktr.data.Sample.kind`). Both run every ``--eval_steps`` and after the last step.
+:attr:`video_ktr.data.rows.Sample.kind`). Both run every ``--eval_steps`` and after the last step.
 
 Data order: a seeded permutation per epoch; the position (micro-batches consumed) is the only state a
 resumed run needs, so ``N`` steps equal ``k`` steps plus ``N - k`` resumed steps.
@@ -42,17 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from video_ktr import checkpoint as ckpt
-from video_ktr.accel import accelerator_device_kwargs, check_process_count
-from video_ktr.args import DataArgs
-from video_ktr.config import field, parse_args
-from video_ktr.data import DataError, Sample, SkipReport, load_dataset
-from video_ktr.jsonl import finite_or_null
-from video_ktr.media import FrameCache, MediaError, load_image
-from video_ktr.model_inputs import Media, processor_call, sequence_inputs, to_device
-from video_ktr.prefetch import Prefetcher
-from video_ktr.sampling import row_seed
-from video_ktr.schedule import build_scheduler
+from video_ktr.data.media import FrameCache, MediaError, load_image
+from video_ktr.data.options import DataArgs
+from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
+from video_ktr.model.inputs import Media, processor_call, sequence_inputs, to_device
+from video_ktr.model.sampling import row_seed
+from video_ktr.training import checkpoint as ckpt
+from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count
+from video_ktr.training.schedule import build_scheduler
+from video_ktr.utils.config import field, parse_args
+from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.utils.prefetch import Prefetcher
 
 IGNORE_INDEX = -100
 
@@ -236,7 +236,7 @@ def answer_token_mask(tokenizer: Any, samples: list[Sample], separator: str, wid
 
 
 def generation_rows(samples: list[Sample]) -> list[dict[str, Any]]:
-    """Rows for :func:`video_ktr.evaluate.evaluate_rows` from loaded samples.
+    """Rows for :func:`video_ktr.evaluation.evaluate.evaluate_rows` from loaded samples.
 
     ``path`` is the resolved media file; ``meta["kind"]`` is :attr:`Sample.kind` (the row's kind, else
     its data source, else its problem type), so the ``by_kind`` breakdown groups by it; ``uid`` is the
@@ -301,7 +301,7 @@ class SFTTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from video_ktr.modeling import (
+        from video_ktr.model.loading import (
             freeze_vision,
             load_model,
             load_processor,
@@ -318,7 +318,7 @@ class SFTTrainer:
         check_process_count(self.acc)
         use_sdpa_gqa_on_cpu(self.acc.device)
         if cfg.eval_generate:
-            from video_ktr.trainer import sharded_parameters
+            from video_ktr.training.grpo import sharded_parameters
 
             if sharded_parameters(self.acc):
                 raise ValueError("--eval_generate needs whole parameters on each process (one process, DDP or ZeRO-2): "
@@ -576,13 +576,13 @@ class SFTTrainer:
         """Greedy answers to the --eval_dataset rows (``--eval_generate``): ``eval_accuracy`` and per group.
 
         The rows are split across processes as in :meth:`evaluate`; each process answers and scores its
-        share with :func:`video_ktr.evaluate.evaluate_rows` (the training prompt layout, system prompt and
+        share with :func:`video_ktr.evaluation.evaluate.evaluate_rows` (the training prompt layout, system prompt and
         frame settings; greedy), and the score sums and counts are added over processes
         (:func:`accuracy_sums`, :func:`accuracies`), so every process returns the same numbers.
         """
         if not self.generation_rows:
             return {}
-        from video_ktr.evaluate import evaluate_rows
+        from video_ktr.evaluation.evaluate import evaluate_rows
 
         acc, cfg = self.acc, self.cfg
         mine = self.generation_rows[acc.process_index::acc.num_processes]
