@@ -540,8 +540,8 @@ def test_every_torch_load_is_weights_only_and_models_load_from_safetensors():
                 if name.endswith(".from_pretrained") and "Model" in name.split(".")[-2]:
                     model_loads.append(f"{path.name}:{node.lineno} {name}")
     assert loads and all(v is True for _, v in loads), loads  # checkpoint.py's optimizer/scheduler states
-    # transformers models are loaded in exactly one place, modeling.load_model (use_safetensors=True)
-    assert model_loads == [m for m in model_loads if m.startswith("modeling.py:")] and len(model_loads) == 1, model_loads
+    # transformers models are loaded in exactly one place, model/loading.load_model (use_safetensors=True)
+    assert model_loads == [m for m in model_loads if m.startswith("loading.py:")] and len(model_loads) == 1, model_loads
 
 
 class _Trap:
