@@ -12,19 +12,16 @@ from pathlib import Path
 import pytest
 
 from tests.paths import BENCHMARK_FIXTURES
-from video_ktr.evaluation.tasks import (
+from video_ktr.evaluation.tasks.base import MISSING, BenchmarkDataError, detect_format
+from video_ktr.evaluation.tasks.metrics import compute_metrics, format_table
+from video_ktr.evaluation.tasks.registry import (
     BENCHMARKS,
-    MISSING,
-    BenchmarkDataError,
-    compute_metrics,
-    detect_format,
-    format_table,
     get_benchmark,
-    join_official_meta,
     load_benchmark,
     media_candidates,
     resolve_media,
 )
+from video_ktr.evaluation.tasks.video_r1 import join_official_meta
 
 FIX = BENCHMARK_FIXTURES
 R1 = FIX / "video_r1_eval"

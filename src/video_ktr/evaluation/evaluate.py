@@ -1,7 +1,7 @@
 """Benchmark evaluation (``video-ktr eval``) and re-scoring of a saved evaluation (``video-ktr score``).
 
 ``video-ktr eval --model_name_or_path M --benchmark NAME --data_file FILE --media_root DIR --output_dir OUT``
-loads the benchmark with :func:`video_ktr.evaluation.tasks.load_benchmark` (an official annotation file or
+loads the benchmark with :func:`video_ktr.evaluation.tasks.registry.load_benchmark` (an official annotation file or
 a Video-R1-schema file), answers every row with the model (batched; one random stream per row, seeded
 by ``row_seed(seed, "eval", uid)``, so the answers do not depend on ``--batch_size``), scores the
 answers with :func:`video_ktr.core.rewards.eval_score` and writes ``OUT/<benchmark>.json``::
@@ -58,15 +58,9 @@ from video_ktr.core.rewards import eval_extract, eval_score, normalize_problem_t
 from video_ktr.data.media import FrameCache, FrameSettings, MediaError, load_image
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages, template_hash
-from video_ktr.evaluation.tasks import (
-    MISSING,
-    compute_metrics,
-    format_table,
-    get_benchmark,
-    load_benchmark,
-    media_candidates,
-    resolve_media,
-)
+from video_ktr.evaluation.tasks.base import MISSING
+from video_ktr.evaluation.tasks.metrics import compute_metrics, format_table
+from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark, media_candidates, resolve_media
 from video_ktr.model.sampling import row_seed
 from video_ktr.utils.config import field, parse_args
 from video_ktr.utils.prefetch import Prefetcher
@@ -355,7 +349,7 @@ def _breakdown(results: list[dict], key: str) -> dict[str, dict]:
 
 
 def eval_metrics(benchmark: str, results: list[dict]) -> dict:
-    """:func:`video_ktr.evaluation.tasks.compute_metrics` of the results, plus ``by_kind`` when any row's
+    """:func:`video_ktr.evaluation.tasks.metrics.compute_metrics` of the results, plus ``by_kind`` when any row's
     ``meta`` has a ``kind`` (the synthetic set). Failure reasons come from each row's ``failed``."""
     metrics = compute_metrics(benchmark, [{**r, "error": r.get("failed")} for r in results])
     if any("kind" in (r.get("meta") or {}) for r in results):
@@ -735,7 +729,7 @@ def _error(prog: str, exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``video-ktr eval``."""
-    from video_ktr.evaluation.tasks import BenchmarkDataError
+    from video_ktr.evaluation.tasks.base import BenchmarkDataError
     from video_ktr.model.vllm_engine import VLLMUnavailableError
 
     argv = list(sys.argv[1:] if argv is None else argv)

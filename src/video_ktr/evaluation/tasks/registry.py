@@ -1,0 +1,224 @@
+"""The benchmark registry (name, aliases, breakdowns, loaders), :func:`load_benchmark`, and where a row's
+media file lies under ``--media_root``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from video_ktr.evaluation.tasks.base import (
+    MEDIA_EXTENSIONS,
+    VIDEO_R1_KEYS,
+    BenchmarkDataError,
+    _is_video_r1,
+    _read_file,
+)
+from video_ktr.evaluation.tasks.official import (
+    _load_holmes,
+    _load_mmvu,
+    _load_mvbench_dir,
+    _load_mvbench_file,
+    _load_tempcompass,
+    _load_videomme,
+    _load_videommmu,
+    _load_videommmu_dir,
+    _load_vsibench,
+)
+from video_ktr.evaluation.tasks.video_r1 import _load_video_r1
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkSpec",
+    "get_benchmark",
+    "load_benchmark",
+    "media_candidates",
+    "resolve_media",
+]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    display_name: str
+    aliases: tuple[str, ...]
+    breakdowns: tuple[tuple[str, str], ...]  # (metrics key, meta field)
+    load_official: Callable[[Any, Path], list[dict]] | None
+    load_dir: Callable[[Path], list[dict]] | None = None
+    description: str = ""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    s.name: s
+    for s in (
+        BenchmarkSpec(
+            "videoholmes",
+            "Video-Holmes",
+            ("holmes",),
+            (("by_question_type", "question_type"),),
+            _load_holmes,
+            description="test_Video-Holmes.json (list; 'video ID', 'Options' A-F)",
+        ),
+        BenchmarkSpec(
+            "videomme",
+            "Video-MME",
+            (),
+            (
+                ("by_duration", "duration"),
+                ("by_domain", "domain"),
+                ("by_task_type", "task_type"),
+                ("by_sub_category", "sub_category"),
+            ),
+            _load_videomme,
+            description="videomme/test-00000-of-00001.parquet (rows; no subtitles)",
+        ),
+        BenchmarkSpec(
+            "videommmu",
+            "VideoMMMU",
+            (),
+            (("by_track", "track"), ("by_discipline", "discipline"), ("by_subject", "subject")),
+            _load_videommmu,
+            _load_videommmu_dir,
+            description="<Track>/test-*.parquet, data/*_video.json, or a folder with all tracks",
+        ),
+        BenchmarkSpec(
+            "mmvu",
+            "MMVU",
+            ("mmvumc", "mmvuval"),
+            (
+                ("by_discipline", "discipline"),
+                ("by_subject", "subject"),
+                ("by_question_type", "question_type"),
+            ),
+            _load_mmvu,
+            description="validation.json",
+        ),
+        BenchmarkSpec(
+            "mvbench",
+            "MVBench",
+            (),
+            (("by_task", "task"),),
+            _load_mvbench_file,
+            _load_mvbench_dir,
+            description="json/<task>.json, or the json/ folder",
+        ),
+        BenchmarkSpec(
+            "tempcompass",
+            "TempCompass",
+            (),
+            (("by_dim", "dim"), ("by_task_type", "task_type")),
+            _load_tempcompass,
+            description="questions/{multi-choice,yes_no}.json or lmms-lab rows",
+        ),
+        BenchmarkSpec(
+            "vsibench",
+            "VSI-Bench",
+            ("vsi",),
+            (("by_question_type", "question_type"),),
+            _load_vsibench,
+            description="test-00000-of-00001.parquet or test.jsonl",
+        ),
+        BenchmarkSpec(
+            "video_r1",
+            "Video-R1",
+            ("videor1eval", "generic"),
+            (("by_data_source", "data_source"),),
+            None,
+            description="any file in the Video-R1 schema (synthetic test set, eval_*.json)",
+        ),
+    )
+}
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_ALIASES = {_norm_name(a): s.name for s in BENCHMARKS.values() for a in (s.name, s.display_name, *s.aliases)}
+
+
+def get_benchmark(name: str) -> BenchmarkSpec:
+    """Look a benchmark up by name or alias, case- and punctuation-insensitively ("Video-Holmes")."""
+    key = _norm_name(str(name))
+    if key in _ALIASES:
+        return BENCHMARKS[_ALIASES[key]]
+    if key.startswith("videomme") and "sub" in key:
+        raise ValueError(f"benchmark {name!r}: Video-MME with subtitles is not supported yet; use 'videomme'")
+    raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+
+
+def load_benchmark(name: str, data_file: str | os.PathLike) -> list[dict]:
+    """Load an official annotation file (or folder) or a Video-R1-schema file into common-schema rows.
+
+    Raises FileNotFoundError for a missing file, BenchmarkDataError (a ValueError) naming the file, row
+    and field for any schema problem, ImportError for parquet without pyarrow.
+    """
+    spec = get_benchmark(name)
+    path = Path(data_file)
+    if path.is_dir():
+        if spec.load_dir is None:
+            raise ValueError(f"{path}: {spec.name} expects a file, not a folder ({spec.description})")
+        return spec.load_dir(path)
+    data = _read_file(path)
+    if _is_video_r1(data):
+        return _load_video_r1(data, path, spec.name, spec.display_name)
+    if spec.load_official is None:
+        raise BenchmarkDataError(
+            path,
+            0 if isinstance(data, list) else None,
+            None,
+            f"not a Video-R1-schema file (rows need {', '.join(VIDEO_R1_KEYS)}); "
+            f"for an official file pass its benchmark name ({', '.join(BENCHMARKS)})",
+        )
+    return spec.load_official(data, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# media
+
+
+def _path_variants(path: str) -> list[str]:
+    out = [path]
+    prefix = "./Evaluation/"
+    if path.startswith(prefix):
+        rest = path[len(prefix) :]
+        out.append("./" + rest)
+        if "/" in rest:
+            out.append("./" + rest.split("/", 1)[1])
+    return out
+
+
+def media_candidates(row: dict, media_root: str | os.PathLike) -> list[Path]:
+    """Every file :func:`resolve_media` would try, in order (see the module docstring)."""
+    root = Path(media_root)
+    rels = _path_variants(str(row["path"]))
+    for alt in (row.get("meta") or {}).get("path_candidates", []):
+        rels.extend(_path_variants(alt))
+    out: list[Path] = []
+    for rel in rels:
+        p = Path(rel)
+        base = p if p.is_absolute() else root / (rel[2:] if rel.startswith("./") else rel)
+        for cand in (base, *(base.with_suffix(ext) for ext in MEDIA_EXTENSIONS)):
+            if cand not in out:
+                out.append(cand)
+    return out
+
+
+def resolve_media(row: dict, media_root: str | os.PathLike) -> Path:
+    """The first existing candidate of :func:`media_candidates` (a frame folder counts too).
+
+    Raises FileNotFoundError listing what was tried.
+    """
+    cands = media_candidates(row, media_root)
+    for cand in cands:
+        if cand.exists():
+            return cand
+    shown = "\n  ".join(str(c) for c in cands[:12])
+    raise FileNotFoundError(
+        f"media for {row.get('uid', row.get('problem_id'))} not found under {media_root}; tried:\n  {shown}\n"
+        "point --media_root at the folder the benchmark's videos were unpacked to"
+    )
