@@ -164,3 +164,39 @@ def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
             layer._reserve(layer.keys, layer.values, n, room_for(n, int(capacity)), repeats)
     return True
 
+
+
+def static_cache(model: torch.nn.Module, capacity: int, prefix: Any = None, repeats: int = 1) -> Any:
+    """transformers' ``StaticCache`` with ``capacity`` columns: fixed buffers a captured decode step writes in place.
+
+    With ``prefix`` (a dynamic cache holding P rows, e.g. a shared prefill's), the static cache holds P x
+    ``repeats`` rows whose first columns are the prefix's keys and values, each row repeated ``repeats``
+    times in a row (as ``batch_repeat_interleave``): one copy per layer. Without it, the layers are
+    allocated on the first update (the prefill). None when ``model``'s cache layout is not a plain one
+    (every layer of a StaticCache must be a full-attention StaticLayer here).
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=int(capacity))
+    except Exception:  # a config transformers cannot read the layer layout from
+        return None
+    if not cache.layers or any(type(layer) is not StaticLayer for layer in cache.layers):
+        return None
+    if prefix is None:
+        return cache
+    src = getattr(prefix, "layers", None) or []
+    if len(src) != len(cache.layers) or any(s.keys is None or not s.keys.numel() for s in src):
+        return None
+    for layer, s in zip(cache.layers, src):
+        k, v = s.keys, s.values
+        B, H, n, Dk = k.shape
+        Dv = v.shape[-1]
+        if n > capacity:
+            raise ValueError(f"the prefix holds {n} tokens, more than the static cache's {capacity}")
+        layer.lazy_initialization(k.new_empty(B * repeats, H, 0, Dk), v.new_empty(B * repeats, H, 0, Dv))
+        layer.keys.view(B, repeats, H, capacity, Dk)[:, :, :, :n].copy_(k[:, None].expand(B, repeats, H, n, Dk))
+        layer.values.view(B, repeats, H, capacity, Dv)[:, :, :, :n].copy_(v[:, None].expand(B, repeats, H, n, Dv))
+        layer.cumulative_length.fill_(n)
+    return cache

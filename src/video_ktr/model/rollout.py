@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from video_ktr.model.decode import StaticDecoder, decode_from, resolve_decoder
 from video_ktr.model.inputs import PIXEL_KEYS, select_prompts
-from video_ktr.model.kv_cache import new_cache, repeat_rows
+from video_ktr.model.kv_cache import new_cache, repeat_rows, static_cache
 from video_ktr.model.sampling import GumbelSampler
 from video_ktr.model.scoring import completion_mask
 
@@ -52,6 +53,7 @@ def generate(
     group_size: int = 1,
     shared_prefill: bool = True,
     min_new_tokens: int = 0,
+    decoder: str | StaticDecoder = "auto",
 ) -> Completions:
     """Sample one completion per row of ``prompt_inputs`` x ``group_size`` (each prompt's G rows in a row).
 
@@ -62,17 +64,34 @@ def generate(
     key/value cache is repeated for its G rows before decoding starts (_shared_prefill); the logits are
     those of G separate prompt rows to float tolerance, and the sampled tokens the same (tests pin it).
     Otherwise the prompt rows are repeated and ``generate`` prefills every one of them.
+
+    ``decoder``: ``"hf"`` decodes with transformers' ``generate``; ``"static"`` (or a
+    decode.StaticDecoder) prefills the same way and decodes the rest with decode.decode_from (static
+    buffers, a captured step on CUDA, counter noise on CUDA); ``"auto"`` is static on CUDA, hf elsewhere.
     """
+    device = prompt_inputs["input_ids"].device
+    static = resolve_decoder(decoder, device) == "static" and max_new_tokens > 1
+    settings = decoder if isinstance(decoder, StaticDecoder) else StaticDecoder()
+    graphs = settings.graphs_for(device) if static else None
     capacity = prompt_inputs["input_ids"].shape[1] + max_new_tokens
-    cache = _shared_prefill(model, prompt_inputs, group_size, capacity) if group_size > 1 and shared_prefill else None
+    cache = None
+    if group_size > 1 and shared_prefill:
+        cache = _shared_prefill(model, prompt_inputs, group_size, capacity, static=graphs is not None)
     if cache is not None:  # the token columns only: the pixels went into the cache
         rows = {k: prompt_inputs[k].repeat_interleave(group_size, dim=0)
                 for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     else:
         rows = select_prompts(prompt_inputs, list(range(prompt_inputs["input_ids"].shape[0])), group_size)
-    return _generate(model, tokenizer, rows, seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_p=top_p, eos_ids=eos_ids, pad_id=pad_id, suppress_ids=suppress_ids, cache=cache,
-                     min_new_tokens=min_new_tokens)
+    if cache is None and graphs is not None:
+        cache = static_cache(unwrap(model), capacity)
+        if cache is None:  # no static layout for this model: decode eagerly into the reserving cache
+            graphs = None
+    args = dict(seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids,
+                pad_id=pad_id, suppress_ids=suppress_ids, cache=cache, min_new_tokens=min_new_tokens)
+    if static:
+        return _generate_static(model, tokenizer, rows, graphs=graphs, noise=settings.noise_for(device),
+                                stop_every=settings.stop_every, **args)
+    return _generate(model, tokenizer, rows, **args)
 
 
 def _rope_owner(model: torch.nn.Module) -> Any:
@@ -84,7 +103,8 @@ def _rope_owner(model: torch.nn.Module) -> Any:
 
 
 @torch.no_grad()
-def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int, capacity: int = 0):
+def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int, capacity: int = 0,
+                    static: bool = False):
     """Each prompt's cache up to its last token, computed once and repeated ``group_size`` times.
 
     The prompts (left-padded, so every row's last column is a real token) run once without their last
@@ -94,7 +114,8 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     them for positions after a cached prefix. Returns the cache, or None where this does not apply (the
     last prompt column is a vision token, a model without M-RoPE offsets, or one that returns no cache),
     and then the caller prefills every row. The repeated cache reserves room for ``capacity`` tokens
-    (kv_cache.repeat_rows: decoding then writes in place instead of concatenating).
+    (kv_cache.repeat_rows: decoding then writes in place instead of concatenating); with ``static`` the
+    rows are repeated into a ``StaticCache`` of ``capacity`` columns instead (kv_cache.static_cache).
     """
     owner = _rope_owner(model)
     mm = prompt_inputs["mm_token_type_ids"]
@@ -115,7 +136,11 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     cache, deltas = out.past_key_values, owner.rope_deltas
     if cache is None or deltas is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
-    if not repeat_rows(cache, group_size, capacity):
+    if static:
+        cache = static_cache(gen_model, capacity, prefix=cache, repeats=group_size)
+        if cache is None:
+            return None
+    elif not repeat_rows(cache, group_size, capacity):
         cache.batch_repeat_interleave(group_size)
     owner.rope_deltas = deltas.repeat_interleave(group_size, dim=0)
     return cache
@@ -124,13 +149,55 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
               max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
               suppress_ids: tuple[int, ...], cache: Any = None, min_new_tokens: int = 0) -> Completions:
-    from transformers import GenerationConfig, LogitsProcessorList
-
     n = prompt_inputs["input_ids"].shape[0]
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} rows")
     device = prompt_inputs["input_ids"].device
     sampler = GumbelSampler(seeds, temperature=temperature, top_p=top_p, suppress_ids=list(suppress_ids), device=device)
+    out = _hf_generate(model, prompt_inputs, sampler, cache=cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                       pad_id=pad_id, min_new_tokens=min_new_tokens)
+    return _completions(tokenizer, out[:, prompt_inputs["input_ids"].shape[1]:], eos_ids, pad_id)
+
+
+def _generate_static(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
+                     max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
+                     suppress_ids: tuple[int, ...], cache: Any, min_new_tokens: int, graphs: Any, noise: str,
+                     stop_every: int) -> Completions:
+    """The prompt's prefill and first token through ``generate`` (the same numbers as the hf path), the rest
+    through decode.decode_from."""
+    n = prompt_inputs["input_ids"].shape[0]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} rows")
+    device = prompt_inputs["input_ids"].device
+    sampler = GumbelSampler(seeds, temperature=temperature, top_p=top_p, suppress_ids=list(suppress_ids), device=device,
+                            noise=noise)
+    gen_model = unwrap(model)
+    if cache is None:
+        cache = new_cache(gen_model, prompt_inputs["input_ids"].shape[1] + max_new_tokens)
+    out = _hf_generate(model, prompt_inputs, sampler, cache=cache, max_new_tokens=1, eos_ids=eos_ids, pad_id=pad_id,
+                       min_new_tokens=min(min_new_tokens, 1))
+    length = prompt_inputs["input_ids"].shape[1]
+    owner = _rope_owner(model)
+    deltas = getattr(owner, "rope_deltas", None) if owner is not None else None
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        result = decode_from(gen_model, cache, out[:, length], prompt_inputs["attention_mask"], sampler=sampler,
+                             max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                             min_new_tokens=min_new_tokens, rope_deltas=deltas, graphs=graphs, stop_every=stop_every)
+    finally:
+        gen_model.train(was_training)
+    comps = _completions(tokenizer, result.ids, eos_ids, pad_id)
+    # the columns up to the longest completion: what generate() returns when it stops as the last row ends
+    keep = max(1, int(comps.lengths.max())) if comps.ids.shape[1] else 1
+    return Completions(ids=comps.ids[:, :keep], valid=comps.valid[:, :keep], texts=comps.texts)
+
+
+def _hf_generate(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], sampler: GumbelSampler, *, cache: Any,
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, min_new_tokens: int) -> Tensor:
+    """``generate`` greedy over the sampler's scores (prompt + new tokens), with neutral generation settings."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids), pad_token_id=pad_id,
         num_beams=1, use_cache=True, **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
@@ -150,14 +217,18 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, T
         cache = new_cache(gen_model, prompt_inputs["input_ids"].shape[1] + max_new_tokens)
     extra = {"past_key_values": cache} if cache is not None else {}
     try:
-        out = gen_model.generate(**prompt_inputs, **extra, generation_config=config,
-                                 logits_processor=LogitsProcessorList([sampler]))
+        return gen_model.generate(**prompt_inputs, **extra, generation_config=config,
+                                  logits_processor=LogitsProcessorList([sampler]))
     finally:
         gen_model.train(was_training)
         gen_model.generation_config = saved_config
-    ids = out[:, prompt_inputs["input_ids"].shape[1]:]
+
+
+def _completions(tokenizer: Any, ids: Tensor, eos_ids: tuple[int, ...], pad_id: int) -> Completions:
+    """Completions from the generated columns: valid up to the first end-of-turn token, pad after, decoded."""
+    n = ids.shape[0]
     if ids.shape[1] == 0:  # nothing generated at all: keep one pad column so shapes stay valid
-        ids = torch.full((n, 1), pad_id, dtype=out.dtype, device=out.device)
+        ids = torch.full((n, 1), pad_id, dtype=ids.dtype, device=ids.device)
     valid = completion_mask(ids, eos_ids)
     ids = ids.masked_fill(~valid, pad_id)
     texts = tokenizer.batch_decode([row[m] for row, m in zip(ids, valid)], skip_special_tokens=True)
