@@ -20,17 +20,11 @@ from tests.paths import BENCHMARK_FIXTURES
 from video_ktr.core.rewards import eval_extract, eval_score
 from video_ktr.data import synth
 from video_ktr.data.media import FrameSettings, write_video
-from video_ktr.data.prompts import template_hash
+from video_ktr.data.prompts import build_messages, template_hash
 from video_ktr.evaluation import evaluate as ev
-from video_ktr.evaluation.evaluate import (
-    EvalConfig,
-    EvalError,
-    HFEngine,
-    evaluate,
-    evaluate_rows,
-    main,
-    score_main,
-)
+from video_ktr.evaluation.engine import HFEngine, load_media, prepare_rows
+from video_ktr.evaluation.eval_config import EvalConfig, EvalError
+from video_ktr.evaluation.evaluate import evaluate, evaluate_rows, main, score_main
 from video_ktr.model import tiny
 from video_ktr.model.inputs import Media
 from video_ktr.model.sampling import row_seed
@@ -449,12 +443,12 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
 def test_prepare_rows_rejects_duplicates_and_bad_types():
     row = {"problem_id": 1, "problem": "q", "problem_type": "multiple-choice", "options": ["A. x"],
            "solution": "<answer>A</answer>", "path": "./v.mp4", "kind": "k"}
-    (r,) = ev.prepare_rows([row])
+    (r,) = prepare_rows([row])
     assert r["problem_type"] == "multiple choice" and r["meta"] == {"kind": "k"} and r["uid"] == "video_r1:1"
     with pytest.raises(ValueError, match="duplicate uid"):
-        ev.prepare_rows([row, dict(row)])
+        prepare_rows([row, dict(row)])
     with pytest.raises(ValueError, match="problem_type"):
-        ev.prepare_rows([{**row, "problem_type": "essay"}])
+        prepare_rows([{**row, "problem_type": "essay"}])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,11 +479,11 @@ def test_vllm_requests_built_from_our_frames(tiny_dir, synth_dir):
     from video_ktr.model.loading import load_processor
 
     processor = load_processor(str(tiny_dir))
-    rows = ev.prepare_rows(json.loads((synth_dir / "test.json").read_text()))
+    rows = prepare_rows(json.loads((synth_dir / "test.json").read_text()))
     settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
-    video = ev.load_media(synth_dir / rows[1]["path"], "video", settings)
+    video = load_media(synth_dir / rows[1]["path"], "video", settings)
     image = Media(image=Image.new("RGB", (56, 56), (0, 255, 0)))
-    messages = [ev.build_messages(r["problem"], r["problem_type"], r["options"], dt, layout="eval")
+    messages = [build_messages(r["problem"], r["problem_type"], r["options"], dt, layout="eval")
                 for r, dt in ((rows[1], "video"), (rows[2], "image"))]
     llm = FakeLLM()
     engine = VLLMEngine(llm, processor, stop_token_ids=(7, 9), sampling_params_cls=FakeSamplingParams)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from video_ktr.evaluation import inference as infer
-from video_ktr.evaluation.evaluate import HFEngine
+from video_ktr.evaluation.engine import HFEngine
 from video_ktr.evaluation.inference import InferError, main, normalize_options, parse_infer_args, split_output
 from video_ktr.model import tiny
 

@@ -232,7 +232,8 @@ def test_sft_killed_mid_run_and_mid_save_resumes_bit_for_bit(tiny_setup, sft_ref
 
 
 def _eval_reference(tiny_setup, out: Path) -> dict:
-    from video_ktr.evaluation.evaluate import EvalConfig, evaluate
+    from video_ktr.evaluation.eval_config import EvalConfig
+    from video_ktr.evaluation.evaluate import evaluate
 
     cfg = parse_args(EvalConfig, ["--model_name_or_path", str(tiny_setup.model_dir), "--data_file", str(tiny_setup.test_json),
                                   "--output_dir", str(out), *EVAL])
@@ -593,7 +594,7 @@ def test_trust_remote_code_is_off_unless_the_user_sets_it(monkeypatch):
 
     import transformers
 
-    from video_ktr.evaluation.evaluate import EvalConfig
+    from video_ktr.evaluation.eval_config import EvalConfig
     from video_ktr.evaluation.inference import InferConfig
     from video_ktr.model import loading as modeling
     from video_ktr.model.vllm_engine import VLLMEngine

@@ -307,7 +307,7 @@ def test_eval_generate_scores_like_evaluate_rows_with_a_scripted_engine(env, mon
 
 def test_accuracy_sums_reduce_over_shards_to_the_evaluate_metrics():
     """Sums over any split of the rows add up to evaluate's overall (non-regression) and by_kind (all types)."""
-    from video_ktr.evaluation.evaluate import eval_metrics
+    from video_ktr.evaluation.grading import eval_metrics
     from video_ktr.training.sft import accuracies, accuracy_sums
 
     scores = [1.0, 0.0, 0.35, None, 1.0, 0.8, 0.0, None, 1.0, 0.55]

@@ -252,7 +252,9 @@ def _accuracy_record(metrics: dict[str, Any]) -> dict[str, Any]:
 def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts: AblateOptions) -> dict[str, Any]:
     """Greedy and sampled (temperature 1, top_p 1) accuracy of the run's final model, overall and per kind."""
     from video_ktr.data.media import FrameSettings
-    from video_ktr.evaluation.evaluate import evaluate_rows, pick_device, write_json_atomic
+    from video_ktr.evaluation.engine import pick_device
+    from video_ktr.evaluation.evaluate import evaluate_rows
+    from video_ktr.evaluation.protocol import write_json_atomic
     from video_ktr.model.loading import load_model, load_processor
 
     rows = read_rows(Path(protocol["data"]))
@@ -340,7 +342,7 @@ class RunRecord(dict):
 def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] | None, opts: AblateOptions,
             tag: str) -> RunRecord:
     """Train (or resume, or reuse) one run, evaluate its final model and write its done.json."""
-    from video_ktr.evaluation.evaluate import write_json_atomic
+    from video_ktr.evaluation.protocol import write_json_atomic
     from video_ktr.training import checkpoint as ckpt
 
     folder = Path(cfg.output_dir)
@@ -622,7 +624,7 @@ def reward_curves(records: dict[str, list[RunRecord]]) -> dict[str, dict[int, li
 
 def run_ablation(opts: AblateOptions) -> dict[str, Any]:
     """Train, evaluate and report every (variant, seed); returns the content of ablation.json."""
-    from video_ktr.evaluation.evaluate import write_json_atomic
+    from video_ktr.evaluation.protocol import write_json_atomic
     from video_ktr.training.distributed import launched_world_size
 
     if launched_world_size() > 1:

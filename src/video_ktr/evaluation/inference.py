@@ -173,7 +173,7 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
     Raises InferError for a missing or unreadable media file (checked before the model is loaded).
     """
-    from video_ktr.evaluation.evaluate import HFEngine, load_media, pick_device
+    from video_ktr.evaluation.engine import HFEngine, load_media, pick_device
 
     cfg.validate()
     ptype, options = _question(cfg)
