@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from video_ktr.analysis import estimate as E
+from video_ktr.analysis.estimate_measure import compare_with_measurement
+from video_ktr.analysis.model_size import KNOWN_MODELS, ModelArch, count_params, resolve_arch, video_geometry
 from video_ktr.utils.config import load_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,9 +27,9 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-def hand_arch() -> E.ModelArch:
+def hand_arch() -> ModelArch:
     """The SMALL sizes with a 100-token vocabulary, tied embeddings."""
-    return E.ModelArch(model_type="qwen2_5_vl", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    return ModelArch(model_type="qwen2_5_vl", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                        intermediate_size=128, vocab_size=100, tie_word_embeddings=True, vision_depth=1,
                        vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2, vision_out_size=64,
                        dtype="float32", source="test")
@@ -51,7 +53,7 @@ def component(result, name, phase=None):
 
 
 def test_param_count_by_hand():
-    c = E.count_params(hand_arch())
+    c = count_params(hand_arch())
     # text: embedding 100*64; per layer q 64*64+64, k and v 64*32+32, o 64*64, MLP 3*64*128, two norms 2*64; final norm
     layer = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert layer == 37120
@@ -62,9 +64,9 @@ def test_param_count_by_hand():
     assert c["vision"] == 3 * 2 * 14 * 14 * 32 + block + merger == 73024
     assert c["total"] == 153728
     # LoRA r=8 on q and v: 8 * ((64 + 64) + (64 + 32)) per layer; the vision MLP names do not match
-    assert E.count_params(hand_arch(), 8, ["q_proj", "v_proj"])["lora"] == 2 * 8 * (128 + 96)
+    assert count_params(hand_arch(), 8, ["q_proj", "v_proj"])["lora"] == 2 * 8 * (128 + 96)
     # ... gate_proj matches in the text layers and in the vision block, as PEFT matches by name
-    assert E.count_params(hand_arch(), 8, ["gate_proj"])["lora"] == 2 * 8 * (64 + 128) + 1 * 8 * (32 + 64)
+    assert count_params(hand_arch(), 8, ["gate_proj"])["lora"] == 2 * 8 * (64 + 128) + 1 * 8 * (32 + 64)
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
@@ -78,8 +80,8 @@ def test_param_count_equals_torch_model(tiny_dir):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_dir))
-    arch = E.resolve_arch(str(tiny_dir))
-    counts = E.count_params(arch)
+    arch = resolve_arch(str(tiny_dir))
+    counts = count_params(arch)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     visual = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
     assert counts["vision"] == visual
@@ -91,7 +93,7 @@ def test_known_sizes_match_transformers_on_meta_device():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     for size, expected in (("3B", 3_754_622_976), ("7B", 8_292_166_656)):  # the public checkpoints' counts
-        a = E.KNOWN_MODELS[size]
+        a = KNOWN_MODELS[size]
         text = dict(hidden_size=a.hidden_size, num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
                     num_key_value_heads=a.num_kv_heads, intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
                     tie_word_embeddings=a.tie_word_embeddings)
@@ -100,17 +102,17 @@ def test_known_sizes_match_transformers_on_meta_device():
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=a.tie_word_embeddings)
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration(cfg)
-        assert E.count_params(a)["total"] == sum(p.numel() for p in model.parameters()) == expected
+        assert count_params(a)["total"] == sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_resolve_arch():
-    assert E.resolve_arch("Video-R1/Qwen2.5-VL-7B-COT-SFT").hidden_size == 3584
-    assert E.resolve_arch("Qwen/Qwen2.5-VL-72B-Instruct").num_layers == 80
-    assert "built-in" in E.resolve_arch("Qwen/Qwen2.5-VL-3B-Instruct").source
+    assert resolve_arch("Video-R1/Qwen2.5-VL-7B-COT-SFT").hidden_size == 3584
+    assert resolve_arch("Qwen/Qwen2.5-VL-72B-Instruct").num_layers == 80
+    assert "built-in" in resolve_arch("Qwen/Qwen2.5-VL-3B-Instruct").source
     with pytest.raises(ValueError, match="--model_config"):
-        E.resolve_arch("someone/unknown-model")
+        resolve_arch("someone/unknown-model")
     with pytest.raises(FileNotFoundError):
-        E.resolve_arch("Qwen/Qwen2.5-VL-7B-Instruct", "/nonexistent/dir")
+        resolve_arch("Qwen/Qwen2.5-VL-7B-Instruct", "/nonexistent/dir")
 
 
 def test_model_config_json(tmp_path):
@@ -119,8 +121,8 @@ def test_model_config_json(tmp_path):
            "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))  # the older layout: text fields at the top level
-    arch = E.resolve_arch("Qwen/Qwen2.5-VL-7B-Instruct", str(tmp_path))
-    assert E.count_params(arch)["total"] == E.count_params(hand_arch())["total"]
+    arch = resolve_arch("Qwen/Qwen2.5-VL-7B-Instruct", str(tmp_path))
+    assert count_params(arch)["total"] == count_params(hand_arch())["total"]
 
 
 # ------------------------------------------------------------------ tokens and memory arithmetic
@@ -128,15 +130,15 @@ def test_model_config_json(tmp_path):
 
 def test_video_tokens_from_frame_settings():
     cfg = train_config(max_frames=16, video_fps=2.0, max_pixels=128 * 28 * 28)
-    g = E.video_geometry(cfg, 60.0)
+    g = video_geometry(cfg, 60.0)
     assert (g["nframes"], g["tokens_per_frame_pair"], g["visual_tokens"]) == (16, 128, 1024)
     assert g["patches"] == 4096
-    g = E.video_geometry(cfg, 60.0, video_size=(720, 1280))  # smart_resize: 224 x 420 -> 8 x 15 cells
+    g = video_geometry(cfg, 60.0, video_size=(720, 1280))  # smart_resize: 224 x 420 -> 8 x 15 cells
     assert (g["tokens_per_frame_pair"], g["visual_tokens"]) == (120, 960)
-    g = E.video_geometry(cfg, 3.0)  # 3 s at 2 fps: 6 frames
+    g = video_geometry(cfg, 3.0)  # 3 s at 2 fps: 6 frames
     assert (g["nframes"], g["visual_tokens"]) == (6, 3 * 128)
     tiny = train_config(nframes=8, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=3136)
-    assert E.video_geometry(tiny, 10.0)["visual_tokens"] == 16  # 4 frame pairs x 2 x 2 cells
+    assert video_geometry(tiny, 10.0)["visual_tokens"] == 16  # 4 frame pairs x 2 x 2 cells
 
 
 def test_memory_arithmetic_by_hand():
@@ -178,7 +180,7 @@ def test_memory_arithmetic_by_hand():
 
 def test_zero_sharding_divides_by_num_gpus():
     cfg = E.load_train_config(str(RECIPE))
-    arch = E.resolve_arch(cfg.model_name_or_path)
+    arch = resolve_arch(cfg.model_name_or_path)
     N = 8
     by_stage = {z: E.estimate(cfg, arch, num_gpus=N, zero_stage=z, mixed_precision="yes", suggest=False) for z in range(4)}
     total, trainable = by_stage[0]["params"]["total"], by_stage[0]["params"]["trainable"]
@@ -203,7 +205,7 @@ def test_zero_sharding_divides_by_num_gpus():
 
 def test_7b_recipe_verdicts(capsys):
     cfg = E.load_train_config(str(RECIPE))
-    arch = E.resolve_arch(cfg.model_name_or_path)
+    arch = resolve_arch(cfg.model_name_or_path)
     big = E.estimate(cfg, arch, gpu_memory_gb=80, num_gpus=8, zero_stage=3)
     assert big["fits"] and 20 < big["peak_gb"] < 72
     assert big["tokens"]["visual_tokens"] == 1024 and big["tokens"]["rows_per_gpu"] == 8
@@ -250,7 +252,7 @@ def test_estimated_difference_matches_measured_cpu_runs(tmp_path):
     memory (the estimate counts live tensors); with the default allocator the same difference measured
     11-22% above the estimate over repeated runs (heap fragmentation): docs/estimate.md has all the numbers."""
     base = load_yaml(CONFIGS / "tiny-cpu.yaml")
-    r = E.compare_with_measurement(dict(base, per_device_train_batch_size=1), dict(base, per_device_train_batch_size=4),
+    r = compare_with_measurement(dict(base, per_device_train_batch_size=1), dict(base, per_device_train_batch_size=4),
                                    workdir=tmp_path, malloc_mmap_threshold=65536)
     for run in (r["a"], r["b"]):
         m = run["measurement"]
