@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.test_diagnostics import diagnostics_run
-from video_ktr.analysis.report import (
+from video_ktr.analysis.report import main, token_span, write_report
+from video_ktr.analysis.runs import run_names
+from video_ktr.analysis.word_cloud import (
     WordClassifier,
     cloud_word,
     layout_word_cloud,
-    main,
-    run_names,
-    token_span,
     word_classifier,
     word_cloud,
-    write_report,
 )
 from video_ktr.core.diagnostics import TokenRecord, read_token_records
 

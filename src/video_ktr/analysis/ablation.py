@@ -569,7 +569,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int, list[float]]]) -> list[str]:
-    from video_ktr.analysis.report import _pyplot, _save
+    from video_ktr.analysis.plots import _pyplot, _save
 
     plt = _pyplot()
     written = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from video_ktr.analysis.report import moving_average
+from video_ktr.analysis.plots import moving_average
 from video_ktr.utils.jsonl import read_jsonl
 
 
