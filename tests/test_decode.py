@@ -179,3 +179,4 @@ def test_decoder_setting_is_checked_and_auto_means_cpu_hf():
         resolve_decoder("vllm", torch.device("cpu"))
     with pytest.raises(ValueError, match="noise"):
         GumbelSampler([0], noise="philox")
+

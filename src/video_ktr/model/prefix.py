@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.model.inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
-from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths
+from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths, token_logprobs
 
 _PIXEL_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
@@ -96,13 +96,9 @@ def group_positions(model: torch.nn.Module, seq_inputs: dict[str, Any], completi
 
 
 def _token_logprobs(logits: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """log p of ``ids`` (R, T) under ``logits`` (R, T, V), and the entropy of each distribution (R, T)."""
-    logsm = torch.log_softmax(logits.float(), dim=-1)
-    logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():  # the entropy selects tokens and is logged; it never takes a gradient
-        return logp, -(logsm.exp() * logsm).sum(-1)
+    """log p of ``ids`` (R, T) under ``logits`` (R, T, V), and the entropy of each distribution (R, T)
+    (scoring.token_logprobs: in chunks of positions when no gradient is kept)."""
+    return token_logprobs(logits, ids, with_entropy=with_entropy)
 
 
 def shared_prefix_logprobs(

@@ -15,6 +15,49 @@ from torch import Tensor
 # width bucket must save to be run apart. A round figure, not tuned per machine: it keeps the buckets
 # few (3 for 64 rows with lengths spread evenly over 20-96) so that the fixed cost of a call never dominates.
 BUCKET_OVERHEAD_TOKENS = 256
+# float32 elements of one log-softmax chunk in a no-grad pass (64 Mi elements, 256 MiB): at a real
+# vocabulary (151,936) that is about 440 positions per chunk, instead of float32 copies of all B x T x V
+LOGPROB_CHUNK_ELEMENTS = 1 << 26
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, *, with_entropy: bool = False, temperature: float = 1.0,
+                   chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor | None]:
+    """log p of ``ids`` (R, T) under ``logits`` (R, T, V) / ``temperature``, and each distribution's entropy (R, T).
+
+    log p = log_softmax(z)[id], H = -sum_v p_v log p_v, with z the float32 logits over the temperature.
+    Without a gradient to keep, the float32 copy and the log-softmax are formed for a few positions at a
+    time (``chunk_elements`` float32 values, all rows of a position range together), never for all
+    R x T x V at once: on a 152k vocabulary a probe pass over 16 x 256 positions held three 2.5 GB float32
+    tensors at the end. The log-softmax of each position is the same computation either way (the same
+    numbers, tests). With grad (the policy pass) the whole tensor is formed as before: autograd keeps the
+    log-softmax for the backward in any case.
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        z = logits.float()
+        if temperature != 1.0:
+            z = z / temperature
+        logsm = torch.log_softmax(z, dim=-1)
+        logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():  # the entropy selects tokens and is logged; it never takes a gradient
+            return logp, -(logsm.exp() * logsm).sum(-1)
+    R, T, V = logits.shape
+    step = max(1, chunk_elements // max(1, R * V))
+    logps, ents = [], []
+    with torch.no_grad():
+        for a in range(0, T, step):
+            z = logits[:, a:a + step].float()
+            if temperature != 1.0:
+                z = z / temperature
+            logsm = torch.log_softmax(z, dim=-1)
+            logps.append(logsm.gather(-1, ids[:, a:a + step].unsqueeze(-1)).squeeze(-1))
+            if with_entropy:
+                ents.append(-(logsm.exp() * logsm).sum(-1))
+            del z, logsm
+    empty = logits.new_zeros((R, 0), dtype=torch.float32)
+    logp = torch.cat(logps, 1) if logps else empty
+    return logp, ((torch.cat(ents, 1) if ents else empty) if with_entropy else None)
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int | None = None) -> Tensor:
@@ -127,17 +170,13 @@ def sequence_logprobs(
             if width < Lc:
                 sub = _truncate(sub, L - Lc + width)
             logits = model(**sub, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-            logits = logits.float()
-            if temperature != 1.0:
-                logits = logits / temperature
-            logsm = torch.log_softmax(logits, dim=-1)
-            logp = logsm.gather(-1, completion_ids[rows, :width].unsqueeze(-1)).squeeze(-1)
+            logp, ent = token_logprobs(logits, completion_ids[rows, :width], with_entropy=with_entropy,
+                                       temperature=temperature)
             logps.append(torch.nn.functional.pad(logp, (0, Lc - width)))
             if with_entropy:
-                with torch.no_grad():
-                    ents.append(torch.nn.functional.pad(-(logsm.exp() * logsm).sum(-1), (0, Lc - width)))
+                ents.append(torch.nn.functional.pad(ent, (0, Lc - width)))
             done += rows
-            del logits, logsm
+            del logits
     logp, entropy = torch.cat(logps), (torch.cat(ents) if with_entropy else None)
     if done != list(range(B)):
         back = torch.argsort(torch.tensor(done, device=logp.device))  # the inverse of the bucket order
