@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import GenerationConfig, LogitsProcessorList
 
     from video_ktr.data import synth
-    from video_ktr.data.media import FrameSettings, load_video
+    from video_ktr.data.media import FrameSettings
     from video_ktr.data.rows import load_dataset
+    from video_ktr.data.video import load_video
     from video_ktr.model import tiny
     from video_ktr.model.inputs import Media, encode_prompts, select_prompts
     from video_ktr.model.loading import load_model, load_processor, special_tokens

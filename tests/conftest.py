@@ -57,7 +57,8 @@ class TinySetup:
 
     def media(self, sample, **frame_overrides):
         """The decoded visual item of a sample (a model_inputs.Media)."""
-        from video_ktr.data.media import load_image, load_video
+        from video_ktr.data.media import load_image
+        from video_ktr.data.video import load_video
         from video_ktr.model.inputs import Media
 
         settings = self.frame_settings(**frame_overrides)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from video_ktr import cli
 from video_ktr.data import tools as data_tools
-from video_ktr.data.media import write_video
 from video_ktr.data.tools import ArchiveError, check_dataset, main, marker_path, unpack, unpack_archive
+from video_ktr.data.video import write_video
 
 # ------------------------------------------------------------------------------------------------ unpack
 

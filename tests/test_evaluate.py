@@ -19,8 +19,9 @@ from PIL import Image
 from tests.paths import BENCHMARK_FIXTURES
 from video_ktr.core.rewards import eval_extract, eval_score
 from video_ktr.data import synth
-from video_ktr.data.media import FrameSettings, write_video
+from video_ktr.data.media import FrameSettings
 from video_ktr.data.prompts import build_messages, template_hash
+from video_ktr.data.video import write_video
 from video_ktr.evaluation import evaluate as ev
 from video_ktr.evaluation.engine import HFEngine, load_media, prepare_rows
 from video_ktr.evaluation.eval_config import EvalConfig, EvalError

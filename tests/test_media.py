@@ -12,19 +12,16 @@ import torch
 from PIL import Image
 
 from tests.paths import REAL_VIDEO  # noqa: E402
-from video_ktr.data import media
+from video_ktr.data import video as video_module
 from video_ktr.data.media import (
-    FrameCache,
     FrameSettings,
     MediaError,
-    Video,
     load_image,
-    load_video,
     sample_indices,
     smart_nframes,
     smart_resize,
-    write_video,
 )
+from video_ktr.data.video import FrameCache, Video, load_video, write_video
 
 COLOURS = [
     (255, 0, 0),
@@ -242,13 +239,13 @@ def test_one_frame_video_gives_multiple_of_frame_factor(tmp_path: Path):
 def test_overstated_frame_count_is_corrected_by_decoding(
     coloured_video: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    real_probe = media._probe
+    real_probe = video_module._probe
 
     def lying_probe(p):
         _total, fps, _duration, w, h = real_probe(p)
         return 40, fps, None, w, h  # container claims 40 frames, the file has 8
 
-    monkeypatch.setattr(media, "_probe", lying_probe)
+    monkeypatch.setattr(video_module, "_probe", lying_probe)
     video = load_video(coloured_video, FrameSettings(fps=4.0))
     assert video.total_frames == 8 and video.frame_indices == list(range(8))
     assert video.duration == pytest.approx(2.0)
@@ -338,13 +335,13 @@ def test_frame_cache_returns_same_object_and_decodes_once(
     coloured_video: Path, monkeypatch: pytest.MonkeyPatch
 ):
     calls: list[Path] = []
-    real_load = media.load_video
+    real_load = video_module.load_video
 
     def counting_load(path, settings) -> Video:
         calls.append(Path(path))
         return real_load(path, settings)
 
-    monkeypatch.setattr(media, "load_video", counting_load)
+    monkeypatch.setattr(video_module, "load_video", counting_load)
     cache = FrameCache(capacity=2)
     settings = FrameSettings(nframes=4)
     first = cache.get_or_load(coloured_video, settings)
@@ -364,8 +361,8 @@ def test_frame_cache_evicts_least_recently_used(
         shutil.copy(coloured_video, dst)
         copies.append(dst)
     calls: list[str] = []
-    real_load = media.load_video
-    monkeypatch.setattr(media, "load_video", lambda p, s: calls.append(str(p)) or real_load(p, s))
+    real_load = video_module.load_video
+    monkeypatch.setattr(video_module, "load_video", lambda p, s: calls.append(str(p)) or real_load(p, s))
     cache = FrameCache(capacity=2)
     s = FrameSettings(nframes=2)
     cache.get_or_load(copies[0], s)
@@ -381,8 +378,8 @@ def test_frame_cache_evicts_least_recently_used(
 
 def test_frame_cache_concurrent_requests_decode_once(coloured_video: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[int] = []
-    real_load = media.load_video
-    monkeypatch.setattr(media, "load_video", lambda p, s: calls.append(1) or real_load(p, s))
+    real_load = video_module.load_video
+    monkeypatch.setattr(video_module, "load_video", lambda p, s: calls.append(1) or real_load(p, s))
     cache = FrameCache(capacity=4)
     results: list[Video] = []
     threads = [
@@ -412,16 +409,16 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _sequential(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
-    kept, _ = media._decode(path, wanted)  # no frame count: always in order
+    kept, _ = video_module._decode(path, wanted)  # no frame count: always in order
     return kept
 
 
 @pytest.mark.parametrize("wanted", [{3, 420, 421, 999}, {0, 310, 620, 930}, {640, 998}])
 def test_seeking_over_long_gaps_gives_the_frames_decoding_in_order_gives(long_video: Path, wanted, monkeypatch):
     seeks = []
-    real_seek = media._decode_seeking
-    monkeypatch.setattr(media, "_decode_seeking", lambda *a: seeks.append(a) or real_seek(*a))
-    kept, count = media._decode(long_video, wanted, total=1000)
+    real_seek = video_module._decode_seeking
+    monkeypatch.setattr(video_module, "_decode_seeking", lambda *a: seeks.append(a) or real_seek(*a))
+    kept, count = video_module._decode(long_video, wanted, total=1000)
     assert seeks and real_seek(long_video, sorted(wanted), 1000) is not None  # the seeking path answered
     expected = _sequential(long_video, wanted)
     assert sorted(kept) == sorted(expected) and count == max(wanted) + 1
@@ -431,7 +428,7 @@ def test_seeking_over_long_gaps_gives_the_frames_decoding_in_order_gives(long_vi
 
 def test_seeking_on_the_real_video_gives_the_same_frames(real_video: Path):
     wanted = [5, 330, 331, 480]
-    kept = media._decode_seeking(real_video, wanted, 491)
+    kept = video_module._decode_seeking(real_video, wanted, 491)
     assert kept is not None
     expected = _sequential(real_video, set(wanted))
     for i in wanted:
@@ -440,16 +437,16 @@ def test_seeking_on_the_real_video_gives_the_same_frames(real_video: Path):
 
 def test_seeking_steps_aside_when_frame_identity_is_not_certain(long_video: Path):
     """A frame count that is not the stream's packet count: decode in order instead (None)."""
-    assert media._decode_seeking(long_video, [0, 500], 999) is None
-    assert media._decode_seeking(long_video, [0, 1000], 1000) is None
+    assert video_module._decode_seeking(long_video, [0, 500], 999) is None
+    assert video_module._decode_seeking(long_video, [0, 1000], 1000) is None
     # and load_video on the long file samples the same frames either way
     settings = FrameSettings(nframes=4, min_frames=2, max_frames=4, min_pixels=16 * 28, max_pixels=16 * 28 * 4)
     fast = load_video(long_video, settings)
-    old_gap = media.SEEK_GAP_FRAMES
+    old_gap = video_module.SEEK_GAP_FRAMES
     try:
-        media.SEEK_GAP_FRAMES = 10**9
+        video_module.SEEK_GAP_FRAMES = 10**9
         slow = load_video(long_video, settings)
     finally:
-        media.SEEK_GAP_FRAMES = old_gap
+        video_module.SEEK_GAP_FRAMES = old_gap
     assert fast.frame_indices == slow.frame_indices and max(b - a for a, b in zip(fast.frame_indices, fast.frame_indices[1:])) > 300
     assert torch.equal(fast.frames, slow.frames)

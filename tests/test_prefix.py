@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from video_ktr.data import synth
-from video_ktr.data.media import FrameSettings, load_image, load_video
+from video_ktr.data.media import FrameSettings, load_image
 from video_ktr.data.rows import load_dataset
+from video_ktr.data.video import load_video
 from video_ktr.model import tiny
 from video_ktr.model.inputs import Media, encode_prompts, select_prompts, sequence_inputs
 from video_ktr.model.loading import load_model, load_processor

@@ -32,7 +32,8 @@ import pytest
 import torch
 from PIL import Image
 
-from video_ktr.data.media import FrameSettings, MediaError, load_image, load_video, write_video
+from video_ktr.data.media import FrameSettings, MediaError, load_image
+from video_ktr.data.video import load_video, write_video
 from video_ktr.training import checkpoint as ckpt
 from video_ktr.utils.config import parse_args
 

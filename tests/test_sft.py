@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from video_ktr.data.media import FrameCache
 from video_ktr.data.rows import DataError, load_dataset
+from video_ktr.data.video import FrameCache
 from video_ktr.model.inputs import Media, processor_call
 from video_ktr.training.sft import (
     IGNORE_INDEX,

@@ -128,7 +128,8 @@ def test_frames_are_constant_within_pairs_and_28px_cells():
 
 
 def test_files_exist_and_decode_to_the_intended_pixels(written):
-    from video_ktr.data.media import FrameSettings, load_video
+    from video_ktr.data.media import FrameSettings
+    from video_ktr.data.video import load_video
 
     out, summary = written
     settings = FrameSettings(nframes=8, min_pixels=56 * 56, max_pixels=56 * 56)

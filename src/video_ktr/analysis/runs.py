@@ -27,6 +27,7 @@ SET_COLOURS = {"entropy": "#f5a623", "visual": "#1f77b4", "temporal": "#2ca02c",
 PAIRS = ("jaccard_entropy_visual", "jaccard_entropy_temporal", "jaccard_visual_temporal")
 POSITIONS = ("position_key", "position_nonkey", "position_entropy", "position_visual", "position_temporal", "position_valid")
 
+
 @dataclass
 class Run:
     name: str

@@ -121,7 +121,6 @@ def word_classifier(method: str = "auto") -> WordClassifier:
     return WordClassifier("function_words", f"{fallback}: spaCy is installed but has no English model")
 
 
-
 # ---------------------------------------------------------------------------- word clouds
 
 

@@ -516,7 +516,7 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 def _write_media(out: Path, samples: list[Sample], cfg: SynthConfig) -> None:
     from PIL import Image
 
-    from video_ktr.data.media import write_video
+    from video_ktr.data.video import write_video
 
     for s in samples:
         path = out / s.row["path"]

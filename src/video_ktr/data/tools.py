@@ -494,7 +494,8 @@ def _media_reason(err: BaseException, data_type: str) -> str:
 
 def open_media(path: str, data_type: str, settings: Any) -> tuple[str, str] | None:
     """Open one media file as training does; None if usable, else (reason, message).  Never raises."""
-    from video_ktr.data.media import MediaError, load_image, load_video
+    from video_ktr.data.media import MediaError, load_image
+    from video_ktr.data.video import load_video
 
     try:
         if data_type == "video":
@@ -529,7 +530,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     if "forkserver" in methods:
         # not fork: the parent may hold threads (tqdm, torch); the server preloads the decoders once
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["video_ktr.data.media"])
+        ctx.set_forkserver_preload(["video_ktr.data.video"])
     else:  # pragma: no cover - Windows / macOS without forkserver
         ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)

@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from video_ktr.core.rewards import normalize_problem_type
-from video_ktr.data.media import FrameCache, FrameSettings, MediaError, load_image
+from video_ktr.data.media import FrameSettings, MediaError, load_image
+from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.eval_config import _ROW_KEYS, _SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
 
 __all__ = ["HFEngine", "load_media", "prepare_rows"]
+
 
 def prepare_rows(rows: Sequence[dict], benchmark: str = "video_r1") -> list[dict]:
     """Rows in the loader's schema (``meta`` and ``uid``), from loaded rows or raw Video-R1 rows.

@@ -14,6 +14,7 @@ from video_ktr.utils.config import field
 
 __all__ = ["EvalConfig", "EvalError", "ProtocolMismatchError"]
 
+
 SCORING = (
     "video_r1: prediction = first <answer>...</answer> (stripped), else the whole output; multiple choice: "
     "exact match; numerical: Video-R1 rule (round 2); regression: MRA over 0.50..0.95 (strict <); "

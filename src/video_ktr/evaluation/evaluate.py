@@ -50,9 +50,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from video_ktr.data.media import FrameCache, FrameSettings
+from video_ktr.data.media import FrameSettings
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import build_messages
+from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.engine import HFEngine, _load_batch, _takes_prepared, pick_device, prepare_rows
 from video_ktr.evaluation.eval_config import (
     BAD_SAMPLE_CHOICES,
@@ -70,6 +71,7 @@ from video_ktr.utils.config import parse_args
 from video_ktr.utils.prefetch import Prefetcher
 
 __all__ = ["evaluate", "evaluate_rows", "main", "score_main"]
+
 
 def evaluate_rows(
     model: Any,
@@ -186,7 +188,6 @@ def evaluate_rows(
             bar.close()
     ordered = [results[r["uid"]] for r in rows]
     return ordered, eval_metrics(benchmark, ordered)
-
 
 
 def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None) -> dict:

@@ -11,6 +11,7 @@ from video_ktr.evaluation.tasks.metrics import compute_metrics
 
 __all__ = ["eval_metrics", "rescore"]
 
+
 def _breakdown(results: list[dict], key: str) -> dict[str, dict]:
     """``{value: {"accuracy", "n", "n_failed"}}`` by ``meta[key]`` (same shape as the benchmark breakdowns)."""
     buckets: dict[str, tuple[list[float], list[int]]] = {}

@@ -20,6 +20,7 @@ from video_ktr.evaluation.tasks.registry import get_benchmark
 
 __all__ = ["build_protocol", "write_json_atomic"]
 
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON to a temporary file next to ``path``, fsync it, and rename it into place."""
     path = Path(path)

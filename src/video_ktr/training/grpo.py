@@ -44,8 +44,9 @@ from video_ktr.core.selection import (
     random_mask_like,
     select_key_tokens_grouped,
 )
-from video_ktr.data.media import FrameCache, MediaError, load_image
+from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
+from video_ktr.data.video import FrameCache
 from video_ktr.model.inputs import Media, encode_prompts, select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import (
     freeze_vision,

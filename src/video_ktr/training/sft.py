@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from video_ktr.data.media import FrameCache, MediaError, load_image
+from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.options import DataArgs
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
+from video_ktr.data.video import FrameCache
 from video_ktr.model.inputs import Media, processor_call, sequence_inputs, to_device
 from video_ktr.model.sampling import row_seed
 from video_ktr.training import checkpoint as ckpt
