@@ -26,7 +26,7 @@ from video_ktr.core.diagnostics import (
     token_texts,
     write_token_records,
 )
-from video_ktr.core.loss import grpo_loss
+from video_ktr.core.loss import LossSpec, grpo_loss
 
 # ---------------------------------------------------------------------------- a toy LM
 
@@ -76,7 +76,7 @@ def direct_gradients(model: ToyLM, batch, mask: torch.Tensor, **kw) -> torch.Ten
     ids, targets, valid, _, advantages, ref_logp = batch
     head = model.embed.detach().clone().requires_grad_(True)
     logp = model.logp(ids, targets, head_weight=head)
-    loss = grpo_loss(logp, advantages, mask, valid=valid, ref_logp=ref_logp, **kw)
+    loss = grpo_loss(logp, advantages, mask, LossSpec(**kw), valid=valid, ref_logp=ref_logp)
     params = [*model.last.parameters(), head]
     grads = torch.autograd.grad(loss, params)
     return torch.cat([g.reshape(-1) for g in grads[:-1]]), grads[-1].reshape(-1)
@@ -98,7 +98,7 @@ def test_gradient_decomposition_equals_direct_computation_on_a_toy_lm(kw):
     with record_linear_calls(model.head) as head_calls:
         logp = model.logp(ids, targets)
     groups = {"last_layer": list(model.last.parameters()), "lm_head": [head_calls]}
-    got = gradient_decomposition(logp, advantages, key, valid, groups, ref_logp=ref_logp, **kw)
+    got = gradient_decomposition(logp, advantages, key, valid, groups, LossSpec(**kw), ref_logp=ref_logp)
 
     sets = {"key": key & valid, "masked": valid & ~key, "full": valid}
     want = {name: direct_gradients(model, batch, m, **kw) for name, m in sets.items()}
@@ -123,8 +123,8 @@ def test_head_gradient_is_the_heads_use_only_not_the_tied_embedding():
     ids, targets, valid, key, advantages, ref_logp = toy_batch()
     with record_linear_calls(model.head) as head_calls:
         logp = model.logp(ids, targets)
-    got = gradient_decomposition(logp, advantages, key, valid, {"lm_head": [head_calls]}, beta=0.0)
-    loss = grpo_loss(logp, advantages, valid, valid=valid, beta=0.0)
+    got = gradient_decomposition(logp, advantages, key, valid, {"lm_head": [head_calls]}, spec=LossSpec(beta=0.0))
+    loss = grpo_loss(logp, advantages, valid, valid=valid, spec=LossSpec(beta=0.0))
     (tied,) = torch.autograd.grad(loss, [model.embed], retain_graph=True)
     assert abs(got["grad_norm_full_lm_head"] - float(tied.norm())) > 1e-6
 
@@ -137,10 +137,10 @@ def test_decomposition_does_not_touch_grad_and_the_training_backward_is_unchange
         model = ToyLM()
         with record_linear_calls(model.head) as calls:
             logp = model.logp(ids, targets)
-        loss = grpo_loss(logp, advantages, key, valid=valid, ref_logp=ref_logp, beta=0.04)
+        loss = grpo_loss(logp, advantages, key, valid=valid, ref_logp=ref_logp, spec=LossSpec(beta=0.04))
         if diagnose:
             gradient_decomposition(logp, advantages, key, valid, {"last_layer": list(model.last.parameters()), "lm_head": [calls]},
-                                   ref_logp=ref_logp, beta=0.04)
+                                   ref_logp=ref_logp, spec=LossSpec(beta=0.04))
             assert all(p.grad is None for p in model.parameters())
         loss.backward()  # the graph is still there
         return [p.grad.clone() for p in model.parameters()]
@@ -153,7 +153,7 @@ def test_vanilla_selection_has_no_masked_gradient():
     model = ToyLM()
     ids, targets, valid, _, advantages, _ = toy_batch()
     logp = model.logp(ids, targets)
-    got = gradient_decomposition(logp, advantages, valid.clone(), valid, {"last_layer": list(model.last.parameters())}, beta=0.0)
+    got = gradient_decomposition(logp, advantages, valid.clone(), valid, {"last_layer": list(model.last.parameters())}, spec=LossSpec(beta=0.0))
     assert got["grad_norm_masked"] == 0.0 and got["cos_masked_full"] == 0.0  # undefined cosine: reported as 0
     assert got["grad_norm_key"] == pytest.approx(got["grad_norm_full"], rel=1e-12)
     assert got["cos_key_full"] == pytest.approx(1.0, abs=1e-12)
@@ -166,7 +166,7 @@ def test_linear_uses_sum_over_calls():
     with record_linear_calls(model.head) as calls:
         logp = torch.cat([model.logp(ids[:3], targets[:3]), model.logp(ids[3:], targets[3:])])
     assert len(calls.calls) == 2
-    got = gradient_decomposition(logp, advantages, key, valid, {"lm_head": [calls]}, beta=0.0)
+    got = gradient_decomposition(logp, advantages, key, valid, {"lm_head": [calls]}, spec=LossSpec(beta=0.0))
     _, head = direct_gradients(model, (ids, targets, valid, key, advantages, None), valid, beta=0.0)
     assert got["grad_norm_full"] == pytest.approx(float(head.norm()), rel=1e-10)
     assert isinstance(calls, LinearUses)
@@ -178,7 +178,7 @@ def test_a_target_outside_the_graph_is_refused_not_reported_as_zero():
     logp = model.logp(ids, targets)
     unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="not used by the loss's graph"):
-        gradient_decomposition(logp, advantages, key, valid, {"last_layer": [*model.last.parameters(), unused]}, beta=0.0)
+        gradient_decomposition(logp, advantages, key, valid, {"last_layer": [*model.last.parameters(), unused]}, spec=LossSpec(beta=0.0))
 
 
 def test_sharded_parameters_are_detected():
@@ -186,7 +186,7 @@ def test_sharded_parameters_are_detected():
 
     from accelerate.utils import DistributedType
 
-    from video_ktr.training.grpo import sharded_parameters
+    from video_ktr.training.distributed import sharded_parameters
 
     def acc(kind, stage=None):
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))

@@ -262,7 +262,7 @@ def test_temporal_probe_with_identity_order_scores_zero(tiny_model, batch):
     assert rows.tolist() == [media[r // G].kind == "video" for r in range(ids.shape[0])]
     # the shared-prefix probe pass differs from the full policy forward by float rounding only; the
     # trainer's probe_score turns such differences into exact zeros
-    from video_ktr.training.grpo import probe_score
+    from video_ktr.training.grpo_stages import probe_score
 
     score = torch.where(rows[:, None], probe_score(logp, tmp, 1e-5), torch.zeros_like(logp))
     assert torch.equal(score[valid], torch.zeros_like(score[valid]))
@@ -358,29 +358,36 @@ def test_permuted_pixels_equal_the_processors(tiny_setup, tiny_model, batch, mon
 def test_rollout_keeps_no_pixel_copies_and_the_fallbacks_agree(tiny_setup, tmp_path):
     """The rollout's rows carry no pixels; the policy inputs without once-per-prompt vision and the probes
     without shared prefixes (the straightforward paths) give the optimised numbers."""
-    from video_ktr.training.grpo import KTRTrainer, Timer
+    from dataclasses import replace
+
+    from tests.grpo_steps import record_step
+    from video_ktr.training.grpo import KTRTrainer
     from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.training.grpo_stages import policy_inputs, probe_scores, temporal_permutations
     from video_ktr.utils.config import parse_args
 
     cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path, "--max_steps", "1", "--token_selection", "all",
-                                                         "--reward_funcs", "format"))
+                                                         "--reward_funcs", "format", "--learning_rate", "0"))
     trainer = KTRTrainer(cfg)
-    trainer.model.eval()
     trainer.state.micro_step = 1  # an image prompt and a video prompt
-    ro = trainer.make_rollout(Timer())
+    ro = record_step(trainer).rollout
+    trainer.model.eval()
     assert {s.data_type for s in ro.samples} == {"image", "video"}
     assert not {"pixel_values", "pixel_values_videos", "mm_encoder_outputs"} & set(ro.seq_inputs)
     ids, valid, G = ro.completions.ids, ro.completions.valid, cfg.num_generations
+    plain = replace(trainer.plan, encode_visual_once=False, shared_prefix=False)
     with torch.no_grad():
-        once = sequence_logprobs(trainer.model, trainer._policy_inputs(ro), ids)[0]
-        trainer.cfg.encode_visual_once = False
-        repeated_inputs = trainer._policy_inputs(ro)
+        once = sequence_logprobs(trainer.model, policy_inputs(trainer.model, ro, G, trainer.plan), ids)[0]
+        repeated_inputs = policy_inputs(trainer.model, ro, G, plain)
         repeated = sequence_logprobs(trainer.model, repeated_inputs, ids)[0]
     assert repeated_inputs["pixel_values_videos"].shape[0] == G * ro.prompt_inputs["pixel_values_videos"].shape[0]
     assert torch.allclose(once[valid], repeated[valid], atol=ATOL)
-    trainer.cfg.shared_prefix = False
-    plain = trainer.make_rollout(Timer())
-    assert torch.equal(plain.completions.ids, ids)
-    assert torch.allclose(plain.vis_logp[valid], ro.vis_logp[valid], atol=ATOL)
-    assert torch.equal(plain.temporal_rows, ro.temporal_rows) and ro.temporal_rows.any()
-    assert torch.allclose(plain.tmp_logp[valid], ro.tmp_logp[valid], atol=ATOL)
+    # the probes without shared prefixes: the same scores as the rollout's (lr 0: the model did not move)
+    picked = list(zip(ro.indices, ro.samples))
+    perms = temporal_permutations(cfg.seed, ro.micro_step, picked, ro.media, cfg.temporal_probe)
+    again = probe_scores(trainer.model, trainer.processor, signals=cfg.signals, visual_probe=cfg.visual_probe,
+                         prompt_inputs=ro.prompt_inputs, seq_inputs=ro.seq_inputs, media=ro.media, comps=ro.completions,
+                         perms=perms, probed=list(range(len(picked))), group_size=G, plan=plain)
+    assert torch.allclose(again.visual[valid], ro.probes.visual[valid], atol=ATOL)
+    assert torch.equal(again.temporal_rows, ro.probes.temporal_rows) and ro.probes.temporal_rows.any()
+    assert torch.allclose(again.temporal[valid], ro.probes.temporal[valid], atol=ATOL)

@@ -302,7 +302,7 @@ def _adam(optimizer) -> list[tuple[float, float, float]]:
 
 def _nan_loss_at(monkeypatch, trainer, steps: set[int] | None) -> None:
     """grpo_loss returns NaN while the trainer is at one of ``steps`` (None: always)."""
-    import video_ktr.training.grpo as trainer_module
+    import video_ktr.training.grpo_stages as trainer_module
 
     real = trainer_module.grpo_loss
 
@@ -359,12 +359,13 @@ def test_max_bad_steps_stops_the_run_with_a_clear_message(tiny_setup, tmp_path, 
 
 def test_a_user_reward_that_returns_nan_stops_the_step(tiny_setup, tmp_path):
     """A reward is data the loss trusts: a non-finite one is refused (named), never turned into an update."""
-    from video_ktr.training.grpo import Timer
-
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "none", "--beta", "0", "--max_completion_length", "4")
-    trainer.reward_fns[2] = lambda completions, *a, **kw: [float("nan")] * len(completions)
+    spec, _, weight = trainer.reward_fns[2]
+    trainer.reward_fns[2] = (spec, lambda completions, *a, **kw: [float("nan")] * len(completions), weight)
+    before = _snapshot(trainer.model)
     with pytest.raises(ValueError, match=r"reward function 'tests.reward_fixtures:count_e' must return one finite float"):
-        trainer.make_rollout(Timer())
+        trainer.train_step()
+    assert _unchanged(before, trainer.model)
 
 
 def test_sft_nonfinite_loss_is_skipped_counted_and_bounded(tiny_setup, tmp_path, monkeypatch):
@@ -419,42 +420,26 @@ def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_se
     """One GRPO-KTR step where prompt 0's G=4 completions are all empty (<|im_end|> first: identical
     rewards, advantage 0), prompt 1's first completion is empty and its second keeps no key token."""
     import video_ktr.model.rollout as rollout_module
-    import video_ktr.training.grpo as trainer_module
+    from tests.grpo_steps import record_step
 
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "all", "--beta", "0", "--max_grad_norm", "0")
     eos = trainer.special.eos_ids[0]
     assert trainer.tokenizer.convert_ids_to_tokens(eos) == "<|im_end|>"
     monkeypatch.setattr(rollout_module, "GumbelSampler", _EndFirst({0, 1, 2, 3, 4}, eos).cls)
-    real_select = trainer.select
 
-    def select(ro, logp, entropy):
-        masks = real_select(ro, logp, entropy)
+    def no_key_in_row_5(masks):
         masks["key"] = masks["key"].clone()
         masks["key"][5] = False  # a row whose signals keep no token
         return masks
 
-    trainer.select = select
-    captured, rollouts = [], []
-    real_logprobs, real_rollout = trainer_module.KTRTrainer._policy_logprobs, trainer.make_rollout
-
-    def logprobs(self, *args, **kwargs):
-        logp, entropy = real_logprobs(self, *args, **kwargs)
-        if logp.requires_grad:
-            logp.retain_grad()
-            captured.append(logp)
-        return logp, entropy
-
-    monkeypatch.setattr(trainer_module.KTRTrainer, "_policy_logprobs", logprobs)
-    trainer.make_rollout = lambda timer: rollouts.append(real_rollout(timer)) or rollouts[-1]
-    m = trainer.train_step()
-
-    (ro,), (logp,) = rollouts, captured
+    step = record_step(trainer, edit_masks=no_key_in_row_5)
+    m, ro, (logp,), key = step.metrics, step.rollout, step.logp, step.key
     comps = ro.completions
     assert comps.texts[:5] == [""] * 5 and all(comps.texts[5:])  # empty completions decode to ""
     assert comps.lengths[:5].tolist() == [1] * 5  # the end-of-turn token alone is the completion
     assert (ro.rewards[:4] == ro.rewards[0]).all() and (ro.advantages[:4] == 0).all()  # identical rewards
     assert ro.advantages[4:].abs().sum() > 0
-    assert not ro.mask[5].any()
+    assert not key[5].any()
     # the step is a normal one: finite, not skipped, the policy moved
     assert m["bad_step"] == 0 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
     # no policy gradient from a zero-advantage group nor from a row without key tokens (beta 0)
@@ -463,9 +448,9 @@ def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_se
     assert m["completion_length"] == pytest.approx(float(comps.lengths.float().mean()))
     # the zero-advantage group was not probed (beta 0, per-sequence loss, group scope): the key-token metrics
     # count the probed group's rows
-    assert ro.probed_rows.tolist() == [False] * 4 + [True] * 4
-    probed = comps.valid & ro.probed_rows[:, None]
-    assert m["key_token_fraction"] == pytest.approx(float((ro.mask & probed).sum() / probed.sum()))
+    assert ro.probes.probed_rows.tolist() == [False] * 4 + [True] * 4
+    probed = comps.valid & ro.probes.probed_rows[:, None]
+    assert m["key_token_fraction"] == pytest.approx(float((key & probed).sum() / probed.sum()))
     assert m["num_completions"] == 8
     # counted in the metrics, as fractions: empty completions, zero-advantage groups, probed groups, rows
     # without key tokens (of the probed rows)
@@ -705,7 +690,7 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
     # every bad row is decoded exactly where the data order puts it, without starting a rollout
     for micro in range(0, 5):
         trainer.state.micro_step = micro
-        batch = trainer._batch_for(micro)
+        batch = trainer.data.batch_for(micro)
         picked, media = batch.picked, batch.media
         assert len(picked) == len(media) == 2 and all(i not in bad for i, _ in picked)
     assert trainer.skips.counts["media_unreadable"] >= len(bad)
@@ -720,7 +705,7 @@ def test_trainer_counts_or_stops_on_every_kind_of_unusable_media(tiny_setup, tmp
     with pytest.raises(DataError, match=r"mixed\.json.*media could not be read"):
         for micro in range(0, 5):
             strict.state.micro_step = micro
-            strict._batch_for(micro)
+            strict.data.batch_for(micro)
 
 
 def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path, bad_media_dataset):
@@ -731,11 +716,11 @@ def test_a_prefetched_bad_file_stops_the_step_that_needs_it(tiny_setup, tmp_path
     data, bad = bad_media_dataset
     strict = _trainer(tiny_setup, tmp_path / "strict", "--dataset", str(data), "--token_selection", "none", "--beta", "0",
                       "--max_completion_length", "4", "--max_steps", "9")
-    holds_bad = [any(i in bad for i, _ in strict._samples_at(m)) for m in range(9)]
+    holds_bad = [any(i in bad for i, _ in strict.data.samples_at(m)) for m in range(9)]
     first = next(m for m in range(1, 9) if holds_bad[m] and not holds_bad[m - 1])
     strict.state.micro_step = strict.state.step = first - 1
     m = strict.train_step()  # its batch is good; the prefetch of the next one fails in the background
-    assert math.isfinite(m["loss"]) and strict._prefetcher.pending_key == first
+    assert math.isfinite(m["loss"]) and strict.data.prefetcher.pending_key == first
     with pytest.raises(DataError, match=r"mixed\.json.*media could not be read"):
         strict.train_step()
     strict.close()

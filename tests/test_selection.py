@@ -5,6 +5,7 @@ import torch
 
 from video_ktr.core import selection
 from video_ktr.core.selection import (
+    SelectionSpec,
     jaccard,
     mask_at_threshold,
     mask_stats,
@@ -97,12 +98,12 @@ def test_positive_only_drops_zero_scores():
     assert top_ratio_mask(scores, valid, 0.5).all()
     kept = top_ratio_mask(scores, valid, 0.5, positive_only=True)
     assert kept.tolist() == [[F, F, F, F, F, F, T, T]]
-    assert torch.equal(select_key_tokens(valid, visual=scores, visual_ratio=0.5, positive_only=True), kept)
+    assert torch.equal(select_key_tokens(valid, visual=scores, spec=SelectionSpec(visual_ratio=0.5, positive_only=True)), kept)
     assert torch.equal(
-        select_key_tokens(valid, temporal=scores, temporal_ratio=0.5, positive_only=True), kept
+        select_key_tokens(valid, temporal=scores, spec=SelectionSpec(temporal_ratio=0.5, positive_only=True)), kept
     )
     # Entropy ignores positive_only (it is never negative; zero entropy is a legitimate score).
-    assert select_key_tokens(valid, entropy=scores, entropy_ratio=0.5, positive_only=True).all()
+    assert select_key_tokens(valid, entropy=scores, spec=SelectionSpec(entropy_ratio=0.5, positive_only=True)).all()
 
 
 def test_union_of_signals():
@@ -126,31 +127,30 @@ def test_temporal_rows_restrict_pool_and_selection():
     temporal = f([[1, 2, 3, 4, 5], [100, 100, 100, 100, 100]])
     rows = b([T, F])
     # pool = row 0 only, q 0.6, rank 2.4 -> tau = 3.4
-    got = select_key_tokens(valid, temporal=temporal, temporal_ratio=0.4, temporal_rows=rows)
+    got = select_key_tokens(valid, temporal=temporal, temporal_rows=rows, spec=SelectionSpec(temporal_ratio=0.4))
     assert got.tolist() == [[F, F, F, T, T], [F, F, F, F, F]]
     # without the restriction the image row (100s) takes the whole selection: tau = sorted[5] = 100
-    got_all = select_key_tokens(valid, temporal=temporal, temporal_ratio=0.4)
+    got_all = select_key_tokens(valid, temporal=temporal, spec=SelectionSpec(temporal_ratio=0.4))
     assert got_all.tolist() == [[F, F, F, F, F], [T, T, T, T, T]]
     # temporal_rows never limits the other signals
     entropy = f([[0, 0, 0, 0, 0], [0, 0, 0, 0, 9]])
     both = select_key_tokens(
-        valid, entropy, temporal=temporal, entropy_ratio=0.1, temporal_ratio=0.4, temporal_rows=rows
-    )
+        valid, entropy, temporal=temporal, temporal_rows=rows, spec=SelectionSpec(entropy_ratio=0.1, temporal_ratio=0.4))
     assert both.tolist() == [[F, F, F, T, T], [F, F, F, F, T]]
 
 
 def test_group_scope_equals_per_group_calls_and_differs_from_batch():
     valid = torch.ones(4, 2, dtype=torch.bool)
     entropy = f([[1, 2], [3, 4], [10, 20], [30, 40]])
-    grouped = select_key_tokens_grouped(valid, 2, scope="group", entropy=entropy, entropy_ratio=0.5)
+    grouped = select_key_tokens_grouped(valid, 2, entropy=entropy, spec=SelectionSpec(scope="group", entropy_ratio=0.5))
     # group 0 pool [1, 2, 3, 4] -> tau 2.5; group 1 pool [10, 20, 30, 40] -> tau 25
     assert grouped.tolist() == [[F, F], [T, T], [F, F], [T, T]]
     per_group = torch.cat(
-        [select_key_tokens(valid[s : s + 2], entropy[s : s + 2], entropy_ratio=0.5) for s in (0, 2)]
+        [select_key_tokens(valid[s : s + 2], entropy[s : s + 2], spec=SelectionSpec(entropy_ratio=0.5)) for s in (0, 2)]
     )
     assert torch.equal(grouped, per_group)
     # batch pool of eight -> rank 3.5, tau = 7: all of group 1, none of group 0
-    batch = select_key_tokens_grouped(valid, 2, scope="batch", entropy=entropy, entropy_ratio=0.5)
+    batch = select_key_tokens_grouped(valid, 2, entropy=entropy, spec=SelectionSpec(scope="batch", entropy_ratio=0.5))
     assert batch.tolist() == [[F, F], [F, F], [T, T], [T, T]]
 
 
@@ -158,14 +158,14 @@ def test_group_scope_slices_temporal_rows():
     valid = torch.ones(4, 2, dtype=torch.bool)
     temporal = f([[1, 2], [3, 4], [10, 20], [30, 40]])
     rows = b([T, T, F, F])
-    got = select_key_tokens_grouped(valid, 2, temporal=temporal, temporal_ratio=0.5, temporal_rows=rows)
+    got = select_key_tokens_grouped(valid, 2, temporal=temporal, temporal_rows=rows, spec=SelectionSpec(temporal_ratio=0.5))
     assert got.tolist() == [[F, F], [T, T], [F, F], [F, F]]
 
 
 def test_grouped_rejects_bad_scope_and_group_size():
     valid = torch.ones(3, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="global"):
-        select_key_tokens_grouped(valid, 3, scope="global")
+        select_key_tokens_grouped(valid, 3, spec=SelectionSpec(scope="global"))
     with pytest.raises(ValueError, match="3 rows.*group_size=2"):
         select_key_tokens_grouped(valid, 2)
 
@@ -226,3 +226,25 @@ def test_jaccard():
     assert jaccard(a, a) == 1.0
     empty = torch.zeros(1, 4, dtype=torch.bool)
     assert jaccard(empty, empty) == 0.0
+
+
+def test_signal_masks_global_scope_on_one_process_is_the_batch_scope():
+    """'global' gathers the pools of every process; with one process (gather = identity) it is 'batch'."""
+    from video_ktr.core.selection import signal_masks
+
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(4, 6, generator=g) > 0.2
+    scores = {"entropy": torch.rand(4, 6, generator=g), "visual": torch.randn(4, 6, generator=g),
+              "temporal": torch.randn(4, 6, generator=g)}
+    rows = torch.tensor([True, True, False, False])
+    spec = SelectionSpec(scope="batch", entropy_ratio=0.3, visual_ratio=0.4, temporal_ratio=0.5, positive_only=True)
+    batch = signal_masks(scores, valid, 2, spec, temporal_rows=rows)
+    seen = []
+    glob = signal_masks(scores, valid, 2, SelectionSpec(**{**spec.__dict__, "scope": "global"}), temporal_rows=rows,
+                        gather=lambda pool: seen.append(pool) or pool)
+    assert len(seen) == 3 and torch.isnan(seen[2][~(valid & rows[:, None]).flatten()]).all()
+    for name in scores:
+        assert torch.equal(batch[name], glob[name]), name
+    assert not glob["temporal"][2:].any() and glob["temporal"][:2].any()
+    with pytest.raises(ValueError, match="gather"):
+        signal_masks(scores, valid, 2, SelectionSpec(scope="global"))

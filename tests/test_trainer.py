@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from video_ktr.training.grpo import Timer
+from tests.grpo_steps import record_step
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.utils.config import parse_args
 
@@ -79,7 +79,7 @@ def test_first_steps_mix_videos_and_images(tiny_setup, tmp_path):
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "2")
     kinds = []
     for _ in range(2):
-        kinds += [s.data_type for _, s in trainer._samples_at(trainer.state.micro_step)]
+        kinds += [s.data_type for _, s in trainer.data.samples_at(trainer.state.micro_step)]
         trainer.state.micro_step += 1
     assert set(kinds) == {"video", "image"}, kinds  # the configurations below see both kinds of rows
 
@@ -137,49 +137,21 @@ def test_random_control_keeps_the_ktr_fraction(shared_runs):
 def test_temporal_fraction_is_over_video_rows(tiny_setup, tmp_path):
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "2", "--token_selection", "temporal")
     trainer.state.micro_step = 1  # the micro-batch with an image and a video prompt
-    ro = trainer.make_rollout(Timer())
+    ro = record_step(trainer).rollout
     assert {s.data_type for s in ro.samples} == {"image", "video"}
     G = trainer.cfg.num_generations
-    assert ro.temporal_rows.tolist() == [s.data_type == "video" for s in ro.samples for _ in range(G)]
-    image_rows = ~ro.temporal_rows
-    assert (ro.tmp_logp[image_rows] == 0).all()
-
-
-def _capture_logp(monkeypatch):
-    """Keep the policy log-probs of the trainer's loss passes with their gradient."""
-    import video_ktr.training.grpo as trainer_module
-
-    captured = []
-    original = trainer_module.KTRTrainer._policy_logprobs
-
-    def spy(self, *args, **kwargs):
-        logp, entropy = original(self, *args, **kwargs)
-        if logp.requires_grad:
-            logp.retain_grad()
-            captured.append(logp)
-        return logp, entropy
-
-    monkeypatch.setattr(trainer_module.KTRTrainer, "_policy_logprobs", spy)
-    return captured
+    assert ro.probes.temporal_rows.tolist() == [s.data_type == "video" for s in ro.samples for _ in range(G)]
+    image_rows = ~ro.probes.temporal_rows
+    assert (ro.probes.temporal[image_rows] == 0).all()
 
 
 @pytest.mark.parametrize("kl_on", ["mask", "valid"])
-def test_gradient_is_zero_on_non_key_tokens(tiny_setup, tmp_path, monkeypatch, kl_on):
-    captured = _capture_logp(monkeypatch)
+def test_gradient_is_zero_on_non_key_tokens(tiny_setup, tmp_path, kl_on):
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "1", "--token_selection", "all", "--kl_on", kl_on,
                            "--beta", "0.04", "--max_grad_norm", "0")
-    rollouts = []
-    original = trainer.make_rollout
-
-    def keep(timer):
-        ro = original(timer)
-        rollouts.append(ro)
-        return ro
-
-    trainer.make_rollout = keep
-    trainer.train_step()
-    (ro,), (logp,) = rollouts, captured
-    key, valid = ro.mask, ro.completions.valid
+    step = record_step(trainer)
+    ro, (logp,) = step.rollout, step.logp
+    key, valid = step.key, ro.completions.valid
     assert key.any() and (valid & ~key).any()
     grad = logp.grad
     assert torch.all(grad[~valid] == 0)
@@ -336,6 +308,7 @@ def test_two_processes_equal_one(tiny_setup, tmp_path, shared_runs):
 @pytest.mark.parametrize("ordered,shuffled,expected", [(1.0, 0.0, 0.3), (0.5, 1.0, 0.0)])
 def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch, ordered, shuffled, expected):
     import video_ktr.training.grpo as trainer_module
+    import video_ktr.training.grpo_stages as stages
 
     real = trainer_module.load_reward_function
 
@@ -343,11 +316,13 @@ def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch,
         # the ordered-frame rewards are computed with the samples; the shuffled ones without
         return [ordered if "samples" in kw else shuffled for _ in completions]
 
-    monkeypatch.setattr(trainer_module, "load_reward_function", lambda spec: fake_accuracy if spec == "accuracy" else real(spec))
+    fake = lambda spec: fake_accuracy if spec == "accuracy" else real(spec)  # noqa: E731
+    monkeypatch.setattr(trainer_module, "load_reward_function", fake)
+    monkeypatch.setattr(stages, "load_reward_function", fake)
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "1", "--token_selection", "none", "--temporal_grpo", "true",
                            "--reward_funcs", "accuracy", "--beta", "0")
     trainer.state.micro_step = 1  # an image prompt and a video prompt
-    ro = trainer.make_rollout(trainer_module.Timer())
+    ro = record_step(trainer).rollout
     G = trainer.cfg.num_generations
     bonus = ro.components["temporal_bonus"].tolist()
     want = [expected if s.data_type == "video" else 0.0 for s in ro.samples for _ in range(G)]
@@ -360,12 +335,9 @@ SKIP_REWARD = ["--reward_funcs", "tests.reward_fixtures:count_e_on_videos", "--b
 
 
 def _step_keeping_rollout(trainer):
-    """(trainer, the step's rollout, the step's metrics) after one optimiser step."""
-    kept = []
-    original = trainer.make_rollout
-    trainer.make_rollout = lambda timer: kept.append(original(timer)) or kept[-1]
-    metrics = trainer.train_step()
-    return trainer, kept[0], metrics
+    """(trainer, the step's record, the step's metrics) after one optimiser step."""
+    step = record_step(trainer)
+    return trainer, step, step.metrics
 
 
 def _trainer_at_mixed_batch(tiny_setup, out, *extra):
@@ -382,20 +354,22 @@ def test_probes_skip_zero_advantage_groups_and_the_step_is_unchanged(tiny_setup,
     the other groups equal those of a run that probes every group (--probe_all_groups)."""
     runs = {name: _step_keeping_rollout(_trainer_at_mixed_batch(tiny_setup, tmp_path / name, *extra))
             for name, extra in (("skip", []), ("all", ["--probe_all_groups", "true"]))}
-    (t_skip, ro_skip, m_skip), (t_all, ro_all, m_all) = runs["skip"], runs["all"]
+    (t_skip, step_skip, m_skip), (t_all, step_all, m_all) = runs["skip"], runs["all"]
+    ro_skip, ro_all = step_skip.rollout, step_all.rollout
     G = t_skip.cfg.num_generations
     image = torch.tensor([s.data_type == "image" for s in ro_skip.samples]).repeat_interleave(G)
     assert image.any() and (~image).any()
     assert torch.equal(ro_skip.completions.ids, ro_all.completions.ids)
     assert (ro_skip.advantages[image] == 0).all() and (ro_skip.advantages[~image] != 0).any()
     # the image group was not probed: no scores, no visual picks; the video group's probes are the same numbers
-    assert ro_skip.probed_rows.tolist() == (~image).tolist() and ro_all.probed_rows.all()
-    assert (ro_skip.vis_logp[image] == 0).all() and (ro_all.vis_logp[image] != 0).any()
+    skip, every = ro_skip.probes, ro_all.probes
+    assert skip.probed_rows.tolist() == (~image).tolist() and every.probed_rows.all()
+    assert (skip.visual[image] == 0).all() and (every.visual[image] != 0).any()
     valid = ro_skip.completions.valid
     video = valid & ~image[:, None]
-    assert torch.allclose(ro_skip.vis_logp[video], ro_all.vis_logp[video], atol=1e-5)
-    assert torch.allclose(ro_skip.tmp_logp[video], ro_all.tmp_logp[video], atol=1e-5)
-    assert torch.equal(ro_skip.mask[~image], ro_all.mask[~image])
+    assert torch.allclose(skip.visual[video], every.visual[video], atol=1e-5)
+    assert torch.allclose(skip.temporal[video], every.temporal[video], atol=1e-5)
+    assert torch.equal(step_skip.key[~image], step_all.key[~image])
     # the same loss and the same parameters after the step
     assert m_skip["loss"] == pytest.approx(m_all["loss"], abs=1e-6)
     for (n, a), (_, b) in zip(t_skip.model.named_parameters(), t_all.model.named_parameters()):
@@ -410,21 +384,21 @@ def test_every_group_is_probed_where_its_mask_can_matter(tiny_setup, tmp_path, e
     """KL on key tokens, a batch token mean over key tokens, a threshold pooled over groups, or a step that
     records diagnostics: the advantage-0 group's key tokens count, so it is probed."""
     trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path, *extra)
-    ro = trainer.make_rollout(Timer())
+    ro = record_step(trainer).rollout
     G = trainer.cfg.num_generations
     image = torch.tensor([s.data_type == "image" for s in ro.samples]).repeat_interleave(G)
     assert (ro.advantages[image] == 0).all()
-    assert ro.probed_rows.all() and (ro.vis_logp[image] != 0).any()
+    assert ro.probes.probed_rows.all() and (ro.probes.visual[image] != 0).any()
 
 
 @pytest.mark.parametrize("extra", [["--beta", "0.04", "--kl_on", "valid"], ["--loss_type", "dr_grpo"],
                                    ["--loss_type", "dapo", "--normalize_by", "valid"]])
 def test_zero_advantage_groups_are_skipped_where_exact(tiny_setup, tmp_path, extra):
     trainer = _trainer_at_mixed_batch(tiny_setup, tmp_path, *extra)
-    ro = trainer.make_rollout(Timer())
+    ro = record_step(trainer).rollout
     G = trainer.cfg.num_generations
     image = torch.tensor([s.data_type == "image" for s in ro.samples]).repeat_interleave(G)
-    assert ro.probed_rows.tolist() == (~image).tolist()
+    assert ro.probes.probed_rows.tolist() == (~image).tolist()
 
 
 def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_path):
@@ -432,8 +406,9 @@ def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_pat
     out = {flag: _step_keeping_rollout(make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all",
                                                     "--beta", "0.04", "--max_grad_norm", "0", "--policy_shared_prefix", flag))
            for flag in ("true", "false")}
-    (a, ro_a, m_a), (b, ro_b, m_b) = out["true"], out["false"]
-    assert torch.equal(ro_a.completions.ids, ro_b.completions.ids) and torch.equal(ro_a.mask, ro_b.mask)
+    (a, step_a, m_a), (b, step_b, m_b) = out["true"], out["false"]
+    assert torch.equal(step_a.rollout.completions.ids, step_b.rollout.completions.ids)
+    assert torch.equal(step_a.key, step_b.key)
     assert m_a["loss"] == pytest.approx(m_b["loss"], abs=1e-6) and m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-4)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
@@ -449,7 +424,7 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
         steps, pending = [], []
         for _ in range(3):
             steps.append(trainer.train_step())
-            pending.append(trainer._prefetcher.pending_key)
+            pending.append(trainer.data.prefetcher.pending_key)
         runs[prefetch] = (steps, pending, trainer)
     (on, on_pending, a), (off, off_pending, b) = runs["true"], runs["false"]
     assert on_pending == [1, 2, None] and off_pending == [None, None, None]
@@ -458,18 +433,18 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
                     "grad_norm"):
             assert x[key] == y[key], (key, x[key], y[key])
     # the batch made in the background equals the one made in the step, tensor for tensor
-    a._prefetch(1)
-    background, inline = a._batch_for(1), b._prepare_batch(1, b.processor)
+    a.data.prefetch(1)
+    background, inline = a.data.batch_for(1), b.data.prepare(1, b.processor)
     assert [i for i, _ in background.picked] == [i for i, _ in inline.picked]
     assert background.prompt_inputs.keys() == inline.prompt_inputs.keys()
     for key, value in background.prompt_inputs.items():
         assert torch.equal(value, inline.prompt_inputs[key]), key
     a.state.step = 2
-    a._prefetch(3 - 1)
-    threads = a._prefetcher.threads
+    a.data.prefetch(3 - 1)
+    threads = a.data.prefetcher.threads
     assert threads and all(t.name.startswith("video-ktr-data") for t in threads)
     a.train()  # the last step, then close()
-    assert a._prefetcher.pending_key is None and not a._prefetcher.threads and not any(t.is_alive() for t in threads)
+    assert a.data.prefetcher.pending_key is None and not a.data.prefetcher.threads and not any(t.is_alive() for t in threads)
 
 
 def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.core.loss import grpo_loss
+from video_ktr.core.loss import PAPER_LOSS, LossSpec, grpo_loss
 
 TOKEN_SETS = ("key", "masked", "full")
 SIGNAL_NAMES = ("entropy", "visual", "temporal")
@@ -60,15 +60,17 @@ class LinearUses:
 GradTarget = Tensor | LinearUses
 
 
-def token_set_losses(logp: Tensor, advantages: Tensor, key_mask: Tensor, valid: Tensor, **loss_kwargs: Any) -> dict[str, Tensor]:
+def token_set_losses(logp: Tensor, advantages: Tensor, key_mask: Tensor, valid: Tensor, spec: LossSpec = PAPER_LOSS, *,
+                     ref_logp: Tensor | None = None, old_logp: Tensor | None = None) -> dict[str, Tensor]:
     """The trainer's loss restricted to the key, masked (valid non-key) and full (valid) token sets.
 
-    logp: (B, T) with grad; advantages: (B,); key_mask, valid: (B, T) bool. loss_kwargs go to
-    grpo_loss unchanged (ref_logp, beta, loss_type, kl_on, normalize_by, ...). With kl_on="valid" the
-    KL term covers every valid token in all three losses, as in training.
+    logp: (B, T) with grad; advantages: (B,); key_mask, valid: (B, T) bool; spec, ref_logp, old_logp:
+    as grpo_loss. With kl_on="valid" the KL term covers every valid token in all three losses, as in
+    training.
     """
     sets = {"key": key_mask & valid, "masked": valid & ~key_mask, "full": valid}
-    return {name: grpo_loss(logp, advantages, mask, valid=valid, **loss_kwargs) for name, mask in sets.items()}
+    return {name: grpo_loss(logp, advantages, mask, spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid)
+            for name, mask in sets.items()}
 
 
 def _target_tensors(groups: Mapping[str, Sequence[GradTarget]]) -> list[Tensor]:
@@ -154,12 +156,15 @@ def gradient_decomposition(
     key_mask: Tensor,
     valid: Tensor,
     groups: Mapping[str, Sequence[GradTarget]],
-    **loss_kwargs: Any,
+    spec: LossSpec = PAPER_LOSS,
+    *,
+    ref_logp: Tensor | None = None,
+    old_logp: Tensor | None = None,
 ) -> dict[str, float]:
     """Norms and cosines of the key-, masked- and full-token loss gradients (module docstring, 1).
 
     logp: (B, T) policy log-probs with their graph; advantages: (B,); key_mask, valid: (B, T) bool;
-    groups: name -> parameters (leaf tensors) and/or LinearUses. loss_kwargs: as grpo_loss.
+    groups: name -> parameters (leaf tensors) and/or LinearUses. spec, ref_logp, old_logp: as grpo_loss.
 
     Returns, for each group g and for all groups together (no suffix):
         grad_norm_{key,masked,full}_{g},  cos_key_full_{g},  cos_masked_full_{g}
@@ -168,7 +173,7 @@ def gradient_decomposition(
     """
     if not groups:
         raise ValueError("gradient_decomposition needs at least one parameter group")
-    losses = token_set_losses(logp, advantages, key_mask, valid, **loss_kwargs)
+    losses = token_set_losses(logp, advantages, key_mask, valid, spec, ref_logp=ref_logp, old_logp=old_logp)
     full = _group_gradients(losses["full"], groups)
     sq = {("full", g): sum(_dot(x, x) for x in full[g]) for g in groups}
     dots: dict[tuple[str, str], float] = {}

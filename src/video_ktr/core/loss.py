@@ -16,6 +16,7 @@ tokens; advantages: (B,); mask (key tokens M) and valid (completion tokens C): (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,51 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 # "key_tokens" / "all_tokens" are the names used in the design document; "mask" / "valid" name the
 # argument that provides the tokens. Both spellings are accepted.
 TOKEN_SETS = {"mask": "mask", "key_tokens": "mask", "valid": "valid", "all_tokens": "valid"}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The settings of the loss (the symbols of the module docstring), validated once.
+
+    beta: weight of the k3 KL term (0: none); epsilon / epsilon_high: PPO clipping range (used with
+    old_logp); loss_type: the reduction (LOSS_TYPES); max_completion_length: dr_grpo's divisor;
+    kl_on / normalize_by: "mask" (key tokens, alias "key_tokens") or "valid" (alias "all_tokens").
+    """
+
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"
+    max_completion_length: int | None = None
+    kl_on: str = "mask"
+    normalize_by: str = "mask"
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; choose one of {LOSS_TYPES}")
+        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
+            raise ValueError(f"loss_type 'dr_grpo' needs max_completion_length >= 1, got {self.max_completion_length}")
+        _token_set("kl_on", self.kl_on)
+        _token_set("normalize_by", self.normalize_by)
+        if self.epsilon < 0 or self.eps_high < 0:
+            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon} and {self.eps_high}")
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def kl_tokens(self) -> str:
+        """"mask" or "valid": the tokens the KL term covers."""
+        return TOKEN_SETS[self.kl_on]
+
+    @property
+    def denominator_tokens(self) -> str:
+        """"mask" or "valid": the tokens a sequence's (or the batch's) loss is divided by."""
+        return TOKEN_SETS[self.normalize_by]
+
+
+PAPER_LOSS = LossSpec()  # the released form: beta 0.04, KL and normalisation on key tokens, per-sequence mean
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
@@ -88,13 +134,9 @@ def _token_terms(
     advantages: Tensor,
     mask: Tensor,
     *,
+    spec: LossSpec,
     ref_logp: Tensor | None,
     old_logp: Tensor | None,
-    beta: float,
-    epsilon: float,
-    epsilon_high: float | None,
-    kl_on: str,
-    normalize_by: str,
     valid: Tensor | None,
 ) -> _TokenTerms:
     """Per-token policy and KL parts of the loss, masked with torch.where (see module docstring)."""
@@ -109,12 +151,8 @@ def _token_terms(
             raise ValueError(f"{name} must be a bool tensor, got dtype {x.dtype}")
     _check_same_shape("ref_logp", ref_logp, shape)
     _check_same_shape("old_logp", old_logp, shape)
-    kl_on = _token_set("kl_on", kl_on)
-    normalize_by = _token_set("normalize_by", normalize_by)
-    eps_low = epsilon
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {eps_low} and {eps_high}")
+    kl_on, normalize_by, beta = spec.kl_tokens, spec.denominator_tokens, spec.beta
+    eps_low, eps_high = spec.epsilon, spec.eps_high
 
     valid = mask if valid is None else valid
     mask = mask & valid
@@ -169,25 +207,18 @@ def sequence_losses(
     logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    spec: LossSpec = PAPER_LOSS,
     *,
     ref_logp: Tensor | None = None,
     old_logp: Tensor | None = None,
-    beta: float = 0.04,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    kl_on: str = "mask",
-    normalize_by: str = "mask",
     valid: Tensor | None = None,
 ) -> Tensor:
     """Per-sequence losses L_i = sum_t l[i,t] / max(1, sum_t D[i,t]), shape (B,).
 
-    Same arguments and per-token loss as grpo_loss; grpo_loss(loss_type="grpo") == sequence_losses().mean().
-    Used for the loss-variance diagnostic.
+    Same arguments and per-token loss as grpo_loss (spec.loss_type and max_completion_length unused);
+    grpo_loss with loss_type "grpo" == sequence_losses().mean(). Used for the loss-variance diagnostic.
     """
-    terms = _token_terms(
-        logp, advantages, mask, ref_logp=ref_logp, old_logp=old_logp, beta=beta, epsilon=epsilon,
-        epsilon_high=epsilon_high, kl_on=kl_on, normalize_by=normalize_by, valid=valid,
-    )  # fmt: skip
+    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid)
     return _per_sequence(terms.policy + terms.kl, terms.denom)
 
 
@@ -195,16 +226,10 @@ def grpo_loss(
     logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    spec: LossSpec = PAPER_LOSS,
     *,
     ref_logp: Tensor | None = None,
     old_logp: Tensor | None = None,
-    beta: float = 0.04,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-    kl_on: str = "mask",
-    normalize_by: str = "mask",
     valid: Tensor | None = None,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
@@ -212,9 +237,9 @@ def grpo_loss(
 
     logp: (B, T) with grad; advantages: (B,); mask: (B, T) bool key tokens (intersected with valid);
     valid: (B, T) bool completion tokens, defaults to mask. ref_logp, old_logp: (B, T), no grad.
-    old_logp None gives the released single-step form (ratio 1, no clipping); otherwise PPO clipping
-    with epsilon / epsilon_high. The KL term is used only when ref_logp is given and beta != 0.
-    kl_on, normalize_by: "mask" (key tokens, alias "key_tokens") or "valid" (alias "all_tokens").
+    spec: the settings (LossSpec). old_logp None gives the released single-step form (ratio 1, no
+    clipping); otherwise PPO clipping with epsilon / epsilon_high. The KL term is used only when
+    ref_logp is given and beta != 0.
     The policy term is always on key tokens only; non-key tokens get exactly zero policy gradient, and
     a row with no key token contributes a finite value (0 unless kl_on="valid").
 
@@ -222,14 +247,8 @@ def grpo_loss(
     "clip_ratio" (fraction of key tokens where the clipped branch is active; 0 without old_logp),
     "policy_loss" and "kl_loss" (the two parts of the loss, reduced like it; they sum to the loss).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(f"loss_type 'dr_grpo' needs max_completion_length >= 1, got {max_completion_length}")
-    terms = _token_terms(
-        logp, advantages, mask, ref_logp=ref_logp, old_logp=old_logp, beta=beta, epsilon=epsilon,
-        epsilon_high=epsilon_high, kl_on=kl_on, normalize_by=normalize_by, valid=valid,
-    )  # fmt: skip
+    loss_type, max_completion_length = spec.loss_type, spec.max_completion_length
+    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid)
     loss = _reduce(terms.policy + terms.kl, terms.denom, loss_type, max_completion_length)
     if not return_stats:
         return loss

@@ -16,6 +16,8 @@ rank, and an infinite value in the pool would make the interpolated threshold Na
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,6 +27,40 @@ from torch import Tensor
 TORCH_QUANTILE_MAX_NUMEL = 2**24
 
 SCOPES = ("group", "batch")
+SIGNALS = ("entropy", "visual", "temporal")
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How key tokens are chosen: the signals, the ratio r_S each keeps, the pool and the tie rule.
+
+    signals: any of SIGNALS (empty: every valid token is a key token, vanilla GRPO); scope: the pool of
+    each threshold, "group" (one prompt's G completions, the paper), "batch" (the rows passed in) or
+    "global" (the batch of every process, gathered by the caller: see signal_masks); positive_only:
+    the visual / temporal masks also require S > 0 (the entropy is never negative).
+    """
+
+    signals: tuple[str, ...] = SIGNALS
+    entropy_ratio: float = 0.2
+    visual_ratio: float = 0.2
+    temporal_ratio: float = 0.2
+    scope: str = "group"
+    positive_only: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown signal(s) {unknown}; choose from {SIGNALS}")
+        if self.scope not in (*SCOPES, "global"):
+            raise ValueError(f"unknown scope {self.scope!r}; choose one of {(*SCOPES, 'global')}")
+        for signal in SIGNALS:
+            _check_ratio(f"{signal}_ratio", self.ratio(signal))
+
+    def ratio(self, signal: str) -> float:
+        return {"entropy": self.entropy_ratio, "visual": self.visual_ratio, "temporal": self.temporal_ratio}[signal]
+
+
+PAPER_SELECTION = SelectionSpec()  # all three signals, ratios 0.2, per prompt group
 
 
 def _check_mask(name: str, mask: Tensor, shape: torch.Size | None = None) -> None:
@@ -124,11 +160,8 @@ def select_key_tokens(
     visual: Tensor | None = None,
     temporal: Tensor | None = None,
     *,
-    entropy_ratio: float = 0.2,
-    visual_ratio: float = 0.2,
-    temporal_ratio: float = 0.2,
+    spec: SelectionSpec = PAPER_SELECTION,
     temporal_rows: Tensor | None = None,
-    positive_only: bool = False,
 ) -> Tensor:
     """Key-token mask M = M_H | M_V | M_T over the rows passed in (one pool per signal).
 
@@ -139,23 +172,24 @@ def select_key_tokens(
     valid (C), entropy, visual, temporal: (B, T); temporal_rows: (B,) bool, the rows that have a
     temporal probe (videos); None means all rows. Rows outside temporal_rows are neither in the
     temporal pool nor selected by it. A signal given as None is skipped. With no signal at all every
-    valid token is a key token (vanilla GRPO): returns `valid`. positive_only does not apply to the
-    entropy, which is never negative. Returns (B, T) bool.
+    valid token is a key token (vanilla GRPO): returns `valid`. The ratios and positive_only come from
+    spec (its signals and scope are not read here); positive_only does not apply to the entropy, which
+    is never negative. Returns (B, T) bool.
     """
     _check_mask("valid", valid)
     if entropy is None and visual is None and temporal is None:
         return valid.clone()
     mask = torch.zeros_like(valid)
     if entropy is not None:
-        mask |= top_ratio_mask(entropy, valid, entropy_ratio)
+        mask |= top_ratio_mask(entropy, valid, spec.entropy_ratio)
     if visual is not None:
-        mask |= top_ratio_mask(visual, valid, visual_ratio, positive_only=positive_only)
+        mask |= top_ratio_mask(visual, valid, spec.visual_ratio, positive_only=spec.positive_only)
     if temporal is not None:
         temporal_valid = valid
         if temporal_rows is not None:
             _check_mask("temporal_rows", temporal_rows, valid.shape[:1])
             temporal_valid = valid & temporal_rows[:, None]
-        mask |= top_ratio_mask(temporal, temporal_valid, temporal_ratio, positive_only=positive_only)
+        mask |= top_ratio_mask(temporal, temporal_valid, spec.temporal_ratio, positive_only=spec.positive_only)
     return mask
 
 
@@ -163,40 +197,31 @@ def select_key_tokens_grouped(
     valid: Tensor,
     group_size: int,
     *,
-    scope: str = "group",
+    spec: SelectionSpec = PAPER_SELECTION,
     entropy: Tensor | None = None,
     visual: Tensor | None = None,
     temporal: Tensor | None = None,
-    entropy_ratio: float = 0.2,
-    visual_ratio: float = 0.2,
-    temporal_ratio: float = 0.2,
     temporal_rows: Tensor | None = None,
-    positive_only: bool = False,
 ) -> Tensor:
-    """select_key_tokens with thresholds per prompt group ("group") or over the whole batch ("batch").
+    """select_key_tokens with thresholds per prompt group (spec.scope "group") or over the batch ("batch").
 
     Rows are laid out as consecutive groups of `group_size` completions of one prompt, so with scope
     "group" rows [g*G, (g+1)*G) form one pool per signal (the paper's released behaviour); with
     "batch" all B rows form one pool. valid and signals: (B, T); temporal_rows: (B,).
-    The "global" scope (pool gathered across processes) belongs to the trainer: gather the pool,
-    call quantile_threshold on it, then mask_at_threshold locally. Returns (B, T) bool.
+    The "global" scope (pool gathered across processes) is signal_masks' with a gather function.
+    Returns (B, T) bool.
     """
+    scope = spec.scope
     if scope not in SCOPES:
         raise ValueError(
-            f"unknown scope {scope!r}; choose one of {SCOPES} (the 'global' scope is done by the trainer "
-            "with quantile_threshold on a gathered pool)"
+            f"unknown scope {scope!r}; choose one of {SCOPES} (the 'global' scope is signal_masks' with the "
+            "gather function of the processes)"
         )
     n_rows = valid.shape[0]
     if group_size < 1 or n_rows % group_size != 0:
         raise ValueError(f"{n_rows} rows cannot be split into groups of group_size={group_size}")
-    ratios = dict(
-        entropy_ratio=entropy_ratio,
-        visual_ratio=visual_ratio,
-        temporal_ratio=temporal_ratio,
-        positive_only=positive_only,
-    )
     if scope == "batch" or n_rows == 0:
-        return select_key_tokens(valid, entropy, visual, temporal, temporal_rows=temporal_rows, **ratios)
+        return select_key_tokens(valid, entropy, visual, temporal, temporal_rows=temporal_rows, spec=spec)
 
     def rows(x: Tensor | None, start: int) -> Tensor | None:
         return None if x is None else x[start : start + group_size]
@@ -208,11 +233,43 @@ def select_key_tokens_grouped(
             rows(visual, s),
             rows(temporal, s),
             temporal_rows=rows(temporal_rows, s),
-            **ratios,
+            spec=spec,
         )
         for s in range(0, n_rows, group_size)
     ]
     return torch.cat(blocks, dim=0)
+
+
+def signal_masks(
+    scores: Mapping[str, Tensor],
+    valid: Tensor,
+    group_size: int,
+    spec: SelectionSpec,
+    *,
+    temporal_rows: Tensor | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One mask per signal in ``scores`` (name -> (B, T) score), each M_S of the module docstring.
+
+    The pool of each threshold follows spec.scope; with "global", ``gather`` takes this process's
+    flat pool (invalid positions NaN, which are never in a pool) and returns every process's, and
+    the one threshold of the gathered pool is applied to the local rows. temporal_rows: (B,) bool,
+    the rows in the temporal pool (None: all). Returns name -> (B, T) bool.
+    """
+    masks = {}
+    for name, score in scores.items():
+        if spec.scope == "global":
+            if gather is None:
+                raise ValueError("the 'global' selection scope needs a gather function (the pools of every process)")
+            pool_valid = valid & temporal_rows[:, None] if name == "temporal" and temporal_rows is not None else valid
+            flat = score.detach().float().masked_fill(~pool_valid, float("nan")).flatten()
+            tau = quantile_threshold(gather(flat), spec.ratio(name))
+            positive = spec.positive_only and name != "entropy"
+            masks[name] = mask_at_threshold(score, pool_valid, tau.to(score.device), positive_only=positive)
+        else:
+            extra = {"temporal_rows": temporal_rows} if name == "temporal" else {}
+            masks[name] = select_key_tokens_grouped(valid, group_size, spec=spec, **{name: score}, **extra)
+    return masks
 
 
 def random_mask_like(valid: Tensor, fraction: float | Tensor, generator: torch.Generator) -> Tensor:

@@ -33,3 +33,14 @@ def check_process_count(acc: Any) -> None:
     if launched > 1 and acc.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate set up {acc.num_processes}: they would each "
                            "train alone on the same data. Launch with `accelerate launch` and a matching config.")
+
+
+def sharded_parameters(acc: Any) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where a process holds shards of the parameters."""
+    kind = str(getattr(acc, "distributed_type", ""))
+    if kind.endswith("FSDP"):
+        return True
+    if kind.endswith("DEEPSPEED"):
+        plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
+        return getattr(plugin, "zero_stage", 0) == 3
+    return False

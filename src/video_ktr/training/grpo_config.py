@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from video_ktr.core.loss import LossSpec
+from video_ktr.core.selection import SIGNALS, SelectionSpec
 from video_ktr.data.options import DataArgs
 from video_ktr.utils.config import field
 
-SIGNALS = ("entropy", "visual", "temporal")
 SELECTIONS = ("all", "none", "random", *SIGNALS)
 
 
@@ -150,6 +151,15 @@ class TrainConfig(DataArgs):
         kl_on_keys = self.beta != 0 and self.kl_on == "mask"
         batch_count = self.loss_type in ("bnpo", "dapo") and self.normalize_by == "mask"
         return kl_on_keys or batch_count or self.selection_scope != "group"
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                        max_completion_length=self.max_completion_length, kl_on=self.kl_on, normalize_by=self.normalize_by)
+
+    def selection_spec(self) -> SelectionSpec:
+        return SelectionSpec(signals=self.signals, entropy_ratio=self.entropy_ratio, visual_ratio=self.visual_ratio,
+                             temporal_ratio=self.temporal_ratio, scope=self.selection_scope,
+                             positive_only=self.positive_probe_scores)
 
     @property
     def signals(self) -> tuple[str, ...]:

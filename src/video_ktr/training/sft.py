@@ -319,7 +319,7 @@ class SFTTrainer:
         check_process_count(self.acc)
         use_sdpa_gqa_on_cpu(self.acc.device)
         if cfg.eval_generate:
-            from video_ktr.training.grpo import sharded_parameters
+            from video_ktr.training.distributed import sharded_parameters
 
             if sharded_parameters(self.acc):
                 raise ValueError("--eval_generate needs whole parameters on each process (one process, DDP or ZeRO-2): "
