@@ -21,11 +21,13 @@ spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
 import video_ktr.training.grpo as T
+import video_ktr.training.grpo_data as D
+import video_ktr.training.grpo_stages as S
 from video_ktr.utils.config import from_dict
 from video_ktr.training.grpo_config import TrainConfig
 
 seen = {"prompt_tokens": 0, "visual_tokens": 0, "completion_tokens": 0}
-_encode, _generate = T.encode_prompts, T.generate
+_encode, _generate = D.encode_prompts, S.generate
 def encode(*a, **k):
     out = _encode(*a, **k)
     seen["prompt_tokens"] = max(seen["prompt_tokens"], int(out["input_ids"].shape[1]))
@@ -35,7 +37,7 @@ def generate(*a, **k):
     out = _generate(*a, **k)
     seen["completion_tokens"] = max(seen["completion_tokens"], int(out.ids.shape[1]))
     return out
-T.encode_prompts, T.generate = encode, generate
+D.encode_prompts, S.generate = encode, generate
 
 def rss_mb():
     with open("/proc/self/statm") as fh:

@@ -28,6 +28,12 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 TOKEN_SETS = {"mask": "mask", "key_tokens": "mask", "valid": "valid", "all_tokens": "valid"}
 
 
+def _token_set(name: str, value: str) -> str:
+    if value not in TOKEN_SETS:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(TOKEN_SETS)}")
+    return TOKEN_SETS[value]
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """The settings of the loss (the symbols of the module docstring), validated once.
@@ -116,12 +122,6 @@ class _TokenTerms(NamedTuple):
     kl_mask: Tensor  # (B, T) bool
     clipped: Tensor  # (B, T) bool, key tokens where the clipped branch is active
     mask: Tensor  # (B, T) bool, key tokens
-
-
-def _token_set(name: str, value: str) -> str:
-    if value not in TOKEN_SETS:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(TOKEN_SETS)}")
-    return TOKEN_SETS[value]
 
 
 def _check_same_shape(name: str, x: Tensor | None, shape: torch.Size) -> None:

@@ -60,9 +60,6 @@ class SelectionSpec:
         return {"entropy": self.entropy_ratio, "visual": self.visual_ratio, "temporal": self.temporal_ratio}[signal]
 
 
-PAPER_SELECTION = SelectionSpec()  # all three signals, ratios 0.2, per prompt group
-
-
 def _check_mask(name: str, mask: Tensor, shape: torch.Size | None = None) -> None:
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
@@ -132,6 +129,9 @@ def mask_at_threshold(
     if positive_only:
         mask = mask & (s > 0)
     return mask
+
+
+PAPER_SELECTION = SelectionSpec()  # all three signals, ratios 0.2, per prompt group
 
 
 def top_ratio_mask(scores: Tensor, valid: Tensor, ratio: float, *, positive_only: bool = False) -> Tensor:
