@@ -1,0 +1,105 @@
+"""The synthetic set's constants, question-kind names and options (:class:`SynthConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from video_ktr.utils.config import field
+
+CELL = 28  # pixels per visual token side: 14-px patches merged 2x2
+STEP_FRAMES = 2  # frames per visual token in time: temporal_patch_size
+LETTERS = "ABCDEFGH"
+SPLITS = ("train", "test")
+
+# Distinct, saturated colours; the first `num_colors` are used, in this order.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+    "orange": (255, 128, 0),
+    "purple": (128, 0, 255),
+}
+BLACK = (0, 0, 0)
+WHITE = (255, 255, 255)
+
+DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+KINDS: dict[str, str] = {
+    "color_first": "video; which colour is shown first (all option colours appear; needs frame order)",
+    "color_last": "video; which colour is shown last (all option colours appear; needs frame order)",
+    "direction": "video; a square moves across the grid: which direction (reversing the frames flips it)",
+    "count": "video; numerical: in how many steps is the screen white (order-free)",
+    "color_present": "video; which option colour appears at all (order-free control)",
+    "image_color": "image; what colour is the square",
+    "image_position": "image; which corner is the square in",
+}
+DATA_TYPE: dict[str, str] = {k: ("image" if k.startswith("image_") else "video") for k in KINDS}
+ORDER_KINDS = frozenset({"color_first", "color_last", "direction"})  # answer changes if frames are shuffled
+VIDEO_KINDS = tuple(k for k in KINDS if DATA_TYPE[k] == "video")
+IMAGE_KINDS = tuple(k for k in KINDS if DATA_TYPE[k] == "image")
+
+
+@dataclass
+class SynthConfig:
+    """Generate the synthetic video-reasoning data set (Video-R1 schema: train.json, test.json, videos/, images/)."""
+
+    output_dir: str = field(help="Directory to write train.json, test.json, synth_config.json, videos/ and images/ into.")
+    num_train: int = field(2000, help="Number of training rows.")
+    num_test: int = field(300, help="Number of test rows (drawn from random streams disjoint from the training ones).")
+    seed: int = field(0, help="Random seed; the same seed and options give byte-identical files.")
+    frames: int = field(8, help="Frames per video (even, >= 4); content changes every 2 frames, i.e. frames // 2 steps.")
+    size: int = field(56, help="Side of the square frames in pixels; a multiple of 28 (one visual token per 28x28 cell).")
+    fps: float = field(4.0, help="Frame rate written into the mp4 (duration = frames / fps seconds).")
+    kinds: list[str] = field(list(KINDS), help="Question kinds to generate (comma-separated).", choices=list(KINDS))
+    image_fraction: float = field(0.0, help="Fraction of rows that are image questions (the image_* kinds, PNG under images/).")
+    num_colors: int = field(4, help="Difficulty: how many palette colours are used (2-8; red, green, blue, yellow, magenta, cyan, orange, purple).")
+    num_options: int = field(4, help="Difficulty: options per colour question (2..num_colors); direction and position questions always have 4.")
+    shuffle_options: bool = field(False, help="Difficulty: shuffle the option order per row; by default options keep palette order, the answer letter is still balanced.")
+    color_fill: str = field("frame", help="Difficulty: colour kinds fill the whole frame ('frame') or one random cell per step ('cell').", choices=["frame", "cell"])
+    cot_error_rate: float = field(0.0, help="Imperfect cold-start data: also write train_cot.json, the training rows with this fraction's reasoning and answer replaced by a flawed teacher's (one plausible wrong strategy per kind: the wrong end of the video, frames read backwards, a miscount by one, a mirrored corner, another option's colour), marked 'cot_error': true. train.json keeps the ground truth for RL and evaluation.")
+    overwrite: bool = field(False, help="Replace an existing data set in output_dir (only its own files are removed).")
+    dry_run: bool = field(False, help="Build the rows and print the summary without writing anything.")
+
+    @property
+    def steps(self) -> int:
+        return self.frames // STEP_FRAMES
+
+    @property
+    def grid(self) -> int:
+        return self.size // CELL
+
+    def validate(self) -> None:
+        if self.frames < 4 or self.frames % STEP_FRAMES:
+            raise ValueError(f"frames must be even and >= 4 (2 frames per visual token), got {self.frames}")
+        if self.size < 2 * CELL or self.size % CELL:
+            raise ValueError(f"size must be a multiple of {CELL} and >= {2 * CELL}, got {self.size}")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.num_train < 0 or self.num_test < 0:
+            raise ValueError(f"num_train and num_test must be >= 0, got {self.num_train} and {self.num_test}")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {list(KINDS)}, got {self.kinds}")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds lists a kind twice: {self.kinds}")
+        if not 0.0 <= self.image_fraction <= 1.0:
+            raise ValueError(f"image_fraction must be in [0, 1], got {self.image_fraction}")
+        if self.image_fraction > 0 and not self._kinds_of("image"):
+            raise ValueError(f"image_fraction is {self.image_fraction} but kinds has no image kind ({list(IMAGE_KINDS)})")
+        if self.image_fraction < 1 and not self._kinds_of("video"):
+            raise ValueError(f"kinds has no video kind ({list(VIDEO_KINDS)}); add one or set image_fraction to 1")
+        if not 2 <= self.num_colors <= len(PALETTE):
+            raise ValueError(f"num_colors must be in [2, {len(PALETTE)}], got {self.num_colors}")
+        if not 2 <= self.num_options <= self.num_colors:
+            raise ValueError(f"num_options must be in [2, num_colors={self.num_colors}], got {self.num_options}")
+        if not 0.0 <= self.cot_error_rate <= 1.0:
+            raise ValueError(f"cot_error_rate must be in [0, 1], got {self.cot_error_rate}")
+        if self.color_fill not in ("frame", "cell"):
+            raise ValueError(f"color_fill must be 'frame' or 'cell', got {self.color_fill!r}")
+
+    def _kinds_of(self, data_type: str) -> list[str]:
+        return [k for k in self.kinds if DATA_TYPE[k] == data_type]

@@ -1,0 +1,283 @@
+"""The question kinds: each a function ``(rng, answer_index, config) -> _Item`` that draws one question
+and its content (the cell colours per step), from its own random stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from video_ktr.data.synth.config import (
+    CORNERS,
+    DIRECTIONS,
+    LETTERS,
+    PALETTE,
+    WHITE,
+    SynthConfig,
+)
+
+
+@dataclass
+class _Item:
+    """What a kind function returns: the question and the content (cell colours per step)."""
+
+    problem: str
+    problem_type: str
+    options: list[str] | None  # option texts without letters; None for non-MC
+    answer: str  # the letter for MC, the number as text for numerical
+    process: str  # the reasoning, without the <think> tags
+    steps: np.ndarray  # uint8 (S, G, G, 3); S = 1 for images
+    # a flawed teacher's (reasoning, answer) for the same question: a plausible wrong strategy
+    mistake: tuple[str, str] | None = None
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _options_for(pool: list[str], n: int, index: int, rng: np.random.Generator, shuffle: bool) -> tuple[str, list[str]]:
+    """Pick an answer from ``pool`` and ``n`` options with the answer at position ``index``.
+
+    Unshuffled, the options keep pool order: the answer is drawn among the pool items with at least
+    ``index`` items before and ``n - 1 - index`` after it, and the distractors are drawn on each side.
+    """
+    if shuffle:
+        answer = pool[int(rng.integers(len(pool)))]
+        others = [p for p in pool if p != answer]
+        distractors = [others[i] for i in rng.permutation(len(others))[: n - 1]]
+        return answer, distractors[:index] + [answer] + distractors[index:]
+    feasible = [i for i in range(len(pool)) if i >= index and len(pool) - 1 - i >= n - 1 - index]
+    a = feasible[int(rng.integers(len(feasible)))]
+    before = sorted(rng.choice(a, size=index, replace=False).tolist()) if index else []
+    after_pool = np.arange(a + 1, len(pool))
+    after = sorted(rng.choice(after_pool, size=n - 1 - index, replace=False).tolist()) if n - 1 - index else []
+    return pool[a], [pool[i] for i in before] + [pool[a]] + [pool[i] for i in after]
+
+
+def _spread(rng: np.random.Generator, items: list[str], k: int) -> list[str]:
+    """``k`` items in random order: all distinct if possible, else every item at least once."""
+    if k <= len(items):
+        return [items[i] for i in rng.permutation(len(items))[:k]]
+    extra = [items[i] for i in rng.integers(len(items), size=k - len(items))]
+    seq = items + extra
+    return [seq[i] for i in rng.permutation(len(seq))]
+
+
+def _colour_steps(names: list[str | None], cfg: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+    """One colour per step (None = black): the whole frame, or one random cell, per ``cfg.color_fill``."""
+    g = cfg.grid
+    steps = np.zeros((len(names), g, g, 3), np.uint8)
+    for t, name in enumerate(names):
+        if name is None:
+            continue
+        rgb = WHITE if name == "white" else PALETTE[name]
+        if cfg.color_fill == "frame":
+            steps[t] = rgb
+        else:
+            steps[t, rng.integers(g), rng.integers(g)] = rgb
+    return steps
+
+
+def _then(names: list[str | None]) -> str:
+    names = [n or "black" for n in names]
+    return ", then ".join(names)
+
+
+def _letter(options: list[str], text: str) -> str:
+    return LETTERS[options.index(text)]
+
+
+def _other_option(rng: np.random.Generator, options: list[str], answer: str) -> str:
+    others = [o for o in options if o != answer]
+    return others[int(rng.integers(len(others)))]
+
+
+def _palette(cfg: SynthConfig) -> list[str]:
+    return list(PALETTE)[: cfg.num_colors]
+
+
+# --------------------------------------------------------------------------- the kinds
+
+
+def _color_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
+    seq = [answer] + _spread(rng, [o for o in options if o != answer], cfg.steps - 1)
+    letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = seq[-1]  # the mistake: reads the wrong end of the video
+    return _Item(
+        problem="Which colour appears first in the video?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=f"The video shows {_then(seq)}. The first colour is {answer}, which is option {letter}.",
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. The first colour is {wrong}, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
+    )
+
+
+def _color_last(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
+    seq = _spread(rng, [o for o in options if o != answer], cfg.steps - 1) + [answer]
+    letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = seq[0]  # the mistake: reads the wrong end of the video
+    return _Item(
+        problem="Which colour appears last in the video?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=f"The video shows {_then(seq)}. The last colour is {answer}, which is option {letter}.",
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. The last colour is {wrong}, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
+    )
+
+
+def _color_present(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    pool = _palette(cfg)
+    answer, options = _options_for(pool, cfg.num_options, index, rng, cfg.shuffle_options)
+    extras = [c for c in pool if c not in options]  # colours that may also appear: none of the options
+    shown = [answer] + [extras[i] for i in rng.permutation(len(extras))[: int(rng.integers(len(extras) + 1))]]
+    choices: list[str | None] = [*shown, None]
+    seq = [choices[i] for i in rng.integers(len(choices), size=cfg.steps)]
+    seq[int(rng.integers(cfg.steps))] = answer
+    letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = _other_option(rng, options, answer)  # the mistake: names a colour that is not shown
+    return _Item(
+        problem="Which of these colours appears in the video?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=f"The video shows {_then(seq)}. Of the options only {answer} appears, which is option {letter}.",
+        steps=steps,
+        mistake=(f"The video shows {_then(seq)}. Of the options only {wrong} appears, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
+    )
+
+
+def _direction(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(list(DIRECTIONS), 4, index, rng, cfg.shuffle_options)
+    colour = _palette(cfg)[int(rng.integers(cfg.num_colors))]
+    s, g = cfg.steps, cfg.grid
+    forward = [t * g // s for t in range(s)]  # 0 .. g-1, non-decreasing; e.g. 0 0 1 1
+    # the reverse directions are the time-reversed forward ones, so reversing a video flips its answer
+    pos = forward if answer in ("left to right", "top to bottom") else forward[::-1]
+    other = int(rng.integers(g))
+    steps = np.zeros((s, g, g, 3), np.uint8)
+    horizontal = answer in ("left to right", "right to left")
+    for t, p in enumerate(pos):
+        row, col = (other, p) if horizontal else (p, other)
+        steps[t, row, col] = PALETTE[colour]
+    letter = LETTERS[index]
+
+    def reasoning(direction: str) -> str:
+        start, end = direction.split(" to ")
+        where = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+        return (f"The {colour} square is {where[start]} in the first frames and {where[end]} in the last frames, "
+                f"so it moves from {direction}, which is option {_letter(options, direction)}.")
+
+    wrong = " to ".join(reversed(answer.split(" to ")))  # the mistake: reads the frames backwards
+    return _Item(
+        problem="In which direction does the square move?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=reasoning(answer),
+        steps=steps,
+        mistake=(reasoning(wrong), _letter(options, wrong)),
+    )
+
+
+def _count(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    s = cfg.steps
+    n_white = index + 1  # 1 .. s
+    white = set(rng.permutation(s)[:n_white].tolist())
+    seq = ["white" if t in white else "black" for t in range(s)]
+    steps = np.zeros((s, cfg.grid, cfg.grid, 3), np.uint8)
+    steps[sorted(white)] = WHITE
+    # the mistake: miscounts by one (always within 1..s)
+    wrong = n_white + (1 if n_white == 1 else -1 if n_white == s else int(rng.choice([-1, 1])))
+    return _Item(
+        problem=f"The video shows {s} scenes in a row. How many of them are white?",
+        problem_type="numerical",
+        options=None,
+        answer=str(n_white),
+        process=f"The scenes are {', '.join(seq)}. {n_white} of them are white.",
+        steps=steps,
+        mistake=(f"The scenes are {', '.join(seq)}. {wrong} of them are white.", str(wrong)),
+    )
+
+
+def _image_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
+    g = cfg.grid
+    steps = np.zeros((1, g, g, 3), np.uint8)
+    steps[0, rng.integers(g), rng.integers(g)] = PALETTE[answer]
+    letter = LETTERS[index]
+    wrong = _other_option(rng, options, answer)  # the mistake: names another option's colour
+    return _Item(
+        problem="What colour is the square in the image?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=f"The square is {answer}, which is option {letter}.",
+        steps=steps,
+        mistake=(f"The square is {wrong}, which is option {_letter(options, wrong)}.", _letter(options, wrong)),
+    )
+
+
+def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(list(CORNERS), 4, index, rng, cfg.shuffle_options)
+    g = cfg.grid
+    row = 0 if answer.startswith("top") else g - 1
+    col = 0 if answer.endswith("left") else g - 1
+    colour = _palette(cfg)[int(rng.integers(cfg.num_colors))]
+    steps = np.zeros((1, g, g, 3), np.uint8)
+    steps[0, row, col] = PALETTE[colour]
+    letter = LETTERS[index]
+    vertical, horizontal = answer.split(" ")
+    wrong = f"{vertical} {'right' if horizontal == 'left' else 'left'}"  # the mistake: mirrors left and right
+    return _Item(
+        problem="Where is the square in the image?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=f"The {colour} square is in the {answer} corner, which is option {letter}.",
+        steps=steps,
+        mistake=(f"The {colour} square is in the {wrong} corner, which is option {_letter(options, wrong)}.",
+                 _letter(options, wrong)),
+    )
+
+
+_MAKERS: dict[str, Callable[[np.random.Generator, int, SynthConfig], _Item]] = {
+    "color_first": _color_first,
+    "color_last": _color_last,
+    "direction": _direction,
+    "count": _count,
+    "color_present": _color_present,
+    "image_color": _image_color,
+    "image_position": _image_position,
+}
+
+
+def num_answers(kind: str, cfg: SynthConfig) -> int:
+    """How many distinct answers a kind has (answers cycle over them, so each is equally frequent)."""
+    if kind == "count":
+        return cfg.steps
+    if kind in ("direction", "image_position"):
+        return 4
+    return cfg.num_options
+
+
+def kind_of(row: dict[str, Any]) -> str:
+    """The question kind of a row: its ``kind`` key, else its ``data_source`` (for Video-R1 rows), else its type."""
+    if row.get("kind"):
+        return str(row["kind"])
+    source = str(row.get("data_source") or "")
+    if source.startswith("synthetic/"):
+        return source[len("synthetic/"):]
+    return source or str(row.get("problem_type") or "unknown")
