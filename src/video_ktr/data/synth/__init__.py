@@ -18,7 +18,9 @@ Each kind is a small function ``(rng, answer_index, config) -> _Item``; the vide
 
 from video_ktr.data.synth.build import (
     Sample,
+    SynthSpaceError,
     answer_of,
+    content_hash,
     cot_rows,
     format_summary,
     generate,
@@ -43,6 +45,6 @@ from video_ktr.data.synth.kinds import kind_of, num_answers
 
 __all__ = [
     "CORNERS", "DATA_TYPE", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
-    "VIDEO_KINDS", "Sample", "SynthConfig", "answer_of", "cot_rows", "format_summary", "generate", "kind_of", "main",
+    "VIDEO_KINDS", "Sample", "SynthConfig", "SynthSpaceError", "content_hash", "answer_of", "cot_rows", "format_summary", "generate", "kind_of", "main",
     "make_split", "num_answers", "synthesize",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -34,11 +35,35 @@ class Sample:
         return np.ascontiguousarray(np.repeat(img, frames // len(self.steps), axis=0))
 
 
+class SynthSpaceError(ValueError):
+    """A held-out row cannot be drawn: every draw of its kind and answer repeats a training row."""
+
+
 # --------------------------------------------------------------------------- rows and files
 
 
-def make_split(cfg: SynthConfig, split: str) -> list[Sample]:
-    """The rows of one split (no file is written). Kinds are spread evenly, answers cycle within a kind."""
+def content_hash(kind: str, problem: str, options: list[str] | None, solution: str, steps: np.ndarray) -> str:
+    """SHA-256 of what a row asks and shows: kind, question, options, answer, and the cell colours of
+    every step (with their shape), so two rows hash alike exactly when a model sees the same thing."""
+    h = hashlib.sha256(json.dumps([kind, problem, options, solution, list(steps.shape)]).encode())
+    h.update(np.ascontiguousarray(steps, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _row_hash(s: Sample) -> str:
+    r = s.row
+    return content_hash(r["kind"], r["problem"], r["options"], r["solution"], s.steps)
+
+
+def make_split(cfg: SynthConfig, split: str, exclude: set[str] | None = None,
+               redraws: Counter[str] | None = None) -> list[Sample]:
+    """The rows of one split (no file is written). Kinds are spread evenly, answers cycle within a kind.
+
+    ``exclude``: content hashes (:func:`content_hash`) a row must not have. A row that hits one is
+    drawn again from the stream ``(seed, split, kind, j, attempt)`` with the same kind and answer, up
+    to ``cfg.max_redraws`` times (then :class:`SynthSpaceError`); ``redraws`` counts the extra draws per
+    kind. Rows that do not collide are the same as without ``exclude``.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     split_code = SPLITS.index(split)
@@ -56,8 +81,7 @@ def make_split(cfg: SynthConfig, split: str) -> list[Sample]:
     for i, kind in enumerate(slots):
         j = seen[kind]
         seen[kind] += 1
-        rng = np.random.default_rng([cfg.seed, split_code, list(KINDS).index(kind), j])
-        item = _MAKERS[kind](rng, j % num_answers(kind, cfg), cfg)
+        item = _draw(cfg, split_code, kind, j, exclude, redraws)
         video = DATA_TYPE[kind] == "video"
         row = {
             "problem_id": i,
@@ -76,6 +100,32 @@ def make_split(cfg: SynthConfig, split: str) -> list[Sample]:
             np.random.default_rng([cfg.seed, 2, list(KINDS).index(kind), j]).random() < cfg.cot_error_rate)
         samples.append(Sample(row=row, steps=item.steps, mistake=item.mistake if flawed else None))
     return samples
+
+
+def _draw(cfg: SynthConfig, split_code: int, kind: str, j: int, exclude: set[str] | None,
+          redraws: Counter[str] | None):
+    """The ``j``-th item of ``kind``: the first draw whose content hash is not in ``exclude``."""
+    answer = j % num_answers(kind, cfg)
+    key = [cfg.seed, split_code, list(KINDS).index(kind), j]
+    item = _MAKERS[kind](np.random.default_rng(key), answer, cfg)
+    attempt = 0
+    while exclude and _item_hash(kind, item) in exclude:
+        attempt += 1
+        if attempt > cfg.max_redraws:
+            raise SynthSpaceError(
+                f"synth: test item {j} of kind {kind!r} (answer {answer + 1} of {num_answers(kind, cfg)}): "
+                f"{cfg.max_redraws} fresh draws all repeat a training row; the task space of this kind and "
+                f"answer is too small for num_train={cfg.num_train} (grow frames, size or num_colors, use "
+                f"color_fill cell, drop the kind, or use held_out mark)")
+        item = _MAKERS[kind](np.random.default_rng([*key, attempt]), answer, cfg)
+    if redraws is not None:
+        redraws[kind] += attempt
+    return item
+
+
+def _item_hash(kind: str, item) -> str:
+    options = None if item.options is None else [f"{LETTERS[k]}. {o}" for k, o in enumerate(item.options)]
+    return content_hash(kind, item.problem, options, f"<answer>{item.answer}</answer>", item.steps)
 
 
 def cot_rows(samples: list[Sample]) -> list[dict[str, Any]]:
@@ -98,19 +148,14 @@ def answer_of(row: dict[str, Any]) -> str:
     return sol[len("<answer>"): -len("</answer>")]
 
 
-def _signature(s: Sample) -> bytes:
-    r = s.row
-    return json.dumps([r["kind"], r["problem"], r["options"], r["solution"]]).encode() + s.steps.tobytes()
-
-
-def _summarise(samples: list[Sample], train_sigs: set[bytes] | None = None) -> dict[str, Any]:
+def _summarise(samples: list[Sample], train_sigs: set[str] | None = None) -> dict[str, Any]:
     """Rows and answer counts per kind; for the test split also how many rows repeat a train row exactly."""
     kinds: dict[str, dict[str, Any]] = {}
     for s in samples:
         k = kinds.setdefault(s.row["kind"], {"rows": 0, "answers": Counter(), "identical_to_train": 0})
         k["rows"] += 1
         k["answers"][answer_of(s.row)] += 1
-        k["identical_to_train"] += train_sigs is not None and _signature(s) in train_sigs
+        k["identical_to_train"] += train_sigs is not None and _row_hash(s) in train_sigs
     out = {}
     for name, v in sorted(kinds.items()):
         out[name] = {"rows": v["rows"], "answers": dict(sorted(v["answers"].items()))}
@@ -154,12 +199,14 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     """Generate (and unless ``cfg.dry_run`` write) both splits; returns the summary."""
     cfg.validate()
     start = time.perf_counter()
-    splits = {split: make_split(cfg, split) for split in SPLITS}
-    train_sigs = {_signature(s) for s in splits["train"]}
+    train = make_split(cfg, "train")
+    train_sigs = {_row_hash(s) for s in train}
+    redraws: Counter[str] = Counter()
+    splits = {"train": train, "test": make_split(cfg, "test", train_sigs if cfg.held_out == "redraw" else None, redraws)}
     for s in splits["test"]:
         # marks the test rows that repeat a training row exactly (question, options, answer and video),
         # so that accuracy on truly unseen rows can be reported apart
-        s.row["seen_in_train"] = _signature(s) in train_sigs
+        s.row["seen_in_train"] = _row_hash(s) in train_sigs
     out = Path(cfg.output_dir)
     if not cfg.dry_run:
         _prepare_dir(out, cfg.overwrite)
@@ -183,7 +230,11 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         "train": _summarise(splits["train"]),
         "test": _summarise(splits["test"], train_sigs),
         # with few colours and steps the space of distinct videos is small: test items repeat train items
-        "test_rows_identical_to_a_train_row": sum(_signature(s) in train_sigs for s in splits["test"]),
+        "test_rows_identical_to_a_train_row": sum(_row_hash(s) in train_sigs for s in splits["test"]),
+        "held_out": cfg.held_out,
+        # with held_out redraw: how many extra draws the test rows needed to differ from every training row
+        "test_redraws": sum(redraws.values()),
+        "test_redraws_by_kind": dict(sorted(redraws.items())),
         "cot_rows_with_errors": sum(s.mistake is not None for s in splits["train"]) if cfg.cot_error_rate > 0 else None,
     }
 
@@ -204,6 +255,8 @@ def generate(
     shuffle_options: bool = False,
     color_fill: str = "frame",
     cot_error_rate: float = 0.0,
+    held_out: str = "mark",
+    max_redraws: int = 200,
     overwrite: bool = False,
     dry_run: bool = False,
 ) -> dict[str, Any]:
@@ -212,7 +265,7 @@ def generate(
         output_dir=str(output_dir), num_train=num_train, num_test=num_test, seed=seed, frames=frames, size=size,
         fps=fps, kinds=list(KINDS) if kinds is None else list(kinds), image_fraction=image_fraction,
         num_colors=num_colors, num_options=num_options, shuffle_options=shuffle_options, color_fill=color_fill,
-        cot_error_rate=cot_error_rate, overwrite=overwrite, dry_run=dry_run,
+        cot_error_rate=cot_error_rate, held_out=held_out, max_redraws=max_redraws, overwrite=overwrite, dry_run=dry_run,
     )
     return synthesize(cfg)
 
@@ -230,6 +283,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             seen = f"  ({info['identical_to_train']} identical to a train row)" if "identical_to_train" in info else ""
             lines.append(f"  {kind:<15} {info['rows']:>6}  {answers}{seen}")
     lines.append(f"test rows identical to a train row: {summary['test_rows_identical_to_a_train_row']}")
+    if summary.get("held_out") == "redraw":
+        by_kind = ", ".join(f"{k} {n}" for k, n in summary["test_redraws_by_kind"].items() if n)
+        lines.append(f"test rows redrawn to differ from every train row: {summary['test_redraws']} draws"
+                     + (f" ({by_kind})" if by_kind else ""))
     if summary.get("cot_rows_with_errors") is not None:
         lines.append(f"train_cot.json: {summary['cot_rows_with_errors']} of {summary['train']['rows']} rows carry the flawed teacher's reasoning and answer")
     return "\n".join(lines)
@@ -239,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(SynthConfig, argv, prog="video-ktr synth")
     try:
         summary = synthesize(cfg)
-    except FileExistsError as exc:
+    except (FileExistsError, SynthSpaceError) as exc:
         print(f"video-ktr synth: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -61,6 +61,8 @@ class SynthConfig:
     shuffle_options: bool = field(False, help="Difficulty: shuffle the option order per row; by default options keep palette order, the answer letter is still balanced.")
     color_fill: str = field("frame", help="Difficulty: colour kinds fill the whole frame ('frame') or one random cell per step ('cell').", choices=["frame", "cell"])
     cot_error_rate: float = field(0.0, help="Imperfect cold-start data: also write train_cot.json, the training rows with this fraction's reasoning and answer replaced by a flawed teacher's (one plausible wrong strategy per kind: the wrong end of the video, frames read backwards, a miscount by one, a mirrored corner, another option's colour), marked 'cot_error': true. train.json keeps the ground truth for RL and evaluation.")
+    held_out: str = field("mark", help="How test rows are kept apart from training rows, compared by content hash (kind, question, options, answer and the cell colours of every step): 'redraw' redraws a test row whose content equals a training row's from a fresh random stream (same kind and answer) until it is unseen, reports the count, and fails naming the kind and answer when max_redraws draws find nothing unseen (the task space is too small: grow frames, size, num_colors or use color_fill cell); 'mark' keeps such rows and marks them seen_in_train: true (the behaviour before 'redraw' existed; the default until the demo is re-tuned on a larger task space).", choices=["mark", "redraw"])
+    max_redraws: int = field(200, help="With held_out redraw: how many fresh draws a test row gets before synth gives up on its kind and answer.")
     overwrite: bool = field(False, help="Replace an existing data set in output_dir (only its own files are removed).")
     dry_run: bool = field(False, help="Build the rows and print the summary without writing anything.")
 
@@ -100,6 +102,10 @@ class SynthConfig:
             raise ValueError(f"cot_error_rate must be in [0, 1], got {self.cot_error_rate}")
         if self.color_fill not in ("frame", "cell"):
             raise ValueError(f"color_fill must be 'frame' or 'cell', got {self.color_fill!r}")
+        if self.held_out not in ("mark", "redraw"):
+            raise ValueError(f"held_out must be 'mark' or 'redraw', got {self.held_out!r}")
+        if self.max_redraws < 1:
+            raise ValueError(f"max_redraws must be >= 1, got {self.max_redraws}")
 
     def _kinds_of(self, data_type: str) -> list[str]:
         return [k for k in self.kinds if DATA_TYPE[k] == data_type]
