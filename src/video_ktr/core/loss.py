@@ -8,7 +8,8 @@ tokens; advantages: (B,); mask (key tokens M) and valid (completion tokens C): (
     obj[i,t] = r * A_i                                           (released form)
              | min(r * A_i, clip(r, 1 - eps, 1 + eps_high) * A_i) (with old_logp)
     KL[i,t]  = exp(d) - d - 1,  d = clip(ref_logp - logp, -10, 10)
-    l[i,t]   = -obj * M[i,t] + beta * KL * K[i,t]               (K = M or C, per kl_on)
+    l[i,t]   = -obj * W[i,t] * M[i,t] + beta * KL * K[i,t]       (K = M or C, per kl_on)
+             W = 1 (hard key tokens) or the soft rank weights of core.weighting (with M = C)
     grpo:      loss = mean_i ( sum_t l[i,t] / max(1, sum_t D[i,t]) )   (D = M or C, per normalize_by)
     bnpo/dapo: loss = sum_{i,t} l / max(1, sum_{i,t} D)
     dr_grpo:   loss = sum_{i,t} l / (B * max_completion_length)
@@ -138,6 +139,7 @@ def _token_terms(
     ref_logp: Tensor | None,
     old_logp: Tensor | None,
     valid: Tensor | None,
+    weights: Tensor | None = None,
 ) -> _TokenTerms:
     """Per-token policy and KL parts of the loss, masked with torch.where (see module docstring)."""
     if logp.dim() != 2:
@@ -151,6 +153,7 @@ def _token_terms(
             raise ValueError(f"{name} must be a bool tensor, got dtype {x.dtype}")
     _check_same_shape("ref_logp", ref_logp, shape)
     _check_same_shape("old_logp", old_logp, shape)
+    _check_same_shape("weights", weights, shape)
     kl_on, normalize_by, beta = spec.kl_tokens, spec.denominator_tokens, spec.beta
     eps_low, eps_high = spec.epsilon, spec.eps_high
 
@@ -175,6 +178,9 @@ def _token_terms(
         objective = torch.minimum(ratio * adv, clipped_ratio * adv)
         r = ratio.detach()
         clipped = mask & (((r < 1 - eps_low) & (adv < 0)) | ((r > 1 + eps_high) & (adv > 0)))
+    if weights is not None:
+        # soft key-token weighting: W scales each token's policy term (no gradient through W)
+        objective = objective * weights.detach().to(lp.dtype)
     policy = torch.where(mask, -objective, zero)
 
     if ref_logp is not None:
@@ -212,13 +218,15 @@ def sequence_losses(
     ref_logp: Tensor | None = None,
     old_logp: Tensor | None = None,
     valid: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Per-sequence losses L_i = sum_t l[i,t] / max(1, sum_t D[i,t]), shape (B,).
 
     Same arguments and per-token loss as grpo_loss (spec.loss_type and max_completion_length unused);
     grpo_loss with loss_type "grpo" == sequence_losses().mean(). Used for the loss-variance diagnostic.
     """
-    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid)
+    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid,
+                         weights=weights)
     return _per_sequence(terms.policy + terms.kl, terms.denom)
 
 
@@ -231,6 +239,7 @@ def grpo_loss(
     ref_logp: Tensor | None = None,
     old_logp: Tensor | None = None,
     valid: Tensor | None = None,
+    weights: Tensor | None = None,
     return_stats: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
     """The KTR GRPO loss (equations in the module docstring).
@@ -238,7 +247,8 @@ def grpo_loss(
     logp: (B, T) with grad; advantages: (B,); mask: (B, T) bool key tokens (intersected with valid);
     valid: (B, T) bool completion tokens, defaults to mask. ref_logp, old_logp: (B, T), no grad.
     spec: the settings (LossSpec). old_logp None gives the released single-step form (ratio 1, no
-    clipping); otherwise PPO clipping with epsilon / epsilon_high. The KL term is used only when
+    clipping); otherwise PPO clipping with epsilon / epsilon_high. weights: (B, T) soft key-token
+    weights W >= 0 (core.weighting), multiplying the policy term on the tokens of mask (None: 1). The KL term is used only when
     ref_logp is given and beta != 0.
     The policy term is always on key tokens only; non-key tokens get exactly zero policy gradient, and
     a row with no key token contributes a finite value (0 unless kl_on="valid").
@@ -248,7 +258,8 @@ def grpo_loss(
     "policy_loss" and "kl_loss" (the two parts of the loss, reduced like it; they sum to the loss).
     """
     loss_type, max_completion_length = spec.loss_type, spec.max_completion_length
-    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid)
+    terms = _token_terms(logp, advantages, mask, spec=spec, ref_logp=ref_logp, old_logp=old_logp, valid=valid,
+                         weights=weights)
     loss = _reduce(terms.policy + terms.kl, terms.denom, loss_type, max_completion_length)
     if not return_stats:
         return loss

@@ -81,6 +81,7 @@ from video_ktr.training.grpo_stages import (
     signal_scores,
     temporal_permutations,
     tgrpo_bonus,
+    token_weights,
 )
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
@@ -143,6 +144,7 @@ class KTRTrainer:
         self.reward_fns = [(spec, load_reward_function(spec), w)
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()
+        self.weighting = cfg.weighting_spec()
         self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p)
         self.plan = ForwardPlan(
             chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,
@@ -208,6 +210,7 @@ class KTRTrainer:
         records = [MicroRecord() for _ in rollouts]
         keys: list[Tensor | None] = [None] * len(rollouts)
         olds: list[Tensor | None] = [None] * len(rollouts)
+        weights: list[Tensor | None] = [None] * len(rollouts)  # soft key-token weights (None: hard mask)
         losses, any_bad, grad_norm = [], False, 0.0
         for it in range(cfg.num_iterations):
             bad = False
@@ -222,17 +225,20 @@ class KTRTrainer:
                             "entropy" in signals or (log_tokens and j == 0)))
                     if first:
                         with timer.phase("selection"):  # key-token selection
-                            masks = select_tokens(signal_scores(logp, entropy, ro.probes, signals, cfg.probe_score_tolerance),
-                                                  valid, ro.probes, self.selection, G, gather=self._gather_pool,
+                            scores = signal_scores(logp, entropy, ro.probes, signals, cfg.probe_score_tolerance)
+                            masks = select_tokens(scores, valid, ro.probes, self.selection, G, gather=self._gather_pool,
                                                   random_control=RandomControl(cfg.seed, ro.micro_step, ro.indices)
                                                   if "random" in cfg.token_selection else None)
                         keys[j], olds[j] = masks["key"], logp.detach() if cfg.num_iterations > 1 else None
+                        if self.weighting.soft:  # every valid token, weighted by its scores' ranks
+                            weights[j] = token_weights(scores, valid, ro.probes, self.weighting, self.selection, G)
+                            keys[j] = valid
                         self._record_first_pass(records[j], ro, masks, logp, entropy, diagnose, log_tokens and j == 0)
                     with timer.phase("loss"):  # loss
                         loss, stats = micro_loss(logp, ro, keys[j], olds[j], self.loss_spec, global_sum=self._global_sum,
-                                                 num_processes=self.acc.num_processes)
+                                                 num_processes=self.acc.num_processes, weights=weights[j])
                         if first:
-                            records[j].seq_losses = per_sequence_losses(logp, ro, keys[j], self.loss_spec)
+                            records[j].seq_losses = per_sequence_losses(logp, ro, keys[j], self.loss_spec, weights[j])
                     if grad_diagnostics:
                         with timer.phase("diagnostics"):
                             self._gradient_diagnostics(records[j], ro, logp, keys[j], olds[j], head, head_calls)

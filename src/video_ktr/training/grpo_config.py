@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from video_ktr.core.loss import LossSpec
 from video_ktr.core.selection import SIGNALS, SelectionSpec
+from video_ktr.core.weighting import WEIGHTINGS, WeightingSpec
 from video_ktr.data.options import DataArgs
 from video_ktr.utils.config import field
 
@@ -63,6 +64,15 @@ class TrainConfig(DataArgs):
     temporal_ratio: float = field(0.2, help="Fraction of tokens kept by the temporal probe signal (video rows only).")
     selection_scope: str = field("group", choices=["group", "batch", "global"], help="Pool for each threshold: one prompt's G completions (the paper), the local batch, or the batch gathered across processes.")
     positive_probe_scores: bool = field(False, help="Keep only tokens whose visual / temporal score is > 0 (avoids random picks among ties at 0).")
+    token_weighting: str = field(
+        "hard", choices=list(WEIGHTINGS),
+        help="How the selection's signals weight the policy gradient: 'hard' = the key-token mask (weight 1 on "
+        "the selected tokens, 0 elsewhere; the paper's method); 'sigmoid' / 'linear' = every completion token "
+        "weighted by its score's rank q in the pool (0 = highest): 1 + gamma * (sigmoid(k * (0.5 - q)) - 0.5) or "
+        "1 + gamma * (0.5 - q), the largest over the signals (the authors' soft variants; docs/algorithm.md). "
+        "Needs at least one signal and the group or batch scope.")
+    soft_k: float = field(5.0, help="Steepness k of the sigmoid weighting (the authors' best: 5).")
+    soft_gamma: float = field(0.75, help="Spread gamma of the soft weights, 1 - gamma/2 .. 1 + gamma/2, in [0, 2] (the authors' best: 0.75).")
     probe_score_tolerance: float = field(1e-5, help="Visual / temporal scores smaller than this (in nats) count as exactly 0, so float rounding never decides a selection.")
     visual_probe: str = field("mask", choices=["mask", "zero_features", "blank"], help="How the visual input is taken away: placeholders masked from attention, zeroed visual features, or black frames.")
     temporal_probe: str = field("shuffle", choices=["shuffle", "reverse", "segments"], help="How frames are disordered: random non-identity permutation, reversal, or shuffled segments.")
@@ -135,6 +145,15 @@ class TrainConfig(DataArgs):
         for name in ("entropy_ratio", "visual_ratio", "temporal_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name} must be in [0, 1]")
+        self.weighting_spec()  # the weighting's own ranges
+        if self.token_weighting != "hard":
+            if not self.signals or "random" in self.token_selection:
+                raise ValueError(f"--token_weighting {self.token_weighting} weights tokens by their entropy / visual / "
+                                 f"temporal scores; --token_selection {','.join(self.token_selection)} has none "
+                                 "(use --token_weighting hard)")
+            if self.selection_scope == "global":
+                raise ValueError(f"--token_weighting {self.token_weighting} ranks scores within a prompt group or the "
+                                 "local batch; --selection_scope global is not supported with it (use group or batch)")
         for name in ("diagnostics_steps", "log_tokens_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
@@ -155,6 +174,9 @@ class TrainConfig(DataArgs):
     def loss_spec(self) -> LossSpec:
         return LossSpec(beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
                         max_completion_length=self.max_completion_length, kl_on=self.kl_on, normalize_by=self.normalize_by)
+
+    def weighting_spec(self) -> WeightingSpec:
+        return WeightingSpec(kind=self.token_weighting, k=self.soft_k, gamma=self.soft_gamma)
 
     def selection_spec(self) -> SelectionSpec:
         return SelectionSpec(signals=self.signals, entropy_ratio=self.entropy_ratio, visual_ratio=self.visual_ratio,

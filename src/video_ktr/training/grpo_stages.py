@@ -22,6 +22,7 @@ from torch import Tensor
 from video_ktr.core.loss import LossSpec, grpo_loss, sequence_losses
 from video_ktr.core.rewards import length_bonus, load_reward_function, temporal_bonus
 from video_ktr.core.selection import SelectionSpec, random_mask_like, signal_masks
+from video_ktr.core.weighting import WeightingSpec, soft_token_weights
 from video_ktr.data.rows import Sample
 from video_ktr.model.inputs import Media, select_prompts, sequence_inputs
 from video_ktr.model.loading import SpecialTokens
@@ -332,10 +333,23 @@ def select_tokens(scores: dict[str, Tensor], valid: Tensor, probes: ProbeScores,
     return masks
 
 
+def token_weights(scores: dict[str, Tensor], valid: Tensor, probes: ProbeScores, spec: WeightingSpec,
+                  selection: SelectionSpec, group_size: int) -> Tensor:
+    """Soft key-token weighting (core.weighting): each valid token's policy-gradient weight, (B, T) float32.
+
+    Ranked in the selection's pools (scope "group" or "batch"); the temporal pool holds the video rows.
+    Groups whose probes were skipped (advantage 0) get weights from their scores too; their policy term
+    is 0 whatever the weights.
+    """
+    return soft_token_weights(scores, valid, group_size, spec, scope=selection.scope, temporal_rows=probes.temporal_rows)
+
+
 def micro_loss(logp: Tensor, ro: Rollout, key: Tensor, old_logp: Tensor | None, spec: LossSpec, *,
                global_sum: Callable[[float], float] | None = None,
-               num_processes: int = 1) -> tuple[Tensor, dict[str, float]]:
+               num_processes: int = 1, weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The KTR loss of one micro-batch (core.loss.grpo_loss) and its stats.
+
+    weights: soft key-token weights (token_weights; ``key`` is then every valid token), None for hard.
 
     DAPO's token mean is over the tokens of every process: with several processes the local token mean
     is rescaled so that the average of the processes' gradients (DDP) is the gradient of the global mean
@@ -344,7 +358,7 @@ def micro_loss(logp: Tensor, ro: Rollout, key: Tensor, old_logp: Tensor | None, 
     valid = ro.completions.valid
     advantages = ro.advantages.to(logp.device)
     loss, stats = grpo_loss(logp, advantages, key, spec, ref_logp=ro.ref_logp, old_logp=old_logp, valid=valid,
-                            return_stats=True)
+                            weights=weights, return_stats=True)
     if spec.loss_type == "dapo" and num_processes > 1:
         denom_tokens = (key & valid) if spec.denominator_tokens == "mask" else valid
         local = float(denom_tokens.sum())
@@ -352,7 +366,8 @@ def micro_loss(logp: Tensor, ro: Rollout, key: Tensor, old_logp: Tensor | None, 
     return loss, stats
 
 
-def per_sequence_losses(logp: Tensor, ro: Rollout, key: Tensor, spec: LossSpec) -> Tensor:
+def per_sequence_losses(logp: Tensor, ro: Rollout, key: Tensor, spec: LossSpec,
+                        weights: Tensor | None = None) -> Tensor:
     """(N,) the per-sequence losses of the first pass (the loss-variance metric)."""
     return sequence_losses(logp.detach(), ro.advantages.to(logp.device), key, spec, ref_logp=ro.ref_logp,
-                           valid=ro.completions.valid).float()
+                           valid=ro.completions.valid, weights=weights).float()
