@@ -185,9 +185,30 @@ def test_options_are_checked(tmp_path, capsys):
     opts = ablate.parse_options([*base, "--seed_list", "3,5", "--variants", "ktr,random", "grpo"])
     assert opts.seeds == [3, 5] and opts.variants == ["ktr", "random", "grpo"]
     assert ablate.parse_options(base).variants == list(ablate.VARIANTS) and ablate.parse_options(base).seeds == [0, 1, 2]
-    for bad in (["--variants", "nope"], ["--token_selection", "entropy"], ["--seed", "4"], ["--no_such_option", "1"]):
+    for bad in (["--variants", "nope"], ["--token_selection", "entropy"], ["--token_weighting", "linear"], ["--seed", "4"], ["--no_such_option", "1"]):
         with pytest.raises(SystemExit):
             ablate.parse_options([*base, *bad])
     assert {v["token_selection"][0] for v in ablate.VARIANTS.values()} == {"none", "entropy", "visual", "temporal",
                                                                             "random", "all"}
-    assert ablate.VARIANTS["t_grpo"] == {"token_selection": ["none"], "temporal_grpo": True}
+    assert ablate.VARIANTS["t_grpo"] == {"token_selection": ["none"], "temporal_grpo": True, "token_weighting": "hard"}
+    assert ablate.VARIANTS["ktr_sigmoid"] == {"token_selection": ["all"], "temporal_grpo": False, "token_weighting": "sigmoid"}
+    assert ablate.VARIANTS["ktr_linear"]["token_weighting"] == "linear"
+    with pytest.raises(SystemExit):  # the weighting is the variant's, not an option
+        ablate.parse_options([*base, "--token_weighting", "sigmoid"])
+
+
+def test_intervals_and_paired_tests_are_reported(first):
+    _, out, _ = first
+    report = json.loads((out / "ablation.json").read_text())
+    tests = {(e["variant"], e["metric"]): e for e in report["paired_tests"]}
+    entry = tests[("ktr", "greedy_accuracy")]
+    assert entry["baseline"] == "grpo" and entry["seeds"] == [0, 1] and entry["t_test"]["n"] == 2
+    # McNemar pairs every held-out item of both seeds
+    done = {(v, s): json.loads((out / v / f"seed{s}" / ablate.DONE).read_text()) for v in VARIANTS for s in SEEDS}
+    n_items = sum(len(done[("grpo", s)]["evaluation"]["greedy"]["items"]) for s in SEEDS)
+    assert entry["mcnemar"]["n"] == n_items > 0
+    for v in VARIANTS:
+        ci = report["variants"][v]["metrics"]["greedy_accuracy"]
+        assert ci["ci95_seeds"]["n"] == 2 and ci["ci95_items"]["n"] == n_items
+    text = (out / "ablation.md").read_text()
+    assert "## 95 % intervals" in text and "## Paired tests against `grpo`" in text

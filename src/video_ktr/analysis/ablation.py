@@ -1,4 +1,4 @@
-"""`video-ktr ablate`: GRPO, T-GRPO, the single signals, the random mask and KTR from one start, over seeds.
+"""`video-ktr ablate`: GRPO, T-GRPO, the single signals, the random mask, KTR (hard, sigmoid, linear) from one start, over seeds.
 
 Every run uses the same training YAML (same data, same start model, same steps and hyper-parameters);
 only ``token_selection`` / ``temporal_grpo`` (the variant), ``seed`` and ``output_dir`` differ::
@@ -25,47 +25,56 @@ import gc
 import hashlib
 import json
 import math
-import os
-import platform
 import shlex
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from video_ktr.analysis.ablation_report import (
+    DIAGNOSTICS,
+    METRICS,
+    _fmt,
+    machine_info,
+    reward_curves,
+    write_markdown,
+    write_plots,
+)
+from video_ktr.analysis.ablation_stats import (  # noqa: F401  (EXCEEDS, WITHIN: the verdicts, read by callers)
+    ACCURACIES,
+    EXCEEDS,
+    WITHIN,
+    finite,
+    item_bootstrap,
+    mean_ci,
+    paired_against_baseline,
+    reading,
+    stats,
+)
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.utils.config import build_parser, from_dict, load_yaml
 from video_ktr.utils.jsonl import read_jsonl
 
 # name -> the only settings that differ between variants
+_HARD = {"temporal_grpo": False, "token_weighting": "hard"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "grpo": {"token_selection": ["none"], "temporal_grpo": False},
-    "t_grpo": {"token_selection": ["none"], "temporal_grpo": True},
-    "entropy": {"token_selection": ["entropy"], "temporal_grpo": False},
-    "visual": {"token_selection": ["visual"], "temporal_grpo": False},
-    "temporal": {"token_selection": ["temporal"], "temporal_grpo": False},
-    "random": {"token_selection": ["random"], "temporal_grpo": False},
-    "ktr": {"token_selection": ["all"], "temporal_grpo": False},
+    "grpo": {"token_selection": ["none"], **_HARD},
+    "t_grpo": {"token_selection": ["none"], "temporal_grpo": True, "token_weighting": "hard"},
+    "entropy": {"token_selection": ["entropy"], **_HARD},
+    "visual": {"token_selection": ["visual"], **_HARD},
+    "temporal": {"token_selection": ["temporal"], **_HARD},
+    "random": {"token_selection": ["random"], **_HARD},
+    "ktr": {"token_selection": ["all"], **_HARD},
+    # the authors' soft variants: every token weighted by the rank of its scores (core/weighting.py)
+    "ktr_sigmoid": {"token_selection": ["all"], "temporal_grpo": False, "token_weighting": "sigmoid"},
+    "ktr_linear": {"token_selection": ["all"], "temporal_grpo": False, "token_weighting": "linear"},
 }
-BASELINE = "grpo"
 # set per run by the ablation; a YAML value is replaced, a command-line override is refused
-PER_RUN_KEYS = ("token_selection", "temporal_grpo", "seed", "output_dir", "resume_from_checkpoint")
+PER_RUN_KEYS = ("token_selection", "temporal_grpo", "token_weighting", "seed", "output_dir", "resume_from_checkpoint")
 # settings that do not change what a run computes (a finished run is reused when only these differ)
 NEUTRAL_KEYS = {"output_dir", "resume_from_checkpoint", "save_total_limit", "logging_steps", "report_to", "log_completions_every"}
-# summary numbers of a run (done.json "summary") aggregated over seeds
-METRICS = ("greedy_accuracy", "sampled_accuracy", "final_reward", "final_accuracy_reward", "loss_variance",
-           "key_token_fraction", "grad_norm_key", "grad_norm_masked", "cos_key_full", "cos_masked_full")
-DIAGNOSTICS = ("grad_norm_key", "grad_norm_masked", "cos_key_full", "cos_masked_full")
-LABELS = {
-    "greedy_accuracy": "held-out acc. (greedy)", "sampled_accuracy": "held-out acc. (T=1)",
-    "final_reward": "final reward", "final_accuracy_reward": "final acc. reward", "loss_variance": "loss variance",
-    "key_token_fraction": "key-token fraction", "grad_norm_key": "grad_norm_key", "grad_norm_masked": "grad_norm_masked",
-    "cos_key_full": "cos_key_full", "cos_masked_full": "cos_masked_full",
-}
 DONE = "done.json"
-EXCEEDS, WITHIN = "exceeds the seed spread", "within the seed spread"
 
 
 class AblateError(RuntimeError):
@@ -98,7 +107,8 @@ def _split_list(values: list[str] | None) -> list[str]:
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="video-ktr ablate", allow_abbrev=False,
-        description="Run GRPO, T-GRPO, entropy/visual/temporal-only, the random mask and KTR from one start over "
+        description="Run GRPO, T-GRPO, entropy/visual/temporal-only, the random mask, KTR and its soft variants "
+                    "(ktr_sigmoid, ktr_linear) from one start over "
                     "several seeds, evaluate every final model on held-out questions, and write ablation.json/.md "
                     "and plots. Any `video-ktr train` option (e.g. --max_steps 40) may follow: it overrides the "
                     "YAML for every run.")
@@ -243,10 +253,24 @@ def eval_protocol(opts: AblateOptions, cfg: TrainConfig) -> dict[str, Any] | Non
     return json.loads(json.dumps(protocol))  # as read back from done.json (tuples -> lists)
 
 
-def _accuracy_record(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"accuracy": metrics.get("overall"),
-            "by_kind": {k: v.get("accuracy") for k, v in (metrics.get("by_kind") or {}).items()},
-            "num_failed": metrics.get("num_failed")}
+def _accuracy_record(metrics: dict[str, Any], results: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Accuracy overall and per kind; with ``results`` also each item's score (keyed by problem_id, for the
+    paired tests) and the accuracy on the rows synth marked unseen (``seen_in_train`` false)."""
+    record: dict[str, Any] = {"accuracy": metrics.get("overall"),
+                              "by_kind": {k: v.get("accuracy") for k, v in (metrics.get("by_kind") or {}).items()},
+                              "num_failed": metrics.get("num_failed")}
+    if results is not None:
+        items, unseen, unseen_ids = {}, [], []
+        for i, r in enumerate(results):
+            meta = r.get("meta") or {}
+            key = str(r.get("problem_id", i))
+            items[key] = r.get("score")
+            if r.get("seen_in_train", meta.get("seen_in_train")) is False and r.get("score") is not None:
+                unseen.append(float(r["score"]))
+                unseen_ids.append(key)
+        record.update(items=items, unseen_items=unseen_ids, unseen_rows=len(unseen),
+                      unseen_accuracy=sum(unseen) / len(unseen) if unseen else None)
+    return record
 
 
 def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts: AblateOptions) -> dict[str, Any]:
@@ -272,7 +296,7 @@ def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts:
             system_prompt=protocol["system_prompt"],
         )
         write_json_atomic(folder / f"eval_{name}.json", {"results": results, "metrics": metrics, "protocol": protocol})
-        out[name] = _accuracy_record(metrics)
+        out[name] = _accuracy_record(metrics, results)
     del model
     _free_memory()
     return out
@@ -285,12 +309,8 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return read_jsonl(folder / "metrics.jsonl")
 
 
-def _finite(values: list[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
 def _mean_or_none(values: list[Any]) -> float | None:
-    vals = _finite(values)
+    vals = finite(values)
     return sum(vals) / len(vals) if vals else None
 
 
@@ -301,6 +321,8 @@ def run_summary(metrics: list[dict[str, Any]], evaluation: dict[str, Any] | None
     summary: dict[str, Any] = {
         "greedy_accuracy": (evaluation or {}).get("greedy", {}).get("accuracy"),
         "sampled_accuracy": (evaluation or {}).get("sampled", {}).get("accuracy"),
+        "greedy_unseen_accuracy": (evaluation or {}).get("greedy", {}).get("unseen_accuracy"),
+        "sampled_unseen_accuracy": (evaluation or {}).get("sampled", {}).get("unseen_accuracy"),
         "final_reward": _mean_or_none([m.get("reward") for m in last]),
         "final_accuracy_reward": _mean_or_none([m.get("accuracy_reward") for m in last]),
         "loss_variance": _mean_or_none([m.get("loss_variance") for m in metrics]),
@@ -309,7 +331,7 @@ def run_summary(metrics: list[dict[str, Any]], evaluation: dict[str, Any] | None
     for key in DIAGNOSTICS:  # means over the steps that logged them
         summary[key] = _mean_or_none([m.get(key) for m in metrics])
     summary["final_steps_averaged"] = n_last
-    summary["diagnostic_steps"] = sum(1 for m in metrics if _finite([m.get("grad_norm_key")]))
+    summary["diagnostic_steps"] = sum(1 for m in metrics if finite([m.get("grad_norm_key")]))
     return summary
 
 
@@ -405,7 +427,7 @@ def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] 
         eval_seconds = time.perf_counter() - t_eval
         record.evaluated_now = True
     record.update(
-        steps=len(metrics), step_seconds_total=sum(_finite([m.get("step_seconds") for m in metrics])),
+        steps=len(metrics), step_seconds_total=sum(finite([m.get("step_seconds") for m in metrics])),
         eval_protocol=protocol, evaluation=evaluation, eval_seconds=eval_seconds,
         summary=run_summary(metrics, evaluation), finished_at=_now(),
     )
@@ -421,10 +443,6 @@ def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] 
     return record
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _fmt_s(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
@@ -432,57 +450,14 @@ def _fmt_s(value: float | None) -> str:
 # ---------------------------------------------------------------------------------------- aggregation
 
 
-def stats(values: list[Any]) -> dict[str, Any]:
-    """Mean and sample standard deviation (n - 1) of the finite values; std is None below 2 values."""
-    vals = _finite(values)
-    return {"values": list(values), "n": len(vals),
-            "mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) >= 2 else None}
-
-
-def pooled_std(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """sqrt(((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2)): the seed-to-seed spread of both."""
-    dof = a["n"] + b["n"] - 2
-    if dof <= 0 or a["n"] == 0 or b["n"] == 0:
-        return None
-    ss = sum((x["n"] - 1) * (x["std"] or 0.0) ** 2 for x in (a, b))
-    return math.sqrt(ss / dof)
-
-
-def reading(variants: dict[str, dict[str, Any]], metric: str = "greedy_accuracy") -> list[dict[str, Any]]:
-    """For each variant vs grpo: does the difference of the means exceed the pooled seed std?"""
-    if BASELINE not in variants:
-        return []
-    base = variants[BASELINE]["metrics"][metric]
-    out = []
-    for name, v in variants.items():
-        if name == BASELINE:
-            continue
-        st = v["metrics"][metric]
-        entry: dict[str, Any] = {"variant": name, "baseline": BASELINE, "metric": metric, "mean": st["mean"],
-                                 "baseline_mean": base["mean"], "difference": None, "pooled_std": None, "verdict": None}
-        if st["mean"] is None or base["mean"] is None:
-            entry["text"] = f"{name} vs {BASELINE}: no held-out accuracy to compare"
-        else:
-            diff = st["mean"] - base["mean"]
-            pooled = pooled_std(st, base)
-            entry.update(difference=diff, pooled_std=pooled)
-            if pooled is None:
-                entry["text"] = (f"{name} vs {BASELINE}: mean {metric} {st['mean']:.3f} vs {base['mean']:.3f} "
-                                 f"(difference {diff:+.3f}); one seed each, no seed spread to compare with")
-            else:
-                entry["verdict"] = EXCEEDS if abs(diff) > pooled else WITHIN
-                entry["text"] = (f"{name} vs {BASELINE}: mean {metric} {st['mean']:.3f} vs {base['mean']:.3f}, "
-                                 f"difference {diff:+.3f}, pooled seed std {pooled:.3f}: {entry['verdict']}")
-        out.append(entry)
-    return out
-
-
 def aggregate(records: dict[str, list[RunRecord]], seeds: list[int]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for name, runs in records.items():
         summaries = [r["summary"] for r in runs]
         metrics = {m: stats([s.get(m) for s in summaries]) for m in METRICS}
+        for m in ACCURACIES:  # 95 % intervals: t over the seeds' accuracies, bootstrap over the pooled items
+            metrics[m]["ci95_seeds"] = mean_ci([s.get(m) for s in summaries])
+            metrics[m]["ci95_items"] = item_bootstrap(runs, m)
         by_kind: dict[str, dict[str, Any]] = {}
         for dec in ("greedy", "sampled"):
             kinds = sorted({k for r in runs for k in ((r.get("evaluation") or {}).get(dec, {}).get("by_kind") or {})})
@@ -491,132 +466,6 @@ def aggregate(records: dict[str, list[RunRecord]], seeds: list[int]) -> dict[str
         variants[name] = {**VARIANTS[name], "seeds": list(seeds), "run_dirs": [r["run_dir"] for r in runs],
                           "metrics": metrics, "by_kind": by_kind}
     return variants
-
-
-# ---------------------------------------------------------------------------------------- report
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
-                            "processor": platform.processor() or None, "python": platform.python_version()}
-    if hasattr(os, "sched_getaffinity"):
-        info["nproc_usable"] = len(os.sched_getaffinity(0))
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:  # pragma: no cover
-        pass
-    return info
-
-
-def _pm(st: dict[str, Any], digits: int = 3) -> str:
-    if st["mean"] is None:
-        return "—"
-    if st["std"] is None:
-        return f"{st['mean']:.{digits}f}"
-    return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    variants = report["variants"]
-    cols = [m for m in METRICS if any(v["metrics"][m]["n"] for v in variants.values())]
-    lines = ["# Ablation: GRPO, T-GRPO, single signals, random mask and KTR", "",
-             f"Mean ± sample standard deviation over seeds {report['seeds']} (n = {len(report['seeds'])} per variant; "
-             "held-out accuracy on the final model of each run). Every run: the same start model, data, steps "
-             "and hyper-parameters; only token_selection / temporal_grpo differ.", ""]
-    rows = []
-    for name, v in variants.items():
-        rows.append([f"`{name}`", ",".join(v["token_selection"]), str(v["temporal_grpo"]).lower(),
-                     *(_pm(v["metrics"][m], 4 if m in ("loss_variance",) + DIAGNOSTICS else 3) for m in cols)])
-    lines += _table(["variant", "token_selection", "temporal_grpo", *(LABELS[m] for m in cols)], rows)
-    lines += ["", "Per seed, held-out greedy accuracy:", ""]
-    lines += _table(["variant", *(f"seed {s}" for s in report["seeds"])],
-                    [[f"`{n}`", *(_fmt(x) for x in v["metrics"]["greedy_accuracy"]["values"])] for n, v in variants.items()])
-    lines += ["", "## Reading (computed)", ""]
-    if report["reading"]:
-        lines.append(f"For each variant vs `{BASELINE}`: is the difference of mean greedy held-out accuracy larger "
-                     "than the pooled seed-to-seed standard deviation? (A rough check with few seeds, not a "
-                     "significance test.)")
-        lines.append("")
-        lines += [f"- {e['text']}" for e in report["reading"]]
-    else:
-        lines.append(f"No `{BASELINE}` run in this ablation: nothing to compare with.")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
-    ev = report["eval"]
-    lines += ["", "## Set-up", "",
-              f"- command: `{report['command']}`",
-              f"- machine: nproc {report['machine'].get('nproc')} (usable {report['machine'].get('nproc_usable')}), "
-              f"{report['machine']['platform']}, python {report['machine']['python']}, torch "
-              f"{report['machine'].get('torch')}, CUDA devices: {report['machine'].get('cuda_devices') or 'none'}",
-              f"- date: {report['started']} to {report['finished']}",
-              f"- total wall time of this invocation: {report['wall_seconds']:.1f} s ({report['runs_trained_now']} runs "
-              f"trained, {report['runs_evaluated_now']} evaluated, {report['runs_reused']} reused)",
-              f"- start model: `{report['base_train_config']['model_name_or_path']}`, data: "
-              f"`{report['base_train_config']['dataset']}`, {report['base_train_config']['max_steps']} steps",
-              (f"- held-out set: `{ev['data']}` (sha256 {ev['data_sha256']}), greedy and sampled (temperature 1.0, "
-               f"top_p 1.0, seed = run seed), at most {ev['max_new_tokens']} new tokens") if ev else
-              "- held-out set: none (no --eval_data and no test.json beside the training data)",
-              "- final reward: mean reward of the last 10% of steps; loss variance, key-token fraction and gradient "
-              "diagnostics: means over the logged steps", ""]
-    path.write_text("\n".join(lines))
-
-
-def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int, list[float]]]) -> list[str]:
-    from video_ktr.analysis.plots import _pyplot, _save
-
-    plt = _pyplot()
-    written = []
-    names = list(variants)
-    if any(v["metrics"]["greedy_accuracy"]["n"] for v in variants.values()):
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2), 3.6))
-        width = 0.38
-        for j, (metric, label) in enumerate((("greedy_accuracy", "greedy"), ("sampled_accuracy", "sampled (T=1)"))):
-            means = [variants[n]["metrics"][metric]["mean"] for n in names]
-            stds = [variants[n]["metrics"][metric]["std"] or 0.0 for n in names]
-            xs = [i + (j - 0.5) * width for i in range(len(names))]
-            ax.bar(xs, [m if m is not None else 0.0 for m in means], width, yerr=stds, capsize=4, label=label)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(0.0, 1.05)
-        ax.set_title(f"held-out accuracy, mean ± std over {len(next(iter(variants.values()))['seeds'])} seeds")
-        ax.legend()
-        written.append(_save(fig, out / "accuracy.png"))
-    if any(curves.values()):
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for name in names:
-            steps = sorted(curves.get(name, {}))
-            if not steps:
-                continue
-            means = [statistics.fmean(curves[name][s]) for s in steps]
-            stds = [statistics.stdev(curves[name][s]) if len(curves[name][s]) > 1 else 0.0 for s in steps]
-            (line,) = ax.plot(steps, means, label=name, marker="." if len(steps) < 20 else None)
-            ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("step")
-        ax.set_ylabel("reward (mean over seeds)")
-        ax.set_title("training reward, mean ± std over seeds")
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / "reward_curves.png"))
-    return written
-
-
-def reward_curves(records: dict[str, list[RunRecord]]) -> dict[str, dict[int, list[float]]]:
-    curves: dict[str, dict[int, list[float]]] = {}
-    for name, runs in records.items():
-        per_step: dict[int, list[float]] = {}
-        for r in runs:
-            for m in read_metrics(Path(r["run_dir"])):
-                if _finite([m.get("reward")]):
-                    per_step.setdefault(int(m["step"]), []).append(float(m["reward"]))
-        curves[name] = per_step
-    return curves
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -663,6 +512,7 @@ def run_ablation(opts: AblateOptions) -> dict[str, Any]:
         "runs_reused": sum(not (r.trained_now or r.evaluated_now) for rs in records.values() for r in rs),
         "variants": variants,
         "reading": reading(variants),
+        "paired_tests": paired_against_baseline({v: [dict(r) for r in rs] for v, rs in records.items()}),
     }
     report["plots"] = write_plots(out, variants, reward_curves(records))
     report["finished"] = _now()
