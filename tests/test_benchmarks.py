@@ -1,4 +1,4 @@
-"""Benchmark loaders (official formats + Video-R1-eval files) and metrics, on the shared fixtures.
+"""Benchmark loaders (official formats + Video-R1-eval files) and metrics, on the fixtures in tests/fixtures.
 
 Every expected number below is computed by hand in the comments. Missing fixtures fail (no skips).
 """

@@ -38,7 +38,7 @@ COLOURS = [
 @pytest.fixture(scope="module")
 def real_video() -> Path:
     assert REAL_VIDEO.is_file(), (
-        f"shared fixture {REAL_VIDEO} is missing: it is part of the shared fixtures (shared/ beside the checkout, or $VIDEO_KTR_SHARED) and must be present "
+        f"fixture {REAL_VIDEO} is missing: it is part of the repository (tests/fixtures/real) and must be present "
         "(640x360 h264, 22 s); restore it instead of skipping this test"
     )
     return REAL_VIDEO
