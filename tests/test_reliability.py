@@ -345,7 +345,7 @@ def test_nonfinite_gradient_with_finite_loss_skips_the_update(tiny_setup, tmp_pa
 
 
 def test_max_bad_steps_stops_the_run_with_a_clear_message(tiny_setup, tmp_path, monkeypatch):
-    from video_ktr.training.grpo import BadStep
+    from video_ktr.training.run import BadStep
 
     trainer = _trainer(tiny_setup, tmp_path, "--token_selection", "none", "--max_bad_steps", "2")
     _nan_loss_at(monkeypatch, trainer, None)

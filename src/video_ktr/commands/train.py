@@ -1,17 +1,17 @@
-"""`video-ktr train`: GRPO with key-token reinforcement (see trainer.py for the step)."""
+"""`video-ktr train`: GRPO with key-token reinforcement (the step: video_ktr.training.grpo.KTRTrainer.train_step)."""
 
 from __future__ import annotations
 
 import sys
 
+from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.run import BadStep
 from video_ktr.utils.config import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(TrainConfig, argv, prog="video-ktr train")
-    from video_ktr.training.grpo import BadStep, KTRTrainer
-
     trainer = KTRTrainer(cfg)
     try:
         last = trainer.train()

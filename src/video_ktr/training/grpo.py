@@ -16,10 +16,7 @@ keeps the books (metrics, checkpoints, resumption).
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +35,10 @@ from video_ktr.core.loss import group_advantages
 from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
-from video_ktr.model.loading import (
-    freeze_vision,
-    load_model,
-    load_processor,
-    special_tokens,
-    use_sdpa_gqa_on_cpu,
-)
+from video_ktr.model.loading import freeze_vision, load_model, load_processor, special_tokens
 from video_ktr.model.prefix import strip_pixels
 from video_ktr.model.rollout import unwrap
-from video_ktr.training import checkpoint as ckpt
-from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count, sharded_parameters
+from video_ktr.training.distributed import sharded_parameters
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.grpo_data import GRPOData
 from video_ktr.training.grpo_metrics import (
@@ -83,31 +73,22 @@ from video_ktr.training.grpo_stages import (
     tgrpo_bonus,
     token_weights,
 )
-from video_ktr.training.schedule import build_scheduler
-from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.training.run import TrainingRun
 
 
-class BadStep(RuntimeError):
-    pass
+class KTRTrainer(TrainingRun):
+    """GRPO with key-token reinforcement: set-up, the step (train_step), and what a checkpoint carries."""
 
+    config_file = "train_config.json"
+    log_files = ("metrics.jsonl", "completions.jsonl", "tokens.jsonl")
 
-class KTRTrainer:
     def __init__(self, cfg: TrainConfig, accelerator: Any = None):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         cfg.validate()
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        log_with = [r for r in cfg.report_to if r != "none"] or None
-        self.acc = accelerator or Accelerator(log_with=log_with, project_dir=str(self.out), **accelerator_device_kwargs())
-        check_process_count(self.acc)
-        use_sdpa_gqa_on_cpu(self.acc.device)
+        self._start_run(cfg, accelerator)
         if cfg.diagnostics_steps and sharded_parameters(self.acc):
             raise ValueError("--diagnostics_steps needs whole parameters on each process (one process or DDP): under "
                              "FSDP or DeepSpeed ZeRO-3 each process holds a shard, and the gradient diagnostics would "
                              "not measure the full gradient. Run them with DDP or ZeRO-2, or set --diagnostics_steps 0.")
-        set_seed(cfg.seed)
         self.skips = SkipReport()
         samples = load_dataset(cfg.dataset, cfg.media_root, on_bad_sample=cfg.on_bad_sample,
                                allow_outside_media_root=cfg.allow_outside_media_root, report=self.skips)
@@ -133,12 +114,8 @@ class KTRTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
-        # The scheduler stays outside accelerate: accelerate's wrapper steps it once per process per step
-        # (it assumes the data loader's batch grew with the process count), so 2 processes would run the
-        # learning-rate schedule twice as fast as 1. Here it steps exactly once per optimiser step.
-        self.scheduler = build_scheduler(optimizer, kind=cfg.lr_scheduler_type, total_steps=cfg.max_steps,
-                                         warmup_ratio=cfg.warmup_ratio)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.total_steps = cfg.max_steps
+        self._prepare(model, optimizer)
         if self.ref_model is not None:
             self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)
         self.reward_fns = [(spec, load_reward_function(spec), w)
@@ -153,8 +130,6 @@ class KTRTrainer:
             length_buckets=cfg.length_buckets, encode_visual_once=cfg.encode_visual_once,
             rollout_shared_prefill=cfg.rollout_shared_prefill)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
-        self.state = ckpt.TrainState()
-        self.bad_steps = 0
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 
@@ -235,7 +210,7 @@ class KTRTrainer:
                             keys[j] = valid
                         self._record_first_pass(records[j], ro, masks, logp, entropy, diagnose, log_tokens and j == 0)
                     with timer.phase("loss"):  # loss
-                        loss, stats = micro_loss(logp, ro, keys[j], olds[j], self.loss_spec, global_sum=self._global_sum,
+                        loss, stats = micro_loss(logp, ro, keys[j], olds[j], self.loss_spec, global_sum=self.global_sum,
                                                  num_processes=self.acc.num_processes, weights=weights[j])
                         if first:
                             records[j].seq_losses = per_sequence_losses(logp, ro, keys[j], self.loss_spec, weights[j])
@@ -251,7 +226,7 @@ class KTRTrainer:
                         self.acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if bad else loss)
                 losses.append(float(loss.detach()) * cfg.gradient_accumulation_steps)
             with timer.phase("optimizer"):  # update (or skip a non-finite step on every process)
-                grad_norm, bad = self._update(bad)
+                grad_norm, bad = self.update(bad)
             any_bad = any_bad or bad
         self.scheduler.step()
         self.state.step += 1
@@ -275,27 +250,6 @@ class KTRTrainer:
     def _accumulating(self, accumulate: bool):
         with self.acc.no_sync(self.model) if accumulate else contextlib.nullcontext():
             yield
-
-    def _update(self, bad: bool) -> tuple[float, bool]:
-        """Clip and step, or skip the step on every process when a loss or the gradient was not finite."""
-        cfg = self.cfg
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-        else:
-            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            grad_norm = float(torch.stack(grads).norm() if grads else torch.tensor(0.0))
-        # every process takes the same decision, or their weights would drift apart
-        bad = self._global_sum(float(bad or not math.isfinite(grad_norm))) > 0
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise BadStep(f"{self.bad_steps} steps had a non-finite loss or gradient (--max_bad_steps "
-                              f"{cfg.max_bad_steps}); lower the learning rate or check the data")
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, bad
 
     def _record_first_pass(self, record: MicroRecord, ro: Rollout, masks: dict[str, Tensor], logp: Tensor,
                            entropy: Tensor | None, diagnose: bool, log_tokens: bool) -> None:
@@ -362,12 +316,6 @@ class KTRTrainer:
     def _reduce_sum(self, values: Tensor) -> Tensor:
         return self.acc.reduce(values, reduction="sum") if self.acc.num_processes > 1 else values
 
-    def _global_sum(self, value: float) -> float:
-        if self.acc.num_processes == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.acc.device)
-        return float(self.acc.reduce(t, reduction="sum")[0])
-
     def _gather_pool(self, flat: Tensor) -> Tensor:
         """The selection pools of every process (the 'global' scope; NaN marks what is not in a pool)."""
         return self.acc.gather(self.acc.pad_across_processes(flat, dim=0, pad_index=float("nan")))
@@ -376,86 +324,22 @@ class KTRTrainer:
         """Stop the data prefetch thread (after the batch it is preparing). train() calls it at the end."""
         self.data.close()
 
-    # ------------------------------------------------------------------ loop, checkpoints
-    def train(self) -> dict[str, float]:
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ what the run scaffold asks of the recipe
+    def postfix(self, m: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{m['reward']:.3f}", "key": f"{m.get('key_token_fraction', 1.0):.2f}"}
 
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.acc.is_main_process:
-            (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        if self.acc.trackers:
-            pass
-        elif [r for r in cfg.report_to if r != "none"]:
-            self.acc.init_trackers("video-ktr", config=asdict(cfg))
-        if self.acc.is_main_process:
-            self._trim_logs()
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not self.acc.is_main_process, desc="train")
-        last: dict[str, float] = {}
-        model = self.model
-        model.train()
-        try:
-            while self.state.step < cfg.max_steps:
-                last = self.train_step()
-                if self.acc.is_main_process:
-                    with (self.out / "metrics.jsonl").open("a") as fh:
-                        fh.write(json.dumps(finite_or_null(last)) + "\n")
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{last['reward']:.3f}", key=f"{last.get('key_token_fraction', 1.0):.2f}")
-                    if cfg.logging_steps and self.state.step % cfg.logging_steps == 0:
-                        bar.write(progress_line(last))
-                if [r for r in cfg.report_to if r != "none"]:
-                    self.acc.log(last, step=self.state.step)
-                # also at the last step: a finished run can then be resumed to a larger --max_steps
-                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
-        finally:
-            self.close()
-        bar.close()
-        self.save_final()
-        if self.skips.total and self.acc.is_main_process:
-            print(f"skipped samples: {self.skips.summary()}")
-        self.acc.end_training()
-        return last
+    def console_lines(self, m: dict[str, Any]) -> list[str]:
+        every = self.cfg.logging_steps
+        return [progress_line(m)] if every and self.state.step % every == 0 else []
 
-    def _trim_logs(self) -> None:
-        """metrics.jsonl / completions.jsonl continue exactly where the resumed state is.
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"skipped": dict(self.skips.counts), "bad_rows": sorted(self.data.bad_rows)}
 
-        A fresh run starts new files (tokens.jsonl too); a resumed run drops the lines of steps after its checkpoint (a
-        run killed between a checkpoint and the next one wrote them, and they are run again).
-        """
-        for name in ("metrics.jsonl", "completions.jsonl", "tokens.jsonl"):
-            path = self.out / name
-            if not path.exists():
-                continue
-            kept = []
-            if self.state.step > 0:
-                for line in path.read_text().splitlines():
-                    try:
-                        if int(json.loads(line)["step"]) <= self.state.step:
-                            kept.append(line)
-                    except (ValueError, KeyError, TypeError):
-                        continue
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def save_checkpoint(self) -> Path:
-        path = ckpt.save(self.out, self.state.step, self.acc, self.model, self.processor, self.optimizer, self.scheduler,
-                         self.state, extra={"bad_steps": self.bad_steps, "skipped": dict(self.skips.counts),
-                                            "bad_rows": sorted(self.data.bad_rows)})
-        if self.cfg.save_total_limit and self.acc.is_main_process:
-            ckpt.prune(self.out, self.cfg.save_total_limit)
-        return path
-
-    def save_final(self) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            ckpt.save_model(self.out, self.acc, self.model, self.processor)
-
-    def _resume(self, spec: str) -> None:
-        path = ckpt.find(self.out, spec)
-        extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
-        self.bad_steps = int(extra.get("bad_steps", 0))
+    def restore_extra(self, extra: dict[str, Any], path: Path) -> None:
         self.data.bad_rows = {int(i) for i in extra.get("bad_rows", [])}
         self.skips.counts.update({str(k): int(v) for k, v in (extra.get("skipped") or {}).items()})
-        if self.acc.is_main_process:
-            print(f"resumed from {path} at step {self.state.step}")
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        if self.skips.total and self.acc.is_main_process:
+            print(f"skipped samples: {self.skips.summary()}")
+        return last

@@ -7,33 +7,22 @@ from dataclasses import dataclass
 from video_ktr.core.loss import LossSpec
 from video_ktr.core.selection import SIGNALS, SelectionSpec
 from video_ktr.core.weighting import WEIGHTINGS, WeightingSpec
-from video_ktr.data.options import DataArgs
+from video_ktr.training.options import RunOptions
 from video_ktr.utils.config import field
 
 SELECTIONS = ("all", "none", "random", *SIGNALS)
 
 
 @dataclass
-class TrainConfig(DataArgs):
+class TrainConfig(RunOptions):
     """GRPO training with key-token reinforcement (Video-KTR) on Video-R1-schema data."""
 
     model_name_or_path: str = field("", help="Policy to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
-    dataset: str = field("", help="Training data: a Video-R1-schema JSON or JSONL file (image and video rows may be mixed). [required]")
-    output_dir: str = field("", help="Where metrics.jsonl, checkpoints and the final model go. [required]")
 
     # schedule
-    max_steps: int = field(100, help="Optimiser steps to run.")
-    learning_rate: float = field(1e-6, help="Peak learning rate of AdamW.")
-    lr_scheduler_type: str = field("cosine", choices=["cosine", "constant", "linear"], help="Learning-rate schedule after warm-up.")
-    warmup_ratio: float = field(0.0, help="Fraction of --max_steps spent warming the learning rate up linearly.")
-    weight_decay: float = field(0.0, help="AdamW weight decay.")
-    adam_beta1: float = field(0.9, help="AdamW beta1.")
-    adam_beta2: float = field(0.999, help="AdamW beta2.")
-    max_grad_norm: float = field(1.0, help="Clip the gradient norm to this (0 disables clipping).")
     per_device_train_batch_size: int = field(
         1, help="PROMPTS per device per micro-step (as in Video-R1); each is sampled --num_generations times, so a "
         "micro-step trains on per_device_train_batch_size x num_generations completions.")
-    gradient_accumulation_steps: int = field(1, help="Micro-steps whose gradients are summed before each optimiser step.")
     seed: int = field(42, help="Seed of the data order, sampling streams, probe permutations and random masks.")
 
     # GRPO
@@ -78,16 +67,11 @@ class TrainConfig(DataArgs):
     temporal_probe: str = field("shuffle", choices=["shuffle", "reverse", "segments"], help="How frames are disordered: random non-identity permutation, reversal, or shuffled segments.")
 
     # model
-    dtype: str = field("float32", choices=["float32", "bfloat16", "float16", "auto"], help="Weights dtype (bfloat16 on GPUs that support it).")
-    attn_implementation: str | None = field("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2.")
-    gradient_checkpointing: bool = field(False, help="Recompute activations in the backward pass to save memory.")
-    freeze_vision_tower: bool = field(False, help="Do not train the vision encoder.")
     use_peft: bool = field(False, help="Train LoRA adapters (needs the peft extra); the reference model is then the base with adapters disabled.")
     lora_r: int = field(64, help="LoRA rank.")
     lora_alpha: int = field(128, help="LoRA alpha.")
     lora_dropout: float = field(0.05, help="LoRA dropout.")
     lora_target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], help="Modules that get LoRA adapters (language model only unless --freeze_vision_tower false and the names match the vision tower).")
-    trust_remote_code: bool = field(False, help="Allow model code from the checkpoint (off unless you trust it).")
     forward_batch_size: int | None = field(None, help="Rows per forward pass in the probe and reference passes (default: all rows at once).")
     policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
     shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
@@ -107,11 +91,6 @@ class TrainConfig(DataArgs):
     encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
-    logging_steps: int = field(1, help="Print a progress line every this many steps (metrics.jsonl gets every step).")
-    save_steps: int = field(0, help="Write checkpoint-N every this many steps (0: only the final model).")
-    save_total_limit: int | None = field(None, help="Keep at most this many checkpoints (oldest removed).")
-    resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
-    report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")
     log_completions_every: int = field(0, help="Write sampled completions with rewards to completions.jsonl every this many steps (0: never).")
     diagnostics_steps: int = field(
         0, help="Every this many steps add diagnostics to that step's metrics.jsonl line (0: never): the norms and "
@@ -126,16 +105,13 @@ class TrainConfig(DataArgs):
         0, help="Write the first micro-batch's completions token by token (text, entropy, visual and temporal scores, "
         "the sets that selected each token) to tokens.jsonl every this many steps (0: never); `video-ktr report` shows "
         "them. Computes the entropy on those steps also when the entropy signal is off (no effect on training).")
-    max_bad_steps: int = field(10, help="Stop when this many steps had a non-finite loss or gradient (each is skipped and counted).")
 
     def validate(self) -> None:
-        for name in ("model_name_or_path", "dataset", "output_dir"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+        super().validate()
         if self.num_generations < 2:
             raise ValueError("--num_generations must be >= 2: GRPO compares completions within a group")
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_iterations < 1:
-            raise ValueError("--per_device_train_batch_size, --gradient_accumulation_steps and --num_iterations must be >= 1")
+        if self.num_iterations < 1:
+            raise ValueError("--num_iterations must be >= 1")
         sel = set(self.token_selection)
         exclusive = sel & {"all", "none", "random"}
         if exclusive and len(sel) > 1:
@@ -157,7 +133,6 @@ class TrainConfig(DataArgs):
         for name in ("diagnostics_steps", "log_tokens_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
-        self.frame_settings()
 
     @property
     def zero_advantage_masks_matter(self) -> bool:

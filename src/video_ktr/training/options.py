@@ -1,0 +1,66 @@
+"""The options `train` (GRPO) and `sft` share: model, optimiser, schedule and bookkeeping.
+
+Each command's dataclass (TrainConfig, SFTConfig) adds its own options and re-declares a shared one
+only where its default or meaning differs (e.g. --max_steps, --logging_steps, the batch's unit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from video_ktr.data.options import DataArgs
+from video_ktr.utils.config import field
+
+
+@dataclass
+class RunOptions(DataArgs):
+    """Options of every training run."""
+
+    model_name_or_path: str = field("", help="Model to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
+    dataset: str = field("", help="Training data: a Video-R1-schema JSON or JSONL file. [required]")
+    output_dir: str = field("", help="Where metrics.jsonl, checkpoints and the final model go. [required]")
+
+    # schedule and optimiser
+    max_steps: int = field(100, help="Optimiser steps to run.")
+    learning_rate: float = field(1e-6, help="Peak learning rate of AdamW.")
+    lr_scheduler_type: str = field("cosine", choices=["cosine", "constant", "linear"], help="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = field(0.0, help="Fraction of the optimiser steps spent warming the learning rate up linearly.")
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    adam_beta1: float = field(0.9, help="AdamW beta1.")
+    adam_beta2: float = field(0.999, help="AdamW beta2.")
+    max_grad_norm: float = field(1.0, help="Clip the gradient norm to this (0 disables clipping).")
+    per_device_train_batch_size: int = field(1, help="Rows per device per micro-step.")
+    gradient_accumulation_steps: int = field(1, help="Micro-steps whose gradients are summed before each optimiser step.")
+    seed: int = field(42, help="Seed of the data order and every random stream of the run.")
+
+    # model
+    dtype: str = field("float32", choices=["float32", "bfloat16", "float16", "auto"], help="Weights dtype (bfloat16 on GPUs that support it).")
+    attn_implementation: str | None = field("sdpa", help="Attention kernel: sdpa, eager or flash_attention_2.")
+    gradient_checkpointing: bool = field(False, help="Recompute activations in the backward pass to save memory.")
+    freeze_vision_tower: bool = field(False, help="Do not train the vision encoder.")
+    trust_remote_code: bool = field(False, help="Allow model code from the checkpoint (off unless you trust it).")
+
+    # bookkeeping
+    logging_steps: int = field(1, help="Print a progress line every this many steps (metrics.jsonl gets every step).")
+    save_steps: int = field(0, help="Write checkpoint-N every this many steps (0: only the final model).")
+    save_total_limit: int | None = field(None, help="Keep at most this many checkpoints (oldest removed).")
+    resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
+    report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")
+    max_bad_steps: int = field(10, help="Stop when this many steps had a non-finite loss or gradient (each is skipped and counted).")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The --report_to trackers to start ('none' left out)."""
+        return [r for r in self.report_to if r != "none"]
+
+    def validate(self) -> None:
+        for name in ("model_name_or_path", "dataset", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError("--warmup_ratio must be in [0, 1]")
+        if self.save_steps < 0:
+            raise ValueError("--save_steps must be >= 0 (0: only the final model)")
+        self.frame_settings()
