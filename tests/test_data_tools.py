@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from video_ktr import cli
-from video_ktr.data import tools as data_tools
+from video_ktr.data import check as data_check
+from video_ktr.data import unpack as data_unpack
 from video_ktr.data.tools import ArchiveError, check_dataset, main, marker_path, unpack, unpack_archive
 from video_ktr.data.video import write_video
 
@@ -93,11 +94,11 @@ def test_unpack_crash_mid_extraction_extracts_again(download: Path, monkeypatch,
         return real_copy(src, dst, length)
 
     archive = download / "CLEVRER" / "CLEVRER.zip"
-    monkeypatch.setattr(data_tools.shutil, "copyfileobj", crash_on_second)
+    monkeypatch.setattr(data_unpack.shutil, "copyfileobj", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         unpack_archive(archive, progress=False)
     assert not marker_path(archive).exists()
-    monkeypatch.setattr(data_tools.shutil, "copyfileobj", real_copy)
+    monkeypatch.setattr(data_unpack.shutil, "copyfileobj", real_copy)
     assert main(["unpack", str(download)]) == 0
     assert "done: 2 extracted" in capsys.readouterr().out
     assert (download / "CLEVRER" / "video_validation" / "video_10001.mp4").read_bytes() == b"clevrer-video-2"
@@ -304,7 +305,7 @@ def _crash_on_half(path: str, data_type: str, settings):
     """A media opener for the test below: the worker dies on half.mp4 (as a decoder segfault would)."""
     if path.endswith("half.mp4"):
         os._exit(3)
-    return data_tools.open_media(path, data_type, settings)
+    return data_check.open_media(path, data_type, settings)
 
 
 def test_check_survives_a_worker_crash(media: Path, tmp_path: Path) -> None:
