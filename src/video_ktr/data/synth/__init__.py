@@ -31,6 +31,7 @@ from video_ktr.data.synth.build import (
 from video_ktr.data.synth.config import (
     CORNERS,
     DATA_TYPE,
+    DEFAULT_KINDS,
     DIRECTIONS,
     IMAGE_KINDS,
     KINDS,
@@ -44,7 +45,7 @@ from video_ktr.data.synth.config import (
 from video_ktr.data.synth.kinds import kind_of, num_answers
 
 __all__ = [
-    "CORNERS", "DATA_TYPE", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
+    "CORNERS", "DATA_TYPE", "DEFAULT_KINDS", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
     "VIDEO_KINDS", "Sample", "SynthConfig", "SynthSpaceError", "content_hash", "answer_of", "cot_rows", "format_summary", "generate", "kind_of", "main",
     "make_split", "num_answers", "synthesize",
 ]

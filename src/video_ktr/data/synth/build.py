@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from video_ktr.data.synth.config import CELL, DATA_TYPE, KINDS, LETTERS, SPLITS, SynthConfig
+from video_ktr.data.synth.config import (
+    CELL,
+    DATA_TYPE,
+    DEFAULT_KINDS,
+    KINDS,
+    LETTERS,
+    SLOT_ORDER_KEY,
+    SPLITS,
+    SynthConfig,
+)
 from video_ktr.data.synth.kinds import _MAKERS, num_answers
 from video_ktr.utils.config import parse_args, to_dict
 
@@ -72,7 +81,7 @@ def make_split(cfg: SynthConfig, split: str, exclude: set[str] | None = None,
     image_kinds, video_kinds = cfg._kinds_of("image"), cfg._kinds_of("video")
     slots = [image_kinds[i % len(image_kinds)] for i in range(n_image)]
     slots += [video_kinds[i % len(video_kinds)] for i in range(n - n_image)]
-    order = np.random.default_rng([cfg.seed, split_code, len(KINDS)]).permutation(n)
+    order = np.random.default_rng([cfg.seed, split_code, SLOT_ORDER_KEY]).permutation(n)
     slots = [slots[i] for i in order]
 
     seen: Counter[str] = Counter()
@@ -263,7 +272,7 @@ def generate(
     """Python entry point of `video-ktr synth` (same options as :class:`SynthConfig`); returns the summary."""
     cfg = SynthConfig(
         output_dir=str(output_dir), num_train=num_train, num_test=num_test, seed=seed, frames=frames, size=size,
-        fps=fps, kinds=list(KINDS) if kinds is None else list(kinds), image_fraction=image_fraction,
+        fps=fps, kinds=list(DEFAULT_KINDS) if kinds is None else list(kinds), image_fraction=image_fraction,
         num_colors=num_colors, num_options=num_options, shuffle_options=shuffle_options, color_fill=color_fill,
         cot_error_rate=cot_error_rate, held_out=held_out, max_redraws=max_redraws, overwrite=overwrite, dry_run=dry_run,
     )

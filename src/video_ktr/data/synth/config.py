@@ -36,9 +36,19 @@ KINDS: dict[str, str] = {
     "color_present": "video; which option colour appears at all (order-free control)",
     "image_color": "image; what colour is the square",
     "image_position": "image; which corner is the square in",
+    # kinds added later (appended: a kind's position keys its random streams, so the rows above never change)
+    "after_event": "video; which colour comes right after the white screen (every option colour may appear; needs that frame and the order)",
+    "which_first": "video; which of two colours, both shown once among other colours, appears first (reversing the frames flips it)",
+    "count_color": "video; numerical: in how many steps (1 to steps - 1) is a named colour shown, among other colours (order-free, needs every step)",
 }
+# the kinds of a data set unless --kinds says otherwise: the first seven, so that `make demo` and every
+# earlier data set keep their rows; the later kinds are opt-in (--kinds ...,after_event,which_first,count_color)
+DEFAULT_KINDS = ("color_first", "color_last", "direction", "count", "color_present", "image_color", "image_position")
+# the seed of the slot order of make_split: the number of kinds when it was written, frozen so that adding
+# a kind does not reorder existing data sets
+SLOT_ORDER_KEY = 7
 DATA_TYPE: dict[str, str] = {k: ("image" if k.startswith("image_") else "video") for k in KINDS}
-ORDER_KINDS = frozenset({"color_first", "color_last", "direction"})  # answer changes if frames are shuffled
+ORDER_KINDS = frozenset({"color_first", "color_last", "direction", "after_event", "which_first"})  # answer changes if frames are shuffled
 VIDEO_KINDS = tuple(k for k in KINDS if DATA_TYPE[k] == "video")
 IMAGE_KINDS = tuple(k for k in KINDS if DATA_TYPE[k] == "image")
 
@@ -54,7 +64,7 @@ class SynthConfig:
     frames: int = field(8, help="Frames per video (even, >= 4); content changes every 2 frames, i.e. frames // 2 steps.")
     size: int = field(56, help="Side of the square frames in pixels; a multiple of 28 (one visual token per 28x28 cell).")
     fps: float = field(4.0, help="Frame rate written into the mp4 (duration = frames / fps seconds).")
-    kinds: list[str] = field(list(KINDS), help="Question kinds to generate (comma-separated).", choices=list(KINDS))
+    kinds: list[str] = field(list(DEFAULT_KINDS), help=f"Question kinds to generate (comma-separated); default: {', '.join(DEFAULT_KINDS)}.", choices=list(KINDS))
     image_fraction: float = field(0.0, help="Fraction of rows that are image questions (the image_* kinds, PNG under images/).")
     num_colors: int = field(4, help="Difficulty: how many palette colours are used (2-8; red, green, blue, yellow, magenta, cyan, orange, purple).")
     num_options: int = field(4, help="Difficulty: options per colour question (2..num_colors); direction and position questions always have 4.")

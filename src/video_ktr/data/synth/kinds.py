@@ -253,6 +253,83 @@ def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _
     )
 
 
+def _after_event(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
+    s = cfg.steps
+    t = int(rng.integers(s - 1))  # the white screen; the answer follows it
+    fill = _spread(rng, [o for o in options if o != answer], s - 2) if s > 2 else []
+    seq: list[str | None] = []
+    for step in range(s):
+        seq.append("white" if step == t else answer if step == t + 1 else fill.pop())
+    letter = LETTERS[index]
+    before = seq[t - 1] if t > 0 else None
+    # the mistake: the colour right before the white screen (or another option when nothing precedes it)
+    wrong = before if before in options and before != answer else _other_option(rng, options, answer)
+    steps = _colour_steps(seq, cfg, rng)
+
+    def reasoning(colour: str) -> str:
+        return (f"The video shows {_then(seq)}. Right after the white screen comes {colour}, "
+                f"which is option {_letter(options, colour)}.")
+
+    return _Item(
+        problem="Which colour appears right after the white screen?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=reasoning(answer),
+        steps=steps,
+        mistake=(reasoning(wrong), _letter(options, wrong)),
+    )
+
+
+def _which_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    pool = _palette(cfg)
+    answer, options = _options_for(pool, 2, index, rng, cfg.shuffle_options)
+    other = options[1 - index]
+    s = cfg.steps
+    first, second = sorted(rng.choice(s, size=2, replace=False).tolist())
+    fillers: list[str | None] = [c for c in pool if c not in options] or [None]
+    seq: list[str | None] = [fillers[int(rng.integers(len(fillers)))] for _ in range(s)]
+    seq[first], seq[second] = answer, other
+    letter = LETTERS[index]
+    steps = _colour_steps(seq, cfg, rng)
+
+    def reasoning(a: str, b: str) -> str:
+        return f"The video shows {_then(seq)}. {a.capitalize()} comes before {b}, which is option {_letter(options, a)}."
+
+    return _Item(
+        problem=f"Which colour appears first in the video, {options[0]} or {options[1]}?",
+        problem_type="multiple choice",
+        options=options,
+        answer=letter,
+        process=reasoning(answer, other),
+        steps=steps,
+        mistake=(reasoning(other, answer), _letter(options, other)),  # the mistake: reads the frames backwards
+    )
+
+
+def _count_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
+    pool = _palette(cfg)
+    s = cfg.steps
+    n = index + 1  # 1 .. s - 1: at least one step shows something else, so no count is a single video
+    target = pool[int(rng.integers(len(pool)))]
+    shown = set(rng.permutation(s)[:n].tolist())
+    others: list[str | None] = [c for c in pool if c != target] + [None]
+    seq = [target if t in shown else others[int(rng.integers(len(others)))] for t in range(s)]
+    steps = _colour_steps(seq, cfg, rng)
+    wrong = n + (1 if n == 1 else -1 if n == s - 1 else int(rng.choice([-1, 1])))  # the mistake: miscounts by one
+    return _Item(
+        problem=f"The video shows {s} scenes in a row. In how many of them is {target} shown?",
+        problem_type="numerical",
+        options=None,
+        answer=str(n),
+        process=f"The scenes are {_then(seq).replace(', then ', ', ')}. {target.capitalize()} is shown in {n} of them.",
+        steps=steps,
+        mistake=(f"The scenes are {_then(seq).replace(', then ', ', ')}. {target.capitalize()} is shown in {wrong} of them.",
+                 str(wrong)),
+    )
+
+
 _MAKERS: dict[str, Callable[[np.random.Generator, int, SynthConfig], _Item]] = {
     "color_first": _color_first,
     "color_last": _color_last,
@@ -261,6 +338,9 @@ _MAKERS: dict[str, Callable[[np.random.Generator, int, SynthConfig], _Item]] = {
     "color_present": _color_present,
     "image_color": _image_color,
     "image_position": _image_position,
+    "after_event": _after_event,
+    "which_first": _which_first,
+    "count_color": _count_color,
 }
 
 
@@ -268,6 +348,10 @@ def num_answers(kind: str, cfg: SynthConfig) -> int:
     """How many distinct answers a kind has (answers cycle over them, so each is equally frequent)."""
     if kind == "count":
         return cfg.steps
+    if kind == "count_color":
+        return cfg.steps - 1
+    if kind == "which_first":
+        return 2
     if kind in ("direction", "image_position"):
         return 4
     return cfg.num_options
