@@ -21,3 +21,21 @@ def count_e_on_videos(completions: list[str], solutions: list[str], problem_type
     """count_e on video questions, 1 on image questions: every image prompt group has advantage 0."""
     samples = kwargs["samples"]
     return [1.0 if s.data_type == "image" else v for s, v in zip(samples, count_e(completions, solutions, problem_types))]
+
+
+# TRL's form (f(completions, **columns)); conversational completions as TRL passes them for chat data.
+def trl_count_e(completions, **kwargs) -> list[float]:
+    """count_e in TRL's form: the same values as count_e."""
+    texts = [c[0]["content"] for c in completions]
+    return [t.count("e") / len(t) if t else 0.0 for t in texts]
+
+
+def trl_text_count_e(completions: list[str], **kwargs) -> list[float]:
+    """count_e in TRL's form over plain texts (the annotation asks for strings)."""
+    return [t.count("e") / len(t) if t else 0.0 for t in completions]
+
+
+def video_r1_solution_echo(completions, solution, **kwargs) -> list[float]:
+    """Video-R1's form: 1 when the completion contains the solution's answer text, None on image rows."""
+    return [None if dt == "image" else float(sol.replace("<answer>", "").replace("</answer>", "").strip() in c[0]["content"])
+            for c, sol, dt in zip(completions, solution, kwargs["data_type"])]

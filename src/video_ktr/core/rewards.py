@@ -32,6 +32,8 @@ have the signature of the built-ins ``"accuracy"`` and ``"format"``::
     ) -> list[float]:                # one finite reward per completion, same order
 
 It must not raise on malformed completions (score them 0) and must keep no state between calls.
+A function in TRL's form (``f(completions, **kwargs)``, which Video-R1's rewards follow) is accepted as it is:
+:mod:`video_ktr.core.reward_adapters` inspects its signature and passes the row's columns by keyword.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
+
+from video_ktr.core.reward_adapters import adapt_reward_function
 
 __all__ = [
     "PROBLEM_TYPES",
@@ -426,10 +430,12 @@ _BUILTIN_REWARDS: Mapping[str, RewardFunction] = types.MappingProxyType(
 )
 
 
-def load_reward_function(spec: str) -> RewardFunction:
+def load_reward_function(spec: str, completion_format: str = "auto") -> RewardFunction:
     """The reward function named by ``spec``: a built-in ("accuracy", "format") or
     "package.module:function" (a dotted attribute path after the colon is allowed), imported with
-    importlib. The signature expected of a user function is in the module docstring.
+    importlib. The signature expected of a user function is in the module docstring; a function in TRL's
+    or Video-R1's form is wrapped (:func:`video_ktr.core.reward_adapters.adapt_reward_function`, which
+    ``completion_format`` is passed to).
 
     Raises ValueError for a malformed spec, ImportError when the module cannot be imported or lacks
     the attribute, TypeError when the attribute is not callable; each message names the spec.
@@ -458,4 +464,4 @@ def load_reward_function(spec: str) -> RewardFunction:
         raise TypeError(
             f"reward function {spec!r}: {attribute!r} is a {type(target).__name__}, not a callable"
         )
-    return target
+    return adapt_reward_function(target, spec, completion_format)
