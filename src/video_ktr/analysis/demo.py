@@ -26,7 +26,7 @@ class DemoConfig:
     seed: int = field(0, help="Seed of every stage.")
     num_train: int = field(2000, help="Synthetic training questions.")
     num_test: int = field(300, help="Synthetic held-out questions.")
-    kinds: list[str] | None = field(None, help="Question kinds of the synthetic set (default: all).")
+    kinds: list[str] | None = field(None, help="Question kinds of the synthetic set (default: synth's default kinds, the first seven).")
     image_fraction: float = field(0.2, help="Fraction of synthetic rows that are image questions (mixed image/video training).")
     num_colors: int = field(6, help="Palette size of the synthetic set (more colours: fewer test rows repeat a training row).")
     num_options: int = field(6, help="Options per colour question (= num_colors: every colour keeps one letter, so the tiny model learns the colours, not a lookup in the option list, within the SFT budget).")
