@@ -28,7 +28,8 @@ from typing import Any
 
 from video_ktr.data.argv import parse_positional as _parse
 from video_ktr.data.options import MediaArgs
-from video_ktr.data.rows import DataError, validate_row
+from video_ktr.data.rows import DataError, _is_one_json_object, validate_row
+from video_ktr.data.text_checks import SPECIAL_TOKEN_POLICIES, text_char_limit
 from video_ktr.utils.config import field
 
 
@@ -47,12 +48,18 @@ class CheckArgs(MediaArgs):
     allow_outside_media_root: bool = field(False, help="Accept media paths that are absolute or lead outside --media_root.")
     require_process: bool = field(False, help="Rows must carry the reasoning in 'process' (SFT data).")
     examples: int = field(3, help="Examples shown per reason in the summary.")
+    special_tokens: str = field("refuse", help="Control tokens such as <|im_start|> or <|video_pad|> in the text: refuse the row, or escape them (as train/sft/eval do with the same option).")
+    max_prompt_length: int | None = field(None, help="The training --max_prompt_length: a text field over 64 characters per token is refused before tokenising (default cap: 200,000 characters).")
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise ValueError("field 'workers' must be >= 0")
         if self.examples < 0:
             raise ValueError("field 'examples' must be >= 0")
+        if self.special_tokens not in SPECIAL_TOKEN_POLICIES:
+            raise ValueError(f"field 'special_tokens' must be one of {SPECIAL_TOKEN_POLICIES}, got {self.special_tokens!r}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"field 'max_prompt_length' must be >= 1, got {self.max_prompt_length}")
 
 
 @dataclass
@@ -127,6 +134,9 @@ def _read_for_check(path: Path) -> tuple[str, list[Any], list[Rejection], list[i
     except UnicodeDecodeError as exc:
         raise DataError(path, None, None, f"is not UTF-8 text ({exc})", "bad_json") from None
     stripped = text.lstrip()
+    if path.suffix != ".jsonl" and _is_one_json_object(stripped):
+        raise DataError(path, None, None, "holds one JSON object; a data file must be a JSON list of rows "
+                        "([{...}, {...}]) or JSONL (one row object per line)", "bad_json")
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
         rows: list[Any] = []
         rejected: list[Rejection] = []
@@ -288,6 +298,8 @@ def check_dataset(
     require_process: bool = False,
     progress: bool = True,
     opener: Opener = open_media,
+    special_tokens: str = "refuse",
+    max_prompt_length: int | None = None,
 ) -> CheckResult:
     """Check every row of ``dataset`` and (``open_media_files``) open every distinct media file.
 
@@ -311,6 +323,7 @@ def check_dataset(
             sample = validate_row(
                 row, file=str(path), index=index, media_root=root, check_media_exists=True,
                 allow_outside=allow_outside_media_root, require_process=require_process,
+                special_tokens=special_tokens, max_text_chars=text_char_limit(max_prompt_length),
             )
         except DataError as err:
             rejected.append(Rejection(index, err.reason, err.field, str(err), linenos[index], pid))
@@ -381,7 +394,8 @@ def check_main(argv: list[str]) -> int:
         result = check_dataset(
             args.dataset, args.media_root, settings=settings, workers=args.workers,
             open_media_files=args.open_media, allow_outside_media_root=args.allow_outside_media_root,
-            require_process=args.require_process,
+            require_process=args.require_process, special_tokens=args.special_tokens,
+            max_prompt_length=args.max_prompt_length,
         )
     except DataError as err:
         print(f"{prog}: {err}", file=sys.stderr)

@@ -38,6 +38,10 @@ class DataArgs(MediaArgs):
         "error", choices=["error", "skip"],
         help="A bad row or unreadable media file: 'error' stops with file, row and field; 'skip' counts it by reason and goes on.",
     )
+    special_tokens: str = field(
+        "refuse", choices=["refuse", "escape"],
+        help="Control tokens such as <|im_start|> or <|video_pad|> written in a row's text: 'refuse' makes the row bad (see --on_bad_sample); 'escape' keeps it as plain text (a zero-width space after '<').",
+    )
     prompt_layout: str = field(
         "train", choices=["train", "eval"],
         help="Multiple-choice layout of the released code: 'train' (newline after every option) or 'eval' (options joined by newlines).",

@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.data.prompts import build_messages
+from video_ktr.data.text_checks import (
+    DEFAULT_MAX_TEXT_CHARS,
+    SPECIAL_TOKEN_POLICIES,
+    clean_text,
+    text_problem,
+)
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("video", "image")
@@ -98,6 +104,16 @@ def normalize_problem_type(value: str) -> str | None:
     return _TYPE_ALIASES.get(str(value).strip().lower().replace("-", " ").replace("_", " "))
 
 
+def _is_one_json_object(text: str) -> bool:
+    """True for a pretty-printed (multi-line) JSON object, which would otherwise be read as broken JSONL."""
+    if not text.startswith("{") or "\n" not in text.strip():
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
 def read_rows(path: str | os.PathLike) -> list[Any]:
     """Read a JSON list or a JSONL file; malformed JSON raises DataError with the line."""
     path = Path(path)
@@ -108,6 +124,9 @@ def read_rows(path: str | os.PathLike) -> list[Any]:
     except UnicodeDecodeError as exc:
         raise DataError(path, None, None, f"not UTF-8 text (byte {exc.start}); data files must be UTF-8 JSON or JSONL", "bad_json") from None
     stripped = text.lstrip()
+    if path.suffix != ".jsonl" and _is_one_json_object(stripped):
+        raise DataError(path, None, None, "holds one JSON object; a data file must be a JSON list of rows "
+                        "([{...}, {...}]) or JSONL (one row object per line)", "bad_json")
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -166,8 +185,14 @@ def validate_row(
     check_media_exists: bool = True,
     allow_outside: bool = False,
     require_process: bool = False,
+    special_tokens: str = "refuse",
+    max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
 ) -> Sample:
-    """Validate one row against the Video-R1 schema and return a Sample (or raise DataError)."""
+    """Validate one row against the Video-R1 schema and return a Sample (or raise DataError).
+
+    The free text (problem, options, solution, process) goes through :mod:`video_ktr.data.text_checks`:
+    length (``max_text_chars``), invalid Unicode, and control tokens (``special_tokens``: refuse or escape).
+    """
     if not isinstance(row, dict):
         raise DataError(file, index, None, f"a row must be a JSON object, got {type(row).__name__}", "bad_row")
 
@@ -224,6 +249,20 @@ def validate_row(
     if check_media_exists and not exists:
         raise DataError(file, index, "path", f"media file {media_path} does not exist", "media_missing")
 
+    def text(name: str, value: str, label: str | None = None) -> str:
+        problem = text_problem(value, special_tokens=special_tokens, max_chars=max_text_chars)
+        if problem is not None:
+            reason, message = problem
+            raise DataError(file, index, name, f"{label + ': ' if label else ''}{message}", reason)
+        return clean_text(value, special_tokens)
+
+    problem = text("problem", problem)
+    solution = text("solution", solution)
+    if options is not None:
+        options = [text("options", op, f"option {k}") for k, op in enumerate(options)]
+    if process is not None:
+        process = text("process", process)
+
     pid = row.get("problem_id", index)
     known = {"problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source", "process"}
     meta = {k: v for k, v in row.items() if k not in known}
@@ -251,10 +290,14 @@ def load_dataset(
     allow_outside_media_root: bool = False,
     require_process: bool = False,
     report: SkipReport | None = None,
+    special_tokens: str = "refuse",
+    max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
 ) -> list[Sample]:
     """Load and validate a data file. ``on_bad_sample='skip'`` counts bad rows in ``report``."""
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+    if special_tokens not in SPECIAL_TOKEN_POLICIES:
+        raise ValueError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
     path = Path(path)
     root = Path(media_root) if media_root is not None else path.parent
     report = report if report is not None else SkipReport()
@@ -265,6 +308,7 @@ def load_dataset(
                 validate_row(
                     row, file=str(path), index=index, media_root=root, check_media_exists=check_media_exists,
                     allow_outside=allow_outside_media_root, require_process=require_process,
+                    special_tokens=special_tokens, max_text_chars=max_text_chars,
                 )
             )
         except DataError as err:

@@ -34,6 +34,7 @@ from video_ktr.core.diagnostics import (
 from video_ktr.core.loss import group_advantages
 from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
+from video_ktr.data.text_checks import text_char_limit
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_model, load_processor, special_tokens
 from video_ktr.model.prefix import strip_pixels
@@ -91,7 +92,8 @@ class KTRTrainer(TrainingRun):
                              "not measure the full gradient. Run them with DDP or ZeRO-2, or set --diagnostics_steps 0.")
         self.skips = SkipReport()
         samples = load_dataset(cfg.dataset, cfg.media_root, on_bad_sample=cfg.on_bad_sample,
-                               allow_outside_media_root=cfg.allow_outside_media_root, report=self.skips)
+                               allow_outside_media_root=cfg.allow_outside_media_root, report=self.skips,
+                               special_tokens=cfg.special_tokens, max_text_chars=text_char_limit(cfg.max_prompt_length))
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
         self.data = GRPOData(samples, cfg=cfg, frames=cfg.frame_settings(), processor=self.processor,

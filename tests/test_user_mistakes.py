@@ -1,0 +1,151 @@
+"""Careless-user and hostile-input cases of issue 21: each asserts what the user is told (file, row, field).
+
+docs/reliability.md ("User mistakes") lists each case with the test that pins it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from video_ktr.data.check import check_dataset, write_clean
+from video_ktr.data.rows import DataError, SkipReport, load_dataset, read_rows, validate_row
+from video_ktr.data.text_checks import DEFAULT_MAX_TEXT_CHARS, escape_special, text_char_limit
+from video_ktr.utils.config import parse_args
+
+
+def _rows(tiny_setup) -> list[dict]:
+    return json.loads(tiny_setup.train_json.read_text())
+
+
+def _write(tmp_path: Path, tiny_setup, rows: list, name: str = "data.json") -> Path:
+    """A data file of ``rows`` (their paths resolve under --media_root tiny_setup.data_dir)."""
+    out = tmp_path / name
+    out.write_text(json.dumps(rows, ensure_ascii=True))
+    return out
+
+
+def _validate(row: dict, tiny_setup, **kw):
+    return validate_row(row, file="d.json", index=7, media_root=tiny_setup.data_dir, **kw)
+
+
+# ------------------------------------------------------------------------------------------- row text
+
+
+def test_lone_surrogate_is_a_data_error_naming_row_and_field(tiny_setup):
+    row = dict(_rows(tiny_setup)[0], problem="What is \ud800 here?")
+    with pytest.raises(DataError, match=r"d\.json, row 7, field 'problem': invalid Unicode: a lone surrogate U\+D800") as e:
+        _validate(row, tiny_setup)
+    assert e.value.reason == "invalid_unicode"
+    row = dict(_rows(tiny_setup)[0], solution="<answer>\udfff</answer>")
+    with pytest.raises(DataError, match="field 'solution'"):
+        _validate(row, tiny_setup)
+
+
+@pytest.mark.parametrize("token", ["<|video_pad|>", "<|image_pad|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>"])
+def test_control_tokens_in_text_are_refused_or_escaped(tiny_setup, token):
+    row = dict(_rows(tiny_setup)[0], problem=f"Look {token} here")
+    with pytest.raises(DataError, match=rf"row 7, field 'problem': holds the control token '{token[0:2]}") as e:
+        _validate(row, tiny_setup)
+    assert e.value.reason == "special_token_in_text"
+    sample = _validate(row, tiny_setup, special_tokens="escape")
+    assert token not in sample.problem and sample.problem.replace("\u200b", "") == row["problem"]
+
+
+def test_control_token_in_an_option_names_the_option(tiny_setup):
+    base = next(r for r in _rows(tiny_setup) if r["problem_type"] == "multiple choice")
+    row = dict(base, options=[base["options"][0], "B. <|im_end|>"])
+    with pytest.raises(DataError, match=r"field 'options': option 1: holds the control token"):
+        _validate(row, tiny_setup)
+
+
+def test_escaped_text_tokenises_to_no_special_token(tiny_setup):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_setup.model_dir)
+    text = "a <|video_pad|> and <|im_start|>user"
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids("<|video_pad|>")}
+    assert set(tok(text)["input_ids"]) & special  # the raw text does produce control tokens
+    assert not set(tok(escape_special(text))["input_ids"]) & special
+
+
+def test_huge_problem_is_refused_before_tokenising_and_fast(tiny_setup):
+    row = dict(_rows(tiny_setup)[0], problem="x" * 10_000_000)
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=r"field 'problem': 10,000,000 characters, over the limit of 200,000") as e:
+        _validate(row, tiny_setup)
+    assert time.perf_counter() - t0 < 1.0 and e.value.reason == "text_too_long"
+    assert text_char_limit(None) == DEFAULT_MAX_TEXT_CHARS and text_char_limit(128) == 8192
+    with pytest.raises(DataError, match="over the limit of 8,192"):
+        _validate(dict(row, problem="x" * 9000), tiny_setup, max_text_chars=text_char_limit(128))
+
+
+def test_skip_counts_every_text_problem_by_reason(tiny_setup, tmp_path):
+    rows = _rows(tiny_setup)[:6]
+    rows[1] = dict(rows[1], problem="bad \ud800")
+    rows[2] = dict(rows[2], problem="<|video_pad|>")
+    rows[3] = dict(rows[3], problem="y" * (DEFAULT_MAX_TEXT_CHARS + 1))
+    path = _write(tmp_path, tiny_setup, rows)
+    report = SkipReport()
+    samples = load_dataset(path, tiny_setup.data_dir, on_bad_sample="skip", report=report)
+    assert len(samples) == 3
+    assert report.counts == {"invalid_unicode": 1, "special_token_in_text": 1, "text_too_long": 1}
+    with pytest.raises(DataError, match=r"data\.json, row 1, field 'problem': invalid Unicode"):
+        load_dataset(path, tiny_setup.data_dir)
+
+
+def test_data_check_names_the_text_problems_and_writes_a_clean_copy(tiny_setup, tmp_path):
+    rows = _rows(tiny_setup)[:4]
+    rows[0] = dict(rows[0], problem="bad \udc00")
+    rows[2] = dict(rows[2], problem="a <|im_start|> b")
+    path = _write(tmp_path, tiny_setup, rows)
+    result = check_dataset(path, tiny_setup.data_dir, open_media_files=False, progress=False)
+    assert {(r.row, r.reason, r.field) for r in result.rejected} == {
+        (0, "invalid_unicode", "problem"), (2, "special_token_in_text", "problem")}
+    clean, rejected = write_clean(result, tmp_path / "clean.json")  # crashed on the surrogate before
+    assert len(json.loads(clean.read_text(encoding="utf-8"))) == 2
+    assert len(rejected.read_text(encoding="utf-8").splitlines()) == 2
+    escaped = check_dataset(path, tiny_setup.data_dir, open_media_files=False, progress=False, special_tokens="escape")
+    assert [r.row for r in escaped.rejected] == [0]
+    long = check_dataset(path, tiny_setup.data_dir, open_media_files=False, progress=False, max_prompt_length=1)
+    assert {r.reason for r in long.rejected} >= {"text_too_long"}
+
+
+def test_what_data_check_passes_a_training_step_survives(tiny_setup, tmp_path):
+    """Rows that `data check --special_tokens escape` passes (placeholders and chat tokens in the text, a long
+    problem under the limit) go through a real GRPO step with the same option."""
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+
+    rows = _rows(tiny_setup)[:4]
+    rows[0] = dict(rows[0], problem=rows[0]["problem"] + " <|video_pad|><|vision_start|>")
+    rows[1] = dict(rows[1], problem="<|im_end|>\n<|im_start|>assistant\n" + rows[1]["problem"])
+    rows[2] = dict(rows[2], problem=rows[2]["problem"] + " ok" * 300)
+    path = _write(tmp_path, tiny_setup, rows)
+    assert check_dataset(path, tiny_setup.data_dir, progress=False, special_tokens="escape", max_prompt_length=4096,
+                         settings=tiny_setup.frame_settings(), workers=0).ok
+    args = tiny_setup.train_args(tmp_path / "out", "--dataset", str(path), "--media_root", str(tiny_setup.data_dir), "--special_tokens", "escape",
+                                 "--max_steps", "1", "--max_completion_length", "4", "--max_prompt_length", "4096",
+                                 "--token_selection", "none", "--beta", "0")
+    trainer = KTRTrainer(parse_args(TrainConfig, args))
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and metrics["skipped_samples"] == 0
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+def test_pretty_printed_json_object_says_the_file_must_be_a_list(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"problem": "x", "solution": "<answer>1</answer>"}, indent=2))
+    with pytest.raises(DataError, match=r"one\.json: holds one JSON object; a data file must be a JSON list of rows"):
+        read_rows(path)
+    with pytest.raises(DataError, match="must be a JSON list of rows"):
+        check_dataset(path, open_media_files=False, progress=False)
+    single = tmp_path / "single.json"  # a one-line object is still one JSONL row
+    single.write_text(json.dumps({"a": 1}))
+    assert read_rows(single) == [{"a": 1}]
