@@ -161,3 +161,13 @@ def test_grpo_step_applies_the_soft_weights(tiny_setup, tmp_path, monkeypatch):
     assert ro.advantages.abs().max() > 0
     assert torch.allclose(logp.grad[valid], expected[valid], atol=1e-6)
     assert torch.all(logp.grad[~valid] == 0)
+
+
+def test_soft_weighting_diagnostics_decompose_by_the_hard_mask(tiny_setup, tmp_path):
+    from tests.test_trainer import make_trainer
+
+    trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "1", "--token_selection", "all", "--beta", "0",
+                           "--token_weighting", "linear", "--diagnostics_steps", "1")
+    m = trainer.train_step()
+    assert 0 < m["key_token_fraction"] < 1  # the hard mask's fraction, as for hard KTR
+    assert m["grad_norm_masked"] > 0 and m["grad_norm_key"] > 0

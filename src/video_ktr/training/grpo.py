@@ -218,7 +218,9 @@ class KTRTrainer(TrainingRun):
                             records[j].seq_losses = per_sequence_losses(logp, ro, keys[j], self.loss_spec, weights[j])
                     if grad_diagnostics:
                         with timer.phase("diagnostics"):
-                            self._gradient_diagnostics(records[j], ro, logp, keys[j], olds[j], head, head_calls)
+                            # with a soft weighting: decomposed by the hard mask of the same signals (unweighted)
+                            self._gradient_diagnostics(records[j], ro, logp, masks["key"] if self.weighting.soft
+                                                       else keys[j], olds[j], head, head_calls)
                     del head_calls  # the head's logits are no longer needed
                     record_loss_stats(records[j].sums, stats, keys[j], valid, kl_on_keys=self.loss_spec.kl_tokens == "mask",
                                       has_reference=ro.ref_logp is not None)
