@@ -249,21 +249,25 @@ def test_shared_prefix_with_grad_gives_the_full_forwards_gradients(setup, prompt
     assert not shared_prefix_logprobs(model, inputs, ids, G)[0].requires_grad
 
 
-def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup, monkeypatch):
-    """TRANSFORMERS_SDPA_FORCE_GQA=1 (set on CPU by modeling.use_sdpa_gqa_on_cpu): the kernel takes the grouped
+def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup):
+    """loading.use_grouped_kv_sdpa (the trainers' and the hf engine's setting on CPU): the kernel takes the grouped
     key/value heads instead of copies, with padding masks and a shared prompt's cache: the same log-probs,
-    entropies and gradients."""
-    from video_ktr.model.loading import GQA_ENV
+    entropies and gradients as transformers' sdpa."""
+    import copy
 
-    model, processor, samples = setup
-    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    from video_ktr.model.loading import GROUPED_KV_SDPA, use_grouped_kv_sdpa
+
+    plain, processor, samples = setup
+    grouped = copy.deepcopy(plain)
+    assert use_grouped_kv_sdpa(grouped) and grouped.config._attn_implementation == GROUPED_KV_SDPA
+    assert plain.config._attn_implementation == "sdpa"
+    assert plain.config.text_config.num_key_value_heads < plain.config.text_config.num_attention_heads
     G, Lc = 3, 6
     prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=11)
     valid[2 * G, 2] = True
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(11)) * valid
     results = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv(GQA_ENV, flag)
+    for flag, model in (("0", plain), ("1", grouped)):
         model.zero_grad(set_to_none=True)
         inputs = sequence_inputs(encode_visual_once(model, prompts, [0, 1, 2], G, grad=True), ids, valid)
         logp, ent = shared_prefix_logprobs(model, inputs, ids, G, with_entropy=True, grad=True)
@@ -280,13 +284,13 @@ def test_grouped_heads_under_a_mask_give_the_same_numbers_and_gradients(setup, m
         assert torch.allclose(g, b_g[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_grouped_heads_are_turned_on_for_cpu_only_and_a_users_choice_stays(monkeypatch):
+def test_grouped_heads_are_a_setting_of_the_model_on_cpu_only_and_no_environment_variable():
     import os
 
-    from video_ktr.model.loading import GQA_ENV, use_sdpa_gqa_on_cpu
+    from video_ktr.model.loading import grouped_kv_attention, use_grouped_kv_sdpa
 
-    monkeypatch.delenv(GQA_ENV, raising=False)
-    assert not use_sdpa_gqa_on_cpu("cuda:0") and GQA_ENV not in os.environ
-    assert use_sdpa_gqa_on_cpu("cpu") and os.environ[GQA_ENV] == "1"
-    monkeypatch.setenv(GQA_ENV, "0")
-    assert not use_sdpa_gqa_on_cpu(torch.device("cpu")) and os.environ[GQA_ENV] == "0"
+    assert grouped_kv_attention("cpu") and grouped_kv_attention(torch.device("cpu")) and not grouped_kv_attention("cuda:0")
+    eager = torch.nn.Linear(2, 2)
+    eager.config = type("Config", (), {"_attn_implementation": "eager"})()
+    assert not use_grouped_kv_sdpa(eager) and eager.config._attn_implementation == "eager"  # other kernels left alone
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ

@@ -76,7 +76,12 @@ def shared_runs(tiny_setup, tmp_path_factory):
 
 
 def test_first_steps_mix_videos_and_images(tiny_setup, tmp_path):
+    from video_ktr.model.loading import GROUPED_KV_SDPA
+
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "2")
+    # on CPU the policy and the reference take grouped key/value heads as a setting of each model, no env variable
+    assert trainer.model.config._attn_implementation == GROUPED_KV_SDPA == trainer.ref_model.config._attn_implementation
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
     kinds = []
     for _ in range(2):
         kinds += [s.data_type for _, s in trainer.data.samples_at(trainer.state.micro_step)]

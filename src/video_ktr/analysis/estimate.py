@@ -88,7 +88,7 @@ def estimate(
 
     ``completion_tokens`` overrides the completion length (default: max_completion_length, the worst case).
     ``grouped_heads``: sdpa takes the grouped key/value heads as they are under a mask (on CPU, where the
-    trainer sets TRANSFORMERS_SDPA_FORCE_GQA=1: modeling.use_sdpa_gqa_on_cpu); on GPUs sdpa with a mask
+    trainer switches the model to it: model.loading.use_grouped_kv_sdpa); on GPUs sdpa with a mask
     expands them to all heads, the default here.
     """
     if zero_stage not in (0, 1, 2, 3):

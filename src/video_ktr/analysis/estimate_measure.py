@@ -148,7 +148,6 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
 
     The estimate is fed the shapes the runs really had (prompt and completion lengths), 1 CPU "GPU", no ZeRO.
     """
-    from video_ktr.model.loading import GQA_ENV
     from video_ktr.training.grpo_config import TrainConfig
     from video_ktr.utils.config import from_dict
 
@@ -169,7 +168,7 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
         cfg = from_dict(TrainConfig, {**values, "model_name_or_path": model, "dataset": "unused.json", "output_dir": "unused"})
         est = estimate(cfg, resolve_arch(model), gpu_memory_gb=1e6, num_gpus=1, zero_stage=0, video_seconds=10.0,
                        prompt_text_tokens=m["prompt_tokens"] - m["visual_tokens"], completion_tokens=m["completion_tokens"],
-                       suggest=False, grouped_heads=os.environ.get(GQA_ENV, "1") == "1")  # the run's trainer sets it on CPU
+                       suggest=False, grouped_heads=True)  # the trainer's sdpa takes grouped heads on CPU
         if est["tokens"]["visual_tokens"] != m["visual_tokens"]:
             raise RuntimeError(f"estimated {est['tokens']['visual_tokens']} visual tokens, the run had {m['visual_tokens']}")
         rows[name] = {"measured_mb": m["peak_increase_mb"], "estimated_mb": est["step_dependent_gb"] * 1024,

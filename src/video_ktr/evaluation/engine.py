@@ -118,7 +118,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: Any, processor: Any) -> None:
-        from video_ktr.model.loading import special_tokens, use_sdpa_gqa_on_cpu
+        from video_ktr.model.loading import grouped_kv_attention, special_tokens, use_grouped_kv_sdpa
         from video_ktr.model.rollout import unwrap
 
         self.model = model
@@ -128,7 +128,8 @@ class HFEngine:
         self.special = special_tokens(base.config, self.tokenizer)
         param = next(base.parameters())
         self.device = param.device
-        use_sdpa_gqa_on_cpu(self.device)
+        if grouped_kv_attention(self.device):  # the same numbers without per-head key/value copies
+            use_grouped_kv_sdpa(base)
         self.dtype = param.dtype if param.dtype.is_floating_point else None
         self._prepare_processor = None
 

@@ -67,24 +67,56 @@ def load_model(name_or_path: str, *, dtype: str = "float32", attn_implementation
     return model
 
 
-GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+GROUPED_KV_SDPA = "sdpa_grouped_kv"  # the attention implementation use_grouped_kv_sdpa switches a model to
 
 
-def use_sdpa_gqa_on_cpu(device: str | torch.device) -> bool:
-    """On CPU, let transformers' sdpa attention take grouped key/value heads as they are, also under a mask.
+def grouped_kv_attention(device: str | torch.device) -> bool:
+    """Whether sdpa should take grouped key/value heads as they are, also under an attention mask: on CPU.
 
-    With an attention mask (left padding, a shared prompt's cache) transformers copies each key/value head
-    once per query head it serves before calling the kernel, at every layer and call, unless
-    ``TRANSFORMERS_SDPA_FORCE_GQA=1``; torch's CPU kernel takes grouped heads with a mask (``enable_gqa``) and
-    gives the same numbers without the copies (tests/test_prefix.py pins it). On CUDA the kernel that
-    masks need takes no grouped heads and would fall back to the slow math kernel, so this leaves other
-    devices alone, and a value the user set is kept. Returns whether grouped heads are on.
+    With a mask (left padding, a shared prompt's cache) transformers' sdpa copies each key/value head once
+    per query head it serves, at every layer and call; torch's CPU kernel takes grouped heads with a mask
+    (``enable_gqa``) and gives the same numbers without the copies (tests/test_prefix.py pins it). On CUDA
+    the kernel that masks need takes no grouped heads and would fall back to the slow math kernel.
     """
-    import os
+    return torch.device(device).type == "cpu"
 
-    if torch.device(device).type == "cpu" and GQA_ENV not in os.environ:
-        os.environ[GQA_ENV] = "1"
-    return os.environ.get(GQA_ENV) == "1"
+
+def _grouped_kv_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention with ``enable_gqa`` whenever key/value heads are grouped (also under a mask)."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and kv_length > q_length:  # prefill into an empty static cache, as transformers' sdpa does
+        key, value = key[:, :, :q_length, :], value[:, :, :q_length, :]
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        **({"enable_gqa": True} if grouped else {}))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_grouped_kv_sdpa(model: torch.nn.Module) -> bool:
+    """Switch a loaded model's sdpa attention to grouped key/value heads under masks (GROUPED_KV_SDPA).
+
+    An explicit setting of this model, not an environment variable: call it where
+    :func:`grouped_kv_attention` says so (the trainers and the hf engine do on CPU). Other attention
+    implementations are left alone. Returns whether the model now uses it.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == GROUPED_KV_SDPA:
+        return True
+    if current != "sdpa":
+        return False
+    AttentionInterface.register(GROUPED_KV_SDPA, _grouped_kv_sdpa_forward)
+    AttentionMaskInterface.register(GROUPED_KV_SDPA, sdpa_mask)
+    model.set_attn_implementation(GROUPED_KV_SDPA)
+    return True
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:

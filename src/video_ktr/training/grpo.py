@@ -36,7 +36,7 @@ from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.data.text_checks import text_char_limit
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
-from video_ktr.model.loading import freeze_vision, load_model, load_processor, special_tokens
+from video_ktr.model.loading import freeze_vision, load_processor, special_tokens
 from video_ktr.model.prefix import strip_pixels
 from video_ktr.model.rollout import unwrap
 from video_ktr.training.distributed import sharded_parameters
@@ -98,8 +98,7 @@ class KTRTrainer(TrainingRun):
         self.tokenizer = self.processor.tokenizer
         self.data = GRPOData(samples, cfg=cfg, frames=cfg.frame_settings(), processor=self.processor,
                              rank=self.acc.process_index, world=self.acc.num_processes, skips=self.skips)
-        model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code)
+        model = self._load_model()
         self.special = special_tokens(model.config, self.tokenizer)
         if cfg.freeze_vision_tower:
             freeze_vision(model)
@@ -107,8 +106,7 @@ class KTRTrainer(TrainingRun):
         if cfg.use_peft:
             model = self._apply_peft(model)
         elif cfg.beta != 0:
-            self.ref_model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                        trust_remote_code=cfg.trust_remote_code)
+            self.ref_model = self._load_model()
             self.ref_model.eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

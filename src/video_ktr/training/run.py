@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from video_ktr.model.loading import use_sdpa_gqa_on_cpu
+from video_ktr.model.loading import grouped_kv_attention, load_model, use_grouped_kv_sdpa
 from video_ktr.training import checkpoint as ckpt
 from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count
 from video_ktr.training.options import RunOptions
@@ -60,10 +60,19 @@ class TrainingRun:
         self.acc = accelerator or Accelerator(log_with=cfg.trackers or None, project_dir=str(self.out), **kwargs,
                                               **accelerator_device_kwargs())
         check_process_count(self.acc)
-        use_sdpa_gqa_on_cpu(self.acc.device)
         set_seed(cfg.seed)
         self.state = ckpt.TrainState()
         self.bad_steps = 0
+
+    def _load_model(self) -> torch.nn.Module:
+        """The model of --model_name_or_path; on CPU its sdpa attention takes grouped key/value heads as they are
+        (model.loading.use_grouped_kv_sdpa: the same numbers without per-head copies)."""
+        cfg = self.cfg
+        model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                           trust_remote_code=cfg.trust_remote_code)
+        if grouped_kv_attention(self.acc.device):
+            use_grouped_kv_sdpa(model)
+        return model
 
     def _prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """The schedule over ``self.total_steps`` and accelerate's wrapping of model and optimiser.

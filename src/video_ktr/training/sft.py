@@ -41,7 +41,7 @@ from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
 from video_ktr.data.video import FrameCache
 from video_ktr.model.inputs import Media, to_device
-from video_ktr.model.loading import freeze_vision, load_model, load_processor, vision_tower
+from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
 from video_ktr.model.sampling import row_seed
 from video_ktr.training.distributed import sharded_parameters
 from video_ktr.training.run import TrainingRun
@@ -93,8 +93,7 @@ class SFTTrainer(TrainingRun):
 
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.end_id = end_of_turn_id(self.processor.tokenizer)
-        model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=cfg.trust_remote_code)
+        model = self._load_model()
         if cfg.freeze_vision_tower:
             freeze_vision(model)
         if cfg.gradient_checkpointing:
