@@ -149,3 +149,62 @@ def test_pretty_printed_json_object_says_the_file_must_be_a_list(tmp_path):
     single = tmp_path / "single.json"  # a one-line object is still one JSONL row
     single.write_text(json.dumps({"a": 1}))
     assert read_rows(single) == [{"a": 1}]
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def _train_cfg(tiny_setup, tmp_path, *extra: str):
+    from video_ktr.training.grpo_config import TrainConfig
+
+    return parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "out", *extra))
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--learning_rate", "inf", "--learning_rate must be a finite number, got inf"),
+    ("--learning_rate", "-1e-3", "--learning_rate must be >= 0"),
+    ("--temperature", "nan", "--temperature must be a finite number, got nan"),
+    ("--temperature", "0", "--temperature must be > 0 (GRPO compares several sampled completions"),
+    ("--max_grad_norm", "nan", "--max_grad_norm must be a finite number"),
+    ("--max_steps", "0", "--max_steps must be >= 1, got 0"),
+    ("--max_steps", "-5", "--max_steps must be >= 1, got -5"),
+    ("--max_completion_length", "0", "--max_completion_length must be >= 1, got 0"),
+    ("--top_p", "1.5", "--top_p must be > 0 and <= 1, got 1.5"),
+    ("--save_total_limit", "0", "--save_total_limit must be >= 1"),
+    ("--beta", "-0.1", "--beta must be >= 0"),
+])
+def test_nonsense_train_settings_are_refused_before_anything_loads(tiny_setup, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        _train_cfg(tiny_setup, tmp_path, f"{flag}={value}")  # "=": argparse reads "-5" as a flag otherwise
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sft_max_steps_minus_one_means_epochs_but_zero_is_refused(tiny_setup, tmp_path, capsys):
+    from video_ktr.training.sft_config import SFTConfig
+
+    base = ["--model_name_or_path", str(tiny_setup.model_dir), "--dataset", str(tiny_setup.train_json),
+            "--output_dir", str(tmp_path / "o")]
+    assert parse_args(SFTConfig, base).max_steps == -1
+    with pytest.raises(SystemExit):
+        parse_args(SFTConfig, [*base, "--max_steps", "0"])
+    assert "--max_steps must be >= 1 (or -1: run --num_train_epochs), got 0" in capsys.readouterr().err
+
+
+def test_eval_allows_greedy_temperature_zero_but_not_nan(tiny_setup, tmp_path, capsys):
+    from video_ktr.evaluation.eval_config import EvalConfig
+
+    base = ["--model_name_or_path", str(tiny_setup.model_dir), "--benchmark", "video_r1",
+            "--data_file", str(tiny_setup.test_json), "--output_dir", str(tmp_path / "e")]
+    assert parse_args(EvalConfig, [*base, "--temperature", "0"]).temperature == 0.0
+    with pytest.raises(SystemExit):
+        parse_args(EvalConfig, [*base, "--temperature", "nan"])
+    assert "--temperature must be a finite number" in capsys.readouterr().err
+
+
+def test_yaml_boolean_for_a_number_is_refused(tiny_setup, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: true\n")
+    with pytest.raises(SystemExit):
+        _train_cfg(tiny_setup, tmp_path, "--config", str(config))
+    assert "field 'max_steps' expects int, got True (a boolean is not a number)" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from video_ktr.utils.settings_check import SettingsError, check_settings
+
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -75,6 +77,8 @@ def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
             return [_coerce(name, item, v, source) for v in value]
         if base is bool:
             return value if isinstance(value, bool) else _str2bool(value)
+        if base in (int, float) and isinstance(value, bool):  # YAML `max_steps: true` is not 1
+            raise ValueError("a boolean is not a number")
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("not an integer")
@@ -142,6 +146,10 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     if missing:
         raise ValueError(f"{source}: missing required option(s): {', '.join('--' + m for m in missing)}")
     obj = cls(**kwargs)
+    try:
+        check_settings(obj)
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
     post = getattr(obj, "validate", None)
     if callable(post):
         post()
