@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.data.prompts import build_messages
+from video_ktr.data.sources import SourceError, default_media_root, read_source
 from video_ktr.data.text_checks import (
     DEFAULT_MAX_TEXT_CHARS,
     SPECIAL_TOKEN_POLICIES,
@@ -292,17 +293,27 @@ def load_dataset(
     report: SkipReport | None = None,
     special_tokens: str = "refuse",
     max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
+    config: str | None = None,
+    split: str | None = None,
 ) -> list[Sample]:
-    """Load and validate a data file. ``on_bad_sample='skip'`` counts bad rows in ``report``."""
+    """Load and validate a data source (JSON/JSONL/parquet file, `datasets` folder or hub id: data.sources).
+    ``on_bad_sample='skip'`` counts bad rows in ``report``."""
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
     if special_tokens not in SPECIAL_TOKEN_POLICIES:
         raise ValueError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
-    path = Path(path)
-    root = Path(media_root) if media_root is not None else path.parent
+    root = Path(media_root) if media_root is not None else default_media_root(path)
+    if root is None:
+        raise DataError(path, None, "media_root", "a hub dataset needs --media_root (the folder its videos and images "
+                        "were unpacked to)", "missing_file")
     report = report if report is not None else SkipReport()
+    try:
+        rows, label = read_source(path, config=config, split=split)
+    except SourceError as exc:
+        raise DataError(exc.source, None, None, exc.detail, "missing_file") from None
+    path = label
     samples = []
-    for index, row in enumerate(read_rows(path)):
+    for index, row in enumerate(rows):
         try:
             samples.append(
                 validate_row(

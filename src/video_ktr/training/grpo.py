@@ -93,7 +93,8 @@ class KTRTrainer(TrainingRun):
         self.skips = SkipReport()
         samples = load_dataset(cfg.dataset, cfg.media_root, on_bad_sample=cfg.on_bad_sample,
                                allow_outside_media_root=cfg.allow_outside_media_root, report=self.skips,
-                               special_tokens=cfg.special_tokens, max_text_chars=text_char_limit(cfg.max_prompt_length))
+                               special_tokens=cfg.special_tokens, max_text_chars=text_char_limit(cfg.max_prompt_length),
+                               config=cfg.dataset_config, split=cfg.dataset_split)
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
         self.data = GRPOData(samples, cfg=cfg, frames=cfg.frame_settings(), processor=self.processor,

@@ -17,7 +17,9 @@ class RunOptions(DataArgs):
     """Options of every training run."""
 
     model_name_or_path: str = field("", help="Model to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
-    dataset: str = field("", help="Training data: a Video-R1-schema JSON or JSONL file. [required]")
+    dataset: str = field("", help="Training data in the Video-R1 schema: a JSON, JSONL or parquet file, a save_to_disk folder, or a hub dataset id (see data/sources.py). [required]")
+    dataset_config: str | None = field(None, help="The hub dataset's configuration (its 'name'), for a hub id in --dataset.")
+    dataset_split: str | None = field(None, help="Split of a hub dataset or a DatasetDict folder (default: train).")
     output_dir: str = field("", help="Where metrics.jsonl, checkpoints and the final model go. [required]")
 
     # schedule and optimiser

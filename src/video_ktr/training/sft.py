@@ -80,7 +80,8 @@ class SFTTrainer(TrainingRun):
         self.skips = SkipReport()
         load_kw = dict(on_bad_sample=cfg.on_bad_sample, allow_outside_media_root=cfg.allow_outside_media_root, require_process=True,
                        special_tokens=cfg.special_tokens)
-        self.samples = load_dataset(cfg.dataset, cfg.media_root, report=self.skips, **load_kw)
+        self.samples = load_dataset(cfg.dataset, cfg.media_root, report=self.skips, config=cfg.dataset_config,
+                                    split=cfg.dataset_split, **load_kw)
         self.eval_skips = SkipReport()
         self.eval_samples = (load_dataset(cfg.eval_dataset, cfg.media_root, report=self.eval_skips, **load_kw)
                              if cfg.eval_dataset else None)

@@ -12,7 +12,7 @@ from video_ktr.utils.config import field
 class SFTConfig(RunOptions):
     """Supervised fine-tuning on chain-of-thought rows (Video-R1-COT schema: 'process' + 'solution')."""
 
-    dataset: str = field("", help="Training data: a Video-R1-COT-schema JSON or JSONL file; every row needs 'process' (<think>...</think>). [required]")
+    dataset: str = field("", help="Training data in the Video-R1-COT schema (a JSON, JSONL or parquet file, a save_to_disk folder or a hub id); every row needs 'process' (<think>...</think>). [required]")
     eval_dataset: str | None = field(None, help="Optional held-out rows (same schema): their mean token loss is logged as eval_loss (no generation; see --eval_generate for accuracy).")
     eval_steps: int = field(0, help="Compute eval_loss (and eval_accuracy with --eval_generate) every this many steps (0: only after the last step); needs --eval_dataset.")
     per_device_eval_batch_size: int = field(8, help="Rows per device per forward pass when computing eval_loss (and per generate call with --eval_generate).")
