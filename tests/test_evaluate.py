@@ -231,7 +231,7 @@ def test_different_protocol_is_refused(first_run, tiny_dir, synth_dir, tmp_path,
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded when the protocol differs")
 
-    monkeypatch.setattr("video_ktr.model.loading.load_model", no_model)
+    monkeypatch.setattr("video_ktr.evaluation.evaluate.load_model", no_model)
     rc, _, stderr = _run_main(_args(tiny_dir, synth_dir / "test.json", tmp_path, "--temperature", "0.5"))
     assert rc == 2
     assert "different protocol" in stderr and "decoding.temperature: 0.1 (file) vs 0.5 (now)" in stderr

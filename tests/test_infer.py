@@ -69,7 +69,7 @@ def test_missing_file_is_a_clear_error_before_loading_the_model(tiny_dir, tmp_pa
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded for a missing file")
 
-    monkeypatch.setattr("video_ktr.model.loading.load_model", no_model)
+    monkeypatch.setattr("video_ktr.evaluation.inference.load_model", no_model)
     rc = main(["--model_name_or_path", str(tiny_dir), "--video", str(tmp_path / "nope.mp4"), "--question", "Why?"])
     err = capsys.readouterr().err
     assert rc == 2 and "video file not found" in err and "nope.mp4" in err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from video_ktr import __version__
+
 # name -> (module, one-line description). Each module has `main(argv: list[str]) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("video_ktr.commands.make_tiny_model", "build a small random Qwen2.5-VL / Qwen2-VL checkpoint locally"),
@@ -36,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from video_ktr import __version__
 
         print(__version__)
         return 0

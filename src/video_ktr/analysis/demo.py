@@ -15,6 +15,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from video_ktr.analysis.demo_report import write_report
+from video_ktr.data import synth
+from video_ktr.data.media import FrameSettings
+from video_ktr.evaluation.evaluate import evaluate_rows
+from video_ktr.model import tiny
+from video_ktr.model.loading import load_model, load_processor
+from video_ktr.training.grpo import KTRTrainer
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.sft import SFTConfig, run_sft
 from video_ktr.utils.config import field, parse_args
 
 
@@ -69,9 +78,6 @@ def _frame_args() -> dict[str, Any]:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from video_ktr.data import synth
-    from video_ktr.model import tiny
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.quick:
@@ -102,8 +108,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             print(f"reusing {base}")
     timings["model"] = time.perf_counter() - st.t0
 
-    from video_ktr.training.sft import SFTConfig, run_sft
-
     sft_dir = out / "sft"
     cot_file = data_dir / ("train_cot.json" if cfg.cot_error_rate > 0 else "train.json")
     with _stage(f"3/6 SFT cold start ({cfg.sft_steps} steps on {cot_file.name})") as st:
@@ -124,8 +128,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         before = _evaluate(sft_dir, test_file, cfg, out / "eval_sft")
     timings["eval_sft"] = time.perf_counter() - st.t0
 
-    from video_ktr.training.grpo import KTRTrainer
-
     rl_dir = out / "ktr"
     with _stage(f"5/6 GRPO with key-token reinforcement ({cfg.rl_steps} steps, {cfg.rl_prompts} prompts x {cfg.num_generations})") as st:
         if not (rl_dir / "config.json").is_file():
@@ -139,7 +141,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         results = {"config": asdict(cfg), "before": before, "after": after, "timings_seconds": timings,
                    "total_seconds": time.perf_counter() - t_start}
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        from video_ktr.analysis.demo_report import write_report
 
         write_report(out, results)
     print(f"\nsummary: {out / 'summary.md'}")
@@ -148,7 +149,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
     """The RL stage's TrainConfig (configs/demo-rl.yaml holds the same values as a YAML)."""
-    from video_ktr.training.grpo_config import TrainConfig
 
     return TrainConfig(model_name_or_path=str(model), dataset=str(dataset), output_dir=str(output_dir),
                        max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
@@ -159,9 +159,6 @@ def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
 
 def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> dict[str, Any]:
     """Greedy and sampled accuracy on the held-out set, overall and per question kind."""
-    from video_ktr.data.media import FrameSettings
-    from video_ktr.evaluation.evaluate import evaluate_rows
-    from video_ktr.model.loading import load_model, load_processor
 
     rows = json.loads(test_file.read_text())
     model, processor = load_model(str(model_dir)), load_processor(str(model_dir))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from video_ktr.analysis.plots import moving_average
+from video_ktr.analysis.plots import _pyplot, moving_average
 from video_ktr.utils.jsonl import read_jsonl
 
 
@@ -22,10 +22,7 @@ def sft_accuracy_curves(sft: list[dict[str, Any]]) -> dict[str, list[tuple[int, 
 
 
 def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     written = []
     if sft:
@@ -86,10 +83,7 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
 
 
 def _plot_accuracy(out: Path, before: dict, after: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     kinds = sorted(set(before["greedy"]["by_kind"]) | set(after["greedy"]["by_kind"]))
     labels = ["overall", *kinds]

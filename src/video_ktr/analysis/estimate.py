@@ -38,6 +38,8 @@ from video_ktr.analysis.model_size import (
     resolve_arch,
     video_geometry,
 )
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import from_dict, load_yaml
 
 
 @dataclass
@@ -543,9 +545,6 @@ def _overrides(rest: list[str], ap: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def load_train_config(path: str, overrides: dict[str, Any] | None = None) -> Any:
-    from video_ktr.training.grpo_config import TrainConfig
-    from video_ktr.utils.config import from_dict, load_yaml
-
     values = load_yaml(path)
     values.update(overrides or {})
     return from_dict(TrainConfig, values, source=path)

@@ -14,6 +14,10 @@ from typing import Any
 
 from video_ktr.analysis.estimate import estimate
 from video_ktr.analysis.model_size import resolve_arch
+from video_ktr.data.synth import generate
+from video_ktr.model.tiny import build_tiny_model
+from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.utils.config import from_dict
 
 _CHILD = r"""
 import json, os, resource, sys
@@ -75,8 +79,6 @@ print("MEASURE " + json.dumps({"rss_after_load_mb": base, "max_rss_before_traini
 
 def prepare_tiny(workdir: str | os.PathLike, **tiny_kwargs: Any) -> tuple[str, str]:
     """Build the tiny model and a small synthetic data set in ``workdir`` (once); returns (model_dir, train.json)."""
-    from video_ktr.data.synth import generate
-    from video_ktr.model.tiny import build_tiny_model
 
     work = Path(workdir)
     model, data = work / "tiny-model", work / "data"
@@ -148,8 +150,6 @@ def compare_with_measurement(config_a: dict[str, Any], config_b: dict[str, Any],
 
     The estimate is fed the shapes the runs really had (prompt and completion lengths), 1 CPU "GPU", no ZeRO.
     """
-    from video_ktr.training.grpo_config import TrainConfig
-    from video_ktr.utils.config import from_dict
 
     prepare_tiny(workdir)
     pairs = (("a", config_a), ("b", config_b))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from video_ktr.data.media import smart_nframes, smart_resize
+
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ASSUMED_SOURCE_FPS = 30.0  # frame rate assumed for a video of --video_seconds (only matters for very short videos)
@@ -186,7 +188,6 @@ def video_geometry(cfg: Any, video_seconds: float, video_size: tuple[int, int] |
     ``smart_resize`` of ``video_size`` (H, W) when given, else the worst case: the largest multiple of
     28 x 28 within the per-frame pixel budget.
     """
-    from video_ktr.data.media import smart_nframes, smart_resize
 
     settings = cfg.frame_settings()
     patch = arch.patch_size if arch else 14

@@ -15,6 +15,7 @@ from video_ktr.analysis.runs import PAIRS, Run
 
 
 def _pyplot():
+    # imported on first use: the Agg backend (files only, no display) must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")

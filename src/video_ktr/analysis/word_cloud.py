@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from video_ktr.analysis.plots import _pyplot
 from video_ktr.analysis.runs import SETS
 from video_ktr.core.diagnostics import TokenRecord
@@ -157,8 +159,6 @@ def layout_word_cloud(boxes: Sequence[tuple[float, float]], width: int, height: 
     is nearest the canvas centre (ties: the first in row-major order). Returns the lower-left corner
     of each box (pixels, y up), or None when one does not fit (the caller shrinks every size alike).
     """
-    import numpy as np
-
     gw, gh = width // cell, height // cell
     occupied = np.zeros((gh, gw), dtype=np.int32)
     ys, xs = np.mgrid[0:gh, 0:gw]
@@ -199,7 +199,7 @@ def word_cloud(counts: Counter, path: Path, title: str, colour: str, width: int 
     if not counts:
         return None
     plt = _pyplot()
-    from matplotlib.font_manager import FontProperties
+    from matplotlib.font_manager import FontProperties  # after _pyplot(), which picks the backend
 
     dpi, band = 100, 22  # the title's band at the top
     words = sorted(counts, key=lambda w: (-counts[w], w))

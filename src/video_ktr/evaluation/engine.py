@@ -4,15 +4,22 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from video_ktr.core.rewards import normalize_problem_type
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.eval_config import _ROW_KEYS, _SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
+from video_ktr.model.inputs import Media, encode_prompts, to_device
+from video_ktr.model.loading import grouped_kv_attention, special_tokens, unwrap, use_grouped_kv_sdpa
+from video_ktr.model.rollout import generate
 
 __all__ = ["HFEngine", "load_media", "prepare_rows"]
 
@@ -58,7 +65,6 @@ def prepare_rows(rows: Sequence[dict], benchmark: str = "video_r1") -> list[dict
 
 def load_media(path: str | os.PathLike, data_type: str, settings: FrameSettings, cache: FrameCache | None = None) -> Any:
     """A :class:`video_ktr.model.inputs.Media` for a video or image file (raises MediaError)."""
-    from video_ktr.model.inputs import Media
 
     if data_type == "image":
         return Media(image=load_image(path, settings))
@@ -95,8 +101,6 @@ def _load_batch(batch: list[dict], media_root: str | os.PathLike, settings: Fram
 
 
 def _takes_prepared(fn: Callable[..., Any]) -> bool:
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -105,8 +109,6 @@ def _takes_prepared(fn: Callable[..., Any]) -> bool:
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -118,9 +120,6 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model: Any, processor: Any) -> None:
-        from video_ktr.model.loading import grouped_kv_attention, special_tokens, use_grouped_kv_sdpa
-        from video_ktr.model.rollout import unwrap
-
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -139,9 +138,6 @@ class HFEngine:
         Runs on its own copy of the processor, so that it may run in the prefetch thread while the main
         thread decodes text with the tokenizer (a fast tokenizer refuses calls from two threads at once).
         """
-        import copy
-
-        from video_ktr.model.inputs import encode_prompts
 
         if self._prepare_processor is None:
             self._prepare_processor = copy.deepcopy(self.processor)
@@ -149,9 +145,6 @@ class HFEngine:
 
     def generate(self, messages: list[list[dict]], media: list[Any], seeds: Sequence[int], *,
                  max_new_tokens: int, temperature: float, top_p: float, prepared: dict[str, Any] | None = None) -> list[str]:
-        from video_ktr.model.inputs import encode_prompts, to_device
-        from video_ktr.model.rollout import generate
-
         enc = prepared if prepared is not None else encode_prompts(self.processor, messages, media)
         inputs = to_device(enc, self.device, self.dtype)
         comps = generate(

@@ -50,6 +50,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from video_ktr.data.media import FrameSettings
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import build_messages
@@ -64,9 +66,12 @@ from video_ktr.evaluation.eval_config import (
 )
 from video_ktr.evaluation.grading import _failed, eval_metrics, rescore, score_output
 from video_ktr.evaluation.protocol import _clip_notes, build_protocol, protocol_differences, write_json_atomic
+from video_ktr.evaluation.tasks.base import BenchmarkDataError
 from video_ktr.evaluation.tasks.metrics import format_table
 from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark
+from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
+from video_ktr.model.vllm_engine import VLLMEngine, VLLMUnavailableError
 from video_ktr.utils.config import parse_args
 from video_ktr.utils.prefetch import Prefetcher
 
@@ -125,8 +130,6 @@ def evaluate_rows(
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
                    unit="row", file=sys.stderr, dynamic_ncols=True)
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -242,7 +245,6 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
     model = processor = None
     if engine is None:
         if cfg.engine == "vllm":
-            from video_ktr.model.vllm_engine import VLLMEngine
 
             engine = VLLMEngine.from_pretrained(
                 cfg.model_name_or_path, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
@@ -250,7 +252,6 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
                 max_model_len=cfg.max_model_len,
             )
         else:
-            from video_ktr.model.loading import load_model, load_processor
 
             processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
             model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -293,8 +294,6 @@ def _error(prog: str, exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``video-ktr eval``."""
-    from video_ktr.evaluation.tasks.base import BenchmarkDataError
-    from video_ktr.model.vllm_engine import VLLMUnavailableError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(EvalConfig, argv, prog="video-ktr eval")

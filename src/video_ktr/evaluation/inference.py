@@ -26,7 +26,10 @@ from video_ktr.core.rewards import PROBLEM_TYPES, eval_extract, normalize_proble
 from video_ktr.data.media import MediaError
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages
+from video_ktr.evaluation.engine import HFEngine, load_media, pick_device
+from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
+from video_ktr.model.vllm_engine import VLLMEngine, VLLMUnavailableError
 from video_ktr.utils.config import build_parser, field, from_dict, load_yaml
 
 __all__ = ["InferConfig", "InferError", "main", "normalize_options", "parse_infer_args", "run", "split_output"]
@@ -173,7 +176,6 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
     Raises InferError for a missing or unreadable media file (checked before the model is loaded).
     """
-    from video_ktr.evaluation.engine import HFEngine, load_media, pick_device
 
     cfg.validate()
     ptype, options = _question(cfg)
@@ -190,17 +192,14 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
     if engine is None:
         if cfg.engine == "vllm":
-            from video_ktr.model.vllm_engine import VLLMEngine
 
             engine = VLLMEngine.from_pretrained(cfg.model_name_or_path, processor=processor, dtype=cfg.dtype,
                                                 seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
         else:
             if processor is None:
-                from video_ktr.model.loading import load_processor
 
                 processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
             if model is None:
-                from video_ktr.model.loading import load_model
 
                 model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, device=pick_device(cfg.device))
@@ -219,7 +218,6 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
 
 def main(argv: list[str] | None = None) -> int:
     """``video-ktr infer``: prints ``Reasoning:``, ``Answer: ...`` (and ``Raw output:`` with --raw)."""
-    from video_ktr.model.vllm_engine import VLLMUnavailableError
 
     cfg = parse_infer_args(list(sys.argv[1:] if argv is None else argv))
     try:

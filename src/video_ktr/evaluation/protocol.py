@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
+import video_ktr
 from video_ktr.data.prompts import template_hash
 from video_ktr.evaluation.eval_config import PROTOCOL_IGNORED, SCORING, EvalConfig
 from video_ktr.evaluation.tasks.registry import get_benchmark
@@ -54,16 +58,11 @@ def _data_digest(path: Path) -> str:
 
 
 def _versions(engine: str) -> dict[str, str | None]:
-    import torch
-    import transformers
-
-    import video_ktr
-
     out: dict[str, str | None] = {
         "video_ktr": video_ktr.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
     }
     if engine == "vllm":
-        try:
+        try:  # vllm is optional (the vllm extra): imported only for a vLLM run
             import vllm
 
             out["vllm"] = getattr(vllm, "__version__", "unknown")

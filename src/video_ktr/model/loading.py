@@ -119,6 +119,13 @@ def use_grouped_kv_sdpa(model: torch.nn.Module) -> bool:
     return True
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP / accelerate / torch.compile wrappers (PEFT wrappers are kept)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder of a Qwen-VL model (also inside PEFT / accelerate wrappers)."""
     for name, module in model.named_modules():

@@ -14,20 +14,26 @@ not scored (0), and rows without an attended completion token are not run at all
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from video_ktr.model.inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
-from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, bucket_rows, completion_widths, token_logprobs
+from video_ktr.model.loading import unwrap
+from video_ktr.model.scoring import (
+    BUCKET_OVERHEAD_TOKENS,
+    bucket_rows,
+    completion_widths,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 _PIXEL_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
 
 def _rope_fn(model: torch.nn.Module):
-    from video_ktr.model.rollout import unwrap
-
     m = unwrap(model)
     for cand in (m, getattr(m, "model", None), getattr(getattr(m, "base_model", None), "model", None)):
         inner = getattr(cand, "model", None) if cand is not None else None
@@ -167,7 +173,6 @@ def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], 
         if cache is None:
             # the model refused a cache (gradient checkpointing in training mode turns it off): score
             # the full sequences instead, same numbers
-            from video_ktr.model.scoring import sequence_logprobs
 
             logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy,
                                               bucket_overhead=bucket_overhead)
@@ -206,7 +211,6 @@ def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], 
 
 def _cache_view(cache: Any) -> Any:
     """A cache object whose batch selection leaves ``cache`` as it is (the tensors are shared, not copied)."""
-    import copy
 
     layers = getattr(cache, "layers", None)
     if layers is None:

@@ -15,7 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model.inputs import PIXEL_KEYS, VISUAL_KEYS, Media, keep_visual_items, processor_call
+from video_ktr.model.inputs import (
+    PIXEL_KEYS,
+    VISUAL_KEYS,
+    Media,
+    keep_visual_items,
+    processor_call,
+    select_prompts,
+    sequence_inputs,
+    to_device,
+)
+from video_ktr.model.loading import unwrap
+from video_ktr.model.prefix import shared_prefix_logprobs
+from video_ktr.model.rollout import encode_visual_once
 from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
@@ -193,7 +205,6 @@ def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_id
     ``bucket_overhead`` is None (scoring.width_buckets).
     """
     if group_size and group_size > 1:
-        from video_ktr.model.prefix import shared_prefix_logprobs
 
         per_chunk = max(1, chunk_rows // group_size) if chunk_rows else None
         logp, _ = shared_prefix_logprobs(model, inputs, completion_ids, group_size, prompts_per_chunk=per_chunk,
@@ -270,7 +281,6 @@ def shuffled_prompts(processor: Any, prompt_inputs: dict[str, Any], media: list[
     The processed frames are permuted where the processor's layout is known (permuted_video_pixels: the
     same values, no processor call); otherwise the processor re-encodes the permuted frames.
     """
-    from video_ktr.model.inputs import select_prompts, to_device
 
     rows = sorted(perms)
     device = prompt_inputs["input_ids"].device
@@ -292,8 +302,6 @@ def visual_probe_logprobs(
     seq_inputs: prompt+completion inputs of the N = P x G rows (groups of ``group_size`` consecutive rows);
     ``blank`` also needs the processor, the P un-repeated prompt inputs and their media.
     """
-    from video_ktr.model.inputs import sequence_inputs
-    from video_ktr.model.rollout import encode_visual_once, unwrap
 
     if mode == "mask":
         inputs = visual_masked_inputs(seq_inputs, completion_width=completion_ids.shape[1])
@@ -324,8 +332,6 @@ def temporal_probe_logprobs(
     one (images, single frames) get log p_tmp = 0 and are not temporal rows. Each shuffled video is
     encoded once and its features repeated for the G completions.
     """
-    from video_ktr.model.inputs import sequence_inputs
-    from video_ktr.model.rollout import encode_visual_once
 
     G = group_size
     N, Lc = completion_ids.shape

@@ -15,6 +15,8 @@ from torch import Tensor
 from video_ktr.model.decode import StaticDecoder, decode_from, resolve_decoder
 from video_ktr.model.inputs import PIXEL_KEYS, select_prompts
 from video_ktr.model.kv_cache import new_cache, repeat_rows, static_cache
+from video_ktr.model.loading import unwrap
+from video_ktr.model.prefix import _rope_fn
 from video_ktr.model.sampling import GumbelSampler
 from video_ktr.model.scoring import completion_mask
 
@@ -28,13 +30,6 @@ class Completions:
     @property
     def lengths(self) -> Tensor:
         return self.valid.sum(1)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP / accelerate / torch.compile wrappers (PEFT wrappers are kept)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 @torch.no_grad()
@@ -96,7 +91,6 @@ def generate(
 
 def _rope_owner(model: torch.nn.Module) -> Any:
     """The module that holds ``rope_deltas`` and ``get_rope_index`` (Qwen2-VL / Qwen2.5-VL), or None."""
-    from video_ktr.model.prefix import _rope_fn
 
     owner = getattr(_rope_fn(model), "__self__", None)
     return owner if hasattr(owner, "rope_deltas") else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from video_ktr.model.inputs import select_prompts
+
 # What one more forward call costs, in completion-token forwards: the padded work (rows x width) a
 # width bucket must save to be run apart. A round figure, not tuned per machine: it keeps the buckets
 # few (3 for 64 rows with lengths spread evenly over 20-96) so that the fixed cost of a call never dominates.
@@ -151,7 +153,6 @@ def sequence_logprobs(
     (after the row's last attended token: no caller reads them). Equal to the unbucketed pass to float
     tolerance at the attended tokens.
     """
-    from video_ktr.model.inputs import select_prompts
 
     B, Lc = completion_ids.shape
     L = inputs["input_ids"].shape[1]

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from video_ktr.model.loading import load_processor, special_tokens
+
 __all__ = [
     "VLLMEngine",
     "VLLMUnavailableError",
@@ -119,8 +121,6 @@ class VLLMEngine:
         """Start ``vllm.LLM`` for ``model`` (one video and one image per prompt at most)."""
         vllm = require_vllm()
         from transformers import AutoConfig
-
-        from video_ktr.model.loading import load_processor, special_tokens
 
         if processor is None:
             processor = load_processor(model, trust_remote_code=trust_remote_code)

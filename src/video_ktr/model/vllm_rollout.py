@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model.rollout import Completions, unwrap
+from video_ktr.model.loading import unwrap
+from video_ktr.model.rollout import Completions
 from video_ktr.model.scoring import completion_mask
 from video_ktr.model.vllm_engine import build_request, require_vllm
 

@@ -36,9 +36,8 @@ from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.data.text_checks import text_char_limit
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
-from video_ktr.model.loading import freeze_vision, load_processor, special_tokens
+from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
 from video_ktr.model.prefix import strip_pixels
-from video_ktr.model.rollout import unwrap
 from video_ktr.training.distributed import sharded_parameters
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.grpo_data import GRPOData
