@@ -23,6 +23,9 @@ MAX_LINES = 600
 # Modules still being split by their owners (issue 15), each to be emptied by that owner: model.tiny
 # (models). test_allow_lists_hold_only_modules_that_still_need_them keeps this list exact.
 OVERSIZE_ALLOWED = {"video_ktr.model.tiny"}
+# Import cycles still to be broken by their owner; same rule. data.sources (eco, landed c9dff78) reads a
+# file with data.rows.read_rows inside read_source while data.rows imports read_source from it.
+CYCLES_ALLOWED = [["video_ktr.data.rows", "video_ktr.data.sources"]]
 # (importer, imported) pairs that break the layering and are being moved by their owner; same rule.
 UPWARD_ALLOWED: set[tuple[str, str]] = set()
 
@@ -150,7 +153,7 @@ def test_the_package_root_imports_nothing_of_the_package():
 
 
 def test_no_import_cycles():
-    cycles = _cycles(_graph())
+    cycles = [c for c in _cycles(_graph()) if c not in CYCLES_ALLOWED]
     assert not cycles, "import cycles (each a set of modules that import each other): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
@@ -188,6 +191,9 @@ def test_allow_lists_hold_only_modules_that_still_need_them():
     assert not stale, f"remove from OVERSIZE_ALLOWED (now within {MAX_LINES} lines or gone): {stale}"
     stale_edges = sorted(UPWARD_ALLOWED - _upward_imports(_graph()))
     assert not stale_edges, f"remove from UPWARD_ALLOWED (the import is gone): {stale_edges}"
+    cycles = _cycles(_graph())
+    stale_cycles = [c for c in CYCLES_ALLOWED if c not in cycles]
+    assert not stale_cycles, f"remove from CYCLES_ALLOWED (the cycle is gone or changed): {stale_cycles}"
 
 
 # The checks themselves, on small hand-made graphs: each must be able to fail.
