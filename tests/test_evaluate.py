@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from tests.paths import BENCHMARK_FIXTURES
+from video_ktr.commands.eval import main
+from video_ktr.commands.score import main as score_main
 from video_ktr.core.rewards import eval_extract, eval_score
 from video_ktr.data import synth
 from video_ktr.data.media import FrameSettings
@@ -25,7 +27,7 @@ from video_ktr.data.video import write_video
 from video_ktr.evaluation import evaluate as ev
 from video_ktr.evaluation.engine import HFEngine, load_media, prepare_rows
 from video_ktr.evaluation.eval_config import EvalConfig, EvalError
-from video_ktr.evaluation.evaluate import evaluate, evaluate_rows, main, score_main
+from video_ktr.evaluation.evaluate import evaluate, evaluate_rows
 from video_ktr.model import tiny
 from video_ktr.model.inputs import Media
 from video_ktr.model.sampling import row_seed

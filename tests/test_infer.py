@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from video_ktr.commands.infer import main
 from video_ktr.evaluation import inference as infer
 from video_ktr.evaluation.engine import HFEngine
-from video_ktr.evaluation.inference import InferError, main, normalize_options, parse_infer_args, split_output
+from video_ktr.evaluation.inference import InferError, normalize_options, parse_infer_args, split_output
 from video_ktr.model import tiny
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,

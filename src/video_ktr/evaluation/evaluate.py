@@ -31,7 +31,7 @@ failed rows again). A different protocol is refused with the differences listed;
 starts afresh. ``--limit N`` evaluates the first N rows; results of other rows already in the file
 are kept.
 
-``video-ktr score FILE.json`` recomputes ``prediction`` and ``score`` from every saved ``output``
+``video-ktr score FILE.json`` (:mod:`video_ktr.commands.score`) recomputes ``prediction`` and ``score`` from every saved ``output``
 (failed rows stay failed), recomputes the metrics, rewrites the file atomically and prints the table.
 
 In-process use (the demo): :func:`evaluate_rows` takes an already-loaded model and processor and a list
@@ -41,10 +41,8 @@ of Video-R1-schema rows (as loaded by ``load_benchmark`` or raw rows of a data f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,18 +62,16 @@ from video_ktr.evaluation.eval_config import (
     ProtocolMismatchError,
     decoding_settings,
 )
-from video_ktr.evaluation.grading import _failed, eval_metrics, rescore, score_output
+from video_ktr.evaluation.grading import _failed, eval_metrics, score_output
 from video_ktr.evaluation.protocol import _clip_notes, build_protocol, protocol_differences, write_json_atomic
-from video_ktr.evaluation.tasks.base import BenchmarkDataError
 from video_ktr.evaluation.tasks.metrics import format_table
 from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
-from video_ktr.model.vllm_engine import VLLMEngine, VLLMUnavailableError
-from video_ktr.utils.config import parse_args
+from video_ktr.model.vllm_engine import VLLMEngine
 from video_ktr.utils.prefetch import Prefetcher
 
-__all__ = ["evaluate", "evaluate_rows", "main", "score_main"]
+__all__ = ["evaluate", "evaluate_rows"]
 
 
 def evaluate_rows(
@@ -285,55 +281,3 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
 
 # --------------------------------------------------------------------------------------------------
 # commands
-
-
-def _error(prog: str, exc: BaseException) -> int:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``video-ktr eval``."""
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_args(EvalConfig, argv, prog="video-ktr eval")
-    try:
-        evaluate(cfg, command=shlex.join(["video-ktr", "eval", *argv]))
-    except (EvalError, FileNotFoundError, BenchmarkDataError, VLLMUnavailableError) as exc:
-        return _error("video-ktr eval", exc)
-    return 0
-
-
-def score_main(argv: list[str] | None = None) -> int:
-    """``video-ktr score FILE.json [FILE.json ...]``: recompute predictions, scores and metrics."""
-    parser = argparse.ArgumentParser(
-        prog="video-ktr score",
-        description="Recompute prediction and score of every saved output (failed rows stay failed) and the "
-        "metrics of evaluation files written by `video-ktr eval`; rewrite them atomically and print the tables.",
-    )
-    parser.add_argument("files", nargs="+", metavar="FILE.json", help="Evaluation file(s) to re-score.")
-    parser.add_argument("--benchmark", default=None, help="Benchmark whose metrics to compute (default: the file's protocol.benchmark).")
-    parser.add_argument("--dry_run", action="store_true", help="Print the tables without rewriting the files.")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    for name in args.files:
-        path = Path(name)
-        try:
-            if not path.is_file():
-                raise EvalError(f"{path} does not exist")
-            try:
-                payload = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path} is not valid JSON ({exc})") from None
-            new = rescore(payload, args.benchmark)
-        except (EvalError, ValueError) as exc:
-            return _error("video-ktr score", exc)
-        if not args.dry_run:
-            write_json_atomic(path, new)
-        if len(args.files) > 1:
-            print(f"== {path}")
-        print(format_table(new["metrics"]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,7 +17,6 @@ multiple choice, else free-form.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages
 from video_ktr.evaluation.engine import HFEngine, load_media, pick_device
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
-from video_ktr.model.vllm_engine import VLLMEngine, VLLMUnavailableError
+from video_ktr.model.vllm_engine import VLLMEngine
 from video_ktr.utils.config import build_parser, field, from_dict, load_yaml
 
-__all__ = ["InferConfig", "InferError", "main", "normalize_options", "parse_infer_args", "run", "split_output"]
+__all__ = ["InferConfig", "InferError", "normalize_options", "parse_infer_args", "run", "split_output"]
 
 PROG = "video-ktr infer"
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -214,27 +213,3 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
     )
     reasoning, answer = split_output(text)
     return {"output": text, "reasoning": reasoning, "answer": answer, "problem_type": ptype, "options": options}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``video-ktr infer``: prints ``Reasoning:``, ``Answer: ...`` (and ``Raw output:`` with --raw)."""
-
-    cfg = parse_infer_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        out = run(cfg)
-    except (InferError, VLLMUnavailableError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print("Reasoning:")
-    print(out["reasoning"] if out["reasoning"] else "(no <think> block in the output)")
-    print()
-    print(f"Answer: {out['answer']}")
-    if cfg.raw:
-        print()
-        print("Raw output:")
-        print(out["output"])
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
