@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-PIXEL_KEYS = ("pixel_values", "pixel_values_videos")  # the pixel tensors among VISUAL_KEYS
+from video_ktr.model.adapters import PIXEL_KEYS, VISUAL_KEYS  # noqa: F401  (the names callers import from here)
 
 
 @dataclass

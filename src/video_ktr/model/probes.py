@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from video_ktr.model.adapters import patch_layout
 from video_ktr.model.inputs import (
     PIXEL_KEYS,
     VISUAL_KEYS,
@@ -216,17 +217,8 @@ def probe_logprobs(model: torch.nn.Module, inputs: dict[str, Any], completion_id
 
 
 def _patch_layout(processor: Any) -> tuple[int, int] | None:
-    """(temporal_patch_size, patch_size) of a Qwen2-VL video processor, None for any other processor."""
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    vp = getattr(processor, "video_processor", None)
-    if not isinstance(vp, Qwen2VLVideoProcessor):
-        return None
-    # a subclass that lays the patches out its own way is re-encoded by the processor instead
-    for name in ("patchify", "_preprocess"):
-        if getattr(type(vp), name) is not getattr(Qwen2VLVideoProcessor, name):
-            return None
-    return int(vp.temporal_patch_size), int(vp.patch_size)
+    """(temporal_patch_size, patch_size) of a video processor whose layout a family adapter knows, else None."""
+    return patch_layout(processor)
 
 
 def permuted_video_pixels(pixels: Tensor, grid: Tensor, num_frames: int, perm: list[int],

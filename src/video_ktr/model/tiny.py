@@ -60,9 +60,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from video_ktr.model.adapters import DEFAULT_FAMILY, FAMILIES, TinySizes, adapter_for
 from video_ktr.utils.config import field, parse_args
 
-ARCHS = ("qwen2_5_vl", "qwen2_vl")
+ARCHS = FAMILIES
 TOKENIZERS = ("trained", "qwen")
 
 # The special tokens of Qwen2/Qwen2.5(-VL), in Qwen's order (ids 151643.. in the real vocabulary).
@@ -139,20 +140,12 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# Processor geometry: frames whose sides are multiples of 28 pass unchanged between these bounds.
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
-MIN_PIXELS = 28 * 28
-MAX_PIXELS = 28 * 28 * 1280
-
-
 @dataclasses.dataclass
 class MakeTinyModelArgs:
     """Build a small random Qwen2.5-VL / Qwen2-VL checkpoint (model, tokenizer, processor) in a directory."""
 
     output_dir: str = field(help="Directory to write the checkpoint to (created; existing files are overwritten).")
-    arch: str = field("qwen2_5_vl", help="Model family.", choices=list(ARCHS))
+    arch: str = field(DEFAULT_FAMILY, help="Model family (one adapter each, model/adapters).", choices=list(ARCHS))
     tokenizer: str = field(
         "trained",
         help="'trained': a small byte-level BPE trained on the corpus; 'qwen': the real Qwen2.5 vocabulary "
@@ -181,8 +174,9 @@ class MakeTinyModelArgs:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.vision_hidden_size % self.vision_num_heads:
             raise ValueError("vision_hidden_size must be a multiple of vision_num_heads")
-        if self.arch == "qwen2_vl" and self.vision_intermediate_size % self.vision_hidden_size:
-            raise ValueError("qwen2_vl needs vision_intermediate_size to be a multiple of vision_hidden_size (mlp_ratio)")
+        adapter_for(self.arch).check_tiny_sizes(TinySizes(
+            hidden_size=self.hidden_size, vision_depth=self.vision_depth, vision_hidden_size=self.vision_hidden_size,
+            vision_intermediate_size=self.vision_intermediate_size, vision_num_heads=self.vision_num_heads))
         if self.vocab_size < 300:
             raise ValueError("vocab_size must be at least 300 (256 byte tokens plus some merges)")
 
@@ -554,41 +548,10 @@ def build_config(args: MakeTinyModelArgs, tok: Any) -> Any:
         "vision_end_token_id": ids["<|vision_end|>"],
         "tie_word_embeddings": True,
     }
-    if args.arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        vision = {
-            "depth": args.vision_depth,
-            "hidden_size": args.vision_hidden_size,
-            "intermediate_size": args.vision_intermediate_size,
-            "num_heads": args.vision_num_heads,
-            "hidden_act": "silu",
-            "in_channels": 3,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "tokens_per_second": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [i for i in (1, 3, 5, 7) if i < args.vision_depth] or [args.vision_depth - 1],
-            "out_hidden_size": args.hidden_size,
-        }
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-    else:
-        from transformers import Qwen2VLConfig
-
-        vision = {
-            "depth": args.vision_depth,
-            "embed_dim": args.vision_hidden_size,
-            "mlp_ratio": args.vision_intermediate_size // args.vision_hidden_size,
-            "num_heads": args.vision_num_heads,
-            "hidden_act": "quick_gelu",
-            "in_channels": 3,
-            "patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-            "hidden_size": args.hidden_size,  # output size of the merger = text hidden size
-        }
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    sizes = TinySizes(hidden_size=args.hidden_size, vision_depth=args.vision_depth,
+                      vision_hidden_size=args.vision_hidden_size,
+                      vision_intermediate_size=args.vision_intermediate_size, vision_num_heads=args.vision_num_heads)
+    config = adapter_for(args.arch).tiny_config(text, common, sizes)
     # Also at the top level, where generation utilities and older code look for them.
     config.bos_token_id = ids["<|endoftext|>"]
     config.eos_token_id = ids["<|im_end|>"]
@@ -598,38 +561,21 @@ def build_config(args: MakeTinyModelArgs, tok: Any) -> Any:
 
 
 def build_processor(arch: str, tok: Any) -> Any:
-    """Processor whose image/video processors leave frames with sides multiple of 28 untouched."""
-    from transformers import (
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
-    geometry = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
-    image_processor = Qwen2VLImageProcessor(size=dict(size), **geometry)
-    video_processor = Qwen2VLVideoProcessor(
-        size=dict(size), do_sample_frames=False, cap_pixels_per_frame=False, **geometry
-    )
-    cls = Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else Qwen2VLProcessor
-    return cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    """Processor whose image/video processors leave frames with sides multiple of the family's factor untouched."""
+    adapter = adapter_for(arch)
+    factor = adapter.frame_factor
+    size = {"shortest_edge": factor * factor, "longest_edge": factor * factor * 1280}
+    return adapter.tiny_processor(tok, size, CHAT_TEMPLATE)
 
 
 def _model_class(arch: str) -> Any:
-    if arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration
+    return adapter_for(arch).model_class()
 
 
 def build_tiny_model(
     output_dir: str | os.PathLike,
     *,
-    arch: str = "qwen2_5_vl",
+    arch: str = DEFAULT_FAMILY,
     tokenizer: str = "trained",
     hidden_size: int = 128,
     num_hidden_layers: int = 4,

@@ -1,0 +1,45 @@
+"""Model adapters: one per family; :func:`adapter_for` is the only reader of ``model_type``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from video_ktr.model.adapters.base import PIXEL_KEYS, VISUAL_KEYS, ModelAdapter, TinySizes
+from video_ktr.model.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from video_ktr.model.adapters.qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter())
+FAMILIES: tuple[str, ...] = tuple(a.name for a in ADAPTERS)
+DEFAULT_FAMILY = "qwen2_5_vl"  # what make-tiny-model and the demo build unless told otherwise
+
+__all__ = ["ADAPTERS", "DEFAULT_FAMILY", "FAMILIES", "PIXEL_KEYS", "VISUAL_KEYS", "ModelAdapter", "TinySizes", "adapter_for",
+           "patch_layout"]
+
+
+def _model_type(obj: Any) -> str | None:
+    if isinstance(obj, str):
+        return obj
+    config = getattr(obj, "config", obj)  # a model (possibly wrapped) or its config
+    while hasattr(config, "module") and not hasattr(config, "model_type"):
+        config = getattr(config.module, "config", config.module)
+    return getattr(config, "model_type", None)
+
+
+def adapter_for(obj: Any) -> ModelAdapter:
+    """The adapter of a model, a config (or its dict) or a family name such as ``"qwen2_5_vl"``."""
+    model_type = obj.get("model_type") if isinstance(obj, dict) else _model_type(obj)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise ValueError(f"model_type {model_type!r} has no adapter; supported: {', '.join(FAMILIES)} "
+                     "(docs/models.md says how to add a family)")
+
+
+def patch_layout(processor: Any) -> tuple[int, int] | None:
+    """(temporal_patch_size, patch_size) of the processor's video processor when a family adapter knows
+    its patch layout exactly, else None (the caller re-encodes with the processor)."""
+    for adapter in ADAPTERS:
+        layout = adapter.patch_layout(processor)
+        if layout is not None:
+            return layout
+    return None

@@ -1,0 +1,93 @@
+"""What differs between vision-language model families, behind one interface.
+
+A :class:`ModelAdapter` answers the questions the rest of the package would otherwise answer by
+reading ``config.model_type``: the vision geometry (patch, spatial merge, temporal patch and the
+frame-side factor they imply), which input keys carry the visual item, the layer classes a sharded
+run wraps, how a processed video's pixel rows are laid out (for the temporal probe's permutation
+without a second processor call), and how a small random checkpoint of the family is built
+(``make-tiny-model --arch``). :func:`video_ktr.model.adapters.adapter_for` is the one place that
+maps a model, config or family name to its adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Keys that carry one visual item's data (pixels, grids, per-item times) in a processed batch.
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """The sizes of a tiny random checkpoint (see model.tiny.TinyModelArgs)."""
+
+    hidden_size: int
+    vision_depth: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_heads: int
+
+
+class ModelAdapter:
+    """One model family. Subclasses set the class attributes and the builders."""
+
+    model_types: tuple[str, ...] = ()  # config.model_type values this adapter serves (first = its name)
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    decoder_layer: str = ""  # text decoder layer class name
+    vision_block: str = ""  # vision tower block class name
+    per_item_times: str | None = None  # per-video key with seconds per temporal grid step, if the family uses one
+    timestamps_in_text: bool = False  # the processor writes each frame group's time into the prompt text
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0]
+
+    @property
+    def frame_factor(self) -> int:
+        """Frame sides are multiples of this (patch x spatial merge)."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def visual_keys(self) -> tuple[str, ...]:
+        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        return keys + ((self.per_item_times,) if self.per_item_times else ())
+
+    def wrap_classes(self) -> tuple[str, str]:
+        """The module class names FSDP wraps one by one (accelerate's TRANSFORMER_BASED_WRAP)."""
+        return (self.decoder_layer, self.vision_block)
+
+    # -- the video processor's patch layout -------------------------------------------------------
+    def video_processor_class(self) -> type:
+        raise NotImplementedError
+
+    def patch_layout(self, processor: Any) -> tuple[int, int] | None:
+        """(temporal_patch_size, patch_size) when ``processor``'s video processor is this family's own
+        (not a subclass that lays patches out its own way), else None."""
+        cls = self.video_processor_class()
+        vp = getattr(processor, "video_processor", None)
+        if not isinstance(vp, cls):
+            return None
+        for name in ("patchify", "_preprocess"):
+            if getattr(type(vp), name, None) is not getattr(cls, name, None):
+                return None
+        return int(vp.temporal_patch_size), int(vp.patch_size)
+
+    # -- tiny random checkpoints ------------------------------------------------------------------
+    def tiny_config(self, text: dict[str, Any], common: dict[str, Any], sizes: TinySizes) -> Any:
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer: Any, size: dict[str, int], chat_template: str) -> Any:
+        raise NotImplementedError
+
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def check_tiny_sizes(self, sizes: TinySizes) -> None:
+        """Raise ValueError for sizes the family's config cannot express."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
