@@ -12,6 +12,7 @@ import pytest
 from video_ktr.analysis import estimate as E
 from video_ktr.analysis.estimate_measure import compare_with_measurement
 from video_ktr.analysis.model_size import KNOWN_MODELS, ModelArch, count_params, resolve_arch, video_geometry
+from video_ktr.commands.estimate import main as estimate_main
 from video_ktr.utils.config import load_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -220,13 +221,13 @@ def test_7b_recipe_verdicts(capsys):
     nockpt = E.estimate(dataclasses.replace(cfg, gradient_checkpointing=False), arch, gpu_memory_gb=48, num_gpus=8, zero_stage=3)
     assert not nockpt["fits"] and nockpt["suggestions"]["single"][0]["change"].startswith("gradient_checkpointing")
 
-    assert E.main(["--config", str(RECIPE), "--gpu_memory_gb", "80", "--num_gpus", "8", "--zero_stage", "3"]) == 0
+    assert estimate_main(["--config", str(RECIPE), "--gpu_memory_gb", "80", "--num_gpus", "8", "--zero_stage", "3"]) == 0
     out = capsys.readouterr().out
     assert "-> FITS" in out and "KV cache" in out
-    assert E.main(["--config", str(RECIPE), "--gpu_memory_gb", "24", "--num_gpus", "1"]) == 0
+    assert estimate_main(["--config", str(RECIPE), "--gpu_memory_gb", "24", "--num_gpus", "1"]) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "what to lower first" in out
-    assert E.main(["--config", str(RECIPE), "--json", "--zero_stage", "3", "--max_frames", "32"]) == 0
+    assert estimate_main(["--config", str(RECIPE), "--json", "--zero_stage", "3", "--max_frames", "32"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["tokens"]["nframes"] == 32 and isinstance(data["fits"], bool)
 
@@ -237,7 +238,7 @@ def test_cli_dispatch_and_errors(capsys, tmp_path):
     assert COMMANDS["estimate"][0] == "video_ktr.commands.estimate"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_name_or_path: someone/unknown\ndataset: d.json\noutput_dir: o\n")
-    assert E.main(["--config", str(cfg)]) == 2
+    assert estimate_main(["--config", str(cfg)]) == 2
     assert "--model_config" in capsys.readouterr().err
 
 

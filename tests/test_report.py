@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_diagnostics import diagnostics_run
-from video_ktr.analysis.report import main, token_span, write_report
+from video_ktr.analysis.report import token_span, write_report
 from video_ktr.analysis.runs import run_names
 from video_ktr.analysis.word_cloud import (
     WordClassifier,
@@ -19,6 +19,7 @@ from video_ktr.analysis.word_cloud import (
     word_classifier,
     word_cloud,
 )
+from video_ktr.commands.report import main
 from video_ktr.core.diagnostics import TokenRecord, read_token_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
