@@ -24,7 +24,7 @@ from video_ktr.model.loading import load_model, load_processor
 from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.sft import SFTConfig, run_sft
-from video_ktr.utils.config import field, parse_args
+from video_ktr.utils.config import field
 
 
 @dataclass
@@ -208,9 +208,3 @@ def _unseen_accuracy(results: list[dict[str, Any]]) -> dict[str, Any]:
     if not scored:
         return {"unseen_accuracy": None, "unseen_rows": 0}
     return {"unseen_accuracy": sum(r["score"] for r in scored) / len(scored), "unseen_rows": len(scored)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(DemoConfig, argv, prog="video-ktr demo")
-    run_demo(cfg)
-    return 0
