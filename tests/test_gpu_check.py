@@ -1,0 +1,37 @@
+"""benchmarks/gpu_check.py --small: the GPU check's own code, run end to end on the CPU (its dry run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_check_small_runs_every_part_and_writes_its_figures(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--output_dir", str(tmp_path),
+                           "--small", "--budget_s", "900"], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = data["parts"]
+    assert set(parts) == {"cli", "rollout", "step", "estimate"} and not data.get("errors")
+    assert all(r["ok"] for r in parts["cli"].values()) and set(parts["cli"]) == {"train", "resume", "sft", "eval", "infer"}
+    r = parts["rollout"]
+    assert r["rows"] == 8 and r["tokens_per_row"] == 32
+    assert all(r[k]["tokens_per_s"] > 0 for k in ("generate", "hf", "static"))
+    assert r["static_same_tokens_run_to_run"] is True and r["static_captured"] == [False, False]  # no CUDA: eager
+    assert r["memory_bound"]["weight_bytes_per_step"] > 0
+    s = parts["step"]
+    assert set(s["variants"]) == {"none", "all"} and s["steps_measured"] == 2
+    assert s["variants"]["all"]["probes"] > 0 == s["variants"]["none"]["probes"]
+    assert s["step_ktr_over_grpo_paired_median"] > 0
+    assert all(parts["estimate"][v]["estimate_gib"] > 0 for v in ("none", "all"))
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Rollout" in text and "## Step" in text and "## video-ktr estimate" in text and "FAILED" not in text
