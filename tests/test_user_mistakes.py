@@ -208,3 +208,94 @@ def test_yaml_boolean_for_a_number_is_refused(tiny_setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _train_cfg(tiny_setup, tmp_path, "--config", str(config))
     assert "field 'max_steps' expects int, got True (a boolean is not a number)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from video_ktr.utils.run_dir import LOCK_NAME, RunDirError, claim_output_dir
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from video_ktr.utils.run_dir import lock_output_dir; "
+         "lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=rf"in use by another run: pid {holder.pid} on host \S+ \(since"):
+            claim_output_dir(folder, resuming=False, overwrite=False)
+        with pytest.raises(RunDirError, match="in use by another run"):  # resuming does not bypass the lock
+            claim_output_dir(folder, resuming=True, overwrite=False)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (folder / LOCK_NAME).exists()  # left behind by the killed run: stale
+    lock = claim_output_dir(folder, resuming=False, overwrite=False)
+    assert lock.taken_over and f"pid {holder.pid}" in lock.taken_over
+    lock.release()
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_a_used_folder_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from video_ktr.utils.run_dir import RunDirError, claim_output_dir
+
+    folder = tmp_path / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / ".checkpoint-3.tmp").mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 1}\n')
+    (folder / "train_config.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"already holds a run \(checkpoint-2, metrics\.jsonl\)\. Resume it with "
+                                          r"--resume_from_checkpoint latest, start over with --overwrite_output_dir"):
+        claim_output_dir(folder, resuming=False, overwrite=False)
+    claim_output_dir(folder, resuming=True, overwrite=False).release()
+    assert (folder / "checkpoint-2").is_dir()
+    claim_output_dir(folder, resuming=False, overwrite=True).release()
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    claim_output_dir(tmp_path / "new", resuming=False, overwrite=False).release()  # new and empty folders are fine
+
+
+def test_training_again_into_a_used_folder_needs_resume_or_overwrite(tiny_setup, tmp_path):
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.run_dir import RunDirError
+
+    out = tmp_path / "out"
+    args = tiny_setup.train_args(out, "--max_steps", "1", "--max_completion_length", "4", "--token_selection", "none",
+                                 "--beta", "0", "--save_steps", "1")
+    KTRTrainer(parse_args(TrainConfig, args)).train()
+    assert (out / "checkpoint-1").is_dir()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        KTRTrainer(parse_args(TrainConfig, args))
+    fresh = KTRTrainer(parse_args(TrainConfig, [*args, "--overwrite_output_dir", "true"]))
+    assert not (out / "checkpoint-1").exists() and not (out / "metrics.jsonl").exists()
+    fresh.run_lock.release()
+
+
+# ------------------------------------------------------------------------------------------------- cli
+
+
+def test_cli_prints_one_line_for_a_user_mistake_and_the_traceback_with_debug(tiny_setup, tmp_path, capsys):
+    from video_ktr import cli
+
+    rows = _rows(tiny_setup)[:2]
+    rows[1] = dict(rows[1], problem="bad \ud800")
+    path = _write(tmp_path, tiny_setup, rows)
+    args = ["train", *tiny_setup.train_args(tmp_path / "out", "--dataset", str(path), "--media_root", str(tiny_setup.data_dir))]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"video-ktr train: error: {path}, row 1, field 'problem': invalid Unicode")
+    assert len(err) == 2 and "--debug" in err[1] and "Traceback" not in "\n".join(err)
+    with pytest.raises(DataError, match="row 1, field 'problem'"):
+        cli.main([*args[:1], "--debug", *args[1:]])
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out2")
+    with pytest.raises(SystemExit) as e:  # settings: argparse's usage and one error line, exit 2
+        cli.main([*args, "--learning_rate", "nan"])
+    assert e.value.code == 2
+    assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err

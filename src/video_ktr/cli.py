@@ -1,8 +1,15 @@
-"""The `video-ktr` command: a thin dispatcher to one module per sub-command (imported lazily)."""
+"""The `video-ktr` command: a thin dispatcher to one module per sub-command (imported lazily).
+
+A user mistake (a bad row, a nonsense setting, a used or locked output folder, unreadable media, a bad
+checkpoint) ends with one line naming file, row, field or flag and exit status 1; ``--debug`` anywhere on
+the command line (or ``VIDEO_KTR_DEBUG=1``) shows the full traceback instead. Other exceptions (bugs)
+always show their traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from video_ktr import __version__
@@ -24,6 +31,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# (module, class) of the errors that describe a user mistake; looked up only in modules already imported
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("video_ktr.data.rows", "DataError"),
+    ("video_ktr.data.media", "MediaError"),
+    ("video_ktr.utils.settings_check", "SettingsError"),
+    ("video_ktr.utils.run_dir", "RunDirError"),
+    ("video_ktr.training.checkpoint_verify", "CheckpointError"),
+    ("video_ktr.evaluation.eval_config", "EvalError"),
+    ("video_ktr.evaluation.tasks.base", "BenchmarkDataError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
 def _usage() -> str:
     lines = ["usage: video-ktr COMMAND [options]   (video-ktr COMMAND --help for a command's options)", "", "commands:"]
     width = max(len(n) for n in COMMANDS)
@@ -41,12 +68,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    debug = "--debug" in argv or os.environ.get("VIDEO_KTR_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"video-ktr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    except Exception as exc:
+        if debug or not is_user_error(exc):
+            raise
+        print(f"video-ktr {name}: error: {exc}\n(video-ktr {name} ... --debug shows the traceback)", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -73,7 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # set per run by the ablation; a YAML value is replaced, a command-line override is refused
 PER_RUN_KEYS = ("token_selection", "temporal_grpo", "token_weighting", "seed", "output_dir", "resume_from_checkpoint")
 # settings that do not change what a run computes (a finished run is reused when only these differ)
-NEUTRAL_KEYS = {"output_dir", "resume_from_checkpoint", "save_total_limit", "logging_steps", "report_to", "log_completions_every"}
+NEUTRAL_KEYS = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_total_limit", "logging_steps", "report_to", "log_completions_every"}
 DONE = "done.json"
 
 
@@ -399,6 +399,7 @@ def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] 
             how = None  # trained to the end (no checkpoint left): evaluate only
         else:
             how = "fresh"
+            cfg = dataclasses.replace(cfg, overwrite_output_dir=True)  # a run killed before its first checkpoint
         train_seconds = None
         if how is not None:
             print(f"{tag} {variant} seed{seed}: training ({how}, {cfg.max_steps} steps, token_selection="

@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cot_file = data_dir / ("train_cot.json" if cfg.cot_error_rate > 0 else "train.json")
     with _stage(f"3/6 SFT cold start ({cfg.sft_steps} steps on {cot_file.name})") as st:
         if not (sft_dir / "config.json").is_file():
-            run_sft(SFTConfig(model_name_or_path=str(base), dataset=str(cot_file), output_dir=str(sft_dir),
+            run_sft(SFTConfig(model_name_or_path=str(base), dataset=str(cot_file), output_dir=str(sft_dir), overwrite_output_dir=True,
                               max_steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
                               per_device_train_batch_size=cfg.sft_batch_size, seed=cfg.seed, lr_scheduler_type="cosine",
                               warmup_ratio=0.02, logging_steps=100, eval_dataset=str(data_dir / "test.json"),
@@ -131,7 +131,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rl_dir = out / "ktr"
     with _stage(f"5/6 GRPO with key-token reinforcement ({cfg.rl_steps} steps, {cfg.rl_prompts} prompts x {cfg.num_generations})") as st:
         if not (rl_dir / "config.json").is_file():
-            KTRTrainer(rl_config(cfg, sft_dir, data_dir / "train.json", rl_dir)).train()
+            rl = rl_config(cfg, sft_dir, data_dir / "train.json", rl_dir)
+            rl.overwrite_output_dir = True  # an unfinished stage starts over, as it always did
+            KTRTrainer(rl).train()
         else:
             print(f"reusing {rl_dir}")
     timings["rl"] = time.perf_counter() - st.t0

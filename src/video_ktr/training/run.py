@@ -28,6 +28,7 @@ from video_ktr.training.distributed import accelerator_device_kwargs, check_proc
 from video_ktr.training.options import RunOptions
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.utils.run_dir import claim_output_dir
 
 
 class BadStep(RuntimeError):
@@ -60,6 +61,8 @@ class TrainingRun:
         self.acc = accelerator or Accelerator(log_with=cfg.trackers or None, project_dir=str(self.out), **kwargs,
                                               **accelerator_device_kwargs())
         check_process_count(self.acc)
+        self.run_lock = (claim_output_dir(self.out, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
+                         if self.acc.is_main_process else None)  # one run per folder (utils/run_dir.py)
         set_seed(cfg.seed)
         self.state = ckpt.TrainState()
         self.bad_steps = 0
@@ -190,6 +193,8 @@ class TrainingRun:
         self.save_final()
         result = self.summary(last)
         acc.end_training()
+        if self.run_lock is not None:
+            self.run_lock.release()
         return result
 
     def _log(self, metrics: dict[str, Any], bar: Any) -> None:
