@@ -30,6 +30,7 @@ from video_ktr.data.text_checks import (
     clean_text,
     text_problem,
 )
+from video_ktr.utils.jsonl import JsonLineError, parse_json_lines
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("video", "image")
@@ -129,15 +130,10 @@ def read_rows(path: str | os.PathLike) -> list[Any]:
         raise DataError(path, None, None, "holds one JSON object; a data file must be a JSON list of rows "
                         "([{...}, {...}]) or JSONL (one row object per line)", "bad_json")
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"line {lineno} is not valid JSON ({exc.msg})", "bad_json") from None
-        return rows
+        try:
+            return parse_json_lines(text)
+        except JsonLineError as exc:
+            raise DataError(path, exc.lineno, None, str(exc), "bad_json") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from video_ktr.utils.jsonl import JsonLineError, parse_json_lines
+
 __all__ = ["BenchmarkDataError", "detect_format"]
 
 MISSING = "(missing)"  # breakdown bucket for rows without the field: counted, never dropped
@@ -185,17 +187,10 @@ def _read_file(path: Path) -> Any:
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if name.endswith(".jsonl"):
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise BenchmarkDataError(
-                    path, lineno, None, f"line {lineno} is not valid JSON ({exc.msg})"
-                ) from None
-        return rows
+        try:
+            return parse_json_lines(text)
+        except JsonLineError as exc:
+            raise BenchmarkDataError(path, exc.lineno, None, str(exc)) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
