@@ -230,3 +230,57 @@ def test_peft_names_are_mapped_to_the_base_models():
 
     names = [n for n, _ in policy_weights(Peft())]
     assert names == ["q.weight", "q.bias"]
+
+
+def test_trainer_with_use_vllm_trains_on_the_engines_tokens(tiny_setup, tmp_path, monkeypatch):
+    """--use_vllm in the GRPO step: the rollout comes from the (stand-in) engine, one weight push per optimizer
+    step, and the rest of the step (rewards, probes, loss) runs on those tokens."""
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    engines = []
+
+    def start(self):
+        engine = VLLMRollout(StandInLLM(self.processor), self.processor, sampling_params_cls=StandInParams)
+        engine.sleep()
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr(KTRTrainer, "_start_vllm", start)
+    cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "out", "--use_vllm", "--max_steps", "2",
+                                                        "--token_selection", "all", "--probe_all_groups"))
+    trainer = KTRTrainer(cfg)
+    seen = []
+    original = trainer.vllm.generate
+
+    def generate(*a, **kw):
+        comps = original(*a, **kw)
+        seen.append(comps)
+        return comps
+
+    trainer.vllm.generate = generate
+    m1 = trainer.train_step()
+    m2 = trainer.train_step()
+    log = engines[0].llm.log
+    assert [c[0] for c in log].count("load_weights") == 2  # versions 0 and 1: a push after the optimizer step
+    assert [c[0] for c in log].count("generate") == 2 and log[-1] == ("sleep", 1)
+    assert len(seen) == 2 and seen[0].ids.shape[0] == 4 * 2  # 2 prompts x 4 completions
+    assert abs(m1["completion_length"] - float(seen[0].lengths.float().mean())) < 1e-6
+    assert all(v == v for v in (m1["loss"], m2["loss"]))  # finite losses scored on vLLM's tokens
+    pushed = engines[0].llm.model.loaded
+    name = next(n for n, _ in trainer.model.named_parameters() if n.endswith("down_proj.weight"))
+    assert torch.equal(pushed[name], dict(trainer.model.named_parameters())[name].detach())  # the policy's weights
+
+
+def test_use_vllm_settings_are_checked():
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import from_dict
+
+    base = {"model_name_or_path": "m", "dataset": "d.json", "output_dir": "o"}
+    with pytest.raises(ValueError, match="temporal_grpo"):
+        from_dict(TrainConfig, {**base, "use_vllm": True, "temporal_grpo": True}, source="test")
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        from_dict(TrainConfig, {**base, "use_vllm": True, "vllm_gpu_memory_utilization": 1.5}, source="test")
+    with pytest.raises(ValueError, match="rollout_decoder"):
+        from_dict(TrainConfig, {**base, "rollout_decoder": "fast"}, source="test")

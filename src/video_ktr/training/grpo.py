@@ -122,7 +122,8 @@ class KTRTrainer(TrainingRun):
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()
         self.weighting = cfg.weighting_spec()
-        self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p)
+        self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.rollout_decoder)
+        self.vllm = self._start_vllm() if cfg.use_vllm else None
         self.plan = ForwardPlan(
             chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,
             # gradient checkpointing keeps no cache in training: the policy pass takes the full sequences
@@ -132,6 +133,22 @@ class KTRTrainer(TrainingRun):
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
+
+    def _start_vllm(self):
+        """The colocated vLLM engine of --use_vllm (model/vllm_rollout.py), on this process's GPU."""
+        from video_ktr.model.vllm_rollout import VLLMRollout
+
+        cfg = self.cfg
+        if self.acc.num_processes > 1:
+            raise ValueError("--use_vllm runs one colocated engine in a single training process; several processes "
+                             "(one engine each, or tensor-parallel groups) are not written yet: use one GPU or drop --use_vllm")
+        if sharded_parameters(self.acc):
+            raise ValueError("--use_vllm needs the whole parameters on the process (no ZeRO-3 / FSDP sharding)")
+        if self.acc.device.type != "cuda":
+            raise ValueError("--use_vllm needs a CUDA GPU (vLLM does not run on this device)")
+        return VLLMRollout.start(cfg.model_name_or_path, self.processor, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                 max_model_len=cfg.vllm_max_model_length, seed=cfg.seed, dtype=cfg.dtype,
+                                 enable_sleep_mode=cfg.vllm_enable_sleep_mode, trust_remote_code=cfg.trust_remote_code)
 
     def _apply_peft(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
@@ -156,8 +173,16 @@ class KTRTrainer(TrainingRun):
                 samples, indices, P = batch.samples, [i for i, _ in batch.picked], len(batch.picked)
                 prompts = to_device(batch.prompt_inputs, self.acc.device)
             with timer.phase("rollout"):  # rollout: G completions per prompt
-                comps = sample_completions(self.model, self.tokenizer, prompts, rollout_seeds(cfg.seed, "rollout", micro, indices, G),
-                                           group_size=G, sampling=self.sampling, special=self.special, plan=self.plan)
+                seeds = rollout_seeds(cfg.seed, "rollout", micro, indices, G)
+                if self.vllm is not None:  # vLLM samples with the weights of this step (pushed once per step)
+                    comps = self.vllm.generate(
+                        self.model, self.state.step, [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples],
+                        batch.media, prompts, self.tokenizer, seeds=seeds, group_size=G,
+                        max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                        eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids)
+                else:
+                    comps = sample_completions(self.model, self.tokenizer, prompts, seeds, group_size=G,
+                                               sampling=self.sampling, special=self.special, plan=self.plan)
             with timer.phase("rewards"):  # rewards
                 rewards = score_rewards(samples, comps, self.reward_fns, G, with_length_bonus=cfg.length_bonus)
             perms = (temporal_permutations(cfg.seed, micro, batch.picked, batch.media, cfg.temporal_probe)

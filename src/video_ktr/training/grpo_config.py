@@ -88,6 +88,11 @@ class TrainConfig(RunOptions):
         "and its gradient are the same, and the key-token metrics count the probed groups only. Diagnostics and "
         "token-record steps probe every group.")
     rollout_shared_prefill: bool = field(True, help="The rollout runs each prompt (and its vision tower) once and repeats its cache for the G completions before decoding, instead of prefilling G copies (same logits to float tolerance).")
+    rollout_decoder: str = field("auto", choices=["auto", "hf", "static"], help="How the rollout decodes: 'hf' transformers' generate with the batch-invariant sampler; 'static' the static decoder (model/decode.py: preallocated buffers, a captured CUDA graph per step, counter-based sampling noise on CUDA); 'auto' static on CUDA, hf elsewhere (CPU tokens unchanged).")
+    use_vllm: bool = field(False, help="Sample the rollouts with a colocated vLLM engine on the policy's GPU (model/vllm_rollout.py; needs the vllm extra and CUDA; one process). The policy's weights are pushed after every optimizer step; probes, selection and loss score vLLM's tokens as they score ours. Written against vLLM 0.17-0.25, not run in this package's tests (a stand-in engine is).")
+    vllm_gpu_memory_utilization: float = field(0.3, help="--use_vllm: the fraction of GPU memory vLLM takes for its weights and KV cache (the policy, reference and optimizer share the rest).")
+    vllm_max_model_length: int | None = field(None, help="--use_vllm: vLLM's context length (default: the model's; prompt + completion must fit).")
+    vllm_enable_sleep_mode: bool = field(True, help="--use_vllm: the engine sleeps (weights to host memory, KV cache freed) between rollouts, so the update phase has the GPU.")
     encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
@@ -108,6 +113,11 @@ class TrainConfig(RunOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.use_vllm and self.temporal_grpo:
+            raise ValueError("--use_vllm with --temporal_grpo: the shuffled-frame rollouts are not written for vLLM; "
+                             "drop one of the two")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         if self.num_generations < 2:
             raise ValueError("--num_generations must be >= 2: GRPO compares completions within a group")
         if self.num_iterations < 1:
