@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from video_ktr.analysis import ablation as ablate
+from video_ktr.commands.ablate import main as ablate_main
 from video_ktr.training.grpo import KTRTrainer
 
 VARIANTS = ["grpo", "ktr"]
@@ -70,7 +71,7 @@ def first(tiny_setup, tmp_path_factory):
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         calls = Calls(mp)
-        assert ablate.main(argv(config, out)) == 0
+        assert ablate_main(argv(config, out)) == 0
     return config, out, calls
 
 
@@ -143,12 +144,12 @@ def test_ablation_json_matches_done_files(first):
 def test_rerun_does_not_retrain(first, monkeypatch, capsys):
     config, out, _ = first
     calls = Calls(monkeypatch)
-    assert ablate.main(argv(config, out)) == 0
+    assert ablate_main(argv(config, out)) == 0
     assert calls.train == [] and calls.evals == []
     assert capsys.readouterr().out.count("already done, reused") == 4
     assert json.loads((out / "ablation.json").read_text())["runs_reused"] == 4
     # other settings into the same folder are refused before anything is trained
-    assert ablate.main(argv(config, out, "--max_steps", "3")) == 2
+    assert ablate_main(argv(config, out, "--max_steps", "3")) == 2
     assert calls.train == []
     assert "other settings" in capsys.readouterr().err
 
@@ -165,7 +166,7 @@ def test_partial_run_resumes_from_its_checkpoint(first, tmp_path, monkeypatch):
             p.unlink()
     shutil.rmtree(run / "checkpoint-2")
     calls = Calls(monkeypatch)
-    assert ablate.main(argv(config, copy, "--delete_checkpoints_when_done")) == 0
+    assert ablate_main(argv(config, copy, "--delete_checkpoints_when_done")) == 0
     assert calls.train == [(str(run), 1, "latest")]  # resumed at step 1, the other three runs reused
     assert calls.evals == [str(run)]
     after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

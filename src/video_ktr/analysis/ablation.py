@@ -524,14 +524,3 @@ def run_ablation(opts: AblateOptions) -> dict[str, Any]:
     for entry in report["reading"]:
         print(f"  {entry['text']}")
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = parse_options(argv)
-    try:
-        run_ablation(opts)
-    except (AblateError, FileNotFoundError) as exc:
-        print(f"video-ktr ablate: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
