@@ -7,6 +7,7 @@ import re
 import time
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -317,7 +318,7 @@ def test_normalize_problem_type_returns_canonical_names():
     [
         (1.0, 1.0, 1.0),
         (1.04, 1.0, 1.0),  # 0.04 < 1 - 0.95
-        (1.3, 1.0, 0.4),  # 0.3... < 1 - theta for theta in {0.50, 0.55, 0.60, 0.65}
+        (1.3, 1.0, 0.5),  # float32 as the reference: 1.3f - 1 = 0.29999995 < 1 - 0.70
         (0.7, 1.0, 0.4),
         (1.25, 1.0, 0.5),  # exactly 0.25: theta 0.75 fails the strict <
         (13.0, 10.0, 0.4),
@@ -337,6 +338,24 @@ def test_mean_relative_accuracy_at_thresholds(pred, gt, expected):
     assert mean_relative_accuracy(pred, gt) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("pred, gt, reference, exact", [
+    (9.0, 10.0, 0.9, 0.8),     # relative error 0.1: float32 1 - 0.9 is above float32 0.1, so theta 0.90 counts
+    (11.0, 10.0, 0.9, 0.8),
+    (10.5, 10.0, 1.0, 0.9),    # 0.05 against 1 - 0.95
+    (1.3, 1.0, 0.5, 0.4),      # float32 1.3 - 1 = 0.29999995 < 0.3
+    (1e-9, 0.0, 0.9, 0.8),     # the reference's + 1e-8 in the denominator
+])
+def test_mra_at_a_threshold_scores_as_the_reference_float32_code(pred, gt, reference, exact):
+    """The reference (eval_bench.py) computes MRA in float32 torch; rows exactly at a threshold follow it."""
+    from video_ktr.core.rewards import mean_relative_accuracy_exact
+
+    rel = torch.abs(torch.tensor(pred, dtype=torch.float32) - torch.tensor(gt, dtype=torch.float32)) / (
+        torch.abs(torch.tensor(gt, dtype=torch.float32)) + 1e-8)
+    ref = (rel < (1 - torch.arange(0.5, 0.95 + 0.025, 0.05))).float().mean().item()  # the reference's formula
+    assert ref == pytest.approx(reference) and mean_relative_accuracy(pred, gt) == reference
+    assert mean_relative_accuracy_exact(pred, gt) == exact
+
+
 def test_eval_score_uses_whole_output_when_no_answer_tag():
     assert eval_score("B", ans("B"), "multiple choice") == 1.0
     assert eval_score("  B\n", ans("B"), "multiple choice") == 1.0
@@ -348,7 +367,7 @@ def test_eval_score_uses_whole_output_when_no_answer_tag():
 
 
 def test_eval_score_regression_is_mra():
-    assert eval_score(completion("1.3"), ans("1"), "regression") == pytest.approx(0.4)
+    assert eval_score(completion("1.3"), ans("1"), "regression") == pytest.approx(0.5)  # float32, as the reference
     assert eval_score("13", ans("10"), "regression") == pytest.approx(0.4)
     assert eval_score("10", ans("10"), "regression") == 1.0
     assert eval_score("about ten", ans("10"), "regression") == 0.0

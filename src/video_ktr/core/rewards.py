@@ -47,6 +47,8 @@ from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+import torch
+
 from video_ktr.core.reward_adapters import adapt_reward_function
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "length_bonus",
     "load_reward_function",
     "mean_relative_accuracy",
+    "mean_relative_accuracy_exact",
     "normalize_problem_type",
     "temporal_bonus",
 ]
@@ -266,13 +269,32 @@ def _regression_score(pred: str, gt: str) -> float:
 
 
 def mean_relative_accuracy(pred: float, gt: float) -> float:
-    """MRA: mean over theta in {0.50, 0.55, ..., 0.95} (10 values) of [ |p - g| / |g| < 1 - theta ].
+    """MRA as the reference evaluation code computes it (Video-R1 / Video-KTR ``eval_bench.py``): in float32,
+    thresholds ``arange(0.5, 0.95 + 0.025, 0.05)`` (10 values), relative error ``|p - g| / (|g| + 1e-8)``,
+    score = mean over theta of ``[rel < 1 - theta]``. Float32 decides the rows at a threshold: 9 for 10
+    (relative error 0.1) and 10.5 for 10 (0.05) score as they do there. Non-finite inputs score 0 (the
+    reference would give nan). :func:`mean_relative_accuracy_exact` is the same rule in exact arithmetic.
+    """
+    if not (math.isfinite(pred) and math.isfinite(gt)):
+        return 0.0
+    p, g = torch.tensor(pred, dtype=torch.float32), torch.tensor(gt, dtype=torch.float32)
+    if not (torch.isfinite(p) and torch.isfinite(g)):  # finite doubles beyond float32's range
+        return 0.0
+    relative = torch.abs(p - g) / (torch.abs(g) + 1e-8)
+    hits = int((relative < (1 - _mra_thresholds())).sum())  # each threshold decided as the reference does
+    return hits / len(_MRA_STEPS)  # k / 10 as a double (the reference's float32 mean gives 0.89999998 for 0.9)
 
-    The comparison is strict, so a relative error of exactly 0.5 scores 0 and an exact answer 1. The
-    thresholds are compared exactly (rational arithmetic on the given floats), so the score does not
-    depend on how 1 - theta rounds. Video-R1 divides by |g| + 1e-8 in float32, where the 1e-8 vanishes
-    unless g is tiny; here it is applied only when g == 0 (then any |p| >= 5e-9 scores 0, p == 0
-    scores 1). Non-finite inputs score 0.
+
+@functools.cache
+def _mra_thresholds() -> torch.Tensor:
+    return torch.arange(0.5, 0.95 + 0.05 / 2, 0.05, dtype=torch.float32)
+
+
+def mean_relative_accuracy_exact(pred: float, gt: float) -> float:
+    """MRA in exact arithmetic: mean over theta in {0.50, ..., 0.95} of [ |p - g| / |g| < 1 - theta ].
+
+    The thresholds are compared exactly (rational arithmetic on the given floats); the 1e-8 is applied only
+    when g == 0 (then any |p| >= 5e-9 scores 0, p == 0 scores 1). Non-finite inputs score 0.
     """
     if not (math.isfinite(pred) and math.isfinite(gt)):
         return 0.0

@@ -41,11 +41,15 @@ class ProtocolMismatchError(EvalError):
 # options
 
 
+PROTOCOL_VIDEO_MIN_PIXELS = 128 * 28 * 28  # Video-R1 / Video-KTR eval_bench.py: min_pixels of every video frame
+
+
 @dataclass
 class EvalConfig(MediaArgs):
     """Evaluate a model on a video reasoning benchmark (official or Video-R1-eval file) and write OUT/<benchmark>.json."""
 
-    # the evaluation defaults of Video-R1 / Video-KTR: 16 frames of at most 256x28x28 pixels
+    # the evaluation defaults of Video-R1 / Video-KTR (eval_bench.py): 16 frames of 128x28x28 to 256x28x28 pixels
+    min_pixels: int | None = field(None, help="Fewest pixels per video frame after resizing; default 128x28x28 as the Video-R1 / Video-KTR evaluation code (capped at --max_pixels when that is smaller).")
     max_frames: int = field(16, help="Most frames sampled from a video (Video-R1/KTR evaluate with 16, 32 or 64).")
     max_pixels: int = field(256 * 28 * 28, help="Most pixels per video frame after resizing (evaluation: 256x28x28).")
 
@@ -78,6 +82,10 @@ class EvalConfig(MediaArgs):
     max_model_len: int | None = field(None, help="vLLM only: context length to reserve (default: the model's).")
     progress: bool = field(True, help="Show a progress bar on stderr.")
     dataloader_prefetch: bool = field(True, help="Decode the next batch's media (and, with the hf engine, run the processor) in a background thread while this batch generates (same results).")
+
+    def __post_init__(self) -> None:
+        if self.min_pixels is None:  # the published protocol's 128x28x28, unless the frames are capped below it
+            self.min_pixels = min(PROTOCOL_VIDEO_MIN_PIXELS, self.max_pixels)
 
     def validate(self) -> None:
         for name in ("model_name_or_path", "benchmark", "data_file", "output_dir"):
