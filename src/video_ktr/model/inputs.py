@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model.adapters import PIXEL_KEYS, VISUAL_KEYS  # noqa: F401  (the names callers import from here)
+from video_ktr.model.adapters import PIXEL_KEYS, VISUAL_KEYS, select_encoder_items, video_size  # noqa: F401  (the names callers import from here)
 
 
 @dataclass
@@ -65,9 +65,9 @@ def processor_call(processor: Any, texts: list[str], media: list[Media], *, padd
     if videos:
         kwargs["videos"] = videos
         kwargs["video_metadata"] = metas
-        areas = [int(v.shape[1]) * int(v.shape[2]) for v in videos]
+        shapes = [(int(v.shape[0]), int(v.shape[1]), int(v.shape[2])) for v in videos]
         kwargs["videos_kwargs"] = {"do_sample_frames": False, "cap_pixels_per_frame": False,
-                                   "size": {"shortest_edge": min(areas), "longest_edge": max(areas)}}
+                                   "size": video_size(processor, shapes)}
     out = processor(**kwargs)
     result = {k: v for k, v in out.items() if isinstance(v, Tensor)}
     if "second_per_grid_ts" in out and not isinstance(out["second_per_grid_ts"], Tensor):
@@ -121,8 +121,6 @@ def items_of_rows(mm_token_type_ids: Tensor, type_id: int) -> dict[int, int]:
 
 def _take_items(inputs: dict[str, Any], items_per_modality: dict[str, list[int]], out: dict[str, Any]) -> dict[str, Any]:
     """Copy into ``out`` the visual tensors of the listed items (in that order), per modality."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     encoded_in = inputs.get("mm_encoder_outputs") or {}
     encoded_out = {}
     for _, name, pix_key, grid_key, extra in _MODALITIES:
@@ -135,8 +133,7 @@ def _take_items(inputs: dict[str, Any], items_per_modality: dict[str, list[int]]
             chunks = _split_rows(inputs[pix_key], inputs[grid_key])
             out[pix_key] = torch.cat([chunks[i] for i in items])
         if name in encoded_in:
-            feats = encoded_in[name].pooler_output
-            encoded_out[name] = BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in items))
+            encoded_out[name] = select_encoder_items(encoded_in[name], items)
         out[grid_key] = inputs[grid_key][items]
         if extra and extra in inputs:
             out[extra] = inputs[extra][items]

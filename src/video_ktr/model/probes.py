@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from video_ktr.model.adapters import patch_layout
+from video_ktr.model.adapters import adapter_for, patch_layout
 from video_ktr.model.inputs import (
     PIXEL_KEYS,
     VISUAL_KEYS,
@@ -119,20 +119,17 @@ def visual_masked_inputs(inputs: dict[str, Any], rows: list[int] | None = None, 
 
 def zero_feature_inputs(model: torch.nn.Module, inputs: dict[str, Tensor]) -> dict[str, Any]:
     """The ``zero_features`` probe: the placeholders stay, their visual features are all zero."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "text_config", cfg).hidden_size
     merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
     dtype = next(model.parameters()).dtype
+    adapter = adapter_for(model)
     out: dict[str, Any] = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}
     encoded = {}
     for name, grid_key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
         if grid_key in inputs:
             sizes = (inputs[grid_key].prod(-1) // merge**2).tolist()
-            dev = inputs["input_ids"].device
-            feats = tuple(torch.zeros(int(n), hidden, dtype=dtype, device=dev) for n in sizes)
-            encoded[name] = BaseModelOutputWithPooling(pooler_output=feats)
+            encoded[name] = adapter.zero_features(cfg, sizes, hidden, dtype, inputs["input_ids"].device)
     out["mm_encoder_outputs"] = encoded
     return out
 

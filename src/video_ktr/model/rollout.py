@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from video_ktr.model.decode import StaticDecoder, decode_from, resolve_decoder
-from video_ktr.model.inputs import PIXEL_KEYS, select_prompts
+from video_ktr.model.inputs import PIXEL_KEYS, select_encoder_items, select_prompts
 from video_ktr.model.kv_cache import new_cache, repeat_rows, static_cache
 from video_ktr.model.loading import unwrap
 from video_ktr.model.prefix import _rope_fn
@@ -252,15 +252,14 @@ def encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor],
 
 
 def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int) -> dict[str, Any]:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     once = select_prompts(prompt_inputs, rows, 1)
     expanded = select_prompts(prompt_inputs, rows, repeats)
     out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in PIXEL_KEYS}
     encoded = {}
     for name, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
         if pix in once:
-            feats = _feature_fn(model, f"get_{name}_features")(once[pix], once[grid], return_dict=True).pooler_output
-            encoded[name] = BaseModelOutputWithPooling(pooler_output=tuple(f for f in feats for _ in range(repeats)))
+            feats = _feature_fn(model, f"get_{name}_features")(once[pix], once[grid], return_dict=True)
+            n = len(feats.pooler_output)
+            encoded[name] = select_encoder_items(feats, [i for i in range(n) for _ in range(repeats)])
     out["mm_encoder_outputs"] = encoded
     return out

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from video_ktr.model.adapters.base import PIXEL_KEYS, VISUAL_KEYS, ModelAdapter, TinySizes
+from video_ktr.model.adapters.base import PIXEL_KEYS, VISUAL_KEYS, ModelAdapter, TinySizes, select_encoder_items
 from video_ktr.model.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from video_ktr.model.adapters.qwen2_vl import Qwen2VLAdapter
+from video_ktr.model.adapters.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter())
 FAMILIES: tuple[str, ...] = tuple(a.name for a in ADAPTERS)
 DEFAULT_FAMILY = "qwen2_5_vl"  # what make-tiny-model and the demo build unless told otherwise
 
 __all__ = ["ADAPTERS", "DEFAULT_FAMILY", "FAMILIES", "PIXEL_KEYS", "VISUAL_KEYS", "ModelAdapter", "TinySizes", "adapter_for",
-           "patch_layout"]
+           "patch_layout", "processor_adapter", "select_encoder_items", "video_size"]
 
 
 def _model_type(obj: Any) -> str | None:
@@ -33,6 +34,20 @@ def adapter_for(obj: Any) -> ModelAdapter:
             return adapter
     raise ValueError(f"model_type {model_type!r} has no adapter; supported: {', '.join(FAMILIES)} "
                      "(docs/models.md says how to add a family)")
+
+
+def processor_adapter(processor: Any) -> ModelAdapter | None:
+    """The adapter whose video processor class ``processor`` uses (subclasses included), else None."""
+    vp = getattr(processor, "video_processor", None)
+    for adapter in ADAPTERS:
+        if isinstance(vp, adapter.video_processor_class()):
+            return adapter
+    return None
+
+
+def video_size(processor: Any, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
+    """The video processor's ``size`` bounds that hold videos of these (frames, height, width) unresized."""
+    return (processor_adapter(processor) or ModelAdapter()).video_size(shapes)
 
 
 def patch_layout(processor: Any) -> tuple[int, int] | None:

@@ -19,6 +19,16 @@ VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
+def select_encoder_items(encoded: Any, items: list[int]) -> Any:
+    """The encoder output (``mm_encoder_outputs[modality]``) of the listed items, in that order: the
+    per-item features and, where the family has them (Qwen3-VL), the per-layer DeepStack features."""
+    out = type(encoded)(pooler_output=tuple(encoded.pooler_output[i] for i in items))
+    deep = getattr(encoded, "deepstack_features", None)
+    if deep is not None:
+        out["deepstack_features"] = [tuple(layer[i] for i in items) for layer in deep]
+    return out
+
+
 @dataclass(frozen=True)
 class TinySizes:
     """The sizes of a tiny random checkpoint (see model.tiny.TinyModelArgs)."""
@@ -59,6 +69,31 @@ class ModelAdapter:
     def wrap_classes(self) -> tuple[str, str]:
         """The module class names FSDP wraps one by one (accelerate's TRANSFORMER_BASED_WRAP)."""
         return (self.decoder_layer, self.vision_block)
+
+    def video_size(self, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
+        """The processor's ``size`` bounds that leave videos of these (frames, height, width) unresized:
+        per-frame area bounds (Qwen2-VL's video processor bounds one frame)."""
+        areas = [h * w for _, h, w in shapes]
+        return {"shortest_edge": min(areas), "longest_edge": max(areas)}
+
+    # -- precomputed visual features (mm_encoder_outputs) ------------------------------------------
+    def deepstack_layers(self, config: Any) -> int:
+        """How many decoder layers receive visual features besides the input embeddings (DeepStack)."""
+        return 0
+
+    def zero_features(self, config: Any, sizes: list[int], hidden: int, dtype: Any, device: Any) -> Any:
+        """An encoder output whose features (and DeepStack features) are all zero, ``sizes`` rows per item."""
+        import torch
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        def zeros() -> tuple:
+            return tuple(torch.zeros(int(n), hidden, dtype=dtype, device=device) for n in sizes)
+
+        out = BaseModelOutputWithPooling(pooler_output=zeros())
+        layers = self.deepstack_layers(config)
+        if layers:
+            out["deepstack_features"] = [zeros() for _ in range(layers)]
+        return out
 
     # -- the video processor's patch layout -------------------------------------------------------
     def video_processor_class(self) -> type:

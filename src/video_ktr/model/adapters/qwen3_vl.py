@@ -1,0 +1,79 @@
+"""Qwen3-VL (dense, and the MoE variant with the same inputs): patch 16, merge 2 (frame sides multiples of
+32), temporal patch 2; interleaved M-RoPE whose temporal index is the frame group (time is written into
+the prompt as ``<t seconds>`` before each frame group, so no ``second_per_grid_ts``); DeepStack visual
+features injected into the first decoder layers (the model computes them from the pixels it is given).
+
+The video processor bounds the area of the whole video (frames x height x width), not of one frame,
+so the bounds that leave our own frames untouched are per video.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from video_ktr.model.adapters.base import ModelAdapter, TinySizes
+
+
+class Qwen3VLAdapter(ModelAdapter):
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    patch_size = 16
+    decoder_layer = "Qwen3VLTextDecoderLayer"
+    vision_block = "Qwen3VLVisionBlock"
+    timestamps_in_text = True
+
+    def video_processor_class(self) -> type:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        return Qwen3VLVideoProcessor
+
+    def video_size(self, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
+        """Bounds over frames x height x width (the temporal count rounded as the processor rounds it)."""
+        tp = self.temporal_patch_size
+        areas = [round(t / tp) * tp * h * w for t, h, w in shapes]
+        return {"shortest_edge": min(areas), "longest_edge": max(areas)}
+
+    def deepstack_layers(self, config: Any) -> int:
+        return len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", ()) or ())
+
+    def check_tiny_sizes(self, sizes: TinySizes) -> None:
+        pass
+
+    def tiny_config(self, text: dict[str, Any], common: dict[str, Any], sizes: TinySizes) -> Any:
+        from transformers import Qwen3VLConfig
+
+        keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+                "eos_token_id", "pad_token_id")
+        text = {k: v for k, v in text.items() if k in keep}
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        text["head_dim"] = head_dim
+        half = head_dim // 2  # Qwen3-VL's [24, 20, 20] for 128: h and w equal, t takes the rest
+        hw = (half * 5 // 16) // 2 * 2 or 2
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0,
+                                   "mrope_section": [half - 2 * hw, hw, hw], "mrope_interleaved": True}
+        depth = sizes.vision_depth
+        vision = {
+            "depth": depth, "hidden_size": sizes.vision_hidden_size,
+            "intermediate_size": sizes.vision_intermediate_size, "num_heads": sizes.vision_num_heads,
+            "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": self.patch_size,
+            "spatial_merge_size": self.merge_size, "temporal_patch_size": self.temporal_patch_size,
+            "out_hidden_size": sizes.hidden_size, "num_position_embeddings": 64,
+            "deepstack_visual_indexes": list(range(min(depth, 3))) if depth > 1 else [0],
+        }
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+
+    def tiny_processor(self, tokenizer: Any, size: dict[str, int], chat_template: str) -> Any:
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+
+        geometry = {"patch_size": self.patch_size, "merge_size": self.merge_size,
+                    "temporal_patch_size": self.temporal_patch_size}
+        image_processor = Qwen2VLImageProcessor(size=dict(size), **geometry)
+        video_size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"] * 64}
+        video_processor = self.video_processor_class()(size=video_size, do_sample_frames=False, **geometry)
+        return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                video_processor=video_processor, chat_template=chat_template)
+
+    def model_class(self) -> type:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
