@@ -305,7 +305,7 @@ def test_media_prefetch_gives_the_same_results_and_failures(broken_data, monkeyp
     data, rows = broken_data
     rows = rows[2:] + rows[:2]  # the bad rows land in the last batch, which is prefetched
     settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
-    threads = _record_threads(monkeypatch, ev, "_load_batch")
+    threads = _record_threads(monkeypatch, ev, "load_batch")
     runs = {}
     for prefetch in (False, True):
         threads.clear()

@@ -15,7 +15,7 @@ import torch
 from video_ktr.core.rewards import normalize_problem_type
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.video import FrameCache
-from video_ktr.evaluation.eval_config import _ROW_KEYS, _SCHEMA_KEYS
+from video_ktr.evaluation.eval_config import ROW_KEYS, SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
 from video_ktr.model.inputs import Media, encode_prompts, to_device
 from video_ktr.model.loading import grouped_kv_attention, special_tokens, unwrap, use_grouped_kv_sdpa
@@ -44,8 +44,8 @@ def prepare_rows(rows: Sequence[dict], benchmark: str = "video_r1") -> list[dict
             r["meta"] = dict(row["meta"] or {})
         else:
             meta = dict(row.get("meta") or {})
-            meta.update({k: v for k, v in row.items() if k not in _SCHEMA_KEYS})
-            r = {k: row[k] for k in _ROW_KEYS if k in row}
+            meta.update({k: v for k, v in row.items() if k not in SCHEMA_KEYS})
+            r = {k: row[k] for k in ROW_KEYS if k in row}
             r.setdefault("problem_id", i)
             r.setdefault("data_type", "video")
             r.setdefault("options", None)
@@ -74,7 +74,7 @@ def load_media(path: str | os.PathLike, data_type: str, settings: FrameSettings,
     return Media(video=cache.get_or_load(path, settings))
 
 
-def _load_batch(batch: list[dict], media_root: str | os.PathLike, settings: FrameSettings,
+def load_batch(batch: list[dict], media_root: str | os.PathLike, settings: FrameSettings,
                 cache: FrameCache) -> tuple[list[tuple[dict, Any, str]], list[tuple[dict, str, str | None, Exception]]]:
     """The media of a batch of rows: ``(ready, failures)``.
 
@@ -100,7 +100,8 @@ def _load_batch(batch: list[dict], media_root: str | os.PathLike, settings: Fram
     return ready, failures
 
 
-def _takes_prepared(fn: Callable[..., Any]) -> bool:
+def takes_prepared(fn: Callable[..., Any]) -> bool:
+    """Whether an engine's ``generate`` accepts ``prepared=`` (processor outputs made ahead in the prefetch thread)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

@@ -25,8 +25,8 @@ PROTOCOL_IGNORED = ("date", "command", "media_root", "runtime")
 BAD_SAMPLE_CHOICES = ("skip", "error")
 ENGINES = ("hf", "vllm")
 
-_ROW_KEYS = ("problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source")
-_SCHEMA_KEYS = {*_ROW_KEYS, "process", "meta", "uid"}
+ROW_KEYS = ("problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source")
+SCHEMA_KEYS = {*ROW_KEYS, "process", "meta", "uid"}
 
 
 class EvalError(RuntimeError):

@@ -54,7 +54,7 @@ from video_ktr.data.media import FrameSettings
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import build_messages
 from video_ktr.data.video import FrameCache
-from video_ktr.evaluation.engine import HFEngine, _load_batch, _takes_prepared, pick_device, prepare_rows
+from video_ktr.evaluation.engine import HFEngine, load_batch, pick_device, prepare_rows, takes_prepared
 from video_ktr.evaluation.eval_config import (
     BAD_SAMPLE_CHOICES,
     EvalConfig,
@@ -62,8 +62,8 @@ from video_ktr.evaluation.eval_config import (
     ProtocolMismatchError,
     decoding_settings,
 )
-from video_ktr.evaluation.grading import _failed, eval_metrics, score_output
-from video_ktr.evaluation.protocol import _clip_notes, build_protocol, protocol_differences, write_json_atomic
+from video_ktr.evaluation.grading import eval_metrics, failed_row, score_output
+from video_ktr.evaluation.protocol import build_protocol, clip_notes, protocol_differences, write_json_atomic
 from video_ktr.evaluation.tasks.metrics import format_table
 from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark
 from video_ktr.model.loading import load_model, load_processor
@@ -131,12 +131,12 @@ def evaluate_rows(
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     # the processor runs ahead only for an engine whose generate() takes its result (a replaced or wrapped
     # generate() without ``prepared`` encodes its own inputs, as before)
-    prepare = getattr(engine, "prepare", None) if _takes_prepared(engine.generate) else None
+    prepare = getattr(engine, "prepare", None) if takes_prepared(engine.generate) else None
 
     def load(batch: list[dict]) -> tuple[list, list, list, Any]:
         """A batch's media, failures, messages and (engines with ``prepare``) processor inputs, or the
         exception the processor raised (reported with the batch's rows when the batch is taken)."""
-        ready, failures = _load_batch(batch, media_root, settings, cache)
+        ready, failures = load_batch(batch, media_root, settings, cache)
         messages = [build_messages(r["problem"], r["problem_type"], r.get("options"), r.get("data_type", "video"),
                                    layout=prompt_layout, system_prompt=system_prompt) for r, _, _ in ready]
         prepared: Any = None
@@ -157,7 +157,7 @@ def evaluate_rows(
             for row, reason, path, exc in failures:
                 if on_bad_sample == "error":
                     raise EvalError(f"row {row['uid']}: {reason} (use --on_bad_sample skip to record it as failed and go on)") from exc
-                results[row["uid"]] = _failed(row, reason, path)
+                results[row["uid"]] = failed_row(row, reason, path)
             if ready:
                 seeds = [row_seed(seed, "eval", r["uid"]) for r, _, _ in ready]
                 try:
@@ -201,7 +201,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
         raise FileNotFoundError(f"--media_root {media_root} is not a folder")
     all_rows = load_benchmark(spec.name, data)
     rows = all_rows if cfg.limit is None else all_rows[: cfg.limit]
-    notes = _clip_notes(all_rows)
+    notes = clip_notes(all_rows)
     for note in notes:
         print(f"video-ktr eval: warning: {note}", file=sys.stderr)
     protocol = build_protocol(cfg, num_rows=len(all_rows), notes=notes, command=command)

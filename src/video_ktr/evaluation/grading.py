@@ -43,7 +43,8 @@ def score_output(row: dict, output: str) -> tuple[str, float]:
     return eval_extract(output), float(eval_score(output, row["solution"], row["problem_type"]))
 
 
-def _failed(row: dict, reason: str, media_path: str | None = None) -> dict:
+def failed_row(row: dict, reason: str, media_path: str | None = None) -> dict:
+    """The result record of a row that could not be evaluated: no output, no score, the reason."""
     return {**row, "media_path": media_path, "output": None, "prediction": None, "score": None, "failed": reason}
 
 

@@ -122,7 +122,8 @@ def protocol_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def _clip_notes(rows: list[dict]) -> list[str]:
+def clip_notes(rows: list[dict]) -> list[str]:
+    """The protocol note for rows with clip bounds, which evaluation does not apply."""
     clipped = sum(1 for r in rows if "start" in (r.get("meta") or {}) and "end" in (r.get("meta") or {}))
     if not clipped:
         return []
