@@ -18,7 +18,7 @@ __all__ = ["BenchmarkDataError", "detect_format"]
 MISSING = "(missing)"  # breakdown bucket for rows without the field: counted, never dropped
 
 VIDEO_R1_KEYS = ("problem", "problem_type", "solution")
-_SCHEMA_KEYS = {
+SCHEMA_KEYS = {
     "problem_id",
     "problem",
     "data_type",
@@ -38,7 +38,7 @@ VIDEOMME_DURATIONS = ("short", "medium", "long")
 
 VIDEOMMMU_TRACKS = ("Perception", "Comprehension", "Adaptation")
 # Video-R1-eval's eval_videommmu.json order (problem_id ranges), [I] in benchmarks.md §3.3.
-_VIDEOMMMU_R1_RANGES = (("Adaptation", 1, 300), ("Comprehension", 301, 600), ("Perception", 601, 900))
+VIDEOMMMU_R1_RANGES = (("Adaptation", 1, 300), ("Comprehension", 301, 600), ("Perception", 601, 900))
 VIDEOMMMU_DISCIPLINES: dict[str, tuple[str, ...]] = {
     "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
     "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
@@ -120,7 +120,7 @@ MVBENCH_FOLDERS = {
     "episodic_reasoning": "tvqa/frames_fps3_hq",
 }
 # lmms-eval folder names that hold the same (format-converted, not pre-cut) videos
-_MVBENCH_LMMS_FOLDERS = {"ssv2_video": "ssv2_video_mp4", "nturgbd": "nturgbd_convert"}
+MVBENCH_LMMS_FOLDERS = {"ssv2_video": "ssv2_video_mp4", "nturgbd": "nturgbd_convert"}
 
 TEMPCOMPASS_DIMS = ("action", "speed", "direction", "order", "attribute_change")
 
@@ -145,13 +145,13 @@ VSI_OFFICIAL_TASKS = (
     "route_planning",
     "object_rel_direction",
 )
-_VSI_REL_DIRECTION = VSI_MC_TYPES[:3]
+VSI_REL_DIRECTION = VSI_MC_TYPES[:3]
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?$")
 _OPTION_RE = re.compile(r"^([A-Z])\.\s?(.*)$", re.DOTALL)
-_ANSWER_RE = re.compile(r"^<answer>(.*)</answer>$", re.DOTALL)
-_IMAGE_PLACEHOLDER_RE = re.compile(r"<image \d+>")
+ANSWER_RE = re.compile(r"^<answer>(.*)</answer>$", re.DOTALL)
+IMAGE_PLACEHOLDER_RE = re.compile(r"<image \d+>")
 
 
 class BenchmarkDataError(ValueError):
@@ -171,7 +171,7 @@ class BenchmarkDataError(ValueError):
 # reading files
 
 
-def _read_file(path: Path) -> Any:
+def read_file(path: Path) -> Any:
     """JSON, JSONL (``*.jsonl``) or parquet (needs pyarrow). ``*.rows.json`` is plain JSON."""
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file not found: {path}")
@@ -199,7 +199,7 @@ def _read_file(path: Path) -> Any:
         ) from None
 
 
-def _is_video_r1(data: Any) -> bool:
+def is_video_r1(data: Any) -> bool:
     return (
         isinstance(data, list)
         and bool(data)
@@ -217,21 +217,21 @@ def detect_format(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.is_dir():
         return "official"
-    return "video_r1" if _is_video_r1(_read_file(p)) else "official"
+    return "video_r1" if is_video_r1(read_file(p)) else "official"
 
 
 # --------------------------------------------------------------------------------------------------
 # small validated accessors
 
 
-class _Ctx:
+class Ctx:
     """Where we are (file, row) so each check can raise an error naming the field."""
 
     def __init__(self, file: Path | str, row: int | str | None = None):
         self.file, self.row = file, row
 
-    def at(self, row: int | str) -> _Ctx:
-        return _Ctx(self.file, row)
+    def at(self, row: int | str) -> Ctx:
+        return Ctx(self.file, row)
 
     def fail(self, field: str | None, message: str) -> BenchmarkDataError:
         return BenchmarkDataError(self.file, self.row, field, message)
@@ -260,27 +260,27 @@ class _Ctx:
         return value
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     t = text.strip()
     return bool(t) and any(c.isdigit() for c in t) and bool(_NUMBER_RE.match(t))
 
 
-def _letter_options(texts: list[str]) -> list[str]:
-    return [f"{_LETTERS[i]}. {t}" for i, t in enumerate(texts)]
+def letter_options(texts: list[str]) -> list[str]:
+    return [f"{LETTERS[i]}. {t}" for i, t in enumerate(texts)]
 
 
-def _option_letters(ctx: _Ctx, options: list[str], field: str = "options") -> list[str]:
+def option_letters(ctx: Ctx, options: list[str], field: str = "options") -> list[str]:
     """Check options read "A. text", "B. text", ... in order and return their letters."""
     letters = []
     for i, opt in enumerate(options):
         m = _OPTION_RE.match(opt)
-        if not m or m.group(1) != _LETTERS[i]:
-            raise ctx.fail(field, f"option {i} {opt!r} should start with '{_LETTERS[i]}. '")
+        if not m or m.group(1) != LETTERS[i]:
+            raise ctx.fail(field, f"option {i} {opt!r} should start with '{LETTERS[i]}. '")
         letters.append(m.group(1))
     return letters
 
 
-def _check_letter(ctx: _Ctx, field: str, answer: str, letters: Iterable[str]) -> str:
+def check_letter(ctx: Ctx, field: str, answer: str, letters: Iterable[str]) -> str:
     letters = list(letters)
     if answer not in letters:
         span = f"{letters[0]}-{letters[-1]}" if letters else "none"
@@ -288,7 +288,7 @@ def _check_letter(ctx: _Ctx, field: str, answer: str, letters: Iterable[str]) ->
     return answer
 
 
-def _row(
+def build_row(
     *,
     problem_id: int,
     problem: str,
@@ -315,7 +315,7 @@ def _row(
     }
 
 
-def _check_unique_uids(file: Path, rows: list[dict]) -> list[dict]:
+def check_unique_uids(file: Path, rows: list[dict]) -> list[dict]:
     seen: dict[str, int] = {}
     for i, r in enumerate(rows):
         if r["uid"] in seen:
@@ -324,7 +324,7 @@ def _check_unique_uids(file: Path, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _as_list(ctx: _Ctx, data: Any, what: str) -> list:
+def as_list(ctx: Ctx, data: Any, what: str) -> list:
     if not isinstance(data, list):
         raise ctx.fail(None, f"expected a JSON list of rows ({what}), got {type(data).__name__}")
     if not data:

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 from video_ktr.evaluation.tasks.base import (
-    _VSI_REL_DIRECTION,
     HOLMES_TYPES,
     MISSING,
     TEMPCOMPASS_DIMS,
@@ -15,6 +14,7 @@ from video_ktr.evaluation.tasks.base import (
     VSI_MC_TYPES,
     VSI_NA_TYPES,
     VSI_OFFICIAL_TASKS,
+    VSI_REL_DIRECTION,
 )
 from video_ktr.evaluation.tasks.registry import get_benchmark
 
@@ -80,14 +80,14 @@ def _vsi_official(by_qtype: dict[str, dict]) -> tuple[dict[str, dict], float | N
         if t == "object_rel_direction":
             levels = [
                 by_qtype[q]
-                for q in _VSI_REL_DIRECTION
+                for q in VSI_REL_DIRECTION
                 if q in by_qtype and by_qtype[q]["accuracy"] is not None
             ]
             if levels:
                 tasks[t] = {
                     "accuracy": sum(e["accuracy"] for e in levels) / len(levels),
                     "n": sum(e["n"] for e in levels),
-                    "n_failed": sum(by_qtype[q]["n_failed"] for q in _VSI_REL_DIRECTION if q in by_qtype),
+                    "n_failed": sum(by_qtype[q]["n_failed"] for q in VSI_REL_DIRECTION if q in by_qtype),
                 }
         elif t in by_qtype and by_qtype[t]["accuracy"] is not None:
             tasks[t] = dict(by_qtype[t])

@@ -7,32 +7,32 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.evaluation.tasks.base import (
-    _IMAGE_PLACEHOLDER_RE,
-    _LETTERS,
-    _MVBENCH_LMMS_FOLDERS,
     HOLMES_TYPES,
+    IMAGE_PLACEHOLDER_RE,
+    LETTERS,
     MMVU_DISCIPLINES,
     MVBENCH_FOLDERS,
+    MVBENCH_LMMS_FOLDERS,
     VIDEOMME_DURATIONS,
     VIDEOMMMU_DISCIPLINES,
     VIDEOMMMU_FOLDERS,
     VIDEOMMMU_TRACKS,
-    _as_list,
-    _check_letter,
-    _check_unique_uids,
-    _Ctx,
-    _is_number,
-    _letter_options,
-    _option_letters,
-    _read_file,
-    _row,
+    Ctx,
+    as_list,
+    build_row,
+    check_letter,
+    check_unique_uids,
+    is_number,
+    letter_options,
+    option_letters,
+    read_file,
 )
 
 
-def _load_holmes(data: Any, file: Path) -> list[dict]:
-    ctx = _Ctx(file)
+def load_holmes(data: Any, file: Path) -> list[dict]:
+    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "test_Video-Holmes.json")):
+    for i, raw in enumerate(as_list(ctx, data, "test_Video-Holmes.json")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         vid = c.get(r, "video ID", str, nonempty=True)
@@ -45,10 +45,10 @@ def _load_holmes(data: Any, file: Path) -> list[dict]:
         if not opts:
             raise c.fail("Options", "is empty")
         for k, v in opts.items():
-            if not (isinstance(k, str) and len(k) == 1 and k in _LETTERS) or not isinstance(v, str):
+            if not (isinstance(k, str) and len(k) == 1 and k in LETTERS) or not isinstance(v, str):
                 raise c.fail("Options", f"entry {k!r}: {v!r} should map a letter to a text")
         keys = sorted(opts)
-        answer = _check_letter(c, "Answer", c.get(r, "Answer", str).strip(), keys)
+        answer = check_letter(c, "Answer", c.get(r, "Answer", str).strip(), keys)
         meta = {
             "question_type": qtype,
             "video_id": vid,
@@ -58,7 +58,7 @@ def _load_holmes(data: Any, file: Path) -> list[dict]:
         if isinstance(r.get("Explanation"), str):
             meta["explanation"] = r["Explanation"]
         rows.append(
-            _row(
+            build_row(
                 problem_id=i + 1,
                 problem=question,
                 problem_type="multiple choice",
@@ -70,13 +70,13 @@ def _load_holmes(data: Any, file: Path) -> list[dict]:
                 uid=f"videoholmes:{vid}:{qid}",
             )
         )
-    return _check_unique_uids(file, rows)
+    return check_unique_uids(file, rows)
 
 
-def _load_videomme(data: Any, file: Path) -> list[dict]:
-    ctx = _Ctx(file)
+def load_videomme(data: Any, file: Path) -> list[dict]:
+    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "Video-MME test parquet rows")):
+    for i, raw in enumerate(as_list(ctx, data, "Video-MME test parquet rows")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         if "questions" in r and "videoID" not in r:
@@ -94,8 +94,8 @@ def _load_videomme(data: Any, file: Path) -> list[dict]:
             raise c.fail("duration", f"{meta['duration']!r} is not one of {VIDEOMME_DURATIONS}")
         question = c.get(r, "question", str, nonempty=True)
         options = c.str_list(r, "options")
-        letters = _option_letters(c, options)
-        answer = _check_letter(c, "answer", c.get(r, "answer", str).strip(), letters)
+        letters = option_letters(c, options)
+        answer = check_letter(c, "answer", c.get(r, "answer", str).strip(), letters)
         meta.update(
             video_id=r.get("video_id"),
             question_id=qid,
@@ -104,7 +104,7 @@ def _load_videomme(data: Any, file: Path) -> list[dict]:
             path_candidates=[f"./videos/{video_file}.mp4", f"./{video_file}.mp4"],
         )
         rows.append(
-            _row(
+            build_row(
                 problem_id=i + 1,
                 problem=question,
                 problem_type="multiple choice",
@@ -116,14 +116,14 @@ def _load_videomme(data: Any, file: Path) -> list[dict]:
                 uid=f"videomme:{qid}",
             )
         )
-    return _check_unique_uids(file, rows)
+    return check_unique_uids(file, rows)
 
 
-def _videommmu_subject(vid: str) -> str:
+def videommmu_subject(vid: str) -> str:
     return "_".join(vid.split("_")[1:-1])
 
 
-def _videommmu_discipline(subject: str) -> str | None:
+def videommmu_discipline(subject: str) -> str | None:
     for discipline, subjects in VIDEOMMMU_DISCIPLINES.items():
         if subject in subjects:
             return discipline
@@ -140,7 +140,7 @@ def _videommmu_track_of(file: Path) -> str | None:
 
 def _videommmu_records(data: Any, file: Path) -> list[tuple[str, int | str, Any]]:
     """(track, row locator, raw row) from an HF track file (list) or a GitHub ``{"Track": {"0": row}}`` file."""
-    ctx = _Ctx(file)
+    ctx = Ctx(file)
     if isinstance(data, dict):
         out = []
         for track, table in data.items():
@@ -162,25 +162,25 @@ def _videommmu_records(data: Any, file: Path) -> list[tuple[str, int | str, Any]
             "cannot tell the VideoMMMU track: keep the HF layout <Track>/test-00000-of-00001.parquet "
             f"(Track one of {', '.join(VIDEOMMMU_TRACKS)}) or pass the folder holding all three",
         )
-    return [(track, i, r) for i, r in enumerate(_as_list(ctx, data, "VideoMMMU track rows"))]
+    return [(track, i, r) for i, r in enumerate(as_list(ctx, data, "VideoMMMU track rows"))]
 
 
 def _convert_videommmu(
     records: list[tuple[str, int | str, Any]], file: Path, start_id: int = 1
 ) -> list[dict]:
-    ctx = _Ctx(file)
+    ctx = Ctx(file)
     rows = []
     for n, (track, loc, raw) in enumerate(records):
         c = ctx.at(loc)
         r = c.row_dict(raw)
         vid = c.get(r, "id", str, nonempty=True)
-        subject = _videommmu_subject(vid)
-        discipline = _videommmu_discipline(subject)
+        subject = videommmu_subject(vid)
+        discipline = videommmu_discipline(subject)
         if discipline is None:
             raise c.fail(
                 "id", f"subject {subject!r} (from id {vid!r}) is not in the VideoMMMU discipline map"
             )
-        question = _IMAGE_PLACEHOLDER_RE.sub("", c.get(r, "question", str, nonempty=True)).strip()
+        question = IMAGE_PLACEHOLDER_RE.sub("", c.get(r, "question", str, nonempty=True)).strip()
         options = c.str_list(r, "options") if "options" in r else []
         answer = c.get(r, "answer", str).strip()
         qtype = r.get("question_type")
@@ -199,19 +199,19 @@ def _convert_videommmu(
         if qtype == "multiple-choice":
             if not options:
                 raise c.fail("options", "a multiple-choice question has no options")
-            _check_letter(c, "answer", answer, _LETTERS[: len(options)])
-            problem_type, lettered = "multiple choice", _letter_options(options)
+            check_letter(c, "answer", answer, LETTERS[: len(options)])
+            problem_type, lettered = "multiple choice", letter_options(options)
         else:
             if not answer:
                 raise c.fail("answer", "is empty")
-            problem_type, lettered = ("numerical" if _is_number(answer) else "free-form"), None
+            problem_type, lettered = ("numerical" if is_number(answer) else "free-form"), None
         folder = VIDEOMMMU_FOLDERS[discipline]
         meta["path_candidates"] = [f"./videos/{vid}.mp4", f"./{vid}.mp4"]
         if track == "Adaptation":
             meta["question_only_path"] = f"./question_only/{vid}_image.mp4"
         link = r.get("link_selected")
         rows.append(
-            _row(
+            build_row(
                 problem_id=start_id + n,
                 problem=question,
                 problem_type=problem_type,
@@ -226,11 +226,11 @@ def _convert_videommmu(
     return rows
 
 
-def _load_videommmu(data: Any, file: Path) -> list[dict]:
-    return _check_unique_uids(file, _convert_videommmu(_videommmu_records(data, file), file))
+def load_videommmu(data: Any, file: Path) -> list[dict]:
+    return check_unique_uids(file, _convert_videommmu(_videommmu_records(data, file), file))
 
 
-def _load_videommmu_dir(folder: Path) -> list[dict]:
+def load_videommmu_dir(folder: Path) -> list[dict]:
     """All tracks under an HF snapshot (<Track>/test-*.parquet[.rows.json]) or a GitHub ``data/`` folder."""
     records: list[tuple[str, int | str, Any, Path]] = []
     for track in ("Adaptation", "Comprehension", "Perception"):  # Video-R1-eval order
@@ -246,7 +246,7 @@ def _load_videommmu_dir(folder: Path) -> list[dict]:
                     hits = [cand]
                     break
         for f in hits:
-            records.extend((t, loc, r, f) for t, loc, r in _videommmu_records(_read_file(f), f))
+            records.extend((t, loc, r, f) for t, loc, r in _videommmu_records(read_file(f), f))
     if not records:
         raise FileNotFoundError(
             f"{folder}: no VideoMMMU track files found (expected <Track>/test-00000-of-00001.parquet[.rows.json] "
@@ -255,20 +255,20 @@ def _load_videommmu_dir(folder: Path) -> list[dict]:
     rows = []
     for t, loc, r, f in records:
         rows.extend(_convert_videommmu([(t, loc, r)], f, start_id=len(rows) + 1))
-    return _check_unique_uids(folder, rows)
+    return check_unique_uids(folder, rows)
 
 
-def _mmvu_discipline(subject: str) -> str | None:
+def mmvu_discipline(subject: str) -> str | None:
     for discipline, subjects in MMVU_DISCIPLINES.items():
         if subject in subjects:
             return discipline
     return None
 
 
-def _load_mmvu(data: Any, file: Path) -> list[dict]:
-    ctx = _Ctx(file)
+def load_mmvu(data: Any, file: Path) -> list[dict]:
+    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "MMVU validation.json")):
+    for i, raw in enumerate(as_list(ctx, data, "MMVU validation.json")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         rid = c.get(r, "id", str, nonempty=True)
@@ -278,7 +278,7 @@ def _load_mmvu(data: Any, file: Path) -> list[dict]:
         if len(parts) < 2 or not parts[-1]:
             raise c.fail(video_key, f"{video!r} should end in <Subject>/<n>.mp4")
         subject, fname = parts[-2], parts[-1]
-        discipline = _mmvu_discipline(subject)
+        discipline = mmvu_discipline(subject)
         if discipline is None:
             raise c.fail(video_key, f"subject folder {subject!r} is not in the MMVU discipline map")
         qtype = c.get(r, "question_type", str)
@@ -290,14 +290,14 @@ def _load_mmvu(data: Any, file: Path) -> list[dict]:
             keys = sorted(k for k, v in choices.items() if isinstance(v, str) and v.strip())
             if not keys:
                 raise c.fail("choices", "a multiple-choice question has no non-empty choice")
-            if any(k not in _LETTERS for k in keys):
+            if any(k not in LETTERS for k in keys):
                 raise c.fail("choices", f"keys {keys} should be letters")
-            _check_letter(c, "answer", answer, keys)
+            check_letter(c, "answer", answer, keys)
             problem_type, options = "multiple choice", [f"{k}. {choices[k]}" for k in keys]
         elif qtype == "open-ended":
             if not answer:
                 raise c.fail("answer", "is empty")
-            problem_type, options = ("numerical" if _is_number(answer) else "free-form"), None
+            problem_type, options = ("numerical" if is_number(answer) else "free-form"), None
         else:
             raise c.fail("question_type", f"{qtype!r} should be 'multiple-choice' or 'open-ended'")
         meta = {
@@ -309,7 +309,7 @@ def _load_mmvu(data: Any, file: Path) -> list[dict]:
             "path_candidates": [f"./{subject}/{fname}"],
         }
         rows.append(
-            _row(
+            build_row(
                 problem_id=i + 1,
                 problem=question,
                 problem_type=problem_type,
@@ -321,7 +321,7 @@ def _load_mmvu(data: Any, file: Path) -> list[dict]:
                 uid=f"mmvu:{rid}",
             )
         )
-    return _check_unique_uids(file, rows)
+    return check_unique_uids(file, rows)
 
 
 def _mvbench_paths(task: str, video: str) -> tuple[str, list[str]]:
@@ -329,27 +329,27 @@ def _mvbench_paths(task: str, video: str) -> tuple[str, list[str]]:
     if folder is None:
         return f"./{task}/{video}", []
     cands = [f"./{task}/{video}"]
-    if folder in _MVBENCH_LMMS_FOLDERS:
-        cands.append(f"./{_MVBENCH_LMMS_FOLDERS[folder]}/{video}")
+    if folder in MVBENCH_LMMS_FOLDERS:
+        cands.append(f"./{MVBENCH_LMMS_FOLDERS[folder]}/{video}")
     return f"./{folder}/{video}", cands
 
 
 def _load_mvbench(data: Any, file: Path, start_id: int = 1) -> list[dict]:
-    ctx = _Ctx(file)
+    ctx = Ctx(file)
     task = file.name.split(".")[0]
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "MVBench json/<task>.json")):
+    for i, raw in enumerate(as_list(ctx, data, "MVBench json/<task>.json")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         video = c.get(r, "video", str, nonempty=True)
         question = c.get(r, "question", str, nonempty=True)
         candidates = c.str_list(r, "candidates")
-        if not 2 <= len(candidates) <= len(_LETTERS):
+        if not 2 <= len(candidates) <= len(LETTERS):
             raise c.fail("candidates", f"expected at least 2 candidates, got {len(candidates)}")
         answer_text = c.get(r, "answer", str)
         if answer_text not in candidates:
             raise c.fail("answer", f"{answer_text!r} is not one of the candidates {candidates}")
-        letter = _LETTERS[candidates.index(answer_text)]
+        letter = LETTERS[candidates.index(answer_text)]
         meta: dict[str, Any] = {"task": task, "video": video}
         if ("start" in r) != ("end" in r):
             raise c.fail("end" if "start" in r else "start", "clip bounds need both 'start' and 'end'")
@@ -361,11 +361,11 @@ def _load_mvbench(data: Any, file: Path, start_id: int = 1) -> list[dict]:
         path, cands = _mvbench_paths(task, video)
         meta["path_candidates"] = cands
         rows.append(
-            _row(
+            build_row(
                 problem_id=start_id + i,
                 problem=question,
                 problem_type="multiple choice",
-                options=_letter_options(candidates),
+                options=letter_options(candidates),
                 answer=letter,
                 path=path,
                 data_source=task,
@@ -376,22 +376,22 @@ def _load_mvbench(data: Any, file: Path, start_id: int = 1) -> list[dict]:
     return rows
 
 
-def _load_mvbench_file(data: Any, file: Path) -> list[dict]:
-    return _check_unique_uids(file, _load_mvbench(data, file))
+def load_mvbench_file(data: Any, file: Path) -> list[dict]:
+    return check_unique_uids(file, _load_mvbench(data, file))
 
 
-def _load_mvbench_dir(folder: Path) -> list[dict]:
+def load_mvbench_dir(folder: Path) -> list[dict]:
     base = folder / "json" if (folder / "json").is_dir() else folder
     files = sorted(base.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"{folder}: no MVBench json/<task>.json files found")
     rows: list[dict] = []
     for f in files:
-        rows.extend(_load_mvbench(_read_file(f), f, start_id=len(rows) + 1))
-    return _check_unique_uids(folder, rows)
+        rows.extend(_load_mvbench(read_file(f), f, start_id=len(rows) + 1))
+    return check_unique_uids(folder, rows)
 
 
-def _tempcompass_mc(c: _Ctx, question: str, answer: str) -> tuple[str, list[str], str]:
+def _tempcompass_mc(c: Ctx, question: str, answer: str) -> tuple[str, list[str], str]:
     """Split "stem\\nA. x\\nB. y" into (stem, ["A. x", "B. y"]) and read the letter of "C. text"."""
     lines = question.split("\n")
     first = next((k for k, line in enumerate(lines) if line.startswith("A. ") or line == "A."), None)
@@ -399,14 +399,14 @@ def _tempcompass_mc(c: _Ctx, question: str, answer: str) -> tuple[str, list[str]
         raise c.fail("question", "no option lines ('A. ...') found in the question")
     stem = "\n".join(lines[:first]).strip()
     options = [line.strip() for line in lines[first:] if line.strip()]
-    letters = _option_letters(c, options, field="question")
+    letters = option_letters(c, options, field="question")
     m = re.match(r"^\(?([A-Z])(?:[.):]|$)", answer.strip())
     if not m:
         raise c.fail("answer", f"{answer!r} should start with an option letter ('C. text')")
-    return stem, options, _check_letter(c, "answer", m.group(1), letters)
+    return stem, options, check_letter(c, "answer", m.group(1), letters)
 
 
-def _tempcompass_row(c: _Ctx, r: dict, video_id: str, dim: str, uid: str, problem_id: int) -> dict:
+def _tempcompass_row(c: Ctx, r: dict, video_id: str, dim: str, uid: str, problem_id: int) -> dict:
     question = c.get(r, "question", str, nonempty=True)
     answer = c.get(r, "answer", str, nonempty=True)
     if answer.strip().lower() in ("yes", "no"):
@@ -421,7 +421,7 @@ def _tempcompass_row(c: _Ctx, r: dict, video_id: str, dim: str, uid: str, proble
         "video_id": video_id,
         "path_candidates": [f"./{video_id}.mp4"],
     }
-    return _row(
+    return build_row(
         problem_id=problem_id,
         problem=stem,
         problem_type="multiple choice",
@@ -434,8 +434,8 @@ def _tempcompass_row(c: _Ctx, r: dict, video_id: str, dim: str, uid: str, proble
     )
 
 
-def _load_tempcompass(data: Any, file: Path) -> list[dict]:
-    ctx = _Ctx(file)
+def load_tempcompass(data: Any, file: Path) -> list[dict]:
+    ctx = Ctx(file)
     rows: list[dict] = []
     if isinstance(data, dict):  # questions/<task>.json: {video_id: {dim: [{question, answer}]}}
         for video_id, dims in data.items():
@@ -456,19 +456,19 @@ def _load_tempcompass(data: Any, file: Path) -> list[dict]:
         if not rows:
             raise ctx.fail(None, "the file holds no questions")
     else:  # lmms-lab/TempCompass flat rows
-        for i, raw in enumerate(_as_list(ctx, data, "TempCompass rows")):
+        for i, raw in enumerate(as_list(ctx, data, "TempCompass rows")):
             c = ctx.at(i)
             r = c.row_dict(raw)
             video_id = str(c.get(r, "video_id", (str, int)))
             dim = c.get(r, "dim", str, nonempty=True)
             rows.append(_tempcompass_row(c, r, video_id, dim, f"{video_id}:{dim}:{i}", i + 1))
-    return _check_unique_uids(file, rows)
+    return check_unique_uids(file, rows)
 
 
-def _load_vsibench(data: Any, file: Path) -> list[dict]:
-    ctx = _Ctx(file)
+def load_vsibench(data: Any, file: Path) -> list[dict]:
+    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "VSI-Bench rows")):
+    for i, raw in enumerate(as_list(ctx, data, "VSI-Bench rows")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         rid = c.get(r, "id", (int, str))
@@ -481,17 +481,17 @@ def _load_vsibench(data: Any, file: Path) -> list[dict]:
         if options is not None:
             options = c.str_list(r, "options")
         if options:
-            _check_letter(c, "ground_truth", gt, _option_letters(c, options))
+            check_letter(c, "ground_truth", gt, option_letters(c, options))
             problem_type = "multiple choice"
         else:
-            if not _is_number(gt):
+            if not is_number(gt):
                 raise c.fail(
                     "ground_truth", f"{gt!r} is not a number (a question without options is numeric)"
                 )
             problem_type, options = "regression", None
         meta = {"question_type": qtype, "dataset": dataset, "scene_name": scene, "id": rid}
         rows.append(
-            _row(
+            build_row(
                 problem_id=i + 1,
                 problem=question,
                 problem_type=problem_type,
@@ -503,4 +503,4 @@ def _load_vsibench(data: Any, file: Path) -> list[dict]:
                 uid=f"vsibench:{rid}",
             )
         )
-    return _check_unique_uids(file, rows)
+    return check_unique_uids(file, rows)

@@ -15,21 +15,21 @@ from video_ktr.evaluation.tasks.base import (
     MEDIA_EXTENSIONS,
     VIDEO_R1_KEYS,
     BenchmarkDataError,
-    _is_video_r1,
-    _read_file,
+    is_video_r1,
+    read_file,
 )
 from video_ktr.evaluation.tasks.official import (
-    _load_holmes,
-    _load_mmvu,
-    _load_mvbench_dir,
-    _load_mvbench_file,
-    _load_tempcompass,
-    _load_videomme,
-    _load_videommmu,
-    _load_videommmu_dir,
-    _load_vsibench,
+    load_holmes,
+    load_mmvu,
+    load_mvbench_dir,
+    load_mvbench_file,
+    load_tempcompass,
+    load_videomme,
+    load_videommmu,
+    load_videommmu_dir,
+    load_vsibench,
 )
-from video_ktr.evaluation.tasks.video_r1 import _load_video_r1
+from video_ktr.evaluation.tasks.video_r1 import load_video_r1
 
 __all__ = [
     "BENCHMARKS",
@@ -60,7 +60,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "Video-Holmes",
             ("holmes",),
             (("by_question_type", "question_type"),),
-            _load_holmes,
+            load_holmes,
             description="test_Video-Holmes.json (list; 'video ID', 'Options' A-F)",
         ),
         BenchmarkSpec(
@@ -73,7 +73,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                 ("by_task_type", "task_type"),
                 ("by_sub_category", "sub_category"),
             ),
-            _load_videomme,
+            load_videomme,
             description="videomme/test-00000-of-00001.parquet (rows; no subtitles)",
         ),
         BenchmarkSpec(
@@ -81,8 +81,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "VideoMMMU",
             (),
             (("by_track", "track"), ("by_discipline", "discipline"), ("by_subject", "subject")),
-            _load_videommmu,
-            _load_videommmu_dir,
+            load_videommmu,
+            load_videommmu_dir,
             description="<Track>/test-*.parquet, data/*_video.json, or a folder with all tracks",
         ),
         BenchmarkSpec(
@@ -94,7 +94,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                 ("by_subject", "subject"),
                 ("by_question_type", "question_type"),
             ),
-            _load_mmvu,
+            load_mmvu,
             description="validation.json",
         ),
         BenchmarkSpec(
@@ -102,8 +102,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "MVBench",
             (),
             (("by_task", "task"),),
-            _load_mvbench_file,
-            _load_mvbench_dir,
+            load_mvbench_file,
+            load_mvbench_dir,
             description="json/<task>.json, or the json/ folder",
         ),
         BenchmarkSpec(
@@ -111,7 +111,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "TempCompass",
             (),
             (("by_dim", "dim"), ("by_task_type", "task_type")),
-            _load_tempcompass,
+            load_tempcompass,
             description="questions/{multi-choice,yes_no}.json or lmms-lab rows",
         ),
         BenchmarkSpec(
@@ -119,7 +119,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             "VSI-Bench",
             ("vsi",),
             (("by_question_type", "question_type"),),
-            _load_vsibench,
+            load_vsibench,
             description="test-00000-of-00001.parquet or test.jsonl",
         ),
         BenchmarkSpec(
@@ -163,9 +163,9 @@ def load_benchmark(name: str, data_file: str | os.PathLike) -> list[dict]:
         if spec.load_dir is None:
             raise ValueError(f"{path}: {spec.name} expects a file, not a folder ({spec.description})")
         return spec.load_dir(path)
-    data = _read_file(path)
-    if _is_video_r1(data):
-        return _load_video_r1(data, path, spec.name, spec.display_name)
+    data = read_file(path)
+    if is_video_r1(data):
+        return load_video_r1(data, path, spec.name, spec.display_name)
     if spec.load_official is None:
         raise BenchmarkDataError(
             path,

@@ -9,31 +9,31 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.evaluation.tasks.base import (
-    _ANSWER_RE,
-    _SCHEMA_KEYS,
-    _VIDEOMMMU_R1_RANGES,
+    ANSWER_RE,
     HOLMES_TYPES,
     MVBENCH_FOLDERS,
     PROBLEM_TYPES,
+    SCHEMA_KEYS,
     TEMPCOMPASS_DIMS,
+    VIDEOMMMU_R1_RANGES,
     VSI_DATASETS,
-    _as_list,
-    _check_letter,
-    _check_unique_uids,
-    _Ctx,
-    _is_number,
-    _option_letters,
-    _row,
+    Ctx,
+    as_list,
+    build_row,
+    check_letter,
+    check_unique_uids,
+    is_number,
+    option_letters,
 )
-from video_ktr.evaluation.tasks.official import _mmvu_discipline, _videommmu_discipline, _videommmu_subject
+from video_ktr.evaluation.tasks.official import mmvu_discipline, videommmu_discipline, videommmu_subject
 
 __all__ = ["join_official_meta"]
 
 
-def _load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[dict]:
-    ctx = _Ctx(file)
+def load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[dict]:
+    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(_as_list(ctx, data, "Video-R1 schema rows")):
+    for i, raw in enumerate(as_list(ctx, data, "Video-R1 schema rows")):
         c = ctx.at(i)
         r = c.row_dict(raw)
         problem = c.get(r, "problem", str, nonempty=True)
@@ -41,7 +41,7 @@ def _load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[
         if ptype not in PROBLEM_TYPES:
             raise c.fail("problem_type", f"{ptype!r} is not one of {', '.join(PROBLEM_TYPES)}")
         solution = c.get(r, "solution", str)
-        m = _ANSWER_RE.match(solution.strip())
+        m = ANSWER_RE.match(solution.strip())
         if not m or not m.group(1).strip():
             raise c.fail("solution", f"{solution!r} should be '<answer>X</answer>'")
         answer = m.group(1).strip()
@@ -57,15 +57,15 @@ def _load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[
             if options is None:
                 raise c.fail("options", "a multiple choice row needs a list of 'A. text' options")
             options = c.str_list(r, "options")
-            _check_letter(c, "solution", answer, _option_letters(c, options))
+            check_letter(c, "solution", answer, option_letters(c, options))
         elif options is not None:
             options = c.str_list(r, "options")
-        if ptype in ("numerical", "regression") and not _is_number(answer):
+        if ptype in ("numerical", "regression") and not is_number(answer):
             raise c.fail("solution", f"{answer!r} is not a number ({ptype} row)")
         ds = r.get("data_source")
-        meta = {k: v for k, v in r.items() if k not in _SCHEMA_KEYS}
+        meta = {k: v for k, v in r.items() if k not in SCHEMA_KEYS}
         rows.append(
-            _row(
+            build_row(
                 problem_id=pid,
                 problem=problem,
                 problem_type=ptype,
@@ -78,7 +78,7 @@ def _load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[
                 data_type=data_type,
             )
         )
-    _check_unique_uids(file, rows)
+    check_unique_uids(file, rows)
     enrich = _ENRICHERS.get(benchmark)
     if enrich is not None:
         for row in rows:
@@ -106,15 +106,15 @@ def _enrich_videommmu(row: dict) -> None:
         stem = stem[: -len("_image")]
         meta["question_only"] = True
     meta.setdefault("id", stem)
-    subject = _videommmu_subject(stem)
+    subject = videommmu_subject(stem)
     if subject and "subject" not in meta:
         meta["subject"] = subject
-    discipline = _videommmu_discipline(meta.get("subject", ""))
+    discipline = videommmu_discipline(meta.get("subject", ""))
     if discipline and "discipline" not in meta:
         meta["discipline"] = discipline
     pid = row["problem_id"]
     if "track" not in meta and isinstance(pid, int):
-        for track, lo, hi in _VIDEOMMMU_R1_RANGES:
+        for track, lo, hi in VIDEOMMMU_R1_RANGES:
             if lo <= pid <= hi:
                 meta["track"], meta["track_inferred"] = track, True  # from the problem_id range: verify
 
@@ -122,9 +122,9 @@ def _enrich_videommmu(row: dict) -> None:
 def _enrich_mmvu(row: dict) -> None:
     meta = row["meta"]
     subject = Path(row["path"]).parent.name
-    if "subject" not in meta and _mmvu_discipline(subject):
+    if "subject" not in meta and mmvu_discipline(subject):
         meta["subject"] = subject
-    discipline = _mmvu_discipline(meta.get("subject", ""))
+    discipline = mmvu_discipline(meta.get("subject", ""))
     if discipline and "discipline" not in meta:
         meta["discipline"] = discipline
     if "question_type" not in meta and isinstance(meta.get("original_question_type"), str):
