@@ -33,6 +33,7 @@ from video_ktr.analysis.model_size import (
     count_params,
     video_geometry,
 )
+from video_ktr.model.scoring import LOGPROB_CHUNK_ELEMENTS
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.utils.config import from_dict, load_yaml
 
@@ -242,8 +243,11 @@ def estimate(
         vis_once_ng = P * patches_video * b * (5 * hv + 3 * iv) + R * Lvis * h * b
         add("no-grad forward working set (one layer + visual features)", "probes", layer_ng + vis_once_ng,
             f"passes: {', '.join(passes)}; {rows_c} rows at a time (forward_batch_size)")
-        add("probe logits chunk", "probes", rows_c * (Lc + 1) * V * 8,
-            f"{rows_c} rows x {Lc + 1} x {V} x 8 B: fp32 logits + log-softmax")
+        # the model's logits in its own dtype, then float32 logits + log-softmax for at most
+        # LOGPROB_CHUNK_ELEMENTS positions x vocabulary at a time (model/scoring.token_logprobs)
+        chunk = min(rows_c * Lc * V, LOGPROB_CHUNK_ELEMENTS)
+        add("probe logits + a log-softmax chunk", "probes", rows_c * (Lc + 1) * V * b + chunk * 8,
+            f"{rows_c} rows x {Lc + 1} x {V} x {b} B logits + {chunk:,} x 8 B: fp32 logits + log-softmax per chunk")
 
     # ---------------------------------------------------------------- policy forward / backward
     if ckpt:
