@@ -299,3 +299,73 @@ def test_cli_prints_one_line_for_a_user_mistake_and_the_traceback_with_debug(tin
         cli.main([*args, "--learning_rate", "nan"])
     assert e.value.code == 2
     assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture
+def two_checkpoints(tiny_setup, tmp_path):
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+
+    out = tmp_path / "out"
+    args = tiny_setup.train_args(out, "--max_steps", "2", "--max_completion_length", "4", "--token_selection", "none",
+                                 "--beta", "0", "--save_steps", "1", "--learning_rate", "1e-3")
+    KTRTrainer(parse_args(TrainConfig, args)).train()
+    return out, args
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damaged", ["trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt"])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back(two_checkpoints, damaged):
+    from video_ktr.training.checkpoint import CheckpointError
+    from video_ktr.training.checkpoint_verify import find_resumable, verify
+
+    out, _ = two_checkpoints
+    verify(out / "checkpoint-1")
+    verify(out / "checkpoint-2")
+    _truncate(out / "checkpoint-2" / damaged)
+    with pytest.raises(CheckpointError, match=rf"checkpoint-2/{damaged} is damaged"):
+        verify(out / "checkpoint-2")
+    path, skipped = find_resumable(out, "latest")
+    assert path.name == "checkpoint-1" and len(skipped) == 1 and skipped[0].startswith("skipped checkpoint-2: ")
+    with pytest.raises(CheckpointError, match=damaged):  # named explicitly: refused, no fallback
+        find_resumable(out, str(out / "checkpoint-2"))
+    _truncate(out / "checkpoint-1" / damaged)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .* to resume from"):
+        find_resumable(out, "latest")
+
+
+def test_resume_latest_skips_a_truncated_checkpoint_and_says_so(two_checkpoints, capsys):
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+
+    out, args = two_checkpoints
+    _truncate(out / "checkpoint-2" / "model.safetensors")
+    trainer = KTRTrainer(parse_args(TrainConfig, [*args, "--resume_from_checkpoint", "latest"]))
+    assert trainer.state.step == 1
+    printed = capsys.readouterr().out
+    assert "skipped checkpoint-2:" in printed and "model.safetensors is damaged" in printed
+    trainer.run_lock.release()
+
+
+def test_a_nonfinite_model_is_never_saved_as_final(tiny_setup, tmp_path):
+    import torch
+
+    from video_ktr.training.checkpoint_verify import NonFiniteModelError
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+
+    out = tmp_path / "out"
+    trainer = KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(out, "--max_steps", "1")))
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteModelError, match=r"1 parameter tensor\(s\) hold NaN or inf"):
+        trainer.save_final()
+    assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
+    trainer.run_lock.release()

@@ -37,7 +37,8 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("video_ktr.data.media", "MediaError"),
     ("video_ktr.utils.settings_check", "SettingsError"),
     ("video_ktr.utils.run_dir", "RunDirError"),
-    ("video_ktr.training.checkpoint_verify", "CheckpointError"),
+    ("video_ktr.training.checkpoint", "CheckpointError"),
+    ("video_ktr.training.checkpoint_verify", "NonFiniteModelError"),
     ("video_ktr.evaluation.eval_config", "EvalError"),
     ("video_ktr.evaluation.tasks.base", "BenchmarkDataError"),
 )

@@ -24,6 +24,7 @@ import torch
 
 from video_ktr.model.loading import grouped_kv_attention, load_model, use_grouped_kv_sdpa
 from video_ktr.training import checkpoint as ckpt
+from video_ktr.training.checkpoint_verify import check_finite_model, find_resumable
 from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count
 from video_ktr.training.options import RunOptions
 from video_ktr.training.schedule import build_scheduler
@@ -90,7 +91,10 @@ class TrainingRun:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def _resume(self, spec: str) -> None:
-        path = ckpt.find(self.out, spec)
+        path, skipped = find_resumable(self.out, spec)  # verified; damaged newer ones skipped and named
+        if self.acc.is_main_process:
+            for line in skipped:
+                print(line)
         extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
         self.bad_steps = int(extra.get("bad_steps", 0))
         self.restore_extra(extra, path)
@@ -240,4 +244,5 @@ class TrainingRun:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.before_final_save()
+            check_finite_model(self.acc.unwrap_model(self.model))  # never a NaN model as final
             ckpt.save_model(self.out, self.acc, self.model, self.processor)
