@@ -369,3 +369,53 @@ def test_a_nonfinite_model_is_never_saved_as_final(tiny_setup, tmp_path):
         trainer.save_final()
     assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
     trainer.run_lock.release()
+
+
+# ------------------------------------------------------------------------------------------- data unpack
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_unpack_never_overwrites_without_overwrite_names_collisions_and_goes_on(tmp_path):
+    from video_ktr.data.unpack import unpack
+
+    root = tmp_path / "dl"
+    _zip(root / "A" / "A.zip", {"v/1.mp4": b"new one", "v/2.mp4": b"two"})
+    _zip(root / "B" / "B.zip", {"clip": b"x", "clip/inner.mp4": b"y"})  # a file and a folder of one name
+    _zip(root / "C" / "C.zip", {"c.mp4": b"c"})
+    (root / "A" / "v").mkdir()
+    (root / "A" / "v" / "1.mp4").write_bytes(b"the user's own file")
+    (root / "A" / "v" / "2.mp4").write_bytes(b"two")  # identical: not a collision
+    (root / "D").mkdir()
+    (root / "D" / "media.tar.gz").write_bytes(b"\x1f\x8b")
+    lines: list[str] = []
+    result = unpack(root, progress=False, log=lines.append)
+    text = "\n".join(lines)
+    assert [a.name for a in result.extracted] == ["C.zip"] and (root / "C" / "c.mp4").read_bytes() == b"c"
+    assert {e.archive.rsplit("/", 1)[1] for e in result.errors} == {"A.zip", "B.zip"} and not result.ok
+    assert "'v/1.mp4':" in text and "exists and differs (--overwrite replaces it)" in text and "'v/2.mp4'" not in text
+    assert "'clip/inner.mp4': the archive also holds a file 'clip'" in text
+    assert (root / "A" / "v" / "1.mp4").read_bytes() == b"the user's own file"
+    assert [t.name for t in result.tar_archives] == ["media.tar.gz"] and "tar archive D/media.tar.gz: not extracted" in text
+
+    again = unpack(root, progress=False, log=lambda _: None, overwrite=True)
+    assert (root / "A" / "v" / "1.mp4").read_bytes() == b"new one" and [a.name for a in again.extracted] == ["A.zip"]
+
+
+def test_unpack_folder_in_the_way_is_a_collision_not_a_traceback(tmp_path):
+    from video_ktr.data.unpack import unpack
+
+    root = tmp_path / "dl"
+    _zip(root / "A.zip", {"x.mp4": b"1"})
+    (root / "x.mp4").mkdir()
+    lines: list[str] = []
+    result = unpack(root, progress=False, log=lines.append, overwrite=True)
+    assert not result.ok and "'x.mp4': " in "\n".join(lines) and "is a folder" in "\n".join(lines)

@@ -23,6 +23,13 @@
       partial files); a re-downloaded (changed) archive is extracted again.
     - Zip files that came out of another archive (listed in its marker) are content, not downloads, and
       are left alone, as a single pass of ``unzip.py`` does.
+    - Existing files are never replaced silently: a member whose target exists with other content (and
+      was not written by an earlier, interrupted or outdated, extraction of the same archive), a member
+      whose target is a folder, or one whose folder is a file (on disk or in the archive) is a collision; the
+      archive is refused before anything of it is written, each colliding member named, and the other
+      archives are still extracted (exit status 1). ``--overwrite`` replaces differing files; an identical
+      existing file is fine. ``.<archive name>.unpacking`` marks an extraction in progress.
+    - Tar archives (``.tar``, ``.tar.gz``, ``.tgz``, ...) are not extracted; each is named in the output.
     - Split archives (``x.z01``, ``x.zip.001``) are not joined: they are reported, join them first.
     - ``--dry_run`` lists what would be extracted, skipped or refused and writes nothing.
 """
@@ -47,6 +54,7 @@ from video_ktr.data.argv import parse_positional as _parse
 from video_ktr.utils.config import field
 
 _SPLIT_PART = re.compile(r"(\.z\d\d|\.zip\.\d{3})$", re.IGNORECASE)
+_TAR = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tbz2|tar\.xz|txz)$", re.IGNORECASE)
 
 
 @dataclass
@@ -58,6 +66,7 @@ class UnpackArgs:
 
     dir: str = field(help="The downloaded Video-R1-data folder (may be given as the first positional argument).")
     dry_run: bool = field(False, help="Only list which archives would be extracted, skipped or refused; write nothing.")
+    overwrite: bool = field(False, help="Replace existing files that differ from an archive's member (without it such an archive is refused, each colliding member named, and the others are still extracted).")
 
 
 class ArchiveError(Exception):
@@ -75,6 +84,7 @@ class UnpackResult:
     skipped: list[Path] = dataclasses.field(default_factory=list)
     errors: list[ArchiveError] = dataclasses.field(default_factory=list)
     split_parts: list[Path] = dataclasses.field(default_factory=list)
+    tar_archives: list[Path] = dataclasses.field(default_factory=list)  # named, not extracted
 
     @property
     def ok(self) -> bool:
@@ -100,6 +110,56 @@ def find_archives(root: Path) -> tuple[list[Path], list[Path]]:
             elif _SPLIT_PART.search(name):
                 parts.append(Path(dirpath) / name)
     return archives, parts
+
+
+def find_tar_archives(root: Path) -> list[Path]:
+    """Tar archives below ``root`` (not extracted by ``data unpack``: they are named so nothing is missed)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".") and _TAR.search(n)]
+    return found
+
+
+def _in_progress_path(archive: Path) -> Path:
+    return archive.with_name(f".{archive.name}.unpacking")
+
+
+def _collisions(members: list[zipfile.ZipInfo], zf: zipfile.ZipFile, dest: Path, *, overwrite: bool) -> list[str]:
+    """One line per member that cannot be written: a folder or a file in the way, or an existing file that
+    differs from the member (allowed with ``overwrite``). An existing identical file is not a collision."""
+    problems = []
+    names = {m.filename.rstrip("/") for m in members if not m.is_dir()}
+    for m in members:
+        if m.is_dir():
+            continue
+        name = m.filename.replace("\\", "/")
+        target = dest / name
+        parts = Path(name).parts
+        for k in range(1, len(parts)):
+            prefix = "/".join(parts[:k])
+            if prefix in names:
+                problems.append(f"{name!r}: the archive also holds a file {prefix!r} where its folder would be")
+                break
+            if (dest / prefix).is_file():
+                problems.append(f"{name!r}: {dest / prefix} is a file where its folder would be")
+                break
+        else:
+            if target.is_dir():
+                problems.append(f"{name!r}: {target} is a folder")
+            elif target.is_file() and not overwrite and not _same_content(target, m, zf):
+                problems.append(f"{name!r}: {target} exists and differs (--overwrite replaces it)")
+    return problems
+
+
+def _same_content(target: Path, member: zipfile.ZipInfo, zf: zipfile.ZipFile) -> bool:
+    if target.stat().st_size != member.file_size:
+        return False
+    crc = 0
+    with open(target, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc == member.CRC
 
 
 def _is_symlink_entry(info: zipfile.ZipInfo) -> bool:
@@ -167,7 +227,7 @@ def _doubled_prefix(members: Sequence[zipfile.ZipInfo], dest: Path) -> bool:
     return bool(names) and bool(dest.name) and all(n.startswith(prefix) or n == prefix for n in names)
 
 
-def unpack_archive(archive: Path, dest: Path | None = None, *, progress: bool = True) -> list[str]:
+def unpack_archive(archive: Path, dest: Path | None = None, *, progress: bool = True, overwrite: bool = False) -> list[str]:
     """Extract ``archive`` into ``dest`` (default: its folder) and write its marker.
 
     Every member is checked before anything is written; raises :class:`ArchiveError` for an unsafe,
@@ -181,6 +241,13 @@ def unpack_archive(archive: Path, dest: Path | None = None, *, progress: bool = 
         raise ArchiveError(archive, None, f"is not a readable zip file ({exc}); re-download it") from None
     with zf:
         members = _safe_members(zf, archive, dest)
+        # files this package wrote before (a crash mid-extraction, a changed archive) may be replaced
+        ours = _in_progress_path(archive).exists() or marker_path(archive).exists()
+        problems = _collisions(members, zf, dest, overwrite=overwrite or ours)
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise ArchiveError(archive, None, f"{len(problems)} member(s) collide with what is on disk, nothing "
+                               f"extracted: {shown}")
         files = [m for m in members if not m.is_dir()]
         total = sum(m.file_size for m in files)
         existing = 0
@@ -197,6 +264,7 @@ def unpack_archive(archive: Path, dest: Path | None = None, *, progress: bool = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=archive.name, disable=not progress, leave=False)
+        _in_progress_path(archive).write_text(archive.name, encoding="utf-8")
         try:
             for m in members:
                 target = dest / m.filename.replace("\\", "/")
@@ -229,11 +297,12 @@ def unpack_archive(archive: Path, dest: Path | None = None, *, progress: bool = 
     tmp = marker_path(archive).with_suffix(".tmp")
     tmp.write_text(json.dumps(marker, indent=1), encoding="utf-8")
     os.replace(tmp, marker_path(archive))
+    _in_progress_path(archive).unlink(missing_ok=True)
     return nested
 
 
 def unpack(root: str | os.PathLike, *, dry_run: bool = False, progress: bool = True,
-           log: Callable[[str], None] = print) -> UnpackResult:
+           log: Callable[[str], None] = print, overwrite: bool = False) -> UnpackResult:
     """Extract every archive below ``root`` into its own folder (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
@@ -250,6 +319,10 @@ def unpack(root: str | os.PathLike, *, dry_run: bool = False, progress: bool = T
     for part in result.split_parts:
         log(f"split archive part {part}: not handled; join the parts first (e.g. `cat x.zip.0* > x.zip`, "
             "or `zip -s 0 x.zip --out x-joined.zip` for x.z01..)")
+    result.tar_archives = find_tar_archives(root)
+    for tar in result.tar_archives:
+        log(f"tar archive {tar.relative_to(root)}: not extracted by this command; extract it with "
+            f"`tar xf {tar.name}` in its folder (Video-R1-data ships zip archives)")
     todo = [a for a in archives if a.resolve() not in nested]
     for a in archives:
         if a.resolve() in nested:
@@ -287,7 +360,7 @@ def unpack(root: str | os.PathLike, *, dry_run: bool = False, progress: bool = T
             continue
         log(f"{head}: extracting {len(members)} member(s), {_human(size)} into {where}/{note}")
         try:
-            unpack_archive(archive, dest, progress=progress)
+            unpack_archive(archive, dest, progress=progress, overwrite=overwrite)
         except ArchiveError as err:
             log(f"{head}: ERROR: {err}")
             result.errors.append(err)
@@ -307,7 +380,7 @@ def unpack(root: str | os.PathLike, *, dry_run: bool = False, progress: bool = T
 def unpack_main(argv: list[str]) -> int:
     args = _parse(UnpackArgs, argv, "video-ktr data unpack", positional="dir")
     try:
-        result = unpack(args.dir, dry_run=args.dry_run)
+        result = unpack(args.dir, dry_run=args.dry_run, overwrite=args.overwrite)
     except FileNotFoundError as exc:
         print(f"video-ktr data unpack: {exc}", file=sys.stderr)
         return 2
