@@ -144,9 +144,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int, list[float]]]) -> list[str]:
-    from video_ktr.analysis.plots import _pyplot, _save
+    from video_ktr.analysis.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     names = list(variants)
     if any(v["metrics"]["greedy_accuracy"]["n"] for v in variants.values()):
@@ -162,7 +162,7 @@ def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int,
         ax.set_ylim(0.0, 1.05)
         ax.set_title(f"held-out accuracy, mean ± std over {len(next(iter(variants.values()))['seeds'])} seeds")
         ax.legend()
-        written.append(_save(fig, out / "accuracy.png"))
+        written.append(save_figure(fig, out / "accuracy.png"))
     if any(curves.values()):
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for name in names:
@@ -178,7 +178,7 @@ def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int,
         ax.set_ylabel("reward (mean over seeds)")
         ax.set_title("training reward, mean ± std over seeds")
         ax.legend(fontsize=8)
-        written.append(_save(fig, out / "reward_curves.png"))
+        written.append(save_figure(fig, out / "reward_curves.png"))
     return written
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from video_ktr.analysis.plots import _pyplot, _save, moving_average
+from video_ktr.analysis.plots import moving_average, pyplot, save_figure
 from video_ktr.utils.jsonl import read_jsonl
 
 
@@ -22,7 +22,7 @@ def sft_accuracy_curves(sft: list[dict[str, Any]]) -> dict[str, list[tuple[int, 
 
 
 def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     if sft:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -30,7 +30,7 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
         ax.set_xlabel("SFT step")
         ax.set_ylabel("loss")
         ax.set_title("SFT cold start: training loss")
-        written.append(_save(fig, out / "sft_loss.png"))
+        written.append(save_figure(fig, out / "sft_loss.png"))
         curves = sft_accuracy_curves(sft)
         if curves:
             fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -42,7 +42,7 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
             ax.set_ylim(0, 1.02)
             ax.set_title("SFT cold start: accuracy per question kind")
             ax.legend(fontsize=7, ncol=2)
-            written.append(_save(fig, out / "sft_accuracy.png"))
+            written.append(save_figure(fig, out / "sft_accuracy.png"))
     if rl:
         steps = [m["step"] for m in rl]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -55,7 +55,7 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
         ax.set_ylabel("mean over the step's completions")
         ax.set_title("KTR training rewards (measured)")
         ax.legend(fontsize=7)
-        written.append(_save(fig, out / "rl_reward.png"))
+        written.append(save_figure(fig, out / "rl_reward.png"))
         if "key_token_fraction" in rl[0]:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             for key in ("key_token_fraction", "entropy_fraction", "visual_fraction", "temporal_fraction"):
@@ -65,12 +65,12 @@ def _plot_curves(out: Path, sft: list[dict], rl: list[dict]) -> list[str]:
             ax.set_ylabel("fraction of completion tokens")
             ax.set_title("Key tokens selected per step")
             ax.legend(fontsize=7)
-            written.append(_save(fig, out / "key_tokens.png"))
+            written.append(save_figure(fig, out / "key_tokens.png"))
     return written
 
 
 def _plot_accuracy(out: Path, before: dict, after: dict) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     kinds = sorted(set(before["greedy"]["by_kind"]) | set(after["greedy"]["by_kind"]))
     labels = ["overall", *kinds]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.8))
@@ -88,7 +88,7 @@ def _plot_accuracy(out: Path, before: dict, after: dict) -> str:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.set_title("Held-out accuracy before and after RL")
-    return _save(fig, out / "accuracy.png")
+    return save_figure(fig, out / "accuracy.png")
 
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:

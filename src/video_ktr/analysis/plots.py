@@ -14,7 +14,8 @@ from video_ktr.analysis.runs import PAIRS, Run
 # ---------------------------------------------------------------------------- figures
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend."""
     # imported on first use: the Agg backend (files only, no display) must be chosen before pyplot loads
     import matplotlib
 
@@ -24,10 +25,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_figure(fig: Any, path: Path) -> str:
+    """Write ``fig`` to ``path`` (PNG, 110 dpi, tight layout), close it and return the file name."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
@@ -44,7 +46,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def plot_curve(runs: Sequence[Run], key: str, ylabel: str, title: str, path: Path) -> str | None:
     """One metric over steps, runs overlaid; runs of 20+ steps add their 10-step trailing mean."""
-    plt = _pyplot()
+    plt = pyplot()
     drawn = False
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for k, run in enumerate(runs):
@@ -65,12 +67,12 @@ def plot_curve(runs: Sequence[Run], key: str, ylabel: str, title: str, path: Pat
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} (measured, per step)")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_gradients(runs: Sequence[Run], path_norms: Path, path_cos: Path) -> list[str]:
     """Gradient norms (key, masked, full) and cosines with the full gradient over the diagnosed steps."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for path, series, ylabel, title in (
         (path_norms, (("grad_norm_key", "-", "key"), ("grad_norm_masked", "--", "masked"), ("grad_norm_full", ":", "full")),
@@ -93,12 +95,12 @@ def plot_gradients(runs: Sequence[Run], path_norms: Path, path_cos: Path) -> lis
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(fontsize=7)
-        written.append(_save(fig, path))
+        written.append(save_figure(fig, path))
     return written
 
 
 def plot_jaccard(runs: Sequence[Run], path: Path) -> str | None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     styles = ("-", "--", ":", "-.")
     drawn = False
@@ -117,7 +119,7 @@ def plot_jaccard(runs: Sequence[Run], path: Path) -> str | None:
     ax.set_ylabel("Jaccard |A & B| / |A | B|")
     ax.set_title("Overlap of the signals' token sets")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_word_classes(shares: dict[tuple[str, str], Counter], classes: Sequence[str], path: Path) -> str | None:
@@ -125,7 +127,7 @@ def plot_word_classes(shares: dict[tuple[str, str], Counter], classes: Sequence[
     rows = [(k, c) for k, c in shares.items() if sum(c.values())]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.6))
     labels = [f"{run}: {name} ({sum(c.values())} tokens)" for (run, name), c in rows]
     left = [0.0] * len(rows)
@@ -141,4 +143,4 @@ def plot_word_classes(shares: dict[tuple[str, str], Counter], classes: Sequence[
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the set's tokens")
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from video_ktr.analysis.plots import _pyplot
+from video_ktr.analysis.plots import pyplot
 from video_ktr.analysis.runs import SETS
 from video_ktr.core.diagnostics import TokenRecord
 
@@ -198,8 +198,8 @@ def word_cloud(counts: Counter, path: Path, title: str, colour: str, width: int 
     """
     if not counts:
         return None
-    plt = _pyplot()
-    from matplotlib.font_manager import FontProperties  # after _pyplot(), which picks the backend
+    plt = pyplot()
+    from matplotlib.font_manager import FontProperties  # after pyplot(), which picks the backend
 
     dpi, band = 100, 22  # the title's band at the top
     words = sorted(counts, key=lambda w: (-counts[w], w))

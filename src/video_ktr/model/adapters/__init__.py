@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from video_ktr.model.adapters.base import PIXEL_KEYS, VISUAL_KEYS, ModelAdapter, TinySizes, select_encoder_items
+from video_ktr.model.adapters.base import (
+    PIXEL_KEYS,
+    VISUAL_KEYS,
+    ModelAdapter,
+    TinySizes,
+    select_encoder_items,
+)
 from video_ktr.model.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from video_ktr.model.adapters.qwen2_vl import Qwen2VLAdapter
 from video_ktr.model.adapters.qwen3_vl import Qwen3VLAdapter
