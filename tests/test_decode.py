@@ -180,3 +180,22 @@ def test_decoder_setting_is_checked_and_auto_means_cpu_hf():
     with pytest.raises(ValueError, match="noise"):
         GumbelSampler([0], noise="philox")
 
+
+
+def test_trainer_steps_are_the_same_with_the_static_decoder_on_cpu(tiny_setup, tmp_path):
+    """--rollout_decoder static in the GRPO step: on CPU the same completions, rewards and losses as hf (auto's CPU choice)."""
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    runs = {}
+    for decoder in ("hf", "static"):
+        cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path / decoder, "--max_steps", "2", "--token_selection",
+                                                            "all", "--rollout_decoder", decoder))
+        trainer = KTRTrainer(cfg)
+        runs[decoder] = [trainer.train_step() for _ in range(2)]
+    for a, b in zip(runs["hf"], runs["static"]):
+        assert "loss" in a and "completion_length" in a
+        for key in ("loss", "completion_length", "reward", "grad_norm"):
+            if key in a:
+                assert a[key] == b[key], (key, a[key], b[key])
