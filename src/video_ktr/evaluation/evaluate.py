@@ -63,6 +63,7 @@ from video_ktr.evaluation.eval_config import (
     decoding_settings,
 )
 from video_ktr.evaluation.grading import eval_metrics, failed_row, score_output
+from video_ktr.evaluation.lmms_export import write_lmms_eval
 from video_ktr.evaluation.protocol import build_protocol, clip_notes, protocol_differences, write_json_atomic
 from video_ktr.evaluation.tasks.metrics import format_table
 from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark
@@ -272,8 +273,10 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
     results = merged(by_uid)
     metrics = eval_metrics(spec.name, results)
     write_json_atomic(out_file, {"results": results, "metrics": metrics, "protocol": protocol})
+    lmms_results, lmms_samples = write_lmms_eval(cfg.output_dir, spec.name, results, metrics, protocol,
+                                                 model_name=cfg.model_name_or_path)
     print(format_table(metrics))
-    print(f"\nwrote {out_file}")
+    print(f"\nwrote {out_file}\nwrote {lmms_results} and {lmms_samples.name} (lmms-eval's layout)")
     if results and metrics["num_failed"] == len(results):
         print(f"video-ktr eval: warning: every row failed; check --media_root ({media_root})", file=sys.stderr)
     return metrics
