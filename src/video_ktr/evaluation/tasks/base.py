@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +313,15 @@ def build_row(
         "meta": meta,
         "uid": uid,
     }
+
+
+def each_row(file: Path, data: Any, what: str) -> Iterator[tuple[int, Ctx, dict]]:
+    """(position, row context, row) for every row of a list-shaped file; a non-list or a non-object row is a
+    BenchmarkDataError naming the file and row."""
+    ctx = Ctx(file)
+    for i, raw in enumerate(as_list(ctx, data, what)):
+        c = ctx.at(i)
+        yield i, c, c.row_dict(raw)
 
 
 def check_unique_uids(file: Path, rows: list[dict]) -> list[dict]:

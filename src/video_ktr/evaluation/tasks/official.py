@@ -22,6 +22,7 @@ from video_ktr.evaluation.tasks.base import (
     build_row,
     check_letter,
     check_unique_uids,
+    each_row,
     is_number,
     letter_options,
     option_letters,
@@ -30,11 +31,8 @@ from video_ktr.evaluation.tasks.base import (
 
 
 def load_holmes(data: Any, file: Path) -> list[dict]:
-    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(as_list(ctx, data, "test_Video-Holmes.json")):
-        c = ctx.at(i)
-        r = c.row_dict(raw)
+    for i, c, r in each_row(file, data, "test_Video-Holmes.json"):
         vid = c.get(r, "video ID", str, nonempty=True)
         qid = c.get(r, "Question ID", (int, str))
         qtype = c.get(r, "Question Type", str)
@@ -74,11 +72,8 @@ def load_holmes(data: Any, file: Path) -> list[dict]:
 
 
 def load_videomme(data: Any, file: Path) -> list[dict]:
-    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(as_list(ctx, data, "Video-MME test parquet rows")):
-        c = ctx.at(i)
-        r = c.row_dict(raw)
+    for i, c, r in each_row(file, data, "Video-MME test parquet rows"):
         if "questions" in r and "videoID" not in r:
             raise c.fail(
                 "questions",
@@ -266,11 +261,8 @@ def mmvu_discipline(subject: str) -> str | None:
 
 
 def load_mmvu(data: Any, file: Path) -> list[dict]:
-    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(as_list(ctx, data, "MMVU validation.json")):
-        c = ctx.at(i)
-        r = c.row_dict(raw)
+    for i, c, r in each_row(file, data, "MMVU validation.json"):
         rid = c.get(r, "id", str, nonempty=True)
         video_key = "video" if "video" in r else "video_path"  # lmms-eval's HF copy has a relative video_path
         video = c.get(r, video_key, str, nonempty=True)
@@ -466,11 +458,8 @@ def load_tempcompass(data: Any, file: Path) -> list[dict]:
 
 
 def load_vsibench(data: Any, file: Path) -> list[dict]:
-    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(as_list(ctx, data, "VSI-Bench rows")):
-        c = ctx.at(i)
-        r = c.row_dict(raw)
+    for i, c, r in each_row(file, data, "VSI-Bench rows"):
         rid = c.get(r, "id", (int, str))
         dataset = c.get(r, "dataset", str, nonempty=True)
         scene = c.get(r, "scene_name", str, nonempty=True)

@@ -17,11 +17,10 @@ from video_ktr.evaluation.tasks.base import (
     TEMPCOMPASS_DIMS,
     VIDEOMMMU_R1_RANGES,
     VSI_DATASETS,
-    Ctx,
-    as_list,
     build_row,
     check_letter,
     check_unique_uids,
+    each_row,
     is_number,
     option_letters,
 )
@@ -31,11 +30,8 @@ __all__ = ["join_official_meta"]
 
 
 def load_video_r1(data: Any, file: Path, benchmark: str, display: str) -> list[dict]:
-    ctx = Ctx(file)
     rows = []
-    for i, raw in enumerate(as_list(ctx, data, "Video-R1 schema rows")):
-        c = ctx.at(i)
-        r = c.row_dict(raw)
+    for i, c, r in each_row(file, data, "Video-R1 schema rows"):
         problem = c.get(r, "problem", str, nonempty=True)
         ptype = c.get(r, "problem_type", str)
         if ptype not in PROBLEM_TYPES:
