@@ -10,6 +10,7 @@ from pathlib import Path
 from video_ktr.evaluation.eval_config import EvalError
 from video_ktr.evaluation.grading import rescore
 from video_ktr.evaluation.protocol import write_json_atomic
+from video_ktr.evaluation.results_table import collect, render
 from video_ktr.evaluation.tasks.metrics import format_table
 
 __all__ = ["main"]
@@ -27,10 +28,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Recompute prediction and score of every saved output (failed rows stay failed) and the "
         "metrics of evaluation files written by `video-ktr eval`; rewrite them atomically and print the tables.",
     )
-    parser.add_argument("files", nargs="+", metavar="FILE.json", help="Evaluation file(s) to re-score.")
+    parser.add_argument("files", nargs="+", metavar="FILE.json", help="Evaluation file(s) to re-score (with --table: eval output folders).")
+    parser.add_argument("--table", action="store_true", help="Print the main-table layout (a row per model, a column per benchmark) of the eval output folders given, re-scoring nothing.")
+    parser.add_argument("--format", default="markdown", choices=["markdown", "csv"], help="Table format with --table.")
     parser.add_argument("--benchmark", default=None, help="Benchmark whose metrics to compute (default: the file's protocol.benchmark).")
     parser.add_argument("--dry_run", action="store_true", help="Print the tables without rewriting the files.")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.table:
+        try:
+            print(render(collect(args.files), args.format), end="")
+        except EvalError as exc:
+            return _error("video-ktr score", exc)
+        return 0
     for name in args.files:
         path = Path(name)
         try:
