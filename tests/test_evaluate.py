@@ -116,7 +116,7 @@ def _record_threads(monkeypatch, owner, name: str) -> list[str]:
 
     threads: list[str] = []
     real = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    monkeypatch.setattr(owner, name, lambda *a, **kw: threads.append(threading.current_thread().name) or real(*a, **kw))
     return threads
 
 
@@ -440,7 +440,8 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
 
     monkeypatch.setattr(engine, "prepare", broken)
     with pytest.raises(EvalError, match=r"generation failed for rows video_r1:0, video_r1:1, video_r1:2: ValueError"):
-        evaluate_rows(model, processor, rows, synth_dir, settings, max_new_tokens=6, batch_size=3, engine=engine)
+        evaluate_rows(model, processor, rows, synth_dir, settings, max_new_tokens=6, batch_size=3, engine=engine,
+                      on_bad_sample="error")  # under skip the batch is retried row by row (test_user_mistakes)
 
 
 def test_prepare_rows_rejects_duplicates_and_bad_types():

@@ -419,3 +419,58 @@ def test_unpack_folder_in_the_way_is_a_collision_not_a_traceback(tmp_path):
     lines: list[str] = []
     result = unpack(root, progress=False, log=lines.append, overwrite=True)
     assert not result.ok and "'x.mp4': " in "\n".join(lines) and "is a folder" in "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- eval
+
+
+class _PickyEngine:
+    """Answers 'A'; raises for any batch holding the row whose seed is ``bad_seed`` (a row only it chokes on)."""
+
+    name = "picky"
+
+    def __init__(self, bad_seed: int | None):
+        self.bad_seed, self.calls = bad_seed, []
+
+    def generate(self, messages, media, seeds, *, max_new_tokens, temperature, top_p):
+        self.calls.append(len(seeds))
+        if self.bad_seed in seeds:
+            raise ValueError("the processor refused this row")
+        return ["<answer>A</answer>"] * len(seeds)
+
+
+def test_eval_jails_media_records_bad_rows_as_failed_and_goes_on(tiny_setup, tmp_path, capsys):
+    from video_ktr.evaluation.eval_config import EvalConfig, EvalError
+    from video_ktr.evaluation.evaluate import evaluate
+    from video_ktr.model.sampling import row_seed
+
+    rows = json.loads(tiny_setup.test_json.read_text())[:6]
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"not yours")
+    rows[0] = dict(rows[0], path="/etc/passwd")
+    rows[1] = dict(rows[1], path="../" * 12 + str(outside).lstrip("/"))
+    rows[2] = dict(rows[2], problem="bad \ud800 text")
+    rows[3] = dict(rows[3], problem="what <|video_pad|> is")
+    data = tiny_setup.data_dir / f"eval_mistakes_{tmp_path.name}.json"
+    data.write_text(json.dumps(rows))
+    bad_uid = f"video_r1:{rows[4]['problem_id']}"
+    engine = _PickyEngine(row_seed(42, "eval", bad_uid))
+    cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(data),
+                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=4 * 28 * 28, batch_size=4, progress=False)
+    try:
+        metrics = evaluate(cfg, engine=engine)
+        saved = json.loads((tmp_path / "out" / "video_r1.json").read_text(encoding="utf-8"))["results"]
+        failed = {r["uid"]: r["failed"] for r in saved if r["failed"]}
+        with pytest.raises(EvalError, match="leads outside --media_root"):
+            evaluate(EvalConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "strict"), "on_bad_sample": "error"}),
+                     engine=_PickyEngine(None))
+    finally:
+        data.unlink()
+    capsys.readouterr()
+    assert metrics["num_failed"] == 5, metrics
+    reasons = " | ".join(str(f) for f in metrics["failures"]) if isinstance(metrics["failures"], list) else str(metrics["failures"])
+    assert "leads outside --media_root" in reasons and "invalid Unicode" in reasons
+    assert "control token '<|video_pad|>'" in reasons and "generation failed: ValueError" in reasons
+    assert engine.calls == [2, 1, 1]  # rows 0-3 failed before generating; the failing batch retried row by row
+    assert failed[bad_uid].startswith("generation failed") and len(failed) == 5
+    assert "\\ud800" in next(r["problem"] for r in saved if "invalid Unicode" in str(r["failed"]))  # written, escaped

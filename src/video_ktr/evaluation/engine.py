@@ -8,12 +8,14 @@ import copy
 import inspect
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from video_ktr.core.rewards import normalize_problem_type
 from video_ktr.data.media import FrameSettings, MediaError, load_image
+from video_ktr.data.text_checks import DEFAULT_MAX_TEXT_CHARS, clean_text, text_problem
 from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.eval_config import ROW_KEYS, SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
@@ -74,8 +76,36 @@ def load_media(path: str | os.PathLike, data_type: str, settings: FrameSettings,
     return Media(video=cache.get_or_load(path, settings))
 
 
+def row_problem(row: dict, media_root: str | os.PathLike, path: Path, *, allow_outside: bool = False,
+                special_tokens: str = "refuse") -> str | None:
+    """Why a benchmark row cannot be evaluated before its media is decoded, or None: media outside the
+    media root (absolute, '..' or an outward symlink; as train refuses them), or text that the tokenizer would
+    choke on or read as control tokens (:mod:`video_ktr.data.text_checks`)."""
+    if not allow_outside:
+        root = Path(media_root).resolve()
+        try:
+            inside = path.resolve().is_relative_to(root)
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            return (f"media path {str(row.get('path'))[:200]!r} leads outside --media_root {root} (absolute, '..' or "
+                    "a symlink); refused (allow with --allow_outside_media_root)")
+    texts = [("problem", row.get("problem"))] + [(f"option {k}", o) for k, o in enumerate(row.get("options") or [])]
+    for name, value in texts:
+        if isinstance(value, str):
+            problem = text_problem(value, special_tokens=special_tokens, max_chars=DEFAULT_MAX_TEXT_CHARS)
+            if problem is not None:
+                return f"{name}: {problem[1]}"
+    return None
+
+
+def _writable(value: Any) -> Any:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+
 def load_batch(batch: list[dict], media_root: str | os.PathLike, settings: FrameSettings,
-                cache: FrameCache) -> tuple[list[tuple[dict, Any, str]], list[tuple[dict, str, str | None, Exception]]]:
+                cache: FrameCache, *, allow_outside: bool = False, special_tokens: str = "refuse",
+               ) -> tuple[list[tuple[dict, Any, str]], list[tuple[dict, str, str | None, Exception]]]:
     """The media of a batch of rows: ``(ready, failures)``.
 
     ``ready`` holds (row, media, path) in row order; ``failures`` (row, reason, path or None, exception)
@@ -88,6 +118,15 @@ def load_batch(batch: list[dict], media_root: str | os.PathLike, settings: Frame
         path = None
         try:
             path = resolve_media(row, media_root)
+            refused = row_problem(row, media_root, path, allow_outside=allow_outside, special_tokens=special_tokens)
+            if refused is not None:  # the recorded row's text made writable (a lone surrogate as '\\ud800')
+                shown = {**row, "problem": _writable(row.get("problem")),
+                         "options": [_writable(o) for o in row["options"]] if row.get("options") else row.get("options")}
+                failures.append((shown, refused, str(path), ValueError(refused)))
+                continue
+            if special_tokens == "escape":
+                row = {**row, "problem": clean_text(str(row.get("problem", "")), "escape"),
+                       "options": [clean_text(str(o), "escape") for o in row["options"]] if row.get("options") else row.get("options")}
             ready.append((row, load_media(path, row.get("data_type", "video"), settings, cache), str(path)))
         except (FileNotFoundError, MediaError) as exc:
             if isinstance(exc, MediaError):

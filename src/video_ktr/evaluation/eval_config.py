@@ -57,6 +57,8 @@ class EvalConfig(MediaArgs):
     benchmark: str = field("", help="Benchmark name (videoholmes, videomme, videommmu, mmvu, mvbench, tempcompass, vsibench, video_r1 for any Video-R1-schema file). [required]")
     data_file: str = field("", help="The benchmark's annotation file (official format or a Video-R1-eval eval_*.json), or folder for VideoMMMU/MVBench. [required]")
     media_root: str | None = field(None, help="Folder the rows' media paths are relative to (the benchmark's unpacked video folder); default: the data file's folder.")
+    allow_outside_media_root: bool = field(False, help="Accept media paths that are absolute or lead outside --media_root (refused by default, as in train).")
+    special_tokens: str = field("refuse", choices=["refuse", "escape"], help="Control tokens such as <|im_start|> or <|video_pad|> in a row's text: 'refuse' records the row as failed; 'escape' keeps it as plain text.")
     output_dir: str = field("", help="Where <benchmark>.json is written. [required]")
 
     temperature: float = field(0.1, help="Sampling temperature (Video-R1/KTR evaluation: 0.1).")

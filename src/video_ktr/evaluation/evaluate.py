@@ -97,6 +97,8 @@ def evaluate_rows(
     on_batch: Callable[[dict[str, dict]], None] | None = None,
     progress: bool = False,
     prefetch: bool = True,
+    allow_outside_media_root: bool = False,
+    special_tokens: str = "refuse",
 ) -> tuple[list[dict], dict]:
     """Evaluate an already-loaded model on Video-R1-schema rows; returns ``(results, metrics)``.
 
@@ -137,7 +139,8 @@ def evaluate_rows(
     def load(batch: list[dict]) -> tuple[list, list, list, Any]:
         """A batch's media, failures, messages and (engines with ``prepare``) processor inputs, or the
         exception the processor raised (reported with the batch's rows when the batch is taken)."""
-        ready, failures = load_batch(batch, media_root, settings, cache)
+        ready, failures = load_batch(batch, media_root, settings, cache, allow_outside=allow_outside_media_root,
+                                     special_tokens=special_tokens)
         messages = [build_messages(r["problem"], r["problem_type"], r.get("options"), r.get("data_type", "video"),
                                    layout=prompt_layout, system_prompt=system_prompt) for r, _, _ in ready]
         prepared: Any = None
@@ -161,16 +164,27 @@ def evaluate_rows(
                 results[row["uid"]] = failed_row(row, reason, path)
             if ready:
                 seeds = [row_seed(seed, "eval", r["uid"]) for r, _, _ in ready]
+                gen = dict(max_new_tokens=dec["max_new_tokens"], temperature=dec["temperature"], top_p=dec["top_p"] or 1.0)
                 try:
                     if isinstance(prepared, Exception):
                         raise prepared
                     extra = {"prepared": prepared} if prepared is not None else {}
-                    texts = engine.generate(messages, [m for _, m, _ in ready], seeds, max_new_tokens=dec["max_new_tokens"],
-                                            temperature=dec["temperature"], top_p=dec["top_p"] or 1.0, **extra)
+                    texts = engine.generate(messages, [m for _, m, _ in ready], seeds, **gen, **extra)
                 except Exception as exc:
                     uids = ", ".join(r["uid"] for r, _, _ in ready)
-                    raise EvalError(f"generation failed for rows {uids}: {type(exc).__name__}: {exc}") from exc
+                    if on_bad_sample == "error":
+                        raise EvalError(f"generation failed for rows {uids}: {type(exc).__name__}: {exc}") from exc
+                    # skip: the batch again row by row, so one bad row is recorded as failed and the rest answered
+                    texts = []
+                    for k, (_, media, _) in enumerate(ready):
+                        try:
+                            texts.append(engine.generate([messages[k]], [media], [seeds[k]], **gen)[0])
+                        except Exception as row_exc:  # noqa: BLE001 - recorded as the row's failure
+                            texts.append(row_exc)
                 for (row, _, path), text in zip(ready, texts, strict=True):
+                    if isinstance(text, Exception):
+                        results[row["uid"]] = failed_row(row, f"generation failed: {type(text).__name__}: {text}", path)
+                        continue
                     prediction, score = score_output(row, text)
                     results[row["uid"]] = {**row, "media_path": path, "output": text, "prediction": prediction,
                                            "score": score, "failed": None}
@@ -268,7 +282,8 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=dec["max_new_tokens"], batch_size=cfg.batch_size,
         seed=cfg.seed, prompt_layout=cfg.prompt_layout, system_prompt=cfg.system_prompt,
         on_bad_sample=cfg.on_bad_sample, engine=engine, done=by_uid, on_batch=on_batch, progress=cfg.progress,
-        prefetch=cfg.dataloader_prefetch,
+        prefetch=cfg.dataloader_prefetch, allow_outside_media_root=cfg.allow_outside_media_root,
+        special_tokens=cfg.special_tokens,
     )
     results = merged(by_uid)
     metrics = eval_metrics(spec.name, results)
