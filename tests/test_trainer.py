@@ -127,6 +127,8 @@ def test_two_steps(tiny_setup, shared_runs, name):
     changed = [n for (n, a), (_, b) in zip(model.named_parameters(), start.named_parameters()) if not torch.equal(a, b)]
     assert changed
     assert (out / "train_config.json").is_file() and (out / "tokenizer.json").is_file()
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["world_size"], info["distributed"], info["sharded_parameters"], info["dtype"]) == (1, "single", False, "float32")
 
 
 def test_random_control_keeps_the_ktr_fraction(shared_runs):
@@ -299,6 +301,8 @@ def test_two_processes_equal_one(tiny_setup, tmp_path, shared_runs):
     two = _torchrun(tiny_setup, tmp_path / "two", 2, *BASE, *CONFIGS["all"], "--per_device_train_batch_size", "1",
                     "--selection_scope", "global")
     assert len(two) == 2  # one writer: the main process
+    info = json.loads((tmp_path / "two" / "run_info.json").read_text())
+    assert (info["world_size"], info["distributed"], info["sharded_parameters"]) == (2, "DDP", False)
     for a, b in zip(one, two, strict=True):
         for k in ("loss", "reward", "reward_std", "count_e_reward", "key_token_fraction", "entropy_fraction",
                   "visual_fraction", "temporal_fraction", "entropy", "completion_length", "kl", "learning_rate",

@@ -78,10 +78,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _write_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any) -> None:
+def full_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights; EVERY process must call it (under FSDP and DeepSpeed ZeRO-3 it gathers the
+    shards, a collective: a save that only the main process entered would hang at its first checkpoint)."""
+    return accelerator.get_state_dict(model)
+
+
+def _write_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any,
+                 state_dict: dict[str, torch.Tensor]) -> None:
     target.mkdir(parents=True, exist_ok=True)
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
     unwrapped.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(str(target))
@@ -112,15 +118,19 @@ def _fsync_dir(folder: Path) -> None:
 def save_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any) -> None:
     """The model in safetensors (``from_pretrained`` loads it) and its processor, into ``target``.
 
-    Written into a hidden folder inside ``target`` first, then each file is renamed over its old
-    version: a kill leaves every file either old or new, never half-written.
+    Every process calls it (the weights are gathered on all of them, see full_state_dict); the main
+    process writes. Written into a hidden folder inside ``target`` first, then each file is renamed over
+    its old version: a kill leaves every file either old or new, never half-written.
     """
+    state_dict = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     clean_partial(target)
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target))
     try:
-        _write_model(tmp, accelerator, model, processor)
+        _write_model(tmp, accelerator, model, processor, state_dict)
         _fsync_tree(tmp)
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
@@ -158,17 +168,27 @@ def _test_delay(step: int) -> float:
 
 def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, processor: Any,
          optimizer: Any, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically (temporary folder + rename)."""
+    """Write ``output_dir/checkpoint-<step>`` atomically (temporary folder + rename); every process calls it.
+
+    Under FSDP or DeepSpeed the optimiser state is split over the processes and the main process holds
+    only its part: it is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``
+    in trainer_state.json), so such a checkpoint holds the whole model but cannot be resumed from
+    (:func:`load` says so).
+    """
     final = output_dir / f"checkpoint-{step}"
     accelerator.wait_for_everyone()
+    state_dict = full_state_dict(accelerator, model)  # a collective under FSDP / ZeRO-3: every process
+    sharded_optimizer = optimizer_state_sharded(accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
-        _write_model(tmp, accelerator, model, processor)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _write_model(tmp, accelerator, model, processor, state_dict)
+        if not sharded_optimizer:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {}}
+        payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {},
+                   "optimizer_state": "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump(payload, fh)
         _fsync_tree(tmp)
@@ -181,6 +201,12 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
         _fsync_dir(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def optimizer_state_sharded(accelerator: Any) -> bool:
+    """Whether each process holds only part of the optimiser state (FSDP, DeepSpeed ZeRO 1-3)."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    return kind.endswith("FSDP") or kind.endswith("DEEPSPEED")
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -217,6 +243,16 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
     """Restore model weights, optimiser, scheduler, counters and random states from ``path``."""
     from safetensors.torch import load_file
 
+    payload = json.loads((path / STATE_FILE).read_text())
+    if payload.get("optimizer_state", "optimizer.pt") != "optimizer.pt":
+        raise CheckpointError(
+            f"{path} was written under FSDP / DeepSpeed, whose optimiser state is split over the processes and was not "
+            "saved: it holds the whole model (load it with --model_name_or_path to start a new run from it) but "
+            "cannot be resumed from. Resuming sharded runs is not implemented yet.")
+    if optimizer_state_sharded(accelerator):
+        raise CheckpointError("resuming under FSDP / DeepSpeed is not implemented yet (the optimiser state is split "
+                              "over the processes); start a new run from the checkpoint's model instead")
+
     unwrapped = accelerator.unwrap_model(model)
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -228,7 +264,6 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
         raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
     optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
-    payload = json.loads((path / STATE_FILE).read_text())
     state.step, state.micro_step = int(payload["step"]), int(payload["micro_step"])
     _set_rng_state(payload.get("rng", {}))
     return payload.get("extra", {})

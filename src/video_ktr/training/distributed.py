@@ -44,3 +44,72 @@ def sharded_parameters(acc: Any) -> bool:
         plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
         return getattr(plugin, "zero_stage", 0) == 3
     return False
+
+
+def backend(acc: Any) -> str:
+    """The distributed set-up in force: 'single', 'DDP', 'FSDP', 'DeepSpeed ZeRO-<n>' (or accelerate's own name)."""
+    kind = str(getattr(acc, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    if kind == "NO":
+        return "single"
+    if kind in ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU"):
+        return "DDP"
+    if kind == "DEEPSPEED":
+        plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
+        return f"DeepSpeed ZeRO-{getattr(plugin, 'zero_stage', '?')}"
+    return kind
+
+
+def requested_backend(environ: dict[str, str] | None = None) -> str | None:
+    """'FSDP' or 'DeepSpeed' when the launch asked for it (``accelerate launch`` with such a config sets
+    ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), else None."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DeepSpeed"
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    return None
+
+
+def check_backend(acc: Any, cfg: Any, environ: dict[str, str] | None = None) -> None:
+    """Refuse to start a set-up that would not do what the launch and the options ask.
+
+    - FSDP or DeepSpeed asked for but accelerate set up something else (accelerate 1.15 turns an FSDP
+      config on a CPU machine into plain DDP, every process holding the full parameters, silently);
+    - DeepSpeed with --gradient_accumulation_steps > 1: its engine steps inside each backward, so every
+      micro-batch would be an optimiser step;
+    - DeepSpeed with a --max_grad_norm other than its config's gradient_clipping: the engine clips, with
+      the JSON's value, and this run's option would be ignored.
+    """
+    want, have = requested_backend(environ), backend(acc)
+    if want and not have.startswith(want):
+        raise RuntimeError(f"the launch asked for {want} (accelerate config) but accelerate set up {have}: "
+                           f"{'every process would hold the full parameters' if have in ('DDP', 'single') else 'a different set-up'}. "
+                           "accelerate falls back to DDP for FSDP on a CPU machine; use a GPU machine, or launch "
+                           "without the FSDP / DeepSpeed config.")
+    if have.startswith("DeepSpeed"):
+        if cfg.gradient_accumulation_steps > 1:
+            raise RuntimeError("--gradient_accumulation_steps > 1 is not supported under DeepSpeed here: its engine "
+                               "steps inside every backward, so each micro-batch would be an optimiser step. Use 1 and a "
+                               "larger --per_device_train_batch_size.")
+        plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
+        clipping = (getattr(plugin, "deepspeed_config", None) or {}).get("gradient_clipping")
+        if clipping not in (None, "auto") and float(clipping) != float(cfg.max_grad_norm or 0.0):
+            raise RuntimeError(f"the DeepSpeed config clips gradients at {clipping} (gradient_clipping) but "
+                               f"--max_grad_norm is {cfg.max_grad_norm}: the engine clips, so set --max_grad_norm "
+                               f"{clipping} (or change the JSON) to say what runs.")
+
+
+def run_info(acc: Any, model: Any) -> dict[str, Any]:
+    """What ran: world size, the distributed set-up in force, whether parameters are sharded, dtype, device."""
+    param = next(iter(model.parameters()), None)
+    config = getattr(acc.unwrap_model(model), "config", None)
+    return {
+        "world_size": acc.num_processes,
+        "distributed": backend(acc),
+        "sharded_parameters": sharded_parameters(acc),
+        "mixed_precision": str(getattr(acc, "mixed_precision", "no")),
+        "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
+        "device": str(acc.device),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "launch_requested": requested_backend(),
+    }

@@ -233,7 +233,8 @@ class KTRTrainer(TrainingRun):
                         if self.weighting.soft:  # every valid token, weighted by its scores' ranks
                             weights[j] = token_weights(scores, valid, ro.probes, self.weighting, self.selection, G)
                             keys[j] = valid
-                        self._record_first_pass(records[j], ro, masks, logp, entropy, diagnose, log_tokens and j == 0)
+                        self._record_first_pass(records[j], ro, masks, logp, entropy, diagnose,
+                                                log_tokens and j == 0 and self.acc.is_main_process)
                     with timer.phase("loss"):  # loss
                         loss, stats = micro_loss(logp, ro, keys[j], olds[j], self.loss_spec, global_sum=self.global_sum,
                                                  num_processes=self.acc.num_processes, weights=weights[j])
@@ -292,10 +293,15 @@ class KTRTrainer(TrainingRun):
                                                   group_size=cfg.num_generations)
 
     def _diagnostics_at(self, step: int) -> tuple[bool, bool]:
-        """(selection and gradient diagnostics, token records) for optimiser step ``step`` (1-based)."""
+        """(selection and gradient diagnostics, token records) for optimiser step ``step`` (1-based).
+
+        The same on every process (token records are written by the main process only): what a step
+        probes and the forward passes it makes must not depend on the rank, or a sharded run (FSDP,
+        ZeRO-3), where every forward is a collective, would wait forever.
+        """
         cfg = self.cfg
         diagnose = bool(cfg.diagnostics_steps) and step % cfg.diagnostics_steps == 0
-        log_tokens = bool(cfg.log_tokens_every) and step % cfg.log_tokens_every == 0 and self.acc.is_main_process
+        log_tokens = bool(cfg.log_tokens_every) and step % cfg.log_tokens_every == 0
         return diagnose, log_tokens
 
     def _measured_head(self) -> torch.nn.Linear | None:

@@ -25,7 +25,12 @@ import torch
 from video_ktr.model.loading import grouped_kv_attention, load_model, use_grouped_kv_sdpa
 from video_ktr.training import checkpoint as ckpt
 from video_ktr.training.checkpoint_verify import check_finite_model, find_resumable
-from video_ktr.training.distributed import accelerator_device_kwargs, check_process_count
+from video_ktr.training.distributed import (
+    accelerator_device_kwargs,
+    check_backend,
+    check_process_count,
+    run_info,
+)
 from video_ktr.training.options import RunOptions
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
@@ -62,6 +67,7 @@ class TrainingRun:
         self.acc = accelerator or Accelerator(log_with=cfg.trackers or None, project_dir=str(self.out), **kwargs,
                                               **accelerator_device_kwargs())
         check_process_count(self.acc)
+        check_backend(self.acc, cfg)
         self.run_lock = (claim_output_dir(self.out, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
                          if self.acc.is_main_process else None)  # one run per folder (utils/run_dir.py)
         set_seed(cfg.seed)
@@ -176,6 +182,7 @@ class TrainingRun:
         self.out.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.out / self.config_file).write_text(json.dumps(asdict(cfg), indent=2))
+            (self.out / "run_info.json").write_text(json.dumps(run_info(self.acc, self.model), indent=2))
             self._trim_logs()
             self.on_start()
         if cfg.trackers and not acc.trackers:
@@ -241,8 +248,9 @@ class TrainingRun:
         return path
 
     def save_final(self) -> None:
+        """The final model; every process enters (the weights are gathered under FSDP / ZeRO-3), the main one writes."""
         self.acc.wait_for_everyone()
+        self.before_final_save()
         if self.acc.is_main_process:
-            self.before_final_save()
             check_finite_model(self.acc.unwrap_model(self.model))  # never a NaN model as final
-            ckpt.save_model(self.out, self.acc, self.model, self.processor)
+        ckpt.save_model(self.out, self.acc, self.model, self.processor)

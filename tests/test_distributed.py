@@ -1,0 +1,111 @@
+"""What every process must do under sharded set-ups (FSDP, DeepSpeed ZeRO-3), checked with stand-in accelerators.
+
+Nothing here is a collective under the two-process gloo DDP tests (tests/test_trainer.py), so those cannot see
+a save that only the main process enters; these stand-ins record the calls each process makes.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from video_ktr.training import checkpoint as ckpt
+from video_ktr.training.distributed import backend, check_backend, requested_backend
+
+
+class StandInAccelerator:
+    """Records the calls a process makes; ``kind`` is accelerate's DistributedType name."""
+
+    def __init__(self, *, main: bool, kind: str = "NO", zero_stage: int = 0, clipping=None):
+        self.is_main_process, self.distributed_type = main, f"DistributedType.{kind}"
+        self.calls: list[str] = []
+        self.state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+            zero_stage=zero_stage, deepspeed_config={"gradient_clipping": clipping} if clipping is not None else {}))
+
+    def wait_for_everyone(self):
+        self.calls.append("wait_for_everyone")
+
+    def get_state_dict(self, model):
+        self.calls.append("get_state_dict")  # a collective under FSDP / ZeRO-3
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def unwrap_model(self, model):
+        return model
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def save_pretrained(self, folder, state_dict, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        save_file(state_dict, f"{folder}/model.safetensors")
+
+
+def _save_all(acc, out, model):
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt.save(out, 1, acc, model, None, opt, sched, ckpt.TrainState(step=1, micro_step=1))
+    ckpt.save_model(out, acc, model, None)
+
+
+@pytest.mark.parametrize("kind", ["NO", "MULTI_CPU", "FSDP", "DEEPSPEED"])
+def test_every_process_gathers_the_weights_for_a_checkpoint_and_the_final_model(tmp_path, kind):
+    """A rank that is not the main one still enters both gathers (FSDP / ZeRO-3 would hang otherwise) and writes nothing."""
+    model = TinyModel()
+    other, main = StandInAccelerator(main=False, kind=kind), StandInAccelerator(main=True, kind=kind)
+    _save_all(other, tmp_path / "other", model)
+    _save_all(main, tmp_path / "main", model)
+    assert other.calls.count("get_state_dict") == main.calls.count("get_state_dict") == 2
+    assert other.calls == main.calls  # the same sequence of collectives on every rank
+    assert not (tmp_path / "other").exists()
+    assert (tmp_path / "main" / "checkpoint-1" / "model.safetensors").is_file()
+    assert (tmp_path / "main" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_a_sharded_optimizer_state_is_not_saved_as_if_whole_and_such_a_checkpoint_is_refused(tmp_path, kind):
+    model = TinyModel()
+    _save_all(StandInAccelerator(main=True, kind=kind), tmp_path, model)
+    folder = tmp_path / "checkpoint-1"
+    assert not (folder / "optimizer.pt").exists()  # the main process holds only its part of it
+    assert json.loads((folder / ckpt.STATE_FILE).read_text())["optimizer_state"] == "sharded-not-saved"
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be resumed from"):
+        ckpt.load(folder, StandInAccelerator(main=True), model, opt, sched, ckpt.TrainState())
+
+
+def test_backend_names_and_the_launch_request():
+    assert backend(StandInAccelerator(main=True)) == "single"
+    assert backend(StandInAccelerator(main=True, kind="MULTI_CPU")) == "DDP"
+    assert backend(StandInAccelerator(main=True, kind="FSDP")) == "FSDP"
+    assert backend(StandInAccelerator(main=True, kind="DEEPSPEED", zero_stage=3)) == "DeepSpeed ZeRO-3"
+    assert requested_backend({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
+    assert requested_backend({"ACCELERATE_USE_DEEPSPEED": "True"}) == "DeepSpeed"
+    assert requested_backend({}) is None
+
+
+def test_a_launch_whose_fsdp_or_deepspeed_fell_back_is_refused():
+    cfg = SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0)
+    ddp = StandInAccelerator(main=True, kind="MULTI_CPU")  # what accelerate 1.15 makes of an FSDP config on CPU
+    with pytest.raises(RuntimeError, match="asked for FSDP.*set up DDP"):
+        check_backend(ddp, cfg, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(RuntimeError, match="asked for DeepSpeed"):
+        check_backend(ddp, cfg, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    check_backend(ddp, cfg, {})
+    check_backend(StandInAccelerator(main=True, kind="FSDP"), cfg, {"ACCELERATE_USE_FSDP": "true"})
+
+
+def test_deepspeed_settings_that_cannot_be_made_correct_are_refused():
+    zero3 = StandInAccelerator(main=True, kind="DEEPSPEED", zero_stage=3, clipping=1.0)
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps > 1 is not supported under DeepSpeed"):
+        check_backend(zero3, SimpleNamespace(gradient_accumulation_steps=4, max_grad_norm=1.0), {})
+    with pytest.raises(RuntimeError, match="clips gradients at 1.0.*--max_grad_norm is 0.5"):
+        check_backend(zero3, SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=0.5), {})
+    check_backend(zero3, SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0), {"ACCELERATE_USE_DEEPSPEED": "true"})
