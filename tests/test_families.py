@@ -49,7 +49,7 @@ def family(request, tiny_setup, tmp_path_factory):
                            image_min_pixels=f * f, image_max_pixels=4 * f * f, factor=f)
         media.append(Media(video=load_video(s.media_path, fs)) if s.data_type == "video" else Media(image=load_image(s.media_path, fs)))
     prompts = encode_prompts(processor, [s.messages() for s in picked], media)
-    return dict(name=name, adapter=adapter, model=model, processor=processor, media=media, prompts=prompts,
+    return dict(name=name, dir=d, adapter=adapter, model=model, processor=processor, media=media, prompts=prompts,
                 special=special_tokens(model.config, processor.tokenizer))
 
 
@@ -119,3 +119,40 @@ def test_permuted_pixels_equal_the_processors(family):
         assert torch.equal(fast["pixel_values_videos"], want["pixel_values_videos"]), family["name"]
         assert torch.equal(fast["video_grid_thw"], want["video_grid_thw"])
     assert items
+
+
+def test_grpo_with_all_probes_sft_and_eval(family, tiny_setup, tmp_path):
+    """Two GRPO steps selecting by all three probes, one SFT step and an eval, on the family's tiny model
+    (the media are cut at the family's frame factor by the trainers themselves: adapters.frames_for)."""
+    import json
+
+    from video_ktr.commands.eval import main as eval_main
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.training.sft import SFTTrainer
+    from video_ktr.training.sft_config import SFTConfig
+    from video_ktr.utils.config import parse_args
+
+    d, f = str(family["dir"]), family["adapter"].frame_factor
+    media = ["--max_frames", "4", "--video_fps", "4", "--min_pixels", str(f * f), "--max_pixels", str(4 * f * f),
+             "--image_min_pixels", str(f * f), "--image_max_pixels", str(4 * f * f)]
+    cfg = parse_args(TrainConfig, ["--model_name_or_path", d, "--dataset", str(tiny_setup.train_json),
+                                   "--output_dir", str(tmp_path / "grpo"), *media, "--num_generations", "2",
+                                   "--per_device_train_batch_size", "2", "--max_completion_length", "8",
+                                   "--logging_steps", "0", "--max_steps", "2", "--learning_rate", "1e-3",
+                                   "--token_selection", "entropy,visual,temporal",
+                                   "--reward_funcs", "accuracy,format,tests.reward_fixtures:count_e"])
+    KTRTrainer(cfg).train()
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    assert all(0 <= r["visual_fraction"] <= 1 and 0 <= r["temporal_fraction"] <= 1 for r in rows)
+    sft = SFTTrainer(SFTConfig(model_name_or_path=d, dataset=str(tiny_setup.train_json), output_dir=str(tmp_path / "sft"),
+                               per_device_train_batch_size=2, max_steps=1, logging_steps=0, learning_rate=1e-3,
+                               max_frames=4, min_pixels=f * f, max_pixels=4 * f * f, image_min_pixels=f * f,
+                               image_max_pixels=4 * f * f))
+    sft.train()
+    assert (tmp_path / "sft" / "metrics.jsonl").exists()
+    rc = eval_main(["--model_name_or_path", d, "--benchmark", "video_r1", "--data_file", str(tiny_setup.test_json),
+                    "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--max_frames", "4",
+                    "--max_pixels", str(4 * f * f), "--min_pixels", str(f * f), "--progress", "false"])
+    assert rc == 0

@@ -67,6 +67,7 @@ from video_ktr.evaluation.lmms_export import write_lmms_eval
 from video_ktr.evaluation.protocol import build_protocol, clip_notes, protocol_differences, write_json_atomic
 from video_ktr.evaluation.tasks.metrics import format_table
 from video_ktr.evaluation.tasks.registry import get_benchmark, load_benchmark
+from video_ktr.model.adapters import frames_for
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
 from video_ktr.model.vllm_engine import VLLMEngine
@@ -118,7 +119,7 @@ def evaluate_rows(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(settings, MediaArgs):
         settings = settings.frame_settings()
-    settings = settings or FrameSettings(max_frames=16, max_pixels=256 * 28 * 28)
+    settings = frames_for(processor, settings or FrameSettings(max_frames=16, max_pixels=256 * 28 * 28))
     settings.validate()
     rows = prepare_rows(rows, benchmark)
     engine = engine if engine is not None else HFEngine(model, processor)

@@ -35,6 +35,7 @@ from video_ktr.core.loss import group_advantages
 from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.data.text_checks import text_char_limit
+from video_ktr.model.adapters import frames_for
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
 from video_ktr.model.prefix import strip_pixels
@@ -96,7 +97,7 @@ class KTRTrainer(TrainingRun):
                                config=cfg.dataset_config, split=cfg.dataset_split)
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
-        self.data = GRPOData(samples, cfg=cfg, frames=cfg.frame_settings(), processor=self.processor,
+        self.data = GRPOData(samples, cfg=cfg, frames=frames_for(self.processor, cfg.frame_settings()), processor=self.processor,
                              rank=self.acc.process_index, world=self.acc.num_processes, skips=self.skips)
         model = self._load_model()
         self.special = special_tokens(model.config, self.tokenizer)

@@ -40,6 +40,7 @@ from torch import Tensor
 from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
 from video_ktr.data.video import FrameCache
+from video_ktr.model.adapters import frames_for
 from video_ktr.model.inputs import Media, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
 from video_ktr.model.sampling import row_seed
@@ -93,6 +94,7 @@ class SFTTrainer(TrainingRun):
         self.generation_groups = sorted({r["meta"]["kind"] for r in self.generation_rows})
 
         self.processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        self.frames = frames_for(self.processor, self.frames)  # the family's frame-side factor
         self.end_id = end_of_turn_id(self.processor.tokenizer)
         model = self._load_model()
         if cfg.freeze_vision_tower:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from video_ktr.model.adapters.base import (
@@ -19,7 +20,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter(), Qwe
 FAMILIES: tuple[str, ...] = tuple(a.name for a in ADAPTERS)
 DEFAULT_FAMILY = "qwen2_5_vl"  # what make-tiny-model and the demo build unless told otherwise
 
-__all__ = ["ADAPTERS", "DEFAULT_FAMILY", "FAMILIES", "PIXEL_KEYS", "VISUAL_KEYS", "ModelAdapter", "TinySizes", "adapter_for",
+__all__ = ["ADAPTERS", "DEFAULT_FAMILY", "FAMILIES", "PIXEL_KEYS", "VISUAL_KEYS", "ModelAdapter", "TinySizes", "adapter_for", "frames_for",
            "patch_layout", "processor_adapter", "select_encoder_items", "video_size"]
 
 
@@ -54,6 +55,15 @@ def processor_adapter(processor: Any) -> ModelAdapter | None:
 def video_size(processor: Any, shapes: list[tuple[int, int, int]]) -> dict[str, int]:
     """The video processor's ``size`` bounds that hold videos of these (frames, height, width) unresized."""
     return (processor_adapter(processor) or ModelAdapter()).video_size(shapes)
+
+
+def frames_for(processor: Any, settings: Any) -> Any:
+    """The frame settings (data.media.FrameSettings) with the side factor of ``processor``'s family
+    (28 for Qwen2/2.5-VL, 32 for Qwen3-VL); unchanged for a processor no adapter knows."""
+    adapter = processor_adapter(processor)
+    if adapter is None or settings is None or settings.factor == adapter.frame_factor:
+        return settings
+    return dataclasses.replace(settings, factor=adapter.frame_factor)
 
 
 def patch_layout(processor: Any) -> tuple[int, int] | None:
