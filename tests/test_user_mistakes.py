@@ -474,3 +474,21 @@ def test_eval_jails_media_records_bad_rows_as_failed_and_goes_on(tiny_setup, tmp
     assert engine.calls == [2, 1, 1]  # rows 0-3 failed before generating; the failing batch retried row by row
     assert failed[bad_uid].startswith("generation failed") and len(failed) == 5
     assert "\\ud800" in next(r["problem"] for r in saved if "invalid Unicode" in str(r["failed"]))  # written, escaped
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_free_form_reward_is_bounded_in_time_and_unchanged_within_the_cap():
+    from video_ktr.core import rewards
+
+    solution = "<answer>" + " ".join(f"word{k % 300} reason" for k in range(1000)) + "</answer>"  # 2,000 words
+    answer = "<answer>" + ("alpha beta gamma delta " * 6000)[:100_000] + "</answer>"
+    t0 = time.perf_counter()
+    score = rewards.accuracy_reward(answer, solution, "free-form")
+    assert time.perf_counter() - t0 < 2.0 and 0.0 <= score <= 1.0
+    short_pred, short_gt = "The ball rolls left, then stops.", "the ball rolls to the left and stops"
+    full = rewards._rouge_scorer().score(short_gt, short_pred)
+    expected = min(1.0, (full["rouge1"].fmeasure + full["rouge2"].fmeasure + full["rougeL"].fmeasure) / 3)
+    assert rewards._free_form_score(short_pred, short_gt) == expected
+    assert rewards._cap_rouge_tokens("x " * 5000).split() == ["x"] * rewards.FREE_FORM_MAX_TOKENS
