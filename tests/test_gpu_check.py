@@ -30,7 +30,7 @@ def test_gpu_check_small_runs_every_part_and_writes_its_figures(tmp_path):
     assert r["memory_bound"]["weight_bytes_per_step"] > 0
     s = parts["step"]
     assert set(s["variants"]) == {"none", "all"} and s["steps_measured"] == 2
-    assert s["variants"]["all"]["probes"] > 0 == s["variants"]["none"]["probes"]
+    assert s["variants"]["all"]["probes"] > s["variants"]["none"]["probes"]  # only KTR runs the probe passes
     assert s["step_ktr_over_grpo_paired_median"] > 0
     assert all(parts["estimate"][v]["estimate_gib"] > 0 for v in ("none", "all"))
     text = (tmp_path / "summary.md").read_text()
