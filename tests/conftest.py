@@ -83,7 +83,8 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
     from video_ktr.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-setup")
-    model_dir = build_tiny_model(root / "model", seed=0)
+    # VK_TEST_ARCH=qwen2_vl (or another adapter's name) runs the suite on that family's tiny model
+    model_dir = build_tiny_model(root / "model", seed=0, arch=os.environ.get("VK_TEST_ARCH", "qwen2_5_vl"))
     synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0)
     return TinySetup(model_dir=Path(model_dir), data_dir=root / "data")
 
