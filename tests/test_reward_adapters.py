@@ -125,3 +125,16 @@ def test_a_trl_form_reward_trains_like_the_same_reward_in_our_form(tiny_setup, t
         assert a["count_e_reward"] == b.pop("trl_count_e_reward") and a.pop("count_e_reward") > 0
         timing = [k for k in a if "second" in k or "time" in k]
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+def test_the_completion_format_flag_reaches_the_adapter():
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    cfg = parse_args(TrainConfig, ["--model_name_or_path", "m", "--dataset", "d.json", "--output_dir", "o",
+                                   "--reward_completion_format", "text"])
+    fn = load_reward_function("tests.reward_fixtures:trl_count_e", cfg.reward_completion_format)
+    with pytest.raises(TypeError):  # trl_count_e reads c[0]["content"]: plain text cannot be indexed so
+        _call(fn)
+    assert _call(load_reward_function("tests.reward_fixtures:trl_text_count_e", "text")) == \
+        [t.count("e") / len(t) for t in TEXTS]

@@ -119,7 +119,7 @@ class KTRTrainer(TrainingRun):
         self._prepare(model, optimizer)
         if self.ref_model is not None:
             self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)
-        self.reward_fns = [(spec, load_reward_function(spec), w)
+        self.reward_fns = [(spec, load_reward_function(spec, cfg.reward_completion_format), w)
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()
         self.weighting = cfg.weighting_spec()

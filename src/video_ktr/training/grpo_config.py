@@ -40,6 +40,7 @@ class TrainConfig(RunOptions):
     normalize_by: str = field("mask", choices=["mask", "valid"], help="Divide by the number of key tokens (the paper's amplification) or by all completion tokens.")
     reward_funcs: list[str] = field(["accuracy", "format"], help="Rewards to sum: 'accuracy', 'format', or 'package.module:function' for your own (see the README).")
     reward_weights: list[float] | None = field(None, help="One weight per reward function (default: all 1).")
+    reward_completion_format: str = field("auto", choices=["auto", "conversational", "text"], help="How TRL-form reward functions (f(completions, **kwargs)) get completions: conversational ([{'role': 'assistant', 'content': ...}], as TRL for chat data), text, or auto (text when annotated list[str]). The built-ins and the native form always get text.")
     length_bonus: bool = field(False, help="Add Video-R1's length bonus (+0.2 for correct completions of 320-512 tokens), counting real tokens.")
     temporal_grpo: bool = field(False, help="Add Video-R1's T-GRPO bonus: also sample G/2 completions on shuffled frames and reward ordered-frame accuracy above 0.8x the shuffled one.")
 
