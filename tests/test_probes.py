@@ -224,10 +224,13 @@ def test_temporal_positions_differ_across_frames(tiny_setup, tiny_model):
     grid = inputs["video_grid_thw"][0].tolist()
     assert grid[0] == 4  # 8 frames, temporal patch 2
     # 8 frames sampled at 4 fps: 2 frames per temporal patch = 0.5 s (not the 1/12 s of the 24 fps default)
-    assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / media.video.sampled_fps])
+    times = {}
+    if "second_per_grid_ts" in inputs:  # Qwen2.5-VL: absolute time per temporal grid step
+        assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / media.video.sampled_fps])
+        times["second_per_grid_ts"] = inputs["second_per_grid_ts"]
     pos, _ = model.model.get_rope_index(
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs["second_per_grid_ts"], attention_mask=inputs["attention_mask"],
+        attention_mask=inputs["attention_mask"], **times,
     )
     video = inputs["input_ids"][0] == model.config.video_token_id
     temporal = pos[0, 0][video].view(grid[0], -1)  # (temporal groups, tokens per group)
