@@ -11,7 +11,7 @@ pa = pytest.importorskip("pyarrow")
 datasets = pytest.importorskip("datasets")
 import pyarrow.parquet as pq  # noqa: E402
 
-from video_ktr.data.rows import DataError, load_dataset  # noqa: E402
+from video_ktr.data.rows import DataError, load_dataset, read_rows  # noqa: E402
 from video_ktr.data.sources import SourceError, read_source  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def test_a_bad_parquet_row_is_named_by_file_row_and_field(tiny_setup, tmp_path):
 def test_hub_ids_are_refused_offline_and_need_a_media_root(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match=r"Video-R1/Video-R1-260k: not a local file or folder, and HF_HUB_OFFLINE"):
-        read_source("Video-R1/Video-R1-260k")
+        read_source("Video-R1/Video-R1-260k", read_rows=read_rows)
     with pytest.raises(DataError, match="needs --media_root"):
         load_dataset("Video-R1/Video-R1-260k")
     with pytest.raises(DataError, match=r"missing\.parquet: data file does not exist"):

@@ -304,7 +304,7 @@ def load_dataset(
                         "were unpacked to)", "missing_file")
     report = report if report is not None else SkipReport()
     try:
-        rows, label = read_source(path, config=config, split=split)
+        rows, label = read_source(path, read_rows=read_rows, config=config, split=split)
     except SourceError as exc:
         raise DataError(exc.source, None, None, exc.detail, "missing_file") from None
     path = label

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["SourceError", "default_media_root", "is_local", "read_source"]
 
@@ -90,11 +90,12 @@ def _rows_of(ds: Any, label: str, split: str | None) -> tuple[list[dict[str, Any
     return ds.to_list(), label
 
 
-def read_source(spec: str | os.PathLike, *, config: str | None = None,
+def read_source(spec: str | os.PathLike, *, read_rows: Callable[[Path], list[Any]], config: str | None = None,
                 split: str | None = None) -> tuple[list[Any], str]:
-    """(rows, label) of the data named by ``spec``; see the module docstring for the forms."""
-    from video_ktr.data.rows import read_rows
+    """(rows, label) of the data named by ``spec``; see the module docstring for the forms.
 
+    ``read_rows`` reads a JSON/JSONL file (``data.rows.read_rows``, passed in by the caller so this
+    module stays below ``data.rows``, which imports it)."""
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_file():
