@@ -170,8 +170,8 @@ def part_cli(check: Check, paths: dict) -> dict:
 
 def _batch(paths: dict, size: dict, device, dtype):
     from video_ktr.data.media import FrameSettings
-    from video_ktr.data.video import load_video
     from video_ktr.data.rows import load_dataset
+    from video_ktr.data.video import load_video
     from video_ktr.model.inputs import Media, encode_prompts
     from video_ktr.model.loading import load_model, load_processor, special_tokens
 

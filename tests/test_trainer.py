@@ -325,7 +325,7 @@ def test_temporal_grpo_bonus_per_prompt_group(tiny_setup, tmp_path, monkeypatch,
         # the ordered-frame rewards are computed with the samples; the shuffled ones without
         return [ordered if "samples" in kw else shuffled for _ in completions]
 
-    fake = lambda spec: fake_accuracy if spec == "accuracy" else real(spec)  # noqa: E731
+    fake = lambda spec, *fmt: fake_accuracy if spec == "accuracy" else real(spec, *fmt)  # noqa: E731
     monkeypatch.setattr(trainer_module, "load_reward_function", fake)
     monkeypatch.setattr(stages, "load_reward_function", fake)
     trainer = make_trainer(tiny_setup, tmp_path, "--max_steps", "1", "--token_selection", "none", "--temporal_grpo", "true",

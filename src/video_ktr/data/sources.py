@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["SourceError", "default_media_root", "is_local", "read_source"]
 

@@ -1,6 +1,6 @@
 """`video-ktr eval` results in lmms-eval's output layout, beside our own file (which keeps the protocol).
 
-lmms-eval (like lm-evaluation-harness, whose EvaluationTracker it inherits) writes, per model:
+lmms-eval writes, like lm-evaluation-harness whose EvaluationTracker it inherits, per model:
 
     OUT/lmms_eval/<model name, '/' -> '__'>/<date_id>_results.json
     OUT/lmms_eval/<model name, '/' -> '__'>/<date_id>_samples_<task>.jsonl
