@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -134,6 +135,39 @@ def test_what_data_check_passes_a_training_step_survives(tiny_setup, tmp_path):
     trainer = KTRTrainer(parse_args(TrainConfig, args))
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and metrics["skipped_samples"] == 0
+
+
+def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_and_field(tiny_setup, tmp_path):
+    """A prompt over --max_prompt_length only after tokenising (by its visual tokens, or text under the character
+    bound) stopped `train` with a bare ValueError; now: skip counts and replaces the row, error names file, row, field."""
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+
+    rows = _rows(tiny_setup)
+    video = next(r for r in rows if r["data_type"] == "video")
+    images = [r for r in rows if r["data_type"] == "image"][:3]
+    # limit 318: the image prompts are 310-311 tokens (4 visual), a video prompt 323-326 (16 visual, text < 318)
+    wordy = dict(images[2], problem=images[2]["problem"] + " ok" * 40)  # ~40 more text tokens, far under 64 chars/token
+    path = _write(tmp_path, tiny_setup, [images[0], video, images[1], wordy])
+    common = ("--dataset", str(path), "--media_root", str(tiny_setup.data_dir), "--max_steps", "1",
+              "--per_device_train_batch_size", "4", "--max_completion_length", "4", "--max_prompt_length", "318",
+              "--token_selection", "none", "--beta", "0")
+    trainer = KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "skip", *common, "--on_bad_sample", "skip")))
+    metrics = trainer.train_step()
+    trainer.data.close()
+    assert math.isfinite(metrics["loss"]) and metrics["skipped_samples"] == 2
+    assert dict(trainer.skips.counts) == {"prompt_too_long": 2}
+    assert sorted(trainer.data.bad_rows) == [1, 3]  # remembered (and saved with a checkpoint): never encoded again
+    examples = sorted(trainer.skips.examples)
+    assert re.match(r".*data\.json, row 1, field 'path': the prompt is 32\d tokens \(16 of them visual\), over "
+                    r"--max_prompt_length 318", examples[0]), examples
+    assert re.match(r".*data\.json, row 3, field 'problem': the prompt is 3[5-9]\d tokens", examples[1]), examples
+
+    trainer = KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "error", *common, "--on_bad_sample", "error")))
+    with pytest.raises(DataError, match=r"data\.json, row [13], field '(path|problem)': the prompt is \d+ tokens") as e:
+        trainer.train_step()
+    trainer.data.close()
+    assert e.value.reason == "prompt_too_long"
 
 
 # -------------------------------------------------------------------------------------------- files

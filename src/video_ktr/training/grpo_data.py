@@ -49,7 +49,7 @@ class GRPOData:
         self.samples, self.cfg, self.frames, self.processor = samples, cfg, frames, processor
         self.rank, self.world, self.skips = rank, world, skips
         self.cache = FrameCache(capacity=max(8, 4 * cfg.per_device_train_batch_size))
-        self.bad_rows: set[int] = set()  # dataset rows whose media could not be read (skip mode)
+        self.bad_rows: set[int] = set()  # dataset rows that cannot be used: unreadable media, prompt too long (skip)
         self.prefetcher = Prefetcher("video-ktr-data")  # the next micro-step's batch (--dataloader_prefetch)
         self._loader_processor: Any = None
 
@@ -70,36 +70,69 @@ class GRPOData:
             return Media(video=self.cache.get_or_load(sample.media_path, self.frames))
         return Media(image=load_image(sample.media_path, self.frames))
 
-    def _decode_media(self, picked: list[tuple[int, Sample]]):
-        """Decode each prompt's media; a failure stops the run, or (skip) is replaced by another row.
+    def _row_error(self, sample: Sample, field: str, message: str, reason: str) -> DataError:
+        file, _, row = sample.source.rpartition(":")
+        return DataError(file, int(row) if row.isdigit() else None, field, message, reason)
 
-        Returns the prompts, their media and the rows newly found unreadable, which the caller counts
-        (_count_unreadable). Safe in the prefetch thread: it reads ``bad_rows`` (written only by the main
-        thread, which does not write it while a prefetch runs), so a skip is reported with the step that
-        uses its batch.
+    def _decode_one(self, index: int, sample: Sample, unreadable: dict[int, DataError]) -> tuple[int, Sample, Media]:
+        """Decode one prompt's media; a failure stops the run, or (skip) the row is replaced by another.
+
+        A row known to be unusable (``bad_rows``, or found so while preparing this batch: ``unreadable``)
+        is replaced without being decoded or counted again.
         """
-        out, media, unreadable = [], [], {}
-        for index, sample in picked:
-            tries = 0
-            while True:
+        tries, err = 0, None
+        while True:
+            if index not in self.bad_rows and index not in unreadable:
                 try:
-                    if index in self.bad_rows or index in unreadable:  # known unreadable: not decoded nor counted again
-                        raise MediaError(sample.media_path, "was unreadable before")
-                    media.append(self._load_media(sample))
-                    out.append((index, sample))
-                    break
-                except MediaError as err:
+                    return index, sample, self._load_media(sample)
+                except MediaError as e:
+                    err = e
+                    derr = self._row_error(sample, "path", f"media could not be read: {e}", "media_unreadable")
                     if self.cfg.on_bad_sample == "error":
-                        raise DataError(sample.source.rsplit(":", 1)[0], int(sample.source.rsplit(":", 1)[1]), "path",
-                                        f"media could not be read: {err}", "media_unreadable") from err
-                    if index not in self.bad_rows and index not in unreadable:
-                        unreadable[index] = DataError(sample.source, None, "path", str(err), "media_unreadable")
-                    tries += 1
-                    if tries > 100:
-                        raise RuntimeError("more than 100 unreadable media files in a row; check --media_root") from err
-                    index = (index + 7919 * tries) % len(self.samples)
-                    sample = self.samples[index]
-        return out, media, unreadable
+                        raise derr from e
+                    unreadable[index] = derr
+            tries += 1
+            if tries > 100:
+                raise RuntimeError("more than 100 unusable rows in a row (unreadable media or prompts over "
+                                   "--max_prompt_length); check --media_root and the limits") from err
+            index = (index + 7919 * tries) % len(self.samples)
+            sample = self.samples[index]
+
+    def _decode_media(self, picked: list[tuple[int, Sample]], unreadable: dict[int, DataError]):
+        """Decode each prompt's media (_decode_one); returns the prompts (unreadable rows replaced) and media.
+
+        Safe in the prefetch thread: it reads ``bad_rows`` (written only by the main thread, which does not
+        write it while a prefetch runs) and records new unusable rows in ``unreadable``, which the caller
+        counts (_count_unreadable), so a skip is reported with the step that uses its batch.
+        """
+        out, media = [], []
+        for index, sample in picked:
+            index, sample, m = self._decode_one(index, sample, unreadable)
+            out.append((index, sample))
+            media.append(m)
+        return out, media
+
+    def _too_long(self, inputs: dict[str, Tensor], samples: list[Sample]) -> dict[int, DataError]:
+        """{batch position: DataError} of the prompts over --max_prompt_length (visual tokens included).
+
+        The field named is 'problem' when the text alone is over the limit, else 'path': its media's visual
+        tokens push the prompt over (which no text check before tokenising can see).
+        """
+        limit = self.cfg.max_prompt_length
+        if limit is None:
+            return {}
+        lengths = inputs["attention_mask"].sum(1)
+        visual = ((inputs["mm_token_type_ids"] != 0) & inputs["attention_mask"].bool()).sum(1)
+        found = {}
+        for i in (lengths > limit).nonzero().flatten().tolist():
+            n, v = int(lengths[i]), int(visual[i])
+            field = "problem" if n - v > limit else "path"
+            found[i] = self._row_error(
+                samples[i], field,
+                f"the prompt is {n} tokens ({v} of them visual), over --max_prompt_length {limit}. Visual tokens "
+                "cannot be truncated away: lower the frames or pixels (--max_frames, --max_pixels), shorten the "
+                "text, or raise --max_prompt_length", "prompt_too_long")
+        return found
 
     def _count_unreadable(self, unreadable: dict[int, DataError]) -> None:
         for index, err in unreadable.items():
@@ -108,20 +141,33 @@ class GRPOData:
                 self.skips.add(err)
 
     def prepare(self, micro_step: int, processor: Any) -> PreparedBatch:
-        """Micro-step ``micro_step``'s data on the CPU: its prompts, decoded media and processor outputs."""
+        """Micro-step ``micro_step``'s data on the CPU: its prompts, decoded media and processor outputs.
+
+        A prompt over --max_prompt_length stops the run naming its file, row and field, or (skip) its row is
+        replaced by another and counted (reason ``prompt_too_long``), like a row with unreadable media.
+        """
         cfg = self.cfg
-        picked, media, unreadable = self._decode_media(self.samples_at(micro_step))
-        samples = [s for _, s in picked]
-        messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
-        prompt_inputs = encode_prompts(processor, messages, media, max_prompt_length=cfg.max_prompt_length,
-                                       source=[s.source for s in samples])
-        return PreparedBatch(picked, media, prompt_inputs, unreadable)
+        unreadable: dict[int, DataError] = {}
+        picked, media = self._decode_media(self.samples_at(micro_step), unreadable)
+        while True:
+            samples = [s for _, s in picked]
+            messages = [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples]
+            prompt_inputs = encode_prompts(processor, messages, media)
+            too_long = self._too_long(prompt_inputs, samples)
+            if not too_long:
+                return PreparedBatch(picked, media, prompt_inputs, unreadable)
+            if cfg.on_bad_sample == "error":
+                raise next(iter(too_long.values()))
+            for i, err in too_long.items():
+                unreadable[picked[i][0]] = err
+                index, sample, media[i] = self._decode_one(*picked[i], unreadable)
+                picked[i] = (index, sample)
 
     def batch_for(self, micro_step: int) -> PreparedBatch:
         """Micro-step ``micro_step``'s data: the batch prefetched while the previous step computed, or made now.
 
-        A prefetched batch raises here what preparing it raised (a bad file with --on_bad_sample error,
-        a prompt over --max_prompt_length), so an error stops the step that needs the batch, never an
+        A prefetched batch raises here what preparing it raised (a bad file or a prompt over
+        --max_prompt_length with --on_bad_sample error), so an error stops the step that needs the batch, never an
         earlier one; a prefetch of another micro-step is awaited and dropped (prefetch.Prefetcher.take).
         Then the next micro-step's batch starts preparing in the background (--dataloader_prefetch).
         """
