@@ -428,17 +428,16 @@ def test_unpack_never_overwrites_without_overwrite_names_collisions_and_goes_on(
     (root / "A" / "v").mkdir()
     (root / "A" / "v" / "1.mp4").write_bytes(b"the user's own file")
     (root / "A" / "v" / "2.mp4").write_bytes(b"two")  # identical: not a collision
-    (root / "D").mkdir()
-    (root / "D" / "media.tar.gz").write_bytes(b"\x1f\x8b")
+    _tar(root / "D" / "media.tar.gz", {"d.mp4": b"d"})
     lines: list[str] = []
     result = unpack(root, progress=False, log=lines.append)
     text = "\n".join(lines)
-    assert [a.name for a in result.extracted] == ["C.zip"] and (root / "C" / "c.mp4").read_bytes() == b"c"
+    assert [a.name for a in result.extracted] == ["C.zip", "media.tar.gz"] and (root / "C" / "c.mp4").read_bytes() == b"c"
     assert {e.archive.rsplit("/", 1)[1] for e in result.errors} == {"A.zip", "B.zip"} and not result.ok
     assert "'v/1.mp4':" in text and "exists and differs (--overwrite replaces it)" in text and "'v/2.mp4'" not in text
     assert "'clip/inner.mp4': the archive also holds a file 'clip'" in text
     assert (root / "A" / "v" / "1.mp4").read_bytes() == b"the user's own file"
-    assert [t.name for t in result.tar_archives] == ["media.tar.gz"] and "tar archive D/media.tar.gz: not extracted" in text
+    assert (root / "D" / "d.mp4").read_bytes() == b"d" and "[4/4] D/media.tar.gz: extracting 1 member(s)" in text
 
     again = unpack(root, progress=False, log=lambda _: None, overwrite=True)
     assert (root / "A" / "v" / "1.mp4").read_bytes() == b"new one" and [a.name for a in again.extracted] == ["A.zip"]
@@ -453,6 +452,144 @@ def test_unpack_folder_in_the_way_is_a_collision_not_a_traceback(tmp_path):
     lines: list[str] = []
     result = unpack(root, progress=False, log=lines.append, overwrite=True)
     assert not result.ok and "'x.mp4': " in "\n".join(lines) and "is a folder" in "\n".join(lines)
+
+
+def _tar(path: Path, members: dict, mode: str = "w:gz") -> Path:
+    """A tar at ``path``: name -> bytes (a file), None (a folder) or a tarfile.TarInfo (written as it is)."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tf:
+        for name, content in members.items():
+            if isinstance(content, tarfile.TarInfo):
+                tf.addfile(content)
+                continue
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+    return path
+
+
+def _special(name: str, kind: str, target: str = "", mode: int = 0o644):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
+                 "fifo": tarfile.FIFOTYPE}[kind]
+    info.linkname, info.mode, info.devmajor, info.devminor = target, mode, 1, 3
+    return info
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_unpack_extracts_tar_archives_with_the_zip_rules(tmp_path, mode):
+    from video_ktr.data.unpack import marker_path, unpack
+
+    suffix = {"w": ".tar", "w:gz": ".tar.gz", "w:bz2": ".tar.bz2", "w:xz": ".tar.xz"}[mode]
+    root = tmp_path / "dl"
+    inner = _tar(tmp_path / "inner.tar", {"deep.mp4": b"deep"}, "w").read_bytes()
+    archive = _tar(root / "S" / f"media{suffix}", {"./v": None, "./v/1.mp4": b"one", "v/2.mp4": b"two",
+                                                   "inner.tar": inner}, mode)
+    result = unpack(root, progress=False, log=lambda _: None)
+    assert result.ok and [a.name for a in result.extracted] == [archive.name]
+    assert (root / "S" / "v" / "1.mp4").read_bytes() == b"one" and (root / "S" / "v" / "2.mp4").read_bytes() == b"two"
+    assert json.loads(marker_path(archive).read_text())["nested_archives"] == ["inner.tar"]
+    assert not (root / "S" / "deep.mp4").exists()  # an archive inside an archive is content, not a download
+    lines: list[str] = []
+    again = unpack(root, progress=False, log=lines.append)
+    assert again.ok and not again.extracted and "skip S/inner.tar: it was extracted from S/media" in "\n".join(lines)
+
+    # the zip rules for what is on disk: a differing file is never replaced without --overwrite
+    marker_path(archive).unlink()
+    (root / "S" / "v" / "1.mp4").write_bytes(b"the user's own")
+    lines = []
+    refused = unpack(root, progress=False, log=lines.append)
+    assert not refused.ok and "'v/1.mp4': " in "\n".join(lines) and "exists and differs (--overwrite replaces it)" in "\n".join(lines)
+    assert "'v/2.mp4'" not in "\n".join(lines)  # identical: not a collision
+    assert (root / "S" / "v" / "1.mp4").read_bytes() == b"the user's own"
+    assert unpack(root, progress=False, log=lambda _: None, overwrite=True).ok
+    assert (root / "S" / "v" / "1.mp4").read_bytes() == b"one"
+
+
+@pytest.mark.parametrize(("member", "why"), [
+    ({"../evil.mp4": b"x"}, "'..' component"),
+    ({"sub/../../evil.mp4": b"x"}, "'..' component"),
+    ({"/tmp/relmod-evil-abs.mp4": b"x"}, "absolute name"),
+    ({"escape": _special("escape", "sym", "/etc")}, "symbolic link entry to '/etc'"),
+    ({"up": _special("up", "sym", "../../outside")}, "symbolic link entry"),
+    ({"passwd": _special("passwd", "hard", "/etc/passwd")}, "hard link entry to '/etc/passwd'"),
+    ({"inside": _special("inside", "hard", "good.mp4")}, "hard link entry"),
+    ({"null": _special("null", "chr")}, "a device file"),
+    ({"disk": _special("disk", "blk")}, "a device file"),
+    ({"pipe": _special("pipe", "fifo")}, "a FIFO"),
+])
+def test_unpack_refuses_malicious_tar_members_and_writes_nothing_of_that_archive(tmp_path, member, why):
+    from video_ktr.data.unpack import marker_path, unpack
+
+    root = tmp_path / "dl"
+    bad = _tar(root / "Bad" / "bad.tar.gz", {"good.mp4": b"ok", **member})
+    _tar(root / "Good" / "good.tgz", {"fine.mp4": b"fine"})
+    lines: list[str] = []
+    result = unpack(root, progress=False, log=lines.append)
+    text = "\n".join(lines)
+    (name,) = member
+    assert [e.member for e in result.errors] == [name] and f"archive {bad}, member {name!r}" in text and why in text
+    assert "REFUSED" in text and not result.ok
+    assert sorted(p.name for p in (root / "Bad").iterdir()) == ["bad.tar.gz"] and not marker_path(bad).exists()
+    assert not (root / "evil.mp4").exists() and not (tmp_path / "evil.mp4").exists()
+    assert not Path("/tmp/relmod-evil-abs.mp4").exists()
+    assert (root / "Good" / "fine.mp4").read_bytes() == b"fine"  # the other archives are still extracted
+
+
+def test_unpack_tar_never_writes_through_a_symlink_nor_applies_modes_and_checks_space(tmp_path, monkeypatch):
+    import io
+    import os
+    import stat
+    import tarfile
+
+    from video_ktr.data import unpack as unpack_mod
+    from video_ktr.data.unpack import ArchiveError, marker_path, unpack_archive
+
+    root, outside = tmp_path / "dl", tmp_path / "outside"
+    outside.mkdir()
+    (root / "B").mkdir(parents=True)
+    (root / "B" / "videos").symlink_to(outside, target_is_directory=True)
+    through = _tar(root / "B" / "b.tar", {"videos/x.mp4": b"x"}, "w")
+    with pytest.raises(ArchiveError, match=r"outside .* \(through an existing symlink\)") as e:
+        unpack_archive(through, progress=False)
+    assert e.value.member == "videos/x.mp4" and not (outside / "x.mp4").exists()
+
+    setuid = tarfile.TarInfo("run.sh")
+    setuid.size, setuid.mode, setuid.uid, setuid.gid = 2, 0o6777, 0, 0
+    (root / "C").mkdir()
+    with tarfile.open(root / "C" / "c.tar", "w") as tf:
+        tf.addfile(setuid, io.BytesIO(b"#!"))
+    unpack_archive(root / "C" / "c.tar", progress=False)
+    mode = os.stat(root / "C" / "run.sh").st_mode
+    assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_IXOTH)  # only the bytes come from the archive
+
+    big = _tar(root / "D" / "big.tar.xz", {"a.mp4": b"a" * 5000, "b.mp4": b"b" * 5000}, "w:xz")
+    monkeypatch.setattr(unpack_mod.shutil, "disk_usage", lambda _: _disk_usage(free=4096))
+    with pytest.raises(ArchiveError, match=r"needs 9\.8 KB of disk space in .*only 4\.0 KB free"):
+        unpack_archive(big, progress=False)
+    assert not (root / "D" / "a.mp4").exists() and not marker_path(big).exists()
+
+    truncated = root / "E" / "cut.tar.gz"
+    truncated.parent.mkdir()
+    truncated.write_bytes(_tar(tmp_path / "whole.tar.gz", {"a.mp4": os.urandom(20000)}).read_bytes()[:3000])
+    with pytest.raises(ArchiveError, match=r"cut\.tar\.gz.*(corrupt or truncated|not a readable tar archive)"):
+        unpack_archive(truncated, progress=False)
+    assert not marker_path(truncated).exists()
+
+
+def _disk_usage(free: int):
+    from collections import namedtuple
+
+    return namedtuple("usage", "total used free")(free, 0, free)
 
 
 # ------------------------------------------------------------------------------------------------- eval
