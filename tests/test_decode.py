@@ -199,3 +199,96 @@ def test_trainer_steps_are_the_same_with_the_static_decoder_on_cpu(tiny_setup, t
         for key in ("loss", "completion_length", "reward", "grad_norm"):
             if key in a:
                 assert a[key] == b[key], (key, a[key], b[key])
+
+
+def test_graph_store_replays_a_kept_step_for_later_calls_of_the_same_shapes(tiny_model, prompts):
+    """A GraphStore keeps the captured step: a later call with the same rows and cache columns (other prompts, other
+    prompt lengths, other seeds, weights changed in place) loads its values into the kept buffers and replays,
+    with no warm-up or capture, and gets the tokens of decoding it afresh; other shapes or re-allocated weights
+    capture again."""
+    from video_ktr.model.decode import GraphStore
+
+    model, _ = tiny_model
+    inputs, _ = prompts
+    store, graphs = GraphStore(), StandInGraphs()
+    kept = StaticDecoder(graphs=graphs, noise="counter", store=store, capacity_multiple=256)
+
+    def eager(**kw):
+        return _run(tiny_model, prompts, StaticDecoder(graphs=None, noise="counter"), **kw)
+
+    first = _run(tiny_model, prompts, kept, rows=(0,))
+    assert graphs.calls[:2] == ["warm_up", "capture"] and store.captures == 1 and len(store.entries) == 1
+    _same(first, eager(rows=(0,)))
+    lengths = [int(inputs["attention_mask"][r].sum()) for r in range(3)]
+    other = next(r for r in (1, 2) if lengths[r] != lengths[0])  # a prompt of another length, the same rounded columns
+    before = len(graphs.calls)
+    second = _run(tiny_model, prompts, kept, rows=(other,), seeds=[row_seed(9, "rollout", 1, other, g) for g in range(2)])
+    assert set(graphs.calls[before:]) == {"replay"} and store.hits == 1 and store.captures == 1
+    _same(second, eager(rows=(other,), seeds=[row_seed(9, "rollout", 1, other, g) for g in range(2)]))
+    _same(first, eager(rows=(0,)))  # the first call's tokens were handed out as a copy of the kept buffers
+    # weights updated in place (as an optimizer step does): the kept step reads them
+    weight = model.lm_head.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)
+        before = len(graphs.calls)
+        moved = _run(tiny_model, prompts, kept, rows=(0,))
+        assert set(graphs.calls[before:]) == {"replay"} and store.hits == 2
+        _same(moved, eager(rows=(0,)))
+        assert not torch.equal(moved.ids, first.ids)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    # another batch size: a second kept step
+    before = len(graphs.calls)
+    _same(_run(tiny_model, prompts, kept, rows=(0, 1)), eager(rows=(0, 1)))
+    assert graphs.calls[before:before + 2] == ["warm_up", "capture"] and len(store.entries) == 2
+    # a weight re-allocated (a new tensor, not updated in place): the kept steps read the old one, capture again
+    data = weight.data
+    try:
+        weight.data = data.clone()
+        before = len(graphs.calls)
+        _same(_run(tiny_model, prompts, kept, rows=(0,)), eager(rows=(0,)))
+        assert graphs.calls[before:before + 2] == ["warm_up", "capture"] and len(store.entries) == 2  # oldest dropped
+    finally:
+        weight.data = data
+    store.clear()
+    assert not store.entries
+
+
+def test_generator_noise_is_never_captured():
+    """Per-row generators draw their noise in Python-chosen blocks, which a replayed graph would freeze: that
+    noise decodes eagerly on the static buffers, and says why."""
+    from types import SimpleNamespace
+
+    from video_ktr.model.decode import decode_from
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, **kw):
+            return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], 1, 16))
+
+    graphs = StandInGraphs()
+    result = decode_from(Model(), None, torch.tensor([3, 4]), torch.ones(2, 3, dtype=torch.long),
+                         sampler=GumbelSampler([1, 2], noise="generator"), max_new_tokens=6, eos_ids=(15,), pad_id=0,
+                         graphs=graphs)
+    assert result.steps == 6 and not result.captured and graphs.calls == []
+    assert "generator noise" in result.fallback
+    # the counter noise is captured on the same path
+    counter = decode_from(Model(), None, torch.tensor([3, 4]), torch.ones(2, 3, dtype=torch.long),
+                          sampler=GumbelSampler([1, 2], noise="counter"), max_new_tokens=6, eos_ids=(15,), pad_id=0,
+                          graphs=graphs)
+    assert counter.captured and graphs.calls[:2] == ["warm_up", "capture"] and counter.fallback is None
+
+
+def test_rollout_decoder_keeps_graphs_only_for_the_static_decoder():
+    from video_ktr.model.decode import GraphStore, rollout_decoder
+
+    assert rollout_decoder("auto", "cpu") == "hf" and rollout_decoder("hf", "cuda") == "hf"
+    for setting, device in (("auto", "cuda"), ("static", "cpu")):
+        decoder = rollout_decoder(setting, device)
+        assert isinstance(decoder, StaticDecoder) and isinstance(decoder.store, GraphStore)
+    assert rollout_decoder("static", "cpu").store is not rollout_decoder("static", "cpu").store
+    d = StaticDecoder(store=GraphStore(), capacity_multiple=64)
+    assert d.capacity(100, 28, graphs=object()) == 128 and d.capacity(100, 29, graphs=object()) == 192
+    assert d.capacity(100, 29, graphs=None) == 129 and StaticDecoder().capacity(100, 29, graphs=object()) == 129

@@ -29,14 +29,24 @@ Two modes:
   the step has fixed shapes and addresses. The first step runs eagerly (warm-up), the second is
   captured, and the graph is replayed for every later token. If capture fails (a kernel that cannot be
   captured, an attention backend that synchronises), decoding goes on eagerly on the same buffers and
-  the reason is kept in ``DecodeResult.fallback``.
+  the reason is kept in ``DecodeResult.fallback``. The per-row generator noise draws its blocks from
+  Python and is never captured (the step stays on the static buffers, eagerly).
+
+A ``GraphStore`` keeps captured steps across calls (the trainer holds one: ``rollout_decoder``). A later
+call of the same shapes (rows, cache columns, cache layout, sampler and stop settings, the same weight
+tensors) copies its prefilled cache, first token, mask, positions and seeds into the stored step's buffers
+and replays the stored graph from its first step: no warm-up, no capture. The static cache's columns are
+rounded up to a multiple of ``StaticDecoder.capacity_multiple`` so that prompts of different lengths share
+a graph (the extra columns are masked). The store holds each kept step's static cache (the KV room of one
+rollout) between calls; ``GraphStore.clear`` gives it back.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,6 +87,39 @@ class CudaGraphs:
         return graph.replay
 
 
+class GraphStore:
+    """Captured decode steps kept across calls, keyed by everything a captured step has fixed (``_graph_key``).
+
+    At most ``max_entries`` steps are kept (the least recently used goes first); each holds its static
+    cache, so the store holds that much KV memory between rollouts. ``clear`` releases it all.
+    """
+
+    def __init__(self, max_entries: int = 2):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.hits = 0
+        self.captures = 0
+
+    def get(self, key: tuple) -> _Captured | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def put(self, key: tuple, entry: _Captured) -> None:
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        self.captures += 1
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 @dataclass
 class StaticDecoder:
     """Settings of the static decoder (rollout.generate(decoder=StaticDecoder(...)); 'static' is the default one).
@@ -85,11 +128,17 @@ class StaticDecoder:
     captures; or an object with ``warm_up(fn)`` and ``capture(fn) -> replay`` (tests use a stand-in).
     ``noise``: ``"auto"`` is counter noise on CUDA (capturable) and the per-row generators elsewhere
     (the transformers path's stream: the same tokens on CPU).
+    ``store``: a GraphStore that keeps captured steps for later calls of the same shapes (None: capture
+    per call); ``capacity_multiple``: with a store and graphs, the static cache's columns (prompt +
+    new tokens) rounded up to this multiple, so that batches whose prompts differ a little in length
+    replay one graph.
     """
 
     graphs: Any = "auto"
     noise: str = "auto"
     stop_every: int = STOP_EVERY
+    store: GraphStore | None = field(default=None, compare=False, repr=False)
+    capacity_multiple: int = 64
 
     def graphs_for(self, device: torch.device) -> Any:
         if self.graphs == "auto":
@@ -103,6 +152,20 @@ class StaticDecoder:
             raise ValueError(f"noise must be 'auto', 'counter' or 'generator', got {self.noise!r}")
         return self.noise
 
+    def capacity(self, prompt_length: int, max_new_tokens: int, graphs: Any) -> int:
+        """The static cache's columns: prompt + new tokens, rounded up where a stored graph can be replayed."""
+        needed = prompt_length + max_new_tokens
+        if graphs is None or self.store is None or self.capacity_multiple <= 1:
+            return needed
+        return -(-needed // self.capacity_multiple) * self.capacity_multiple
+
+
+def rollout_decoder(setting: str, device: torch.device | str) -> str | StaticDecoder:
+    """A trainer's decoder for its rollouts: 'hf', or a StaticDecoder with its own GraphStore (kept across steps)."""
+    if resolve_decoder(setting, torch.device(device)) == "hf":
+        return "hf"
+    return StaticDecoder(store=GraphStore())
+
 
 @dataclass
 class DecodeResult:
@@ -110,6 +173,7 @@ class DecodeResult:
     steps: int  # decoding steps run (columns of ids that hold tokens)
     captured: bool  # whether later steps replayed a captured graph
     fallback: str | None = None  # why capture was abandoned, if it was
+    reused: bool = False  # whether the graph was one a GraphStore kept from an earlier call
 
 
 class _Step:
@@ -132,7 +196,9 @@ class _Step:
         text = prompt_mask.long().sum(-1, keepdim=True)  # (N, 1)
         self.pos = (text + rope_deltas.to(device)).unsqueeze(0).expand(3, n, 1).clone() if rope_deltas is not None else text
         self.step = torch.ones((), dtype=torch.long, device=device)  # index of the token this step produces
-        capacity = length + max_new_tokens
+        # a static cache may have more columns than prompt + new tokens (GraphStore rounds them up)
+        capacity = _static_capacity(cache) if static else None
+        capacity = capacity or length + max_new_tokens
         mask = torch.ones(n, capacity, dtype=torch.long, device=device)
         mask[:, :length] = prompt_mask
         # generate() drops an all-ones mask (no padding); the eager step does too, for the same numbers
@@ -142,6 +208,34 @@ class _Step:
             self.column = torch.full((), length, dtype=torch.long, device=device)  # the cache column written next
             self.columns = torch.arange(capacity, device=device)
         self.eager_step = 1  # the Python-side step counter of the eager mode
+
+    def load(self, cache: Any, first: Tensor, prompt_mask: Tensor, sampler: Any, rope_deltas: Tensor | None) -> None:
+        """Start a new decode on this (static, captured) step's buffers: every value copied in place.
+
+        ``cache``, ``sampler``: the new call's prefilled static cache and the sampler that drew ``first``;
+        their tensors are copied into this step's own (the captured graph reads those addresses).
+        """
+        n, length = prompt_mask.shape
+        if cache is not self.cache:
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys.copy_(theirs.keys)
+                mine.values.copy_(theirs.values)
+                mine.cumulative_length.copy_(theirs.cumulative_length)
+        if sampler is not self.sampler:
+            self.sampler.keys.copy_(sampler.keys)
+            self.sampler.step.copy_(sampler.step)
+        self.ids.fill_(int(self.pad))
+        self.ids[:, 0] = first
+        self.done.copy_(self._is_eos(first))
+        self.token.copy_(first.reshape(n, 1))
+        text = prompt_mask.long().sum(-1, keepdim=True)
+        self.pos.copy_((text + rope_deltas.to(text.device)).unsqueeze(0).expand(3, n, 1) if rope_deltas is not None
+                       else text)
+        self.step.fill_(1)
+        self.mask.fill_(True)
+        self.mask[:, :length] = prompt_mask.bool()
+        self.column.fill_(length)
+        self.length = length
 
     def _is_eos(self, tokens: Tensor) -> Tensor:
         return (tokens[:, None] == self.eos[None, :]).any(-1)
@@ -177,34 +271,93 @@ class _Step:
         return bool(self.done.all())  # the one host synchronisation, every stop_every steps
 
 
+@dataclass
+class _Captured:
+    """A captured step kept by a GraphStore: its state (buffers, cache, sampler) and its replay."""
+
+    state: _Step
+    replay: Callable[[], None]
+    graphs: Any  # kept alive: its identity is part of the key
+
+
+def _static_capacity(cache: Any) -> int | None:
+    layers = getattr(cache, "layers", None) or []
+    return int(layers[0].max_cache_len) if layers and hasattr(layers[0], "max_cache_len") else None
+
+
+def _graph_key(model: torch.nn.Module, cache: Any, first: Tensor, sampler: Any, graphs: Any, *, max_new_tokens: int,
+               eos_ids: tuple[int, ...], pad_id: int, min_new_tokens: int, rope_deltas: Tensor | None) -> tuple | None:
+    """What a captured step fixed: shapes, addresses of the weights, Python values read at capture (None: keep none).
+
+    The prompt's length is not in it: in the static mode it is a value in the step's buffers (the mask,
+    the column counter), not a shape.
+    """
+    layers = getattr(cache, "layers", None) or []
+    if not layers or getattr(sampler, "noise", None) != "counter" or not hasattr(sampler, "keys"):
+        return None
+    layout = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None or not hasattr(layer, "cumulative_length"):
+            return None
+        layout.append((type(layer).__name__, tuple(keys.shape), tuple(values.shape), keys.dtype))
+    weights = tuple(p.data_ptr() for p in model.parameters())  # a moved or re-allocated weight: capture again
+    graphs_id = "cuda" if type(graphs) is CudaGraphs else id(graphs)
+    return (graphs_id, id(model), str(first.device), int(first.shape[0]), max_new_tokens, tuple(sorted(set(eos_ids))),
+            int(pad_id), int(min_new_tokens), rope_deltas is None, sampler.temperature, sampler.top_p,
+            tuple(sampler.suppress_ids), int(sampler.rows), tuple(layout), weights)
+
+
 @torch.no_grad()
 def decode_from(model: torch.nn.Module, cache: Any, first: Tensor, prompt_mask: Tensor, *, sampler: Any,
                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, min_new_tokens: int = 0,
-                rope_deltas: Tensor | None = None, graphs: Any = None, stop_every: int = STOP_EVERY) -> DecodeResult:
+                rope_deltas: Tensor | None = None, graphs: Any = None, stop_every: int = STOP_EVERY,
+                store: GraphStore | None = None) -> DecodeResult:
     """Decode tokens 2..``max_new_tokens`` after a prefill that filled ``cache`` and drew ``first`` (N,).
 
     ``model`` is the unwrapped model in eval mode; ``prompt_mask`` (N, L) the prompt's attention mask
     (the cache holds its L columns); ``sampler`` a GumbelSampler that drew ``first`` (its stream goes on);
     ``rope_deltas`` (N, 1) the M-RoPE offsets the prefill left on the model (None: plain 1-D positions).
-    With ``graphs`` the cache must be a ``StaticCache`` with room for L + ``max_new_tokens`` columns.
+    With ``graphs`` the cache must be a ``StaticCache`` with room for at least L + ``max_new_tokens``
+    columns. With ``store`` (and ``graphs``) a step captured by an earlier call of the same shapes is
+    replayed (its buffers loaded with this call's values), and a step captured here is kept.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_every < 1:
         raise ValueError(f"stop_every must be >= 1, got {stop_every}")
-    state = _Step(model, cache, first, prompt_mask, sampler=sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                  pad_id=pad_id, min_new_tokens=min_new_tokens, rope_deltas=rope_deltas, static=graphs is not None)
-    run: Callable[[], None] = state
-    captured, fallback, steps = False, None, 1
+    key = entry = None
+    if graphs is not None and store is not None:
+        key = _graph_key(model, cache, first, sampler, graphs, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                         pad_id=pad_id, min_new_tokens=min_new_tokens, rope_deltas=rope_deltas)
+        entry = store.get(key) if key is not None else None
+    if entry is not None:  # replay the kept graph on its own buffers, loaded with this call's values
+        state, run = entry.state, entry.replay
+        state.load(cache, first, prompt_mask, sampler, rope_deltas)
+    else:
+        state = _Step(model, cache, first, prompt_mask, sampler=sampler, max_new_tokens=max_new_tokens,
+                      eos_ids=eos_ids, pad_id=pad_id, min_new_tokens=min_new_tokens, rope_deltas=rope_deltas,
+                      static=graphs is not None)
+        run = state
+    captured, fallback, steps = entry is not None, None, 1
+    # the per-row generators' noise comes in blocks chosen by Python: a captured step would replay one block
+    # column forever, so that noise decodes on the static buffers eagerly
+    capturable = getattr(sampler, "noise", None) != "generator" or getattr(sampler, "temperature", 1.0) == 0
+    if graphs is not None and entry is None and not capturable:
+        fallback = "the per-row generator noise is drawn by Python and cannot be captured (noise='counter' can)"
     for step in range(1, max_new_tokens):
         if (step - 1) % stop_every == 0 and state.all_done():
             break
-        if graphs is not None and step == 1:
+        if entry is not None or graphs is None or not capturable:
+            run()
+        elif step == 1:
             graphs.warm_up(state)
-        elif graphs is not None and step == 2:
+        elif step == 2:
             try:
                 run = graphs.capture(state)
                 captured = True
+                if key is not None:
+                    store.put(key, _Captured(state, run, graphs))
             except Exception as exc:  # decode on eagerly, on the same static buffers
                 fallback = f"{type(exc).__name__}: {exc}"
                 logger.warning("decode: CUDA graph capture failed, decoding eagerly (%s)", fallback)
@@ -213,4 +366,7 @@ def decode_from(model: torch.nn.Module, cache: Any, first: Tensor, prompt_mask: 
         else:
             run()
         steps = step + 1
-    return DecodeResult(ids=state.ids[:, :steps], steps=steps, captured=captured, fallback=fallback)
+    ids = state.ids[:, :steps]
+    # a kept step's buffers are the next call's: hand out a copy
+    return DecodeResult(ids=ids.clone() if key is not None and captured else ids, steps=steps, captured=captured,
+                        fallback=fallback, reused=entry is not None)

@@ -68,7 +68,7 @@ def generate(
     static = resolve_decoder(decoder, device) == "static" and max_new_tokens > 1
     settings = decoder if isinstance(decoder, StaticDecoder) else StaticDecoder()
     graphs = settings.graphs_for(device) if static else None
-    capacity = prompt_inputs["input_ids"].shape[1] + max_new_tokens
+    capacity = settings.capacity(prompt_inputs["input_ids"].shape[1], max_new_tokens, graphs)
     cache = None
     if group_size > 1 and shared_prefill:
         cache = _shared_prefill(model, prompt_inputs, group_size, capacity, static=graphs is not None)
@@ -85,7 +85,7 @@ def generate(
                 pad_id=pad_id, suppress_ids=suppress_ids, cache=cache, min_new_tokens=min_new_tokens)
     if static:
         return _generate_static(model, tokenizer, rows, graphs=graphs, noise=settings.noise_for(device),
-                                stop_every=settings.stop_every, **args)
+                                stop_every=settings.stop_every, store=settings.store, **args)
     return _generate(model, tokenizer, rows, **args)
 
 
@@ -156,7 +156,7 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, T
 def _generate_static(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
                      max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
                      suppress_ids: tuple[int, ...], cache: Any, min_new_tokens: int, graphs: Any, noise: str,
-                     stop_every: int) -> Completions:
+                     stop_every: int, store: Any = None) -> Completions:
     """The prompt's prefill and first token through ``generate`` (the same numbers as the hf path), the rest
     through decode.decode_from."""
     n = prompt_inputs["input_ids"].shape[0]
@@ -178,7 +178,8 @@ def _generate_static(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict
     try:
         result = decode_from(gen_model, cache, out[:, length], prompt_inputs["attention_mask"], sampler=sampler,
                              max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                             min_new_tokens=min_new_tokens, rope_deltas=deltas, graphs=graphs, stop_every=stop_every)
+                             min_new_tokens=min_new_tokens, rope_deltas=deltas, graphs=graphs, stop_every=stop_every,
+                             store=store)
     finally:
         gen_model.train(was_training)
     comps = _completions(tokenizer, result.ids, eos_ids, pad_id)

@@ -36,6 +36,7 @@ from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.data.text_checks import text_char_limit
 from video_ktr.model.adapters import frames_for
+from video_ktr.model.decode import rollout_decoder
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
 from video_ktr.model.prefix import strip_pixels
@@ -123,7 +124,9 @@ class KTRTrainer(TrainingRun):
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()
         self.weighting = cfg.weighting_spec()
-        self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.rollout_decoder)
+        # the static decoder keeps its captured CUDA graphs across steps (decode.GraphStore); 'hf' on CPU for 'auto'
+        self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                                     rollout_decoder(cfg.rollout_decoder, self.acc.device))
         self.vllm = self._start_vllm() if cfg.use_vllm else None
         self.plan = ForwardPlan(
             chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,

@@ -66,7 +66,7 @@ class SamplingSpec:
     max_new_tokens: int
     temperature: float
     top_p: float
-    decoder: str = "auto"  # rollout.generate's decoder: 'auto' (static on CUDA), 'hf', 'static'
+    decoder: Any = "auto"  # rollout.generate's decoder: 'auto' (static on CUDA), 'hf', 'static', a StaticDecoder
 
 
 @dataclass(frozen=True)
