@@ -81,6 +81,39 @@ def test_missing_file_is_a_clear_error_before_loading_the_model(tiny_dir, tmp_pa
     assert rc == 2 and "corrupt.mp4" in capsys.readouterr().err
 
 
+def test_infer_cuts_frames_at_the_family_factor_on_qwen3_vl(tmp_path, monkeypatch):
+    """Qwen3-VL's frame sides must be multiples of 32: infer asks the adapter (frames_for) as eval and train do
+    (it decoded at 28 before, which the Qwen3-VL processor would resize again)."""
+    qwen3 = tiny.build_tiny_model(tmp_path / "qwen3", arch="qwen3_vl", seed=0)
+    seen = []
+    real_generate = HFEngine.generate
+
+    def recording(self, messages, media, seeds, **kw):
+        seen.extend(media)
+        return real_generate(self, messages, media, seeds, **kw)
+
+    monkeypatch.setattr(HFEngine, "generate", recording)
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (100, 60), (0, 90, 200)).save(image)
+    for media_flag, path in (("--video", str(REAL_VIDEO)), ("--image", str(image))):
+        cfg = parse_infer_args(["--model_name_or_path", str(qwen3), media_flag, path, "--question", "What is shown?",
+                                "--max_new_tokens", "4", "--max_frames", "4", "--min_frames", "4",
+                                "--max_pixels", str(4 * 32 * 32), "--image_max_pixels", str(6 * 32 * 32)])
+        result = infer.run(cfg)
+        assert isinstance(result["output"], str)
+    video, picture = seen
+    height, width = video.video.frames.shape[-2:]
+    assert video.video.frames.shape[0] == 4 and height % 32 == 0 and width % 32 == 0, (height, width)
+    assert picture.image.size[0] % 32 == 0 and picture.image.size[1] % 32 == 0, picture.image.size
+    # the Qwen2.5-VL default is unchanged: multiples of 28
+    seen.clear()
+    cfg = parse_infer_args(["--model_name_or_path", str(tiny.build_tiny_model(tmp_path / "q25", **SMALL)), "--image",
+                            str(image), "--question", "What is shown?", "--max_new_tokens", "2",
+                            "--image_max_pixels", str(6 * 28 * 28)])
+    infer.run(cfg)
+    assert seen[0].image.size[0] % 28 == 0 and seen[0].image.size[1] % 28 == 0 and seen[0].image.size[0] % 32 != 0
+
+
 def test_bad_requests_are_refused(tiny_dir, tmp_path, capsys):
     base = ["--model_name_or_path", str(tiny_dir), "--question", "Why?"]
     with pytest.raises(SystemExit) as exc:

@@ -9,9 +9,10 @@ prints the reasoning (the ``<think>`` block) and the answer (the ``<answer>`` bl
 when there is none, as evaluation scores it) separately; ``--raw true`` also prints the raw output.
 The prompt is the one evaluation uses (Video-R1 template, ``--prompt_layout eval``), and frames are
 sampled with the same settings as ``video-ktr eval`` (16 frames of at most 256x28x28 pixels by
-default). ``--options`` takes several values or one comma-separated list; options without letters
-("red, green") are lettered A., B., ... Without ``--problem_type`` a question with options is
-multiple choice, else free-form.
+default, sides multiples of the model family's factor: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL).
+``--options`` takes several values or one comma-separated list; options without letters ("red,
+green") are lettered A., B., ... Without ``--problem_type`` a question with options is multiple
+choice, else free-form.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from video_ktr.data.media import MediaError
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import OPTION_LAYOUTS, build_messages
 from video_ktr.evaluation.engine import HFEngine, load_media, pick_device
+from video_ktr.model.adapters import frames_for
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
 from video_ktr.model.vllm_engine import VLLMEngine
@@ -173,7 +175,8 @@ def _question(cfg: InferConfig) -> tuple[str, list[str] | None]:
 def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: Any = None) -> dict[str, Any]:
     """Answer the question; returns ``{"output", "reasoning", "answer", "problem_type", "options"}``.
 
-    Raises InferError for a missing or unreadable media file (checked before the model is loaded).
+    Raises InferError for a missing or unreadable media file (checked before the model is loaded; the
+    processor is loaded first, as its family sets the frame-side factor).
     """
 
     cfg.validate()
@@ -184,8 +187,12 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
         raise InferError(f"{data_type} file not found: {path}")
     if not path.is_file():
         raise InferError(f"{data_type} path is not a file: {path}")
+    if processor is None:
+        processor = (getattr(engine, "processor", None) if engine is not None
+                     else load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code))
+    settings = frames_for(processor, cfg.frame_settings())  # the family's side factor, as eval and train
     try:
-        media = load_media(path, data_type, cfg.frame_settings())
+        media = load_media(path, data_type, settings)
     except MediaError as exc:
         raise InferError(str(exc)) from exc
 
@@ -195,9 +202,6 @@ def run(cfg: InferConfig, *, model: Any = None, processor: Any = None, engine: A
             engine = VLLMEngine.from_pretrained(cfg.model_name_or_path, processor=processor, dtype=cfg.dtype,
                                                 seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
         else:
-            if processor is None:
-
-                processor = load_processor(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
             if model is None:
 
                 model = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
