@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from video_ktr import cli
+from video_ktr.commands.data import main
 from video_ktr.data import check as data_check
 from video_ktr.data import unpack as data_unpack
-from video_ktr.data.tools import ArchiveError, check_dataset, main, marker_path, unpack, unpack_archive
+from video_ktr.data.check import check_dataset
+from video_ktr.data.unpack import ArchiveError, marker_path, unpack, unpack_archive
 from video_ktr.data.video import write_video
 
 # ------------------------------------------------------------------------------------------------ unpack

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from video_ktr.data.argv import parse_positional as _parse
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.rows import DataError, _is_one_json_object, validate_row
 from video_ktr.data.text_checks import SPECIAL_TOKEN_POLICIES, text_char_limit
@@ -377,33 +375,3 @@ def write_clean(result: CheckResult, out: str | os.PathLike) -> tuple[Path, Path
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     _write_atomic(rejected_path, (json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in result.rejected))
     return out, rejected_path
-
-
-def check_main(argv: list[str]) -> int:
-    args = _parse(CheckArgs, argv, "video-ktr data check", positional="dataset")
-    prog = "video-ktr data check"
-    try:
-        settings = args.frame_settings()
-    except ValueError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    if args.write_clean and Path(args.write_clean).resolve() == Path(args.dataset).resolve():
-        print(f"{prog}: --write_clean must not be the input file {args.dataset}", file=sys.stderr)
-        return 2
-    try:
-        result = check_dataset(
-            args.dataset, args.media_root, settings=settings, workers=args.workers,
-            open_media_files=args.open_media, allow_outside_media_root=args.allow_outside_media_root,
-            require_process=args.require_process, special_tokens=args.special_tokens,
-            max_prompt_length=args.max_prompt_length,
-        )
-    except DataError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 2 if err.reason == "missing_file" else 1
-    print(result.summary(args.examples))
-    if args.write_clean:
-        clean, rejected = write_clean(result, args.write_clean)
-        root = args.media_root or str(Path(args.dataset).parent)
-        print(f"wrote {len(result.good_rows)} good row(s) to {clean} (paths relative to {root}) and "
-              f"{len(result.rejected)} rejection(s) to {rejected}")
-    return 0 if result.ok else 1

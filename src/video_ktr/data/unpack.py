@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +58,9 @@ from video_ktr.data.archives import (
     is_archive_name,
     open_archive,
 )
-from video_ktr.data.argv import parse_positional as _parse
 from video_ktr.utils.config import field
 
-__all__ = ["ArchiveError", "UnpackArgs", "UnpackResult", "find_archives", "marker_path", "unpack", "unpack_archive",
-           "unpack_main"]
+__all__ = ["ArchiveError", "UnpackArgs", "UnpackResult", "find_archives", "marker_path", "unpack", "unpack_archive"]
 
 _SPLIT_PART = re.compile(r"(\.z\d\d|\.zip\.\d{3})$", re.IGNORECASE)
 
@@ -302,13 +299,3 @@ def unpack(root: str | os.PathLike, *, dry_run: bool = False, progress: bool = T
     for err in result.errors:
         log(f"  error: {err}")
     return result
-
-
-def unpack_main(argv: list[str]) -> int:
-    args = _parse(UnpackArgs, argv, "video-ktr data unpack", positional="dir")
-    try:
-        result = unpack(args.dir, dry_run=args.dry_run, overwrite=args.overwrite)
-    except FileNotFoundError as exc:
-        print(f"video-ktr data unpack: {exc}", file=sys.stderr)
-        return 2
-    return 0 if result.ok else 1
