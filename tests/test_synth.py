@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from video_ktr.commands import synth as synth_command
 from video_ktr.data import synth
 from video_ktr.data.synth import (
     DIRECTIONS,
@@ -272,13 +273,13 @@ def test_generate_defaults_match_the_config_dataclass():
 def test_cli_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):
     out = tmp_path / "data"
     argv = ["--output_dir", str(out), "--num_train", "4", "--num_test", "2", "--kinds", "count,direction"]
-    assert synth.main(argv) == 0
+    assert synth_command.main(argv) == 0
     assert "count" in capsys.readouterr().out
     rows = json.loads((out / "train.json").read_text())
     assert len(rows) == 4 and {r["kind"] for r in rows} == {"count", "direction"}
-    assert synth.main(argv) == 2
+    assert synth_command.main(argv) == 2
     (out / "unrelated.txt").write_text("keep me")
-    assert synth.main([*argv, "--overwrite", "true", "--num_train", "2"]) == 0
+    assert synth_command.main([*argv, "--overwrite", "true", "--num_train", "2"]) == 0
     assert len(json.loads((out / "train.json").read_text())) == 2
     assert len(list((out / "videos").iterdir())) == 4
     assert (out / "unrelated.txt").read_text() == "keep me"

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from video_ktr.commands import synth as synth_command
 from video_ktr.data import synth
 from video_ktr.data.synth import SynthConfig, SynthSpaceError, content_hash, generate, make_split
 
@@ -107,7 +108,7 @@ def test_an_exhausted_space_fails_naming_the_kind_and_answer(tmp_path, capsys):
         synth.synthesize(cfg)
     argv = ["--output_dir", str(tmp_path / "x"), "--num_train", "40", "--num_test", "8", "--kinds", "count",
             "--held_out", "redraw"]
-    assert synth.main(argv) == 2
+    assert synth_command.main(argv) == 2
     assert "too small" in capsys.readouterr().err
     assert not (tmp_path / "x" / "test.json").exists()
 

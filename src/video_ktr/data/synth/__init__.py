@@ -24,7 +24,6 @@ from video_ktr.data.synth.build import (
     cot_rows,
     format_summary,
     generate,
-    main,
     make_split,
     synthesize,
 )
@@ -46,6 +45,6 @@ from video_ktr.data.synth.kinds import kind_of, num_answers
 
 __all__ = [
     "CORNERS", "DATA_TYPE", "DEFAULT_KINDS", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
-    "VIDEO_KINDS", "Sample", "SynthConfig", "SynthSpaceError", "content_hash", "answer_of", "cot_rows", "format_summary", "generate", "kind_of", "main",
+    "VIDEO_KINDS", "Sample", "SynthConfig", "SynthSpaceError", "content_hash", "answer_of", "cot_rows", "format_summary", "generate", "kind_of",
     "make_split", "num_answers", "synthesize",
 ]

@@ -1,11 +1,10 @@
-"""Building the splits: rows, the held-out check, the summary, the files and the command line."""
+"""Building the splits: rows, the held-out check, the summary and the files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from video_ktr.data.synth.config import (
     SynthConfig,
 )
 from video_ktr.data.synth.kinds import _MAKERS, num_answers
-from video_ktr.utils.config import parse_args, to_dict
+from video_ktr.utils.config import to_dict
 
 
 @dataclass
@@ -299,14 +298,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("cot_rows_with_errors") is not None:
         lines.append(f"train_cot.json: {summary['cot_rows_with_errors']} of {summary['train']['rows']} rows carry the flawed teacher's reasoning and answer")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(SynthConfig, argv, prog="video-ktr synth")
-    try:
-        summary = synthesize(cfg)
-    except (FileExistsError, SynthSpaceError) as exc:
-        print(f"video-ktr synth: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
