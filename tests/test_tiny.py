@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from video_ktr.commands import make_tiny_model
 from video_ktr.model import tiny, tiny_tokenizer
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
@@ -181,7 +182,7 @@ def _weights(path):
 
 def test_seed_reproducible_and_cli(tmp_path, capsys):
     flags = [f"--{k}={v}" for k, v in SMALL.items()]
-    assert tiny.main(["--output_dir", str(tmp_path / "a"), *flags]) == 0
+    assert make_tiny_model.main(["--output_dir", str(tmp_path / "a"), *flags]) == 0
     printed = capsys.readouterr().out
     assert str(tmp_path / "a") in printed and "parameters" in printed
     tiny.build_tiny_model(tmp_path / "b", **SMALL, seed=0)
@@ -201,7 +202,7 @@ def test_invalid_options(tmp_path):
     with pytest.raises(ValueError):
         tiny.build_tiny_model(tmp_path / "x", hidden_size=30, num_attention_heads=4)
     with pytest.raises(SystemExit):
-        tiny.main(["--output_dir", str(tmp_path / "x"), "--tokenizer", "gpt2"])
+        make_tiny_model.main(["--output_dir", str(tmp_path / "x"), "--tokenizer", "gpt2"])
 
 
 # ---------------------------------------------------------------------------- real Qwen vocabulary

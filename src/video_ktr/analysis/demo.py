@@ -103,7 +103,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     base = out / "base"
     with _stage("2/6 tiny Qwen2.5-VL (random weights, local tokenizer)") as st:
         if not (base / "config.json").is_file():
-            tiny.build_tiny_model(base, seed=cfg.seed, corpus=data_dir / "train.json", vocab_size=cfg.vocab_size, verbose=True)
+            args = tiny.MakeTinyModelArgs(output_dir=str(base), seed=cfg.seed, corpus=str(data_dir / "train.json"),
+                                          vocab_size=cfg.vocab_size)
+            print(tiny.write_tiny_model(args).summary())
         else:
             print(f"reusing {base}")
     timings["model"] = time.perf_counter() - st.t0

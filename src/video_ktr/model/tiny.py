@@ -49,7 +49,7 @@ from video_ktr.model.tiny_tokenizer import (
     load_qwen_tokenizer,
     train_bpe_tokenizer,
 )
-from video_ktr.utils.config import field, parse_args
+from video_ktr.utils.config import field
 
 ARCHS = FAMILIES
 TOKENIZERS = ("trained", "qwen")
@@ -81,6 +81,10 @@ class MakeTinyModelArgs:
     seed: int = field(0, help="Seed of the random weights.")
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if (self.hidden_size // self.num_attention_heads) % 2:
@@ -196,7 +200,6 @@ def build_tiny_model(
     corpus: str | os.PathLike | None = None,
     vocab_size: int = 512,
     seed: int = 0,
-    verbose: bool = False,
 ) -> Path:
     """Write a random tiny checkpoint (safetensors weights, config, generation config, tokenizer,
     processor with chat template) to ``output_dir`` and return its path."""
@@ -217,15 +220,31 @@ def build_tiny_model(
         vocab_size=vocab_size,
         seed=seed,
     )
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    return write_tiny_model(args).path
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyCheckpoint:
+    """What :func:`write_tiny_model` wrote, for the command's one-line report."""
+
+    path: Path
+    arch: str
+    tokenizer: str
+    num_parameters: int
+    tokenizer_length: int
+    tokenizer_seconds: float  # building or training the tokenizer
+
+    def summary(self) -> str:
+        return (
+            f"wrote a {self.arch} tiny model with {self.num_parameters:,} parameters "
+            f"({self.tokenizer_length} tokens, tokenizer '{self.tokenizer}' in {self.tokenizer_seconds:.1f} s) to {self.path}"
+        )
+
+
+def write_tiny_model(args: MakeTinyModelArgs) -> TinyCheckpoint:
+    """Write the checkpoint ``args`` describe (safetensors weights, config, generation config, tokenizer,
+    processor with chat template, ``tiny_model_info.json``); ``args`` are validated first."""
     args.validate()
-    return _build(args, verbose=verbose)
-
-
-def _build(args: MakeTinyModelArgs, verbose: bool = False) -> Path:
     import torch
     from transformers import GenerationConfig
 
@@ -260,19 +279,4 @@ def _build(args: MakeTinyModelArgs, verbose: bool = False) -> Path:
         "special_token_ids": ids,
     }
     (out / "tiny_model_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if verbose:
-        print(
-            f"wrote a {args.arch} tiny model with {n_params:,} parameters "
-            f"({len(tok)} tokens, tokenizer '{args.tokenizer}' in {t_tok:.1f} s) to {out}"
-        )
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(MakeTinyModelArgs, argv, prog="video-ktr make-tiny-model")
-    _build(args, verbose=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return TinyCheckpoint(out, args.arch, args.tokenizer, n_params, len(tok), t_tok)
