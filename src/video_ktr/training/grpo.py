@@ -116,7 +116,9 @@ class KTRTrainer(TrainingRun):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
-        self.total_steps = cfg.max_steps
+        self.total_steps = cfg.optimizer_steps(len(samples), cfg.per_device_train_batch_size * self.acc.num_processes
+                                               * cfg.gradient_accumulation_steps)  # --max_steps or --num_train_epochs
+        self.data.total_micro_steps = self.total_steps * cfg.gradient_accumulation_steps
         self._prepare(model, optimizer)
         if self.ref_model is not None:
             self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)

@@ -11,6 +11,7 @@ from video_ktr.training.options import RunOptions
 from video_ktr.utils.config import field
 
 SELECTIONS = ("all", "none", "random", *SIGNALS)
+DEFAULT_MAX_STEPS = 100  # --max_steps when neither it nor --num_train_epochs is given
 
 
 @dataclass
@@ -24,6 +25,14 @@ class TrainConfig(RunOptions):
         1, help="PROMPTS per device per micro-step (as in Video-R1); each is sampled --num_generations times, so a "
         "micro-step trains on per_device_train_batch_size x num_generations completions.")
     seed: int = field(42, help="Seed of the data order, sampling streams, probe permutations and random masks.")
+    max_steps: int | None = field(
+        None, help="Optimiser steps to run. As in TRL / transformers, -1 runs --num_train_epochs passes over the prompts "
+        "instead; left out, it is -1 when --num_train_epochs is given and 100 otherwise. A positive value overrides "
+        "--num_train_epochs.")
+    num_train_epochs: float | None = field(
+        None, help="Passes over the training prompts (may be fractional: ceil(epochs x rows / prompts per optimiser "
+        "step) steps, prompts per step = per_device_train_batch_size x processes x gradient_accumulation_steps); used "
+        "when --max_steps is -1 or left out (TRL / transformers' semantics).")
 
     # GRPO
     num_generations: int = field(8, help="Completions sampled per prompt (the group size G).")
@@ -114,6 +123,15 @@ class TrainConfig(RunOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.max_steps is None:  # left out: TRL's -1 when epochs are asked for, this project's 100 otherwise
+            self.max_steps = -1 if self.num_train_epochs is not None else DEFAULT_MAX_STEPS
+        if self.max_steps == -1 and self.num_train_epochs is None:
+            raise ValueError("--max_steps -1 runs --num_train_epochs passes over the prompts: give --num_train_epochs "
+                             "(e.g. 1), or a positive --max_steps")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 with --max_steps -1, got {self.num_train_epochs}")
+        if self.max_steps < 1 and self.max_steps != -1:
+            raise ValueError(f"--max_steps must be >= 1 (or -1: run --num_train_epochs), got {self.max_steps}")
         if self.use_vllm and self.temporal_grpo:
             raise ValueError("--use_vllm with --temporal_grpo: the shuffled-frame rollouts are not written for vLLM; "
                              "drop one of the two")
@@ -144,6 +162,14 @@ class TrainConfig(RunOptions):
         for name in ("diagnostics_steps", "log_tokens_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+
+    def optimizer_steps(self, rows: int, prompts_per_step: int) -> int:
+        """The run's optimiser steps: --max_steps, or --num_train_epochs passes over ``rows`` prompts (after validate())."""
+        if self.max_steps is None:
+            raise ValueError("TrainConfig.optimizer_steps before validate(): --max_steps is not resolved yet")
+        if self.max_steps > 0:
+            return self.max_steps
+        return self.steps_for_epochs(float(self.num_train_epochs or 0), rows, prompts_per_step)
 
     @property
     def zero_advantage_masks_matter(self) -> bool:

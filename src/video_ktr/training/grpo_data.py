@@ -52,6 +52,8 @@ class GRPOData:
         self.bad_rows: set[int] = set()  # dataset rows that cannot be used: unreadable media, prompt too long (skip)
         self.prefetcher = Prefetcher("video-ktr-data")  # the next micro-step's batch (--dataloader_prefetch)
         self._loader_processor: Any = None
+        # micro-steps of the run (the trainer sets it from --max_steps / --num_train_epochs): none prefetched past it
+        self.total_micro_steps = cfg.max_steps * cfg.gradient_accumulation_steps
 
     def samples_at(self, micro_step: int) -> list[tuple[int, Sample]]:
         """This process's prompts of micro-step ``micro_step``: a slice of the global micro-batch."""
@@ -179,7 +181,7 @@ class GRPOData:
     def prefetch(self, micro_step: int) -> None:
         """Start preparing micro-step ``micro_step``'s data in the background (--dataloader_prefetch)."""
         cfg = self.cfg
-        if not cfg.dataloader_prefetch or micro_step >= cfg.max_steps * cfg.gradient_accumulation_steps:
+        if not cfg.dataloader_prefetch or micro_step >= self.total_micro_steps:
             return
         if self._loader_processor is None:
             # a processor of its own: a fast tokenizer refuses calls from two threads at once ("Already borrowed")

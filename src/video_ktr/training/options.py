@@ -6,7 +6,10 @@ only where its default or meaning differs (e.g. --max_steps, --logging_steps, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from video_ktr.data.options import DataArgs
 from video_ktr.utils.config import field
@@ -49,7 +52,25 @@ class RunOptions(DataArgs):
     overwrite_output_dir: bool = field(False, help="Start over in an --output_dir that holds a previous run: its checkpoints and logs are removed first (without it such a folder is refused unless the run resumes).")
     resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
     report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")
+    run_name: str | None = field(None, help="A name for the run (TRL / transformers' --run_name): the wandb run's name, in every tracker's config and in run_info.json (default: the name of --output_dir).")
     max_bad_steps: int = field(10, help="Stop when this many steps had a non-finite loss or gradient (each is skipped and counted).")
+
+    @property
+    def run_label(self) -> str:
+        """--run_name, or the name of --output_dir when it is not given (transformers' default is the output folder)."""
+        return self.run_name or Path(self.output_dir).name or str(self.output_dir)
+
+    def tracker_init_kwargs(self) -> dict[str, dict[str, Any]]:
+        """accelerate's ``init_trackers(init_kwargs=...)``: the run name where a tracker takes one (wandb's ``name``).
+
+        TensorBoard has no run name in accelerate (its folder is the project's); it gets the name in the
+        run's config (hyper-parameters) like every tracker.
+        """
+        return {"wandb": {"name": self.run_label}} if "wandb" in self.trackers else {}
+
+    def steps_for_epochs(self, epochs: float, rows: int, rows_per_step: int) -> int:
+        """Optimiser steps of ``epochs`` passes over ``rows`` rows at ``rows_per_step`` rows per step (at least 1)."""
+        return max(1, math.ceil(epochs * rows / rows_per_step))
 
     @property
     def trackers(self) -> list[str]:
@@ -64,6 +85,8 @@ class RunOptions(DataArgs):
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError("--warmup_ratio must be in [0, 1]")
+        if self.run_name is not None and not self.run_name.strip():
+            raise ValueError("--run_name must not be empty (leave it out to name the run after --output_dir)")
         if self.save_steps < 0:
             raise ValueError("--save_steps must be >= 0 (0: only the final model)")
         self.frame_settings()

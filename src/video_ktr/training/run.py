@@ -182,11 +182,12 @@ class TrainingRun:
         self.out.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
             (self.out / self.config_file).write_text(json.dumps(asdict(cfg), indent=2))
-            (self.out / "run_info.json").write_text(json.dumps(run_info(self.acc, self.model), indent=2))
+            (self.out / "run_info.json").write_text(json.dumps({"run_name": cfg.run_label, **run_info(self.acc, self.model)}, indent=2))
             self._trim_logs()
             self.on_start()
         if cfg.trackers and not acc.trackers:
-            acc.init_trackers(self.tracker_project, config=asdict(cfg))
+            acc.init_trackers(self.tracker_project, config={**asdict(cfg), "run_name": cfg.run_label},
+                              init_kwargs=cfg.tracker_init_kwargs())
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process, desc=self.bar_desc)
         last: dict[str, Any] = {"step": self.state.step}
         self.model.train()

@@ -75,9 +75,9 @@ def check_settings(obj: Any) -> None:
         rng = RANGES.get(f.name)
         if f.name == "temperature" and hasattr(obj, "num_generations"):
             rng = _GRPO_TEMPERATURE
-        if f.name == "max_steps" and f.default == -1 and value == -1:
-            continue  # sft: -1 means "run --num_train_epochs"
+        if f.name == "max_steps" and f.default in (-1, None) and value == -1:
+            continue  # sft, train: -1 means "run --num_train_epochs"
         if rng is not None and not rng.holds(value):
             note = f" ({rng.note})" if rng.note else ""
-            extra = " (or -1: run --num_train_epochs)" if f.name == "max_steps" and f.default == -1 else ""
+            extra = " (or -1: run --num_train_epochs)" if f.name == "max_steps" and f.default in (-1, None) else ""
             raise SettingsError(f"--{f.name} must be {rng.text()}{extra}{note}, got {value}")
