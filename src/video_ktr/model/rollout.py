@@ -49,6 +49,7 @@ def generate(
     shared_prefill: bool = True,
     min_new_tokens: int = 0,
     decoder: str | StaticDecoder = "auto",
+    synced_gpus: bool = False,
 ) -> Completions:
     """Sample one completion per row of ``prompt_inputs`` x ``group_size`` (each prompt's G rows in a row).
 
@@ -63,9 +64,15 @@ def generate(
     ``decoder``: ``"hf"`` decodes with transformers' ``generate``; ``"static"`` (or a
     decode.StaticDecoder) prefills the same way and decodes the rest with decode.decode_from (static
     buffers, a captured step on CUDA, counter noise on CUDA); ``"auto"`` is static on CUDA, hf elsewhere.
+
+    ``synced_gpus``: every process keeps decoding until all are done (transformers' ``synced_gpus``), for a
+    sharded model whose every forward is a collective (ZeRO-3 / FSDP2 without a gather for the rollout).
     """
     device = prompt_inputs["input_ids"].device
     static = resolve_decoder(decoder, device) == "static" and max_new_tokens > 1
+    if static and synced_gpus:
+        raise ValueError("the static decoder stops when this process's rows are done: it cannot keep processes in step "
+                         "(synced_gpus); use the hf decoder")
     settings = decoder if isinstance(decoder, StaticDecoder) else StaticDecoder()
     graphs = settings.graphs_for(device) if static else None
     capacity = settings.capacity(prompt_inputs["input_ids"].shape[1], max_new_tokens, graphs)
@@ -86,7 +93,7 @@ def generate(
     if static:
         return _generate_static(model, tokenizer, rows, graphs=graphs, noise=settings.noise_for(device),
                                 stop_every=settings.stop_every, store=settings.store, **args)
-    return _generate(model, tokenizer, rows, **args)
+    return _generate(model, tokenizer, rows, synced_gpus=synced_gpus, **args)
 
 
 def _rope_owner(model: torch.nn.Module) -> Any:
@@ -142,14 +149,15 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
 
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict[str, Tensor], *, seeds: list[int],
               max_new_tokens: int, temperature: float, top_p: float, eos_ids: tuple[int, ...], pad_id: int,
-              suppress_ids: tuple[int, ...], cache: Any = None, min_new_tokens: int = 0) -> Completions:
+              suppress_ids: tuple[int, ...], cache: Any = None, min_new_tokens: int = 0,
+              synced_gpus: bool = False) -> Completions:
     n = prompt_inputs["input_ids"].shape[0]
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} rows")
     device = prompt_inputs["input_ids"].device
     sampler = GumbelSampler(seeds, temperature=temperature, top_p=top_p, suppress_ids=list(suppress_ids), device=device)
     out = _hf_generate(model, prompt_inputs, sampler, cache=cache, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                       pad_id=pad_id, min_new_tokens=min_new_tokens)
+                       pad_id=pad_id, min_new_tokens=min_new_tokens, synced_gpus=synced_gpus)
     return _completions(tokenizer, out[:, prompt_inputs["input_ids"].shape[1]:], eos_ids, pad_id)
 
 
@@ -189,7 +197,8 @@ def _generate_static(model: torch.nn.Module, tokenizer: Any, prompt_inputs: dict
 
 
 def _hf_generate(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], sampler: GumbelSampler, *, cache: Any,
-                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, min_new_tokens: int) -> Tensor:
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, min_new_tokens: int,
+                 synced_gpus: bool = False) -> Tensor:
     """``generate`` greedy over the sampler's scores (prompt + new tokens), with neutral generation settings."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -213,7 +222,7 @@ def _hf_generate(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], sampl
     extra = {"past_key_values": cache} if cache is not None else {}
     try:
         return gen_model.generate(**prompt_inputs, **extra, generation_config=config,
-                                  logits_processor=LogitsProcessorList([sampler]))
+                                  logits_processor=LogitsProcessorList([sampler]), **({"synced_gpus": True} if synced_gpus else {}))
     finally:
         gen_model.train(was_training)
         gen_model.generation_config = saved_config

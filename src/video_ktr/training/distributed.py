@@ -113,3 +113,19 @@ def run_info(acc: Any, model: Any) -> dict[str, Any]:
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "launch_requested": requested_backend(),
     }
+
+
+def fill_deepspeed_batch_size(acc: Any, micro_batch: int) -> None:
+    """Give DeepSpeed's ``train_micro_batch_size_per_gpu`` a number where the launch left it ``auto``.
+
+    accelerate fills ``auto`` from a prepared data loader's batch size, and the trainers prepare no data
+    loader (their data order is their own): without this, ``accelerate.prepare(model, optimizer)`` stops
+    under every DeepSpeed launch whose config does not spell the value out (accelerate's own
+    ``deepspeed_config:`` section in a YAML, as configs/accelerate/zero*.yaml, always leaves it ``auto``).
+    DeepSpeed only uses it in its ``train_batch_size`` bookkeeping (micro x accumulation x processes).
+    """
+    plugin = getattr(getattr(acc, "state", None), "deepspeed_plugin", None)
+    if not backend(acc).startswith("DeepSpeed") or plugin is None:
+        return
+    if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = int(micro_batch)

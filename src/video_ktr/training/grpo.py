@@ -75,6 +75,8 @@ from video_ktr.training.grpo_stages import (
     tgrpo_bonus,
     token_weights,
 )
+from video_ktr.training.reference import prepare_reference
+from video_ktr.training.rollout_weights import rollout_weights, synced_rollout
 from video_ktr.training.run import TrainingRun
 
 
@@ -120,15 +122,14 @@ class KTRTrainer(TrainingRun):
                                                * cfg.gradient_accumulation_steps)  # --max_steps or --num_train_epochs
         self.data.total_micro_steps = self.total_steps * cfg.gradient_accumulation_steps
         self._prepare(model, optimizer)
-        if self.ref_model is not None:
-            self.ref_model = self.acc.prepare_model(self.ref_model, evaluation_mode=True)
+        if self.ref_model is not None:  # held like the policy: a ZeRO-3 engine, FSDP2 units, or whole (training/reference.py)
+            self.ref_model = prepare_reference(self.ref_model, self.acc)
         self.reward_fns = [(spec, load_reward_function(spec, cfg.reward_completion_format), w)
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()
         self.weighting = cfg.weighting_spec()
         # the static decoder keeps its captured CUDA graphs across steps (decode.GraphStore); 'hf' on CPU for 'auto'
-        self.sampling = SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                     rollout_decoder(cfg.rollout_decoder, self.acc.device))
+        self.sampling = self._sampling_spec()
         self.vllm = self._start_vllm() if cfg.use_vllm else None
         self.plan = ForwardPlan(
             chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,
@@ -155,6 +156,22 @@ class KTRTrainer(TrainingRun):
         return VLLMRollout.start(cfg.model_name_or_path, self.processor, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                  max_model_len=cfg.vllm_max_model_length, seed=cfg.seed, dtype=cfg.dtype,
                                  enable_sleep_mode=cfg.vllm_enable_sleep_mode, trust_remote_code=cfg.trust_remote_code)
+
+    def _sampling_spec(self) -> SamplingSpec:
+        """The rollout's settings; a rollout whose forwards stay collectives (sharded, not gathered) keeps every
+        process decoding until all are done, which only transformers' generate does (synced_gpus)."""
+        cfg = self.cfg
+        synced, decoder = synced_rollout(self.model, cfg.gather_for_generation), cfg.rollout_decoder
+        if synced and decoder == "static":
+            raise ValueError("--rollout_decoder static with --gather_for_generation false under ZeRO-3 / FSDP: every "
+                             "token's forward gathers parameters from all processes, and the static decoder stops when "
+                             "this process's rows are done. Use --rollout_decoder hf (or auto), or gather for generation.")
+        if synced and cfg.temporal_grpo:
+            raise ValueError("--temporal_grpo with --gather_for_generation false under ZeRO-3 / FSDP: the shuffled-frame "
+                             "rollouts run only on processes with videos in their batch, and their sharded forwards "
+                             "would wait for the others forever. Gather for generation, or drop --temporal_grpo.")
+        return SamplingSpec(cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                            "hf" if synced else rollout_decoder(decoder, self.acc.device), synced=synced)
 
     def _apply_peft(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
@@ -186,16 +203,17 @@ class KTRTrainer(TrainingRun):
                         batch.media, prompts, self.tokenizer, seeds=seeds, group_size=G,
                         max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                         eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids)
-                else:
-                    comps = sample_completions(self.model, self.tokenizer, prompts, seeds, group_size=G,
-                                               sampling=self.sampling, special=self.special, plan=self.plan)
+                else:  # one gather of the whole policy under ZeRO-3 / FSDP2, released before the update
+                    with rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
+                        comps = sample_completions(policy, self.tokenizer, prompts, seeds, group_size=G,
+                                                   sampling=self.sampling, special=self.special, plan=self.plan)
             with timer.phase("rewards"):  # rewards
                 rewards = score_rewards(samples, comps, self.reward_fns, G, with_length_bonus=cfg.length_bonus)
             perms = (temporal_permutations(cfg.seed, micro, batch.picked, batch.media, cfg.temporal_probe)
                      if "temporal" in signals or cfg.temporal_grpo else {})
             if cfg.temporal_grpo:
-                with timer.phase("rollout"):
-                    rewards = tgrpo_bonus(self.model, self.tokenizer, self.processor, rewards, samples, prompts, batch.media,
+                with timer.phase("rollout"), rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
+                    rewards = tgrpo_bonus(policy, self.tokenizer, self.processor, rewards, samples, prompts, batch.media,
                                           perms, seed=cfg.seed, micro_step=micro, indices=indices, group_size=G,
                                           sampling=self.sampling, special=self.special, plan=self.plan)
             advantages = group_advantages(rewards.total, G)  # advantages, per prompt group

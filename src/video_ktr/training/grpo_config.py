@@ -99,6 +99,11 @@ class TrainConfig(RunOptions):
         "token-record steps probe every group.")
     rollout_shared_prefill: bool = field(True, help="The rollout runs each prompt (and its vision tower) once and repeats its cache for the G completions before decoding, instead of prefilling G copies (same logits to float tolerance).")
     rollout_decoder: str = field("auto", choices=["auto", "hf", "static"], help="How the rollout decodes: 'hf' transformers' generate with the batch-invariant sampler; 'static' the static decoder (model/decode.py: preallocated buffers, a captured CUDA graph per step, counter-based sampling noise on CUDA); 'auto' static on CUDA, hf elsewhere (CPU tokens unchanged).")
+    gather_for_generation: bool = field(
+        True, help="Under DeepSpeed ZeRO-3 or FSDP2: gather the policy's whole weights once per rollout and release "
+        "them before the update (TRL's ds3_gather_for_generation), instead of gathering every layer for every sampled "
+        "token. Set false when the whole model does not fit on one GPU beside the rollout's cache: generation then "
+        "stays sharded, much slower, with every process decoding until all are done (the hf decoder).")
     use_vllm: bool = field(False, help="Sample the rollouts with a colocated vLLM engine on the policy's GPU (model/vllm_rollout.py; needs the vllm extra and CUDA; one process). The policy's weights are pushed after every optimizer step; probes, selection and loss score vLLM's tokens as they score ours. Written against vLLM 0.17-0.25, not run in this package's tests (a stand-in engine is).")
     vllm_gpu_memory_utilization: float = field(0.3, help="--use_vllm: the fraction of GPU memory vLLM takes for its weights and KV cache (the policy, reference and optimizer share the rest).")
     vllm_max_model_length: int | None = field(None, help="--use_vllm: vLLM's context length (default: the model's; prompt + completion must fit).")

@@ -67,6 +67,7 @@ class SamplingSpec:
     temperature: float
     top_p: float
     decoder: Any = "auto"  # rollout.generate's decoder: 'auto' (static on CUDA), 'hf', 'static', a StaticDecoder
+    synced: bool = False  # every process decodes until all are done (sharded forwards: training/rollout_weights.py)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def sample_completions(model: torch.nn.Module, tokenizer: Any, prompt_inputs: di
         model, tokenizer, prompt_inputs, seeds=seeds, max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=special.eos_ids, pad_id=special.pad_id,
         suppress_ids=special.vision_ids, group_size=group_size, shared_prefill=plan.rollout_shared_prefill,
-        decoder=sampling.decoder,
+        decoder=sampling.decoder, synced_gpus=sampling.synced,
     )
 
 

@@ -29,6 +29,7 @@ from video_ktr.training.distributed import (
     accelerator_device_kwargs,
     check_backend,
     check_process_count,
+    fill_deepspeed_batch_size,
     run_info,
 )
 from video_ktr.training.options import RunOptions
@@ -94,6 +95,7 @@ class TrainingRun:
         cfg = self.cfg
         self.scheduler = build_scheduler(optimizer, kind=cfg.lr_scheduler_type, total_steps=self.total_steps,
                                          warmup_ratio=cfg.warmup_ratio)
+        fill_deepspeed_batch_size(self.acc, cfg.per_device_train_batch_size)  # no data loader for accelerate to read it from
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     def _resume(self, spec: str) -> None:
