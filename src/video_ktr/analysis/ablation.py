@@ -52,6 +52,14 @@ from video_ktr.analysis.ablation_stats import (  # noqa: F401  (EXCEEDS, WITHIN:
     reading,
     stats,
 )
+from video_ktr.data.media import FrameSettings
+from video_ktr.evaluation.engine import pick_device
+from video_ktr.evaluation.evaluate import evaluate_rows
+from video_ktr.evaluation.protocol import write_json_atomic
+from video_ktr.model.loading import load_model, load_processor
+from video_ktr.training import checkpoint as ckpt
+from video_ktr.training.distributed import launched_world_size
+from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.utils.config import build_parser, from_dict, load_yaml
 from video_ktr.utils.jsonl import read_jsonl
@@ -276,12 +284,6 @@ def _accuracy_record(metrics: dict[str, Any], results: list[dict[str, Any]] | No
 
 def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts: AblateOptions) -> dict[str, Any]:
     """Greedy and sampled (temperature 1, top_p 1) accuracy of the run's final model, overall and per kind."""
-    from video_ktr.data.media import FrameSettings
-    from video_ktr.evaluation.engine import pick_device
-    from video_ktr.evaluation.evaluate import evaluate_rows
-    from video_ktr.evaluation.protocol import write_json_atomic
-    from video_ktr.model.loading import load_model, load_processor
-
     rows = read_rows(Path(protocol["data"]))
     model = load_model(str(folder), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                        device=pick_device(opts.eval_device))
@@ -365,9 +367,6 @@ class RunRecord(dict):
 def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] | None, opts: AblateOptions,
             tag: str) -> RunRecord:
     """Train (or resume, or reuse) one run, evaluate its final model and write its done.json."""
-    from video_ktr.evaluation.protocol import write_json_atomic
-    from video_ktr.training import checkpoint as ckpt
-
     folder = Path(cfg.output_dir)
     done_file = folder / DONE
     t0 = time.perf_counter()
@@ -405,8 +404,6 @@ def run_one(variant: str, seed: int, cfg: TrainConfig, protocol: dict[str, Any] 
         if how is not None:
             print(f"{tag} {variant} seed{seed}: training ({how}, {cfg.max_steps} steps, token_selection="
                   f"{','.join(cfg.token_selection)}, temporal_grpo={cfg.temporal_grpo}) -> {folder}", flush=True)
-            from video_ktr.training.grpo import KTRTrainer
-
             t_train = time.perf_counter()
             trainer = KTRTrainer(cfg)
             trainer.train()
@@ -475,9 +472,6 @@ def aggregate(records: dict[str, list[RunRecord]], seeds: list[int]) -> dict[str
 
 def run_ablation(opts: AblateOptions) -> dict[str, Any]:
     """Train, evaluate and report every (variant, seed); returns the content of ablation.json."""
-    from video_ktr.evaluation.protocol import write_json_atomic
-    from video_ktr.training.distributed import launched_world_size
-
     if launched_world_size() > 1:
         raise AblateError("video-ktr ablate runs its runs one after another in ONE process; launch it without "
                            "torchrun / accelerate launch")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from video_ktr.analysis.ablation_stats import ACCURACIES, BASELINE, finite
+from video_ktr.analysis.plots import pyplot, save_figure
 from video_ktr.utils.jsonl import read_jsonl
 
 # summary numbers of a run (done.json "summary") aggregated over seeds
@@ -144,8 +145,6 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def write_plots(out: Path, variants: dict[str, Any], curves: dict[str, dict[int, list[float]]]) -> list[str]:
-    from video_ktr.analysis.plots import pyplot, save_figure
-
     plt = pyplot()
     written = []
     names = list(variants)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.options import MediaArgs
 from video_ktr.data.rows import DataError, _is_one_json_object, validate_row
 from video_ktr.data.text_checks import SPECIAL_TOKEN_POLICIES, text_char_limit
@@ -175,7 +176,9 @@ def _media_reason(err: BaseException, data_type: str) -> str:
 
 def open_media(path: str, data_type: str, settings: Any) -> tuple[str, str] | None:
     """Open one media file as training does; None if usable, else (reason, message).  Never raises."""
-    from video_ktr.data.media import MediaError, load_image
+    # imported here on purpose: the decoder module pulls in torch and torchvision, which `data check
+    # --open_media false` and `data unpack` (same command module) never need; the forkserver workers
+    # preload it once (_pool), so each worker pays the import once, not per file
     from video_ktr.data.video import load_video
 
     try:
@@ -307,8 +310,6 @@ def check_dataset(
     path = Path(dataset)
     root = Path(media_root) if media_root is not None else path.parent
     if settings is None:
-        from video_ktr.data.media import FrameSettings
-
         settings = FrameSettings()
     fmt, rows, rejected, linenos = _read_for_check(path)
     bad_rows = {r.row for r in rejected}

@@ -30,6 +30,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from video_ktr import __version__
+from video_ktr.data.prompts import user_text
+from video_ktr.data.rows import DataError, read_rows
+
 # The special tokens of Qwen2/Qwen2.5(-VL), in Qwen's order (ids 151643.. in the real vocabulary).
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -242,9 +246,6 @@ def dataset_corpus(path: str | os.PathLike) -> list[str]:
     and one per target (``process`` + ``solution``), so the trained BPE gets merges for exactly the
     words of the task and its prompt: shorter sequences, hence faster steps, for the embedded default.
     """
-    from video_ktr.data.prompts import user_text
-    from video_ktr.data.rows import DataError, read_rows
-
     lines: list[str] = []
     for i, row in enumerate(read_rows(path)):
         if not isinstance(row, dict) or not isinstance(row.get("problem"), str):
@@ -358,8 +359,6 @@ def cache_dir() -> Path:
 def _qwen_cache_path(vocab_file: Path) -> Path:
     import tokenizers
     import transformers
-
-    from video_ktr import __version__
 
     digest = hashlib.sha256(vocab_file.read_bytes()).hexdigest()[:16]
     key = f"qwen2-tokenizer-vk{__version__}-tf{transformers.__version__}-tok{tokenizers.__version__}-{digest}"

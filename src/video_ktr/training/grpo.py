@@ -40,6 +40,7 @@ from video_ktr.model.decode import rollout_decoder
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
 from video_ktr.model.prefix import strip_pixels
+from video_ktr.model.vllm_rollout import VLLMRollout
 from video_ktr.training.distributed import sharded_parameters
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.grpo_data import GRPOData
@@ -143,8 +144,6 @@ class KTRTrainer(TrainingRun):
 
     def _start_vllm(self):
         """The colocated vLLM engine of --use_vllm (model/vllm_rollout.py), on this process's GPU."""
-        from video_ktr.model.vllm_rollout import VLLMRollout
-
         cfg = self.cfg
         if self.acc.num_processes > 1:
             raise ValueError("--use_vllm runs one colocated engine in a single training process; several processes "

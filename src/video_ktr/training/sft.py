@@ -40,6 +40,7 @@ from torch import Tensor
 from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
 from video_ktr.data.video import FrameCache
+from video_ktr.evaluation.evaluate import evaluate_rows
 from video_ktr.model.adapters import frames_for
 from video_ktr.model.inputs import Media, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
@@ -310,8 +311,6 @@ class SFTTrainer(TrainingRun):
         """
         if not self.generation_rows:
             return {}
-        from video_ktr.evaluation.evaluate import evaluate_rows
-
         acc, cfg = self.acc, self.cfg
         mine = self.generation_rows[acc.process_index::acc.num_processes]
         results: list[dict[str, Any]] = []

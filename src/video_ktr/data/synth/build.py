@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from video_ktr.data.synth.config import (
     CELL,
@@ -24,6 +25,7 @@ from video_ktr.data.synth.config import (
     SynthConfig,
 )
 from video_ktr.data.synth.kinds import _MAKERS, num_answers
+from video_ktr.data.video import write_video
 from video_ktr.utils.config import to_dict
 
 
@@ -190,10 +192,6 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def _write_media(out: Path, samples: list[Sample], cfg: SynthConfig) -> None:
-    from PIL import Image
-
-    from video_ktr.data.video import write_video
-
     for s in samples:
         path = out / s.row["path"]
         path.parent.mkdir(exist_ok=True)
