@@ -43,3 +43,29 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     # a second run reuses every stage
     again = run_demo(DemoConfig(output_dir=str(out), quick=True))
     assert again["before"] == results["before"] and again["after"] == results["after"]
+
+
+def test_demo_arch_sets_the_family_frame_size_and_refuses_another_familys_folder(tmp_path):
+    """--arch qwen3_vl: synthetic frames of 2x2 cells of 32 px (64x64) in the data, SFT, RL and eval settings;
+    the default stays 56x56. A demo folder made for one family is not reused for another. (The whole quick
+    demo on qwen3_vl ran by hand: docs/models.md; it takes ~100 s here, too long for the suite.)"""
+    import pytest
+
+    from video_ktr.analysis import demo
+    from video_ktr.data import synth
+    from video_ktr.model.tiny import build_tiny_model
+
+    qwen3 = DemoConfig(arch="qwen3_vl")
+    rl = demo.rl_config(qwen3, tmp_path / "sft", tmp_path / "train.json", tmp_path / "rl")
+    assert (rl.min_pixels, rl.max_pixels, rl.image_max_pixels) == (64 * 64, 64 * 64, 64 * 64)
+    default = demo.rl_config(DemoConfig(), tmp_path / "sft", tmp_path / "train.json", tmp_path / "rl")
+    assert (default.min_pixels, default.max_pixels, default.image_max_pixels) == (56 * 56, 56 * 56, 56 * 56)
+
+    out = tmp_path / "demo"
+    synth.generate(out / "data", num_train=4, num_test=2)  # a Qwen2.5-VL demo's data (28-px cells)
+    with pytest.raises(ValueError, match="28-px cells, not the 32-px cells --arch qwen3_vl needs"):
+        demo.run_demo(DemoConfig(output_dir=str(out), arch="qwen3_vl", quick=True))
+    build_tiny_model(out / "base", arch="qwen2_vl", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, intermediate_size=64)
+    with pytest.raises(ValueError, match="another family than --arch qwen2_5_vl"):
+        demo.run_demo(DemoConfig(output_dir=str(out), quick=True))

@@ -128,6 +128,34 @@ def test_frames_are_constant_within_pairs_and_28px_cells():
         assert (blocks == blocks[:, :, :1, :, :1]).all()
 
 
+def test_cell_32_draws_the_same_rows_with_qwen3_vl_sized_cells(tmp_path):
+    """--cell 32 --size 64 (Qwen3-VL's frame factor): the same rows and cell colours as the default 28-px set,
+    each cell a 32x32 square in the written files; the default (28) files are unchanged by the option."""
+    from video_ktr.data.media import FrameSettings
+    from video_ktr.data.video import load_video
+
+    a = generate(tmp_path / "28", num_train=12, num_test=4, seed=2, image_fraction=0.25)
+    b = generate(tmp_path / "32", num_train=12, num_test=4, seed=2, image_fraction=0.25, size=64, cell=32)
+    assert a["train"] == b["train"] and a["visual_tokens_per_item"] == b["visual_tokens_per_item"]
+    for split in synth.SPLITS:
+        assert (tmp_path / "28" / f"{split}.json").read_bytes() == (tmp_path / "32" / f"{split}.json").read_bytes()
+    assert json.loads((tmp_path / "32" / "synth_config.json").read_text())["cell"] == 32
+    cfg = SynthConfig(output_dir="unused", num_train=12, num_test=4, seed=2, image_fraction=0.25, size=64, cell=32)
+    for row, s in zip(json.loads((tmp_path / "32" / "train.json").read_text()), make_split(cfg, "train"), strict=True):
+        path = tmp_path / "32" / row["path"]
+        px = s.pixels(cfg.frames, cfg.cell)
+        if row["data_type"] == "image":
+            img = np.asarray(Image.open(path).convert("RGB"))
+            assert img.shape == (64, 64, 3) and np.array_equal(img, px)
+            continue
+        frames = load_video(path, FrameSettings(nframes=8, min_pixels=64 * 64, max_pixels=64 * 64, factor=32))
+        frames = frames.frames.numpy().transpose(0, 2, 3, 1)
+        assert frames.shape == (8, 64, 64, 3) and np.abs(frames.astype(int) - px.astype(int)).max() <= 8
+        assert np.array_equal(px[:, ::32, ::32], s.pixels(cfg.frames)[:, ::28, ::28])  # same colour per cell
+    with pytest.raises(ValueError, match="multiple of cell=32"):
+        SynthConfig(output_dir="x", size=56, cell=32).validate()
+
+
 def test_files_exist_and_decode_to_the_intended_pixels(written):
     from video_ktr.data.media import FrameSettings
     from video_ktr.data.video import load_video

@@ -2,6 +2,8 @@
 
 synthetic video tasks -> tiny Qwen2.5-VL -> SFT cold start -> evaluation -> GRPO with key-token
 reinforcement -> evaluation -> ``OUTPUT_DIR/summary.md``, ``results.json`` and PNG plots.
+``--arch qwen3_vl`` (or another family) builds that family's tiny model and draws the synthetic frames at
+its frame factor (Qwen3-VL: 32-px cells, 64x64 frames; the rows are the same).
 
 Every stage prints what it does and how long it took; a stage whose output exists with the same
 settings is reused, so an interrupted demo continues where it stopped.
@@ -20,6 +22,7 @@ from video_ktr.data import synth
 from video_ktr.data.media import FrameSettings
 from video_ktr.evaluation.evaluate import evaluate_rows
 from video_ktr.model import tiny
+from video_ktr.model.adapters import DEFAULT_FAMILY, FAMILIES, adapter_for
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
@@ -54,6 +57,7 @@ class DemoConfig:
     max_completion_length: int = field(64, help="Most tokens per completion in RL and evaluation (the synthetic reasoning takes 15-40 tokens with the demo's tokenizer).")
     eval_samples: int = field(4, help="Sampled (temperature 1) evaluations per question, beside the greedy one; the summary reports their mean (one sample on 300 questions has a standard error of about 2.7 points).")
     quick: bool = field(False, help="A seconds-long smoke run (tiny numbers; for tests, not for results).")
+    arch: str = field(DEFAULT_FAMILY, choices=list(FAMILIES), help="Model family of the tiny model; the synthetic frames follow its frame factor (28-px cells for Qwen2/2.5-VL, 32 for Qwen3-VL). The results reported in docs/ are Qwen2.5-VL's.")
 
 
 def _stage(name: str):
@@ -71,10 +75,28 @@ def _stage(name: str):
     return _S()
 
 
-def _frame_args() -> dict[str, Any]:
-    """The synthetic videos' own size: 8 frames of 56x56 (2x2 visual tokens per frame pair)."""
-    return {"nframes": 8, "min_frames": 2, "max_frames": 8, "min_pixels": 56 * 56, "max_pixels": 56 * 56,
-            "image_min_pixels": 56 * 56, "image_max_pixels": 56 * 56}
+def _frame_args(cell: int = 28) -> dict[str, Any]:
+    """The synthetic videos' own size: 8 frames of 2x2 cells of ``cell`` pixels (56x56 at the default 28: 2x2
+    visual tokens per frame pair)."""
+    side = 2 * cell
+    return {"nframes": 8, "min_frames": 2, "max_frames": 8, "min_pixels": side * side, "max_pixels": side * side,
+            "image_min_pixels": side * side, "image_max_pixels": side * side}
+
+
+def _cell(cfg: DemoConfig) -> int:
+    """Pixels per side of one visual token's cell: the family's frame factor (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
+    return adapter_for(cfg.arch).frame_factor
+
+
+def _check_reused(data_dir: Path, base: Path, arch: str, cell: int) -> None:
+    """A demo folder is reused only for the family it was made for (its data's cell size, its model's type)."""
+    marker = data_dir / "synth_config.json"
+    made = json.loads(marker.read_text()).get("cell", 28) if marker.is_file() else cell
+    if made != cell:
+        raise ValueError(f"{data_dir} holds synthetic frames with {made}-px cells, not the {cell}-px cells "
+                         f"--arch {arch} needs: use another --output_dir")
+    if (base / "config.json").is_file() and adapter_for(json.loads((base / "config.json").read_text())).name != arch:
+        raise ValueError(f"{base} holds a tiny model of another family than --arch {arch}: use another --output_dir")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -86,24 +108,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         cfg.num_colors, cfg.vocab_size, cfg.sft_eval_steps = 4, 512, 10
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    cell = _cell(cfg)
 
     data_dir = out / "data"
+    _check_reused(data_dir, out / "base", cfg.arch, cell)
     with _stage("1/6 synthetic video tasks") as st:
         marker = data_dir / "synth_config.json"
         if not marker.is_file():
             summary = synth.generate(data_dir, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed,
                                      image_fraction=cfg.image_fraction, num_colors=cfg.num_colors,
                                      num_options=min(cfg.num_options, cfg.num_colors), shuffle_options=cfg.shuffle_options, cot_error_rate=cfg.cot_error_rate,
-                                     **({"kinds": cfg.kinds} if cfg.kinds else {}))
+                                     size=2 * cell, cell=cell, **({"kinds": cfg.kinds} if cfg.kinds else {}))
             print(synth.format_summary(summary))
         else:
             print(f"reusing {data_dir}")
     timings["synth"] = time.perf_counter() - st.t0
 
     base = out / "base"
-    with _stage("2/6 tiny Qwen2.5-VL (random weights, local tokenizer)") as st:
+    with _stage(f"2/6 tiny {cfg.arch} model (random weights, local tokenizer)") as st:
         if not (base / "config.json").is_file():
-            args = tiny.MakeTinyModelArgs(output_dir=str(base), seed=cfg.seed, corpus=str(data_dir / "train.json"),
+            args = tiny.MakeTinyModelArgs(output_dir=str(base), arch=cfg.arch, seed=cfg.seed, corpus=str(data_dir / "train.json"),
                                           vocab_size=cfg.vocab_size)
             print(tiny.write_tiny_model(args).summary())
         else:
@@ -120,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               warmup_ratio=0.02, logging_steps=100, eval_dataset=str(data_dir / "test.json"),
                               eval_steps=cfg.sft_eval_steps, eval_generate=True,
                               eval_max_new_tokens=cfg.max_completion_length, per_device_eval_batch_size=32,
-                              **_frame_args()))
+                              **_frame_args(cell)))
         else:
             print(f"reusing {sft_dir}")
     timings["sft"] = time.perf_counter() - st.t0
@@ -158,7 +182,7 @@ def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
                        max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
                        per_device_train_batch_size=cfg.rl_prompts, num_generations=cfg.num_generations,
                        max_completion_length=cfg.max_completion_length, temperature=1.0, top_p=1.0, beta=0.0,
-                       seed=cfg.seed, token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args())
+                       seed=cfg.seed, token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args(_cell(cfg)))
 
 
 def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> dict[str, Any]:
@@ -167,7 +191,7 @@ def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> d
     rows = json.loads(test_file.read_text())
     model, processor = load_model(str(model_dir)), load_processor(str(model_dir))
     model.eval()
-    settings = FrameSettings(**_frame_args())
+    settings = FrameSettings(**_frame_args(_cell(cfg)))
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     runs = [("greedy", True, 0.0, 0)] + [(f"sampled_{k}", False, 1.0, k) for k in range(cfg.eval_samples)]

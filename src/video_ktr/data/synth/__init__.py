@@ -14,6 +14,8 @@ Designed so that a ~1 M-parameter Qwen2.5-VL can learn it on a CPU, and so that 
 
 Each kind is a small function ``(rng, answer_index, config) -> _Item``; the video is described by its
 *steps*, a uint8 array (S, G, G, 3) of cell colours (S = frames // 2 steps, G = size // 28 cells).
+For another family's frame factor (Qwen3-VL: 16-px patches merged 2x2, 32 px) ``--cell 32 --size 64`` draws
+the same rows and colours with 32-px cells.
 """
 
 from video_ktr.data.synth.build import (

@@ -37,9 +37,10 @@ class Sample:
     steps: np.ndarray  # uint8 (S, G, G, 3), one colour per visual token
     mistake: tuple[str, str] | None = None  # the flawed teacher's (process, answer) if this row gets one
 
-    def pixels(self, frames: int) -> np.ndarray:
-        """uint8 (frames, H, W, 3) for a video (each step held for frames // S frames), (H, W, 3) for an image."""
-        img = np.repeat(np.repeat(self.steps, CELL, axis=1), CELL, axis=2)
+    def pixels(self, frames: int, cell: int = CELL) -> np.ndarray:
+        """uint8 (frames, H, W, 3) for a video (each step held for frames // S frames), (H, W, 3) for an image;
+        each visual token's colour fills a ``cell`` x ``cell`` square (the model family's frame factor)."""
+        img = np.repeat(np.repeat(self.steps, cell, axis=1), cell, axis=2)
         if self.row["data_type"] == "image":
             return np.ascontiguousarray(img[0])
         return np.ascontiguousarray(np.repeat(img, frames // len(self.steps), axis=0))
@@ -196,9 +197,9 @@ def _write_media(out: Path, samples: list[Sample], cfg: SynthConfig) -> None:
         path = out / s.row["path"]
         path.parent.mkdir(exist_ok=True)
         if s.row["data_type"] == "video":
-            write_video(path, s.pixels(cfg.frames), cfg.fps, lossless=True)
+            write_video(path, s.pixels(cfg.frames, cfg.cell), cfg.fps, lossless=True)
         else:
-            Image.fromarray(s.pixels(cfg.frames)).save(path, format="PNG")
+            Image.fromarray(s.pixels(cfg.frames, cfg.cell)).save(path, format="PNG")
 
 
 def synthesize(cfg: SynthConfig) -> dict[str, Any]:
@@ -263,6 +264,7 @@ def generate(
     cot_error_rate: float = 0.0,
     held_out: str = "mark",
     max_redraws: int = 200,
+    cell: int = CELL,
     overwrite: bool = False,
     dry_run: bool = False,
 ) -> dict[str, Any]:
@@ -271,7 +273,8 @@ def generate(
         output_dir=str(output_dir), num_train=num_train, num_test=num_test, seed=seed, frames=frames, size=size,
         fps=fps, kinds=list(DEFAULT_KINDS) if kinds is None else list(kinds), image_fraction=image_fraction,
         num_colors=num_colors, num_options=num_options, shuffle_options=shuffle_options, color_fill=color_fill,
-        cot_error_rate=cot_error_rate, held_out=held_out, max_redraws=max_redraws, overwrite=overwrite, dry_run=dry_run,
+        cot_error_rate=cot_error_rate, held_out=held_out, max_redraws=max_redraws, cell=cell, overwrite=overwrite,
+        dry_run=dry_run,
     )
     return synthesize(cfg)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from video_ktr.utils.config import field
 
-CELL = 28  # pixels per visual token side: 14-px patches merged 2x2
+CELL = 28  # default pixels per visual token side: 14-px patches merged 2x2 (Qwen2/2.5-VL; Qwen3-VL: 16 x 2 = 32)
 STEP_FRAMES = 2  # frames per visual token in time: temporal_patch_size
 LETTERS = "ABCDEFGH"
 SPLITS = ("train", "test")
@@ -62,7 +62,7 @@ class SynthConfig:
     num_test: int = field(300, help="Number of test rows (drawn from random streams disjoint from the training ones).")
     seed: int = field(0, help="Random seed; the same seed and options give byte-identical files.")
     frames: int = field(8, help="Frames per video (even, >= 4); content changes every 2 frames, i.e. frames // 2 steps.")
-    size: int = field(56, help="Side of the square frames in pixels; a multiple of 28 (one visual token per 28x28 cell).")
+    size: int = field(56, help="Side of the square frames in pixels; a multiple of --cell (one visual token per cell).")
     fps: float = field(4.0, help="Frame rate written into the mp4 (duration = frames / fps seconds).")
     kinds: list[str] = field(list(DEFAULT_KINDS), help=f"Question kinds to generate (comma-separated); default: {', '.join(DEFAULT_KINDS)}.", choices=list(KINDS))
     image_fraction: float = field(0.0, help="Fraction of rows that are image questions (the image_* kinds, PNG under images/).")
@@ -73,6 +73,7 @@ class SynthConfig:
     cot_error_rate: float = field(0.0, help="Imperfect cold-start data: also write train_cot.json, the training rows with this fraction's reasoning and answer replaced by a flawed teacher's (one plausible wrong strategy per kind: the wrong end of the video, frames read backwards, a miscount by one, a mirrored corner, another option's colour), marked 'cot_error': true. train.json keeps the ground truth for RL and evaluation.")
     held_out: str = field("mark", help="How test rows are kept apart from training rows, compared by content hash (kind, question, options, answer and the cell colours of every step): 'redraw' redraws a test row whose content equals a training row's from a fresh random stream (same kind and answer) until it is unseen, reports the count, and fails naming the kind and answer when max_redraws draws find nothing unseen (the task space is too small: grow frames, size, num_colors or use color_fill cell); 'mark' keeps such rows and marks them seen_in_train: true (the behaviour before 'redraw' existed; the default until the demo is re-tuned on a larger task space).", choices=["mark", "redraw"])
     max_redraws: int = field(200, help="With held_out redraw: how many fresh draws a test row gets before synth gives up on its kind and answer.")
+    cell: int = field(CELL, help="Pixels per side of one visual token's cell: the model family's frame factor, 28 for Qwen2/2.5-VL (14-px patches merged 2x2), 32 for Qwen3-VL (16 x 2); --size must be a multiple of it (Qwen3-VL: --cell 32 --size 64). The rows and cell colours do not depend on it.")
     overwrite: bool = field(False, help="Replace an existing data set in output_dir (only its own files are removed).")
     dry_run: bool = field(False, help="Build the rows and print the summary without writing anything.")
 
@@ -82,13 +83,15 @@ class SynthConfig:
 
     @property
     def grid(self) -> int:
-        return self.size // CELL
+        return self.size // self.cell
 
     def validate(self) -> None:
         if self.frames < 4 or self.frames % STEP_FRAMES:
             raise ValueError(f"frames must be even and >= 4 (2 frames per visual token), got {self.frames}")
-        if self.size < 2 * CELL or self.size % CELL:
-            raise ValueError(f"size must be a multiple of {CELL} and >= {2 * CELL}, got {self.size}")
+        if self.cell < 1:
+            raise ValueError(f"cell must be >= 1 pixel, got {self.cell}")
+        if self.size < 2 * self.cell or self.size % self.cell:
+            raise ValueError(f"size must be a multiple of cell={self.cell} and >= {2 * self.cell}, got {self.size}")
         if not self.fps > 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.num_train < 0 or self.num_test < 0:
