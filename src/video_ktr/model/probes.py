@@ -27,8 +27,9 @@ from video_ktr.model.inputs import (
     to_device,
 )
 from video_ktr.model.loading import unwrap
+from video_ktr.model.lockstep import Lockstep
 from video_ktr.model.prefix import shared_prefix_logprobs
-from video_ktr.model.rollout import encode_visual_once
+from video_ktr.model.rollout import encode_visual_once, pad_encoder_calls
 from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
@@ -285,11 +286,13 @@ def visual_probe_logprobs(
     model: torch.nn.Module, mode: str, *, seq_inputs: dict[str, Any], completion_ids: Tensor, completion_valid: Tensor,
     group_size: int, processor: Any = None, prompt_inputs: dict[str, Any] | None = None, media: list[Media] | None = None,
     chunk_rows: int | None = None, shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
+    lockstep: Lockstep | None = None,
 ) -> Tensor:
     """log p_vis (N, Lc): the sampled tokens with the visual input taken away (``mode`` in VISUAL_PROBES).
 
     seq_inputs: prompt+completion inputs of the N = P x G rows (groups of ``group_size`` consecutive rows);
-    ``blank`` also needs the processor, the P un-repeated prompt inputs and their media.
+    ``blank`` also needs the processor, the P un-repeated prompt inputs and their media. ``lockstep``: the
+    vision-tower calls of ``blank`` agreed across processes (model/lockstep.py).
     """
 
     if mode == "mask":
@@ -302,7 +305,8 @@ def visual_probe_logprobs(
         blank = reencode_visual(processor, prompt_inputs, [blank_media(m) for m in media])
         blank = {k: (v.to(prompt_inputs["input_ids"].device) if isinstance(v, Tensor) else v) for k, v in blank.items()}
         P = prompt_inputs["input_ids"].shape[0]
-        inputs = sequence_inputs(encode_visual_once(model, blank, list(range(P)), group_size), completion_ids, completion_valid)
+        inputs = sequence_inputs(encode_visual_once(model, blank, list(range(P)), group_size, lockstep=lockstep),
+                                 completion_ids, completion_valid)
     else:
         raise ValueError(f"visual probe must be one of {VISUAL_PROBES}, got {mode!r}")
     return probe_logprobs(model, inputs, completion_ids, chunk_rows, group_size if shared_prefix else None, bucket_overhead)
@@ -312,14 +316,15 @@ def visual_probe_logprobs(
 def temporal_probe_logprobs(
     model: torch.nn.Module, processor: Any, prompt_inputs: dict[str, Any], media: list[Media], perms: dict[int, list[int]],
     completion_ids: Tensor, completion_valid: Tensor, group_size: int, chunk_rows: int | None = None,
-    shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
+    shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS, lockstep: Lockstep | None = None,
 ) -> tuple[Tensor, Tensor]:
     """log p_tmp (N, Lc) and the rows that have it (N,) bool.
 
     prompt_inputs: the P un-repeated prompts; completions: N = P x G rows, groups of ``group_size``.
     ``perms`` maps a prompt index to its frame order (the same for its G completions); prompts without
     one (images, single frames) get log p_tmp = 0 and are not temporal rows. Each shuffled video is
-    encoded once and its features repeated for the G completions.
+    encoded once and its features repeated for the G completions. ``lockstep``: the vision-tower calls
+    agreed across processes (a process without a permuted video pads them; model/lockstep.py).
     """
 
     G = group_size
@@ -328,9 +333,10 @@ def temporal_probe_logprobs(
     tmp = torch.zeros(N, Lc, device=device)
     temporal_rows = torch.zeros(N, dtype=torch.bool, device=device)
     if not perms:
+        pad_encoder_calls(model, lockstep)
         return tmp, temporal_rows
     rows, shuffled = shuffled_prompts(processor, prompt_inputs, media, perms)
-    probe_prompts = encode_visual_once(model, shuffled, list(range(len(rows))), G)
+    probe_prompts = encode_visual_once(model, shuffled, list(range(len(rows))), G, lockstep=lockstep)
     seq_rows = torch.tensor([p * G + g for p in rows for g in range(G)], device=device)
     inputs = sequence_inputs(probe_prompts, completion_ids[seq_rows], completion_valid[seq_rows])
     tmp[seq_rows] = probe_logprobs(model, inputs, completion_ids[seq_rows], chunk_rows,

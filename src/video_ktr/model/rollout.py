@@ -16,6 +16,7 @@ from video_ktr.model.decode import StaticDecoder, decode_from, resolve_decoder
 from video_ktr.model.inputs import PIXEL_KEYS, select_encoder_items, select_prompts
 from video_ktr.model.kv_cache import new_cache, repeat_rows, static_cache
 from video_ktr.model.loading import unwrap
+from video_ktr.model.lockstep import Lockstep, agree_vision_calls, visual_padding_inputs
 from video_ktr.model.prefix import _rope_fn
 from video_ktr.model.sampling import GumbelSampler
 from video_ktr.model.scoring import completion_mask
@@ -249,19 +250,23 @@ def _feature_fn(model: torch.nn.Module, name: str):
 
 
 def encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int,
-                       *, grad: bool = False) -> dict[str, Any]:
+                       *, grad: bool = False, lockstep: Lockstep | None = None) -> dict[str, Any]:
     """Inputs for ``rows`` x ``repeats`` with the visual features computed once per prompt.
 
     Returns forward kwargs without pixel tensors and with ``mm_encoder_outputs`` holding each
     prompt's features repeated ``repeats`` times (what the model would compute from repeated pixels).
     With ``grad`` the vision tower runs with autograd on (the policy pass): the repeated features
     send the G completions' gradients back into one vision forward per prompt.
+
+    With a ``lockstep`` (several processes) the vision tower runs as many times on every process: one
+    call per modality present, then padding calls up to the largest count of any process (model/lockstep.py).
     """
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return _encode_visual_once(model, prompt_inputs, rows, repeats)
+        return _encode_visual_once(model, prompt_inputs, rows, repeats, lockstep)
 
 
-def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int) -> dict[str, Any]:
+def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], rows: list[int], repeats: int,
+                        lockstep: Lockstep | None = None) -> dict[str, Any]:
     once = select_prompts(prompt_inputs, rows, 1)
     expanded = select_prompts(prompt_inputs, rows, repeats)
     out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in PIXEL_KEYS}
@@ -271,5 +276,19 @@ def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor]
             feats = _feature_fn(model, f"get_{name}_features")(once[pix], once[grid], return_dict=True)
             n = len(feats.pooler_output)
             encoded[name] = select_encoder_items(feats, [i for i in range(n) for _ in range(repeats)])
+    pad_encoder_calls(model, lockstep, present=list(encoded))
     out["mm_encoder_outputs"] = encoded
     return out
+
+
+def pad_encoder_calls(model: torch.nn.Module, lockstep: Lockstep | None, present: list[str] | tuple[str, ...] = ()) -> None:
+    """The padding vision-tower calls after this process's own (``present``: the modalities it encoded).
+
+    A process with nothing to encode in a pass the others run calls this with ``present`` empty. Outputs
+    made with gradient are held for ``Lockstep.fold``.
+    """
+    for _ in range(agree_vision_calls(lockstep, present)):
+        pixels, grid = visual_padding_inputs(model)
+        feats = _feature_fn(model, "get_image_features")(pixels, grid, return_dict=True)
+        lockstep.hold(torch.cat(list(feats.pooler_output)))
+        lockstep.padding_calls += 1

@@ -39,6 +39,7 @@ from video_ktr.model.adapters import frames_for
 from video_ktr.model.decode import rollout_decoder
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
+from video_ktr.model.lockstep import Lockstep
 from video_ktr.model.prefix import strip_pixels
 from video_ktr.model.vllm_rollout import VLLMRollout
 from video_ktr.training.distributed import sharded_parameters
@@ -139,6 +140,13 @@ class KTRTrainer(TrainingRun):
             length_buckets=cfg.length_buckets, encode_visual_once=cfg.encode_visual_once,
             rollout_shared_prefill=cfg.rollout_shared_prefill)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
+        # several processes: every pass makes as many forward calls on each (model/lockstep.py); one: nothing changes
+        self.lockstep = (Lockstep(self._all_max, sharded=sharded_parameters(self.acc)) if self.acc.num_processes > 1
+                         else None)
+        if sharded_parameters(self.acc) and not cfg.encode_visual_once:
+            raise ValueError("--encode_visual_once false runs the vision tower inside each policy forward, as many times "
+                             "as the rows' modalities: under FSDP or DeepSpeed ZeRO-3 every process must make the same "
+                             "calls, which that path cannot agree. Leave --encode_visual_once true.")
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 
@@ -214,7 +222,8 @@ class KTRTrainer(TrainingRun):
                 with timer.phase("rollout"), rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
                     rewards = tgrpo_bonus(policy, self.tokenizer, self.processor, rewards, samples, prompts, batch.media,
                                           perms, seed=cfg.seed, micro_step=micro, indices=indices, group_size=G,
-                                          sampling=self.sampling, special=self.special, plan=self.plan)
+                                          sampling=self.sampling, special=self.special, plan=self.plan,
+                                          lockstep=self.lockstep)
             advantages = group_advantages(rewards.total, G)  # advantages, per prompt group
             # the N rows' token inputs and grids without G copies of the pixels (no probe reads pixels)
             seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), comps.ids, comps.valid)
@@ -223,7 +232,7 @@ class KTRTrainer(TrainingRun):
             with timer.phase("probes"):  # probes: visual and temporal log-probs, no grad
                 probes = probe_scores(self.model, self.processor, signals=signals, visual_probe=cfg.visual_probe,
                                       prompt_inputs=prompts, seq_inputs=seq, media=batch.media, comps=comps, perms=perms,
-                                      probed=probed, group_size=G, plan=self.plan)
+                                      probed=probed, group_size=G, plan=self.plan, lockstep=self.lockstep)
             with timer.phase("reference"):  # reference log-probs, no grad
                 ref_logp = self._reference_logp(prompts, comps) if cfg.beta != 0 else None
             rollouts.append(Rollout(samples, indices, micro, batch.media, prompts, seq, comps, rewards.total, rewards.components,
@@ -245,7 +254,7 @@ class KTRTrainer(TrainingRun):
                 with self._accumulating(j < len(rollouts) - 1):
                     with timer.phase("policy"), record_linear_calls(head) as head_calls:  # policy log-probs, grad
                         logp, entropy = policy_logprobs(self.model, ro, G, self.plan, with_entropy=first and (
-                            "entropy" in signals or (log_tokens and j == 0)))
+                            "entropy" in signals or (log_tokens and j == 0)), lockstep=self.lockstep)
                     if first:
                         with timer.phase("selection"):  # key-token selection
                             scores = signal_scores(logp, entropy, ro.probes, signals, cfg.probe_score_tolerance)
@@ -292,10 +301,10 @@ class KTRTrainer(TrainingRun):
         """log p_ref: the frozen reference model, or (LoRA) the policy with its adapters disabled."""
         G = self.cfg.num_generations
         if self.ref_model is not None:
-            return reference_logprobs(self.ref_model, prompts, comps, G, self.plan)
+            return reference_logprobs(self.ref_model, prompts, comps, G, self.plan, self.lockstep)
         model = unwrap(self.model)
         with model.disable_adapter():
-            return reference_logprobs(model, prompts, comps, G, self.plan)
+            return reference_logprobs(model, prompts, comps, G, self.plan, self.lockstep)
 
     @contextlib.contextmanager
     def _accumulating(self, accumulate: bool):
@@ -368,6 +377,14 @@ class KTRTrainer(TrainingRun):
     def _gather_rows(self, values: Tensor) -> Tensor:
         """Per-completion values of every process (all hold the same number of rows)."""
         return self.acc.gather(values) if self.acc.num_processes > 1 else values
+
+    def _all_max(self, values: Tensor) -> Tensor:
+        """The element-wise max over the processes (Lockstep's agreement of forward-call counts)."""
+        import torch.distributed as dist
+
+        values = values.to(self.acc.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values.cpu()
 
     def _reduce_sum(self, values: Tensor) -> Tensor:
         return self.acc.reduce(values, reduction="sum") if self.acc.num_processes > 1 else values

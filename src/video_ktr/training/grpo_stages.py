@@ -26,6 +26,7 @@ from video_ktr.core.weighting import WeightingSpec, soft_token_weights
 from video_ktr.data.rows import Sample
 from video_ktr.model.inputs import Media, select_prompts, sequence_inputs
 from video_ktr.model.loading import SpecialTokens
+from video_ktr.model.lockstep import Lockstep, counted_pass
 from video_ktr.model.prefix import shared_prefix_logprobs
 from video_ktr.model.probes import (
     frame_permutation,
@@ -34,7 +35,7 @@ from video_ktr.model.probes import (
     temporal_probe_logprobs,
     visual_probe_logprobs,
 )
-from video_ktr.model.rollout import Completions, encode_visual_once, generate
+from video_ktr.model.rollout import Completions, encode_visual_once, generate, pad_encoder_calls
 from video_ktr.model.sampling import row_seed
 from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
@@ -167,16 +168,23 @@ def temporal_permutations(seed: int, micro_step: int, picked: Sequence[tuple[int
 def tgrpo_bonus(model: torch.nn.Module, tokenizer: Any, processor: Any, rewards: Rewards, samples: list[Sample],
                 prompt_inputs: dict[str, Tensor], media: list[Media], perms: dict[int, list[int]], *, seed: int,
                 micro_step: int, indices: list[int], group_size: int, sampling: SamplingSpec, special: SpecialTokens,
-                plan: ForwardPlan) -> Rewards:
+                plan: ForwardPlan, lockstep: Lockstep | None = None) -> Rewards:
     """Video-R1's T-GRPO bonus per prompt group: also sample G/2 completions on shuffled frames.
 
     Their streams are seeded like the rollout's ("tgrpo" stream). The component exists at every step
     (zeros without a video), so every process and every micro-batch reports the same metric names.
+    Under a sharded ``lockstep`` a process without a multi-frame video runs a padding rollout (its first
+    prompt, discarded) when another process runs the shuffled one: a rollout is a collective there.
     """
     G, acc = group_size, accuracy_component(rewards.components)
     if acc is None:
         return rewards
     bonus = torch.zeros_like(rewards.total)
+    if lockstep is not None and lockstep.sharded and lockstep.agree(int(bool(perms)))[0] and not perms:
+        half = max(1, G // 2)
+        sample_completions(model, tokenizer, select_prompts(prompt_inputs, [0]), [0] * half, group_size=half,
+                           sampling=sampling, special=special, plan=plan)
+        lockstep.padding_calls += 1
     if perms:
         rows, shuffled = shuffled_prompts(processor, prompt_inputs, media, perms)
         half = max(1, G // 2)
@@ -211,8 +219,13 @@ def groups_to_probe(advantages: Tensor, num_prompts: int, *, every_group: bool) 
 @torch.no_grad()
 def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[str], visual_probe: str,
                  prompt_inputs: dict[str, Any], seq_inputs: dict[str, Any], media: list[Media], comps: Completions,
-                 perms: dict[int, list[int]], probed: list[int], group_size: int, plan: ForwardPlan) -> ProbeScores:
-    """log p_vis and log p_tmp of the sampled tokens for the groups in ``probed`` (spec: algorithm.md)."""
+                 perms: dict[int, list[int]], probed: list[int], group_size: int, plan: ForwardPlan,
+                 lockstep: Lockstep | None = None) -> ProbeScores:
+    """log p_vis and log p_tmp of the sampled tokens for the groups in ``probed`` (spec: algorithm.md).
+
+    With a ``lockstep`` each probe pass makes as many forward calls on every process (model/lockstep.py):
+    a process whose groups were all skipped, or without a permuted video, still enters the pass and pads.
+    """
     G, P = group_size, prompt_inputs["input_ids"].shape[0]
     probed_rows = torch.zeros(P, dtype=torch.bool, device=comps.ids.device)
     probed_rows[probed] = True
@@ -220,34 +233,43 @@ def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[st
     visual = temporal = temporal_rows = None
     if "visual" in signals:
         visual = torch.zeros(comps.ids.shape, device=comps.ids.device)
-        if probed:
-            rows = probed_rows.nonzero().squeeze(1)
-            everything = len(probed) == P
-            visual[rows] = visual_probe_logprobs(
-                model, visual_probe, completion_ids=comps.ids[rows], completion_valid=comps.valid[rows],
-                seq_inputs=seq_inputs if everything else select_prompts(seq_inputs, rows.tolist()),
-                prompt_inputs=prompt_inputs if everything else select_prompts(prompt_inputs, probed),
-                media=[media[p] for p in probed], group_size=G, processor=processor, chunk_rows=plan.chunk_rows,
-                shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead,
-            )
+        with counted_pass(lockstep, model):
+            if probed:
+                rows = probed_rows.nonzero().squeeze(1)
+                everything = len(probed) == P
+                visual[rows] = visual_probe_logprobs(
+                    model, visual_probe, completion_ids=comps.ids[rows], completion_valid=comps.valid[rows],
+                    seq_inputs=seq_inputs if everything else select_prompts(seq_inputs, rows.tolist()),
+                    prompt_inputs=prompt_inputs if everything else select_prompts(prompt_inputs, probed),
+                    media=[media[p] for p in probed], group_size=G, processor=processor, chunk_rows=plan.chunk_rows,
+                    shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead, lockstep=lockstep,
+                )
+            elif visual_probe == "blank":
+                pad_encoder_calls(model, lockstep)  # the blank frames' vision calls of the other processes
     if "temporal" in signals:
-        temporal, temporal_rows = temporal_probe_logprobs(
-            model, processor, prompt_inputs, media, {p: perms[p] for p in probed if p in perms}, comps.ids, comps.valid,
-            G, plan.chunk_rows, shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead)
+        with counted_pass(lockstep, model):
+            temporal, temporal_rows = temporal_probe_logprobs(
+                model, processor, prompt_inputs, media, {p: perms[p] for p in probed if p in perms}, comps.ids,
+                comps.valid, G, plan.chunk_rows, shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead,
+                lockstep=lockstep)
     return ProbeScores(probed_rows, visual, temporal, temporal_rows)
 
 
 @torch.no_grad()
 def reference_logprobs(ref_model: torch.nn.Module, prompt_inputs: dict[str, Any], comps: Completions, group_size: int,
-                       plan: ForwardPlan) -> Tensor:
+                       plan: ForwardPlan, lockstep: Lockstep | None = None) -> Tensor:
     """log p_ref of the sampled tokens (the frozen reference, or the policy with its adapters disabled)."""
     P = prompt_inputs["input_ids"].shape[0]
-    inputs = sequence_inputs(encode_visual_once(ref_model, prompt_inputs, list(range(P)), group_size), comps.ids, comps.valid)
-    return probe_logprobs(ref_model, inputs, comps.ids, plan.chunk_rows, plan.prefix_group(group_size), plan.bucket_overhead)
+    with counted_pass(lockstep, ref_model):
+        inputs = sequence_inputs(encode_visual_once(ref_model, prompt_inputs, list(range(P)), group_size, lockstep=lockstep),
+                                 comps.ids, comps.valid)
+        return probe_logprobs(ref_model, inputs, comps.ids, plan.chunk_rows, plan.prefix_group(group_size),
+                              plan.bucket_overhead)
 
 
 # ---------------------------------------------------------------------------------------- policy, selection, loss
-def policy_inputs(model: torch.nn.Module, ro: Rollout, group_size: int, plan: ForwardPlan) -> dict[str, Any]:
+def policy_inputs(model: torch.nn.Module, ro: Rollout, group_size: int, plan: ForwardPlan,
+                  lockstep: Lockstep | None = None) -> dict[str, Any]:
     """The policy pass's inputs: the vision tower runs once per prompt (with grad), not G times.
 
     Without plan.encode_visual_once the rows get the prompts' pixels repeated G times, built for this
@@ -257,24 +279,30 @@ def policy_inputs(model: torch.nn.Module, ro: Rollout, group_size: int, plan: Fo
     if not plan.encode_visual_once:
         rows = select_prompts(ro.prompt_inputs, list(range(P)), group_size)
     else:
-        rows = encode_visual_once(model, ro.prompt_inputs, list(range(P)), group_size, grad=True)
+        rows = encode_visual_once(model, ro.prompt_inputs, list(range(P)), group_size, grad=True, lockstep=lockstep)
     return sequence_inputs(rows, ro.completions.ids, ro.completions.valid)
 
 
 def policy_logprobs(model: torch.nn.Module, ro: Rollout, group_size: int, plan: ForwardPlan, *,
-                    with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                    with_entropy: bool, lockstep: Lockstep | None = None) -> tuple[Tensor, Tensor | None]:
     """log p (N, Lc, with grad) and entropy (N, Lc, or None) of the rollout's completions under the policy.
 
     With plan.policy_shared_prefix each prompt runs once and its cache serves its G completions
-    (prefix.shared_prefix_logprobs with grad: the same numbers and gradients).
+    (prefix.shared_prefix_logprobs with grad: the same numbers and gradients). With a ``lockstep`` the
+    pass makes as many forward calls on every process; the padding calls' outputs enter log p times 0,
+    so their backward runs with the loss's and adds nothing (model/lockstep.py).
     """
-    inputs = policy_inputs(model, ro, group_size, plan)
-    if plan.policy_shared_prefix:
-        per_chunk = max(1, plan.policy_chunk_rows // group_size) if plan.policy_chunk_rows else None
-        return shared_prefix_logprobs(model, inputs, ro.completions.ids, group_size, with_entropy=with_entropy,
-                                      prompts_per_chunk=per_chunk, bucket_overhead=plan.bucket_overhead, grad=True)
-    return sequence_logprobs(model, inputs, ro.completions.ids, with_entropy=with_entropy,
-                             chunk_rows=plan.policy_chunk_rows, bucket_overhead=plan.bucket_overhead)
+    with counted_pass(lockstep, model):
+        inputs = policy_inputs(model, ro, group_size, plan, lockstep)
+        if plan.policy_shared_prefix:
+            per_chunk = max(1, plan.policy_chunk_rows // group_size) if plan.policy_chunk_rows else None
+            logp, entropy = shared_prefix_logprobs(
+                model, inputs, ro.completions.ids, group_size, with_entropy=with_entropy, prompts_per_chunk=per_chunk,
+                bucket_overhead=plan.bucket_overhead, grad=True)
+        else:
+            logp, entropy = sequence_logprobs(model, inputs, ro.completions.ids, with_entropy=with_entropy,
+                                              chunk_rows=plan.policy_chunk_rows, bucket_overhead=plan.bucket_overhead)
+    return (lockstep.fold(logp) if lockstep is not None else logp), entropy
 
 
 def probe_score(logp: Tensor, probe_logp: Tensor, tolerance: float) -> Tensor:

@@ -1,0 +1,195 @@
+"""Every process makes the same forward calls in a GRPO step, whatever its own rows (model/lockstep.py).
+
+Under DDP (the buffer broadcast of each forward of the wrapped model), FSDP and ZeRO-3 (a parameter gather at
+each call of a sharded module) a model call is a collective: a process making one call fewer than another
+hangs the run. Here two ranks run as two threads, each with its own copy of the tiny model, whose rows
+would make different numbers of calls (length buckets, probe groups skipped at advantage 0, videos for the
+temporal probe, images against videos); the agreement's all-reduce is a thread barrier (with a timeout, so
+a disagreement fails instead of hanging) and hooks record the calls of each rank's language model and
+vision tower.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import video_ktr.training.grpo_stages as stages
+from video_ktr.core.loss import group_advantages
+from video_ktr.model.inputs import encode_prompts, select_prompts, sequence_inputs
+from video_ktr.model.loading import load_model, load_processor
+from video_ktr.model.lockstep import Lockstep, counted_pass
+from video_ktr.model.prefix import strip_pixels
+from video_ktr.model.rollout import Completions
+
+
+class ThreadWorld:
+    """A stand-in process group of ``n`` threads: an element-wise max that every rank must join."""
+
+    def __init__(self, n: int, timeout: float = 30.0):
+        self.barrier = threading.Barrier(n, timeout=timeout)
+        self.slots: list[torch.Tensor | None] = [None] * n
+        self.joins = [0] * n
+
+    def all_max(self, rank: int):
+        def reduce(values: torch.Tensor) -> torch.Tensor:
+            self.joins[rank] += 1
+            self.slots[rank] = values.clone()
+            self.barrier.wait()
+            out = torch.stack(self.slots).max(0).values  # raises when the ranks disagree on the shape
+            self.barrier.wait()
+            return out
+        return reduce
+
+
+@dataclass
+class Rank:
+    prompts: dict
+    media: list
+    comps: Completions
+    perms: dict
+    probed: list[int]
+
+
+def _ranks(tiny_setup, processor) -> list[Rank]:
+    """Rank 0: two videos, ragged completions (one bucket per width), every group probed, a temporal probe for
+    both; rank 1: two images, completions of one width, every group skipped (advantage 0), no temporal probe."""
+    samples = tiny_setup.samples()
+    videos = [s for s in samples if s.data_type == "video"][:2]
+    images = [s for s in samples if s.data_type == "image"][:2]
+    G, Lc = 4, 8
+    out = []
+    for rank, picked in enumerate((videos, images)):
+        media = [tiny_setup.media(s) for s in picked]
+        prompts = encode_prompts(processor, [s.messages() for s in picked], media)
+        ids = torch.randint(10, 400, (len(picked) * G, Lc), generator=torch.Generator().manual_seed(rank))
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if rank == 0:
+            for row, width in enumerate([1, 3, 5, 8, 2, 4, 6, 7]):
+                valid[row, width:] = False
+        ids = ids.masked_fill(~valid, 0)
+        perms = (stages.temporal_permutations(0, 0, list(enumerate(picked)), media, "shuffle") if rank == 0 else {})
+        assert bool(perms) == (rank == 0)
+        out.append(Rank(prompts, media, Completions(ids, valid, [""] * len(ids)), perms, [0, 1] if rank == 0 else []))
+    return out
+
+
+def _step_calls(model, processor, r: Rank, lockstep: Lockstep | None, plan: stages.ForwardPlan, G: int):
+    """The passes of a step after the rollout: probes, reference, policy (with its backward). Returns the
+    recorded calls ('lm' for the language model's forward, 'vision' for the vision tower) and the policy log p."""
+    calls: list[str] = []
+    vision = dict(model.named_modules())["model.visual"]
+    hooks = [model.register_forward_pre_hook(lambda *a: calls.append("lm")),
+             vision.register_forward_pre_hook(lambda *a: calls.append("vision"))]
+    try:
+        P = r.prompts["input_ids"].shape[0]
+        seq = sequence_inputs(select_prompts(strip_pixels(r.prompts), list(range(P)), G), r.comps.ids, r.comps.valid)
+        probes = stages.probe_scores(model, processor, signals=["visual", "temporal"], visual_probe="blank",
+                                     prompt_inputs=r.prompts, seq_inputs=seq, media=r.media, comps=r.comps,
+                                     perms=r.perms, probed=r.probed, group_size=G, plan=plan, lockstep=lockstep)
+        ref = stages.reference_logprobs(model, r.prompts, r.comps, G, plan, lockstep)
+        ro = stages.Rollout([], [], 0, r.media, r.prompts, seq, r.comps, torch.zeros(len(r.comps.ids)), {},
+                            group_advantages(torch.zeros(len(r.comps.ids)), G), probes, ref)
+        model.zero_grad(set_to_none=True)
+        logp, _ = stages.policy_logprobs(model, ro, G, plan, with_entropy=True, lockstep=lockstep)
+        (logp * r.comps.valid).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls, logp.detach(), grads
+
+
+def test_ranks_with_different_rows_make_the_same_forward_calls(tiny_setup, monkeypatch):
+    monkeypatch.setattr(stages, "BUCKET_OVERHEAD_TOKENS", 0)  # a bucket per completion width: rank 0 has many
+    processor = load_processor(str(tiny_setup.model_dir))
+    models = [load_model(str(tiny_setup.model_dir), dtype="float32", attn_implementation="sdpa") for _ in range(2)]
+    ranks = _ranks(tiny_setup, processor)
+    plan, G = stages.ForwardPlan(), 4
+
+    # on their own (no agreement) the two ranks' calls differ: under FSDP / ZeRO-3 / DDP this would hang
+    alone = [_step_calls(models[i], processor, ranks[i], None, plan, G) for i in range(2)]
+    assert alone[0][0] != alone[1][0]
+    assert alone[0][0].count("lm") > alone[1][0].count("lm") + 4, (alone[0][0], alone[1][0])
+
+    world = ThreadWorld(2)
+    locks = [Lockstep(world.all_max(i), sharded=True) for i in range(2)]
+    results: list = [None, None]
+    errors: list = []
+
+    def work(i):
+        try:
+            results[i] = _step_calls(models[i], processor, ranks[i], locks[i], plan, G)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((i, exc))
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    (calls0, logp0, grads0), (calls1, logp1, grads1) = results
+    assert calls0 == calls1  # the same sequence of language-model and vision-tower calls
+    assert world.joins[0] == world.joins[1] > 0
+    assert locks[0].padding_calls == 0 and calls0 == alone[0][0]  # rank 0 makes the most calls in every pass
+    assert locks[1].padding_calls == len(calls1) - len(alone[1][0]) > 0
+    # the padding changes nothing: the same log-probs and gradients as each rank alone
+    for i, (logp, grads) in enumerate(((logp0, grads0), (logp1, grads1))):
+        assert torch.equal(logp, alone[i][1])
+        assert grads.keys() == alone[i][2].keys()
+        for name, g in grads.items():
+            assert torch.equal(g, alone[i][2][name]), (i, name)
+
+
+def test_one_process_has_no_lockstep_and_a_pass_without_one_pads_nothing(tiny_model):
+    model, _ = tiny_model
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with counted_pass(None, model):
+            pass
+        lock = Lockstep(lambda t: t + 2)  # another process made two more calls
+        with torch.no_grad(), counted_pass(lock, model):
+            pass
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and lock.padding_calls == 2
+
+
+def test_a_padding_call_made_with_gradient_enters_the_result_times_zero(tiny_model):
+    model, _ = tiny_model
+    lock = Lockstep(lambda t: t + 1)
+    x = torch.ones(3, requires_grad=True)
+    with counted_pass(lock, model):
+        pass
+    y = lock.fold(x * 2)
+    assert torch.equal(y, x * 2) and y.requires_grad
+    y.sum().backward()
+    head = model.get_output_embeddings().weight
+    assert head.grad is not None and torch.count_nonzero(head.grad) == 0  # the padding call's backward ran, adding 0
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("present,other,pads", [(("image", "video"), 1, 0), (("video",), 2, 1), ((), 2, 2)])
+def test_vision_tower_calls_are_agreed(tiny_model, present, other, pads):
+    from video_ktr.model.rollout import pad_encoder_calls
+
+    model, _ = tiny_model
+    calls = []
+    vision = dict(model.named_modules())["model.visual"]
+    handle = vision.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        lock = Lockstep(lambda t: torch.maximum(t, torch.tensor([other])))
+        with torch.no_grad():
+            pad_encoder_calls(model, lock, present)
+        assert len(calls) == pads == lock.padding_calls
+        ddp = Lockstep(lambda t: torch.maximum(t, torch.tensor([other])), sharded=False)
+        pad_encoder_calls(model, ddp, present)  # DDP: a vision call is no collective, nothing is padded
+        assert len(calls) == pads
+    finally:
+        handle.remove()
