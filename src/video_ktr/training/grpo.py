@@ -222,8 +222,7 @@ class KTRTrainer(TrainingRun):
                 with timer.phase("rollout"), rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
                     rewards = tgrpo_bonus(policy, self.tokenizer, self.processor, rewards, samples, prompts, batch.media,
                                           perms, seed=cfg.seed, micro_step=micro, indices=indices, group_size=G,
-                                          sampling=self.sampling, special=self.special, plan=self.plan,
-                                          lockstep=self.lockstep)
+                                          sampling=self.sampling, special=self.special, plan=self.plan)
             advantages = group_advantages(rewards.total, G)  # advantages, per prompt group
             # the N rows' token inputs and grids without G copies of the pixels (no probe reads pixels)
             seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), comps.ids, comps.valid)

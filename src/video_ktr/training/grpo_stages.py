@@ -168,23 +168,18 @@ def temporal_permutations(seed: int, micro_step: int, picked: Sequence[tuple[int
 def tgrpo_bonus(model: torch.nn.Module, tokenizer: Any, processor: Any, rewards: Rewards, samples: list[Sample],
                 prompt_inputs: dict[str, Tensor], media: list[Media], perms: dict[int, list[int]], *, seed: int,
                 micro_step: int, indices: list[int], group_size: int, sampling: SamplingSpec, special: SpecialTokens,
-                plan: ForwardPlan, lockstep: Lockstep | None = None) -> Rewards:
+                plan: ForwardPlan) -> Rewards:
     """Video-R1's T-GRPO bonus per prompt group: also sample G/2 completions on shuffled frames.
 
     Their streams are seeded like the rollout's ("tgrpo" stream). The component exists at every step
     (zeros without a video), so every process and every micro-batch reports the same metric names.
-    Under a sharded ``lockstep`` a process without a multi-frame video runs a padding rollout (its first
-    prompt, discarded) when another process runs the shuffled one: a rollout is a collective there.
+    Only processes with a multi-frame video sample: under ZeRO-3 / FSDP the caller gathers the weights
+    first (training/rollout_weights.py), so these forwards are no collectives.
     """
     G, acc = group_size, accuracy_component(rewards.components)
     if acc is None:
         return rewards
     bonus = torch.zeros_like(rewards.total)
-    if lockstep is not None and lockstep.sharded and lockstep.agree(int(bool(perms)))[0] and not perms:
-        half = max(1, G // 2)
-        sample_completions(model, tokenizer, select_prompts(prompt_inputs, [0]), [0] * half, group_size=half,
-                           sampling=sampling, special=special, plan=plan)
-        lockstep.padding_calls += 1
     if perms:
         rows, shuffled = shuffled_prompts(processor, prompt_inputs, media, perms)
         half = max(1, G // 2)
