@@ -113,6 +113,48 @@ def test_trained_tokenizer_model_loads_and_runs(tmp_path, arch):
     assert position_ids[0, 0][video].unique().numel() == 4
 
 
+def test_tiny_qwen3_vl_moe_routes_through_experts_generates_and_trains(tmp_path):
+    """make-tiny-model --arch qwen3_vl_moe: transformers' own Qwen3-VL-MoE classes from a local config (4 experts,
+    2 per token); a forward on a 64x64 video, a generate, and one optimiser step that moves the routed
+    experts and the router. (tests/test_families.py runs GRPO, SFT, eval and the probe equalities on it too.)"""
+    from video_ktr.model.adapters import adapter_for
+
+    path = tiny.build_tiny_model(tmp_path / "moe", arch="qwen3_vl_moe", **SMALL)
+    model, processor = _load(path)
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration" and model.config.model_type == "qwen3_vl_moe"
+    text = model.config.text_config
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (4, 2, 32)
+    adapter = adapter_for(model)
+    assert adapter.name == "qwen3_vl_moe" and adapter.frame_factor == 32
+    assert adapter.wrap_classes() == ("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock")
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
+    _, inputs = _video_inputs(processor, frames=frames)
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]  # 64 / 16 patches a side: unresized at factor 32
+    out = _check_forward(model, processor, inputs)
+    routed = {}
+    hook = model.model.language_model.layers[0].mlp.gate.register_forward_hook(
+        lambda m, i, o: routed.update(experts=o[2].flatten().tolist()))
+    with torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3 and len(set(routed["experts"])) > 1
+
+    model.train()
+    experts = model.model.language_model.layers[0].mlp.experts
+    router = model.model.language_model.layers[0].mlp.gate
+    before = experts.gate_up_proj.detach().clone(), router.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    labels = inputs["input_ids"].masked_fill(inputs["mm_token_type_ids"] != 0, -100)
+    loss = model(**inputs, labels=labels).loss
+    assert torch.isfinite(loss) and torch.allclose(loss, torch.nn.functional.cross_entropy(
+        out.logits[0, :-1], labels[0, 1:], ignore_index=-100), atol=1e-5)
+    loss.backward()
+    opt.step()
+    moved = (experts.gate_up_proj.detach() != before[0]).flatten(1).any(1)
+    assert moved.sum() >= 2 and not torch.equal(router.weight.detach(), before[1])
+
+
 def test_chat_template_branches_on_type_only(tmp_path):
     path = tiny.build_tiny_model(tmp_path / "m", **SMALL)
     _, processor = _load(path)

@@ -15,8 +15,11 @@ from video_ktr.model.adapters.base import (
 from video_ktr.model.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from video_ktr.model.adapters.qwen2_vl import Qwen2VLAdapter
 from video_ktr.model.adapters.qwen3_vl import Qwen3VLAdapter
+from video_ktr.model.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter())
+# processor_adapter takes the first adapter whose video processor matches: Qwen3-VL before its MoE variant
+# (the same processor and geometry)
+ADAPTERS: tuple[ModelAdapter, ...] = (Qwen2_5_VLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Qwen3VLMoeAdapter())
 FAMILIES: tuple[str, ...] = tuple(a.name for a in ADAPTERS)
 DEFAULT_FAMILY = "qwen2_5_vl"  # what make-tiny-model and the demo build unless told otherwise
 

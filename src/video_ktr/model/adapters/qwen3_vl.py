@@ -1,5 +1,5 @@
-"""Qwen3-VL (dense, and the MoE variant with the same inputs): patch 16, merge 2 (frame sides multiples of
-32), temporal patch 2; interleaved M-RoPE whose temporal index is the frame group (time is written into
+"""Qwen3-VL (dense; the MoE variant, with the same inputs, is :mod:`.qwen3_vl_moe`): patch 16, merge 2
+(frame sides multiples of 32), temporal patch 2; interleaved M-RoPE whose temporal index is the frame group (time is written into
 the prompt as ``<t seconds>`` before each frame group, so no ``second_per_grid_ts``); DeepStack visual
 features injected into the first decoder layers (the model computes them from the pixels it is given).
 
@@ -15,7 +15,7 @@ from video_ktr.model.adapters.base import ModelAdapter, TinySizes
 
 
 class Qwen3VLAdapter(ModelAdapter):
-    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    model_types = ("qwen3_vl",)
     patch_size = 16
     decoder_layer = "Qwen3VLTextDecoderLayer"
     vision_block = "Qwen3VLVisionBlock"
@@ -39,8 +39,6 @@ class Qwen3VLAdapter(ModelAdapter):
         pass
 
     def tiny_config(self, text: dict[str, Any], common: dict[str, Any], sizes: TinySizes) -> Any:
-        from transformers import Qwen3VLConfig
-
         keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
                 "eos_token_id", "pad_token_id")
@@ -60,6 +58,12 @@ class Qwen3VLAdapter(ModelAdapter):
             "out_hidden_size": sizes.hidden_size, "num_position_embeddings": 64,
             "deepstack_visual_indexes": list(range(min(depth, 3))) if depth > 1 else [0],
         }
+        return self.make_config(text, vision, common)
+
+    def make_config(self, text: dict[str, Any], vision: dict[str, Any], common: dict[str, Any]) -> Any:
+        """The family's config from the tiny text, vision and shared settings (the MoE variant adds its experts)."""
+        from transformers import Qwen3VLConfig
+
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
 
     def tiny_processor(self, tokenizer: Any, size: dict[str, int], chat_template: str) -> Any:
