@@ -122,7 +122,7 @@ def test_permuted_pixels_equal_the_processors(family):
 
 
 def test_grpo_with_all_probes_sft_and_eval(family, tiny_setup, tmp_path):
-    """Two GRPO steps selecting by all three probes, one SFT step and an eval, on the family's tiny model
+    """Two GRPO steps selecting by all three probes, one SFT step, an eval and an infer on the family's tiny model
     (the media are cut at the family's frame factor by the trainers themselves: adapters.frames_for)."""
     import json
 
@@ -156,3 +156,11 @@ def test_grpo_with_all_probes_sft_and_eval(family, tiny_setup, tmp_path):
                     "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--max_frames", "4",
                     "--max_pixels", str(4 * f * f), "--min_pixels", str(f * f), "--progress", "false"])
     assert rc == 0
+    # infer on one real video, its frames cut at the family's factor (evaluation/inference asks frames_for)
+    from tests.paths import REAL_VIDEO
+    from video_ktr.evaluation import inference
+
+    cfg = inference.parse_infer_args(["--model_name_or_path", d, "--video", str(REAL_VIDEO), "--question", "What moves?",
+                                      "--max_new_tokens", "4", "--max_frames", "4", "--min_frames", "4",
+                                      "--max_pixels", str(4 * f * f), "--min_pixels", str(f * f)])
+    assert isinstance(inference.run(cfg)["output"], str)
