@@ -82,7 +82,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 PER_RUN_KEYS = ("token_selection", "temporal_grpo", "token_weighting", "seed", "output_dir", "resume_from_checkpoint")
 # settings that do not change what a run computes (a finished run is reused when only these differ)
 NEUTRAL_KEYS = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_total_limit", "logging_steps", "report_to",
-                "log_completions_every", "run_name"}
+                "log_completions_every", "run_name", "log_level", "log_level_replica", "disable_tqdm"}
 DONE = "done.json"
 
 

@@ -11,6 +11,7 @@ from video_ktr.data.options import MediaArgs
 from video_ktr.data.prompts import OPTION_LAYOUTS
 from video_ktr.evaluation.tasks.registry import get_benchmark
 from video_ktr.utils.config import field
+from video_ktr.utils.logs import LogOptions
 
 __all__ = ["EvalConfig", "EvalError", "ProtocolMismatchError"]
 
@@ -45,7 +46,7 @@ PROTOCOL_VIDEO_MIN_PIXELS = 128 * 28 * 28  # Video-R1 / Video-KTR eval_bench.py:
 
 
 @dataclass
-class EvalConfig(MediaArgs):
+class EvalConfig(MediaArgs, LogOptions):
     """Evaluate a model on a video reasoning benchmark (official or Video-R1-eval file) and write OUT/<benchmark>.json."""
 
     # the evaluation defaults of Video-R1 / Video-KTR (eval_bench.py): 16 frames of 128x28x28 to 256x28x28 pixels

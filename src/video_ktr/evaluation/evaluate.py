@@ -71,7 +71,10 @@ from video_ktr.model.adapters import frames_for
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
 from video_ktr.model.vllm_engine import VLLMEngine
+from video_ktr.utils.logs import bars_disabled, get_logger, is_main_process, setup_logging
 from video_ktr.utils.prefetch import Prefetcher
+
+logger = get_logger(__name__)
 
 __all__ = ["evaluate", "evaluate_rows"]
 
@@ -131,7 +134,7 @@ def evaluate_rows(
     bar = None
     if progress:
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
-                   unit="row", file=sys.stderr, dynamic_ncols=True)
+                   unit="row", file=sys.stderr, dynamic_ncols=True, disable=not is_main_process())
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     # the processor runs ahead only for an engine whose generate() takes its result (a replaced or wrapped
     # generate() without ``prepared`` encodes its own inputs, as before)
@@ -208,6 +211,7 @@ def evaluate_rows(
 def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None) -> dict:
     """Run ``video-ktr eval`` for a config: writes ``OUT/<benchmark>.json``, returns the metrics."""
     cfg.validate()
+    setup_logging(cfg)  # --log_level / --log_level_replica
     spec = get_benchmark(cfg.benchmark)
     data = Path(cfg.data_file)
     if not data.exists():
@@ -219,7 +223,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
     rows = all_rows if cfg.limit is None else all_rows[: cfg.limit]
     notes = clip_notes(all_rows)
     for note in notes:
-        print(f"video-ktr eval: warning: {note}", file=sys.stderr)
+        logger.warning(f"video-ktr eval: warning: {note}")
     protocol = build_protocol(cfg, num_rows=len(all_rows), notes=notes, command=command)
     out_file = Path(cfg.output_dir) / f"{spec.name}.json"
     # a run killed while flushing leaves the temporary file of write_json_atomic beside the results
@@ -243,7 +247,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
             done = {u: r for u, r in done.items() if not r.get("failed")}
         n_resume = sum(1 for r in rows if r["uid"] in done)
         if n_resume:
-            print(f"video-ktr eval: resuming {out_file}: {n_resume} of {len(rows)} rows already done", file=sys.stderr)
+            logger.info(f"video-ktr eval: resuming {out_file}: {n_resume} of {len(rows)} rows already done")
 
     order = {r["uid"]: i for i, r in enumerate(all_rows)}
 
@@ -282,7 +286,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
         model, processor, rows, media_root, cfg.frame_settings(), benchmark=spec.name, greedy=cfg.greedy,
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=dec["max_new_tokens"], batch_size=cfg.batch_size,
         seed=cfg.seed, prompt_layout=cfg.prompt_layout, system_prompt=cfg.system_prompt,
-        on_bad_sample=cfg.on_bad_sample, engine=engine, done=by_uid, on_batch=on_batch, progress=cfg.progress,
+        on_bad_sample=cfg.on_bad_sample, engine=engine, done=by_uid, on_batch=on_batch, progress=cfg.progress and not bars_disabled(cfg),
         prefetch=cfg.dataloader_prefetch, allow_outside_media_root=cfg.allow_outside_media_root,
         special_tokens=cfg.special_tokens,
     )
@@ -294,7 +298,7 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None, engine: Any = None)
     print(format_table(metrics))
     print(f"\nwrote {out_file}\nwrote {lmms_results} and {lmms_samples.name} (lmms-eval's layout)")
     if results and metrics["num_failed"] == len(results):
-        print(f"video-ktr eval: warning: every row failed; check --media_root ({media_root})", file=sys.stderr)
+        logger.warning(f"video-ktr eval: warning: every row failed; check --media_root ({media_root})")
     return metrics
 
 

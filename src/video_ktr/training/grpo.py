@@ -80,6 +80,9 @@ from video_ktr.training.grpo_stages import (
 from video_ktr.training.reference import prepare_reference
 from video_ktr.training.rollout_weights import rollout_weights, synced_rollout
 from video_ktr.training.run import TrainingRun
+from video_ktr.utils.logs import get_logger
+
+logger = get_logger(__name__)
 
 
 class KTRTrainer(TrainingRun):
@@ -412,6 +415,6 @@ class KTRTrainer(TrainingRun):
         self.skips.counts.update({str(k): int(v) for k, v in (extra.get("skipped") or {}).items()})
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        if self.skips.total and self.acc.is_main_process:
-            print(f"skipped samples: {self.skips.summary()}")
+        if self.skips.total:
+            logger.warning(f"skipped samples: {self.skips.summary()}")
         return last

@@ -13,10 +13,11 @@ from typing import Any
 
 from video_ktr.data.options import DataArgs
 from video_ktr.utils.config import field
+from video_ktr.utils.logs import LogOptions
 
 
 @dataclass
-class RunOptions(DataArgs):
+class RunOptions(DataArgs, LogOptions):
     """Options of every training run."""
 
     model_name_or_path: str = field("", help="Model to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")

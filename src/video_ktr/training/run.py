@@ -35,7 +35,10 @@ from video_ktr.training.distributed import (
 from video_ktr.training.options import RunOptions
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.utils.logs import bars_disabled, get_logger, setup_logging
 from video_ktr.utils.run_dir import claim_output_dir
+
+logger = get_logger(__name__)
 
 
 class BadStep(RuntimeError):
@@ -67,6 +70,7 @@ class TrainingRun:
         kwargs = {"mixed_precision": mixed_precision} if mixed_precision is not None else {}
         self.acc = accelerator or Accelerator(log_with=cfg.trackers or None, project_dir=str(self.out), **kwargs,
                                               **accelerator_device_kwargs())
+        setup_logging(cfg, main=self.acc.is_main_process)  # --log_level / --log_level_replica
         check_process_count(self.acc)
         check_backend(self.acc, cfg)
         self.run_lock = (claim_output_dir(self.out, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir)
@@ -100,14 +104,12 @@ class TrainingRun:
 
     def _resume(self, spec: str) -> None:
         path, skipped = find_resumable(self.out, spec)  # verified; damaged newer ones skipped and named
-        if self.acc.is_main_process:
-            for line in skipped:
-                print(line)
+        for line in skipped:
+            logger.warning(line)
         extra = ckpt.load(path, self.acc, self.model, self.optimizer, self.scheduler, self.state)
         self.bad_steps = int(extra.get("bad_steps", 0))
         self.restore_extra(extra, path)
-        if self.acc.is_main_process:
-            print(f"resumed from {path} at step {self.state.step}")
+        logger.info(f"resumed from {path} at step {self.state.step}")
 
     # ------------------------------------------------------------------ what a recipe may add
     def checkpoint_extra(self) -> dict[str, Any]:
@@ -190,7 +192,8 @@ class TrainingRun:
         if cfg.trackers and not acc.trackers:
             acc.init_trackers(self.tracker_project, config={**asdict(cfg), "run_name": cfg.run_label},
                               init_kwargs=cfg.tracker_init_kwargs())
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process, desc=self.bar_desc)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=bars_disabled(cfg, main=acc.is_main_process),
+                   desc=self.bar_desc)
         last: dict[str, Any] = {"step": self.state.step}
         self.model.train()
         try:

@@ -58,7 +58,10 @@ from video_ktr.training.sft_batches import (
 from video_ktr.training.sft_config import SFTConfig
 from video_ktr.training.sft_eval import accuracies, accuracy_line, accuracy_sums, generation_rows
 from video_ktr.utils.jsonl import finite_or_null
+from video_ktr.utils.logs import get_logger
 from video_ktr.utils.prefetch import Prefetcher
+
+logger = get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -339,9 +342,9 @@ class SFTTrainer(TrainingRun):
     # ------------------------------------------------------------------ what the run scaffold asks of the recipe
     def on_start(self) -> None:
         if self.skips.total:
-            print(f"training data: {self.skips.summary()}")
+            logger.warning(f"training data: {self.skips.summary()}")
         if self.eval_skips.total:
-            print(f"eval data: {self.eval_skips.summary()}")
+            logger.warning(f"eval data: {self.eval_skips.summary()}")
 
     def after_step(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """An eval point every --eval_steps (the last step's is in finish)."""
@@ -376,8 +379,8 @@ class SFTTrainer(TrainingRun):
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         counts = self._skip_counts()
-        if self.acc.is_main_process and (sum(counts.values()) or self.eval_skips.total):
-            print("skipped rows: " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none")
+        if sum(counts.values()) or self.eval_skips.total:
+            logger.warning("skipped rows: " + (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none")
                   + (f"; eval data: {self.eval_skips.summary()}" if self.eval_skips.total else ""))
         result = dict(last)
         result["skipped_samples"] = sum(counts.values())
@@ -420,8 +423,8 @@ class SFTTrainer(TrainingRun):
                 f"{path} was written with {extra['rows_per_micro_step']} rows per micro-step (batch x processes); this "
                 f"run has {self.rows_per_micro_step}: the data position would not carry over. Resume with the same "
                 "--per_device_train_batch_size and number of processes.")
-        if extra.get("total_steps") not in (None, self.total_steps) and self.acc.is_main_process:
-            print(f"note: the checkpoint was written by a run of {extra['total_steps']} steps; this run has "
+        if extra.get("total_steps") not in (None, self.total_steps):
+            logger.warning(f"note: the checkpoint was written by a run of {extra['total_steps']} steps; this run has "
                   f"{self.total_steps}, so the learning-rate schedule differs from the original run")
 
     def before_final_save(self) -> None:

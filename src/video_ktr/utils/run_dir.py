@@ -30,6 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from video_ktr.utils.logs import get_logger
+
+logger = get_logger(__name__)
 LOCK_NAME = ".video-ktr.lock"
 _CHECKPOINT = re.compile(r"^\.?checkpoint-\d+")
 # what a training run writes into its folder besides the final model (removed by --overwrite_output_dir)
@@ -133,7 +136,7 @@ def claim_output_dir(folder: str | os.PathLike, *, resuming: bool, overwrite: bo
     folder = Path(folder)
     lock = lock_output_dir(folder)
     if lock.taken_over:
-        print(f"{folder}: took over the lock of a run that is no longer running ({lock.taken_over})")
+        logger.warning(f"{folder}: took over the lock of a run that is no longer running ({lock.taken_over})")
     if resuming:
         return lock
     used = previous_run(folder)
@@ -145,5 +148,5 @@ def claim_output_dir(folder: str | os.PathLike, *, resuming: bool, overwrite: bo
                           "checkpoints and logs are removed), or use another --output_dir.")
     if used:
         removed = clear_previous_run(folder)
-        print(f"{folder}: --overwrite_output_dir removed the previous run's {', '.join(removed) or 'files'}")
+        logger.info(f"{folder}: --overwrite_output_dir removed the previous run's {', '.join(removed) or 'files'}")
     return lock
