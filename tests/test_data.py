@@ -88,6 +88,14 @@ def test_read_rows_json_list_and_jsonl(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "b.data") == rows
 
 
+def test_a_json_list_nested_too_deeply_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)  # json.loads raises RecursionError on this
+    with pytest.raises(DataError, match="nested too deeply") as info:
+        read_rows(path)
+    assert info.value.reason == "bad_json" and info.value.file == str(path)
+
+
 def test_malformed_json_list_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('[\n  {"problem": "x"},\n  {"problem": \n]')

@@ -53,6 +53,7 @@ from video_ktr.analysis.ablation_stats import (  # noqa: F401  (EXCEEDS, WITHIN:
     stats,
 )
 from video_ktr.data.media import FrameSettings
+from video_ktr.data.rows import read_rows
 from video_ktr.evaluation.engine import pick_device
 from video_ktr.evaluation.evaluate import evaluate_rows
 from video_ktr.evaluation.protocol import write_json_atomic
@@ -226,16 +227,6 @@ def config_differences(old: dict[str, Any], new: TrainConfig) -> list[str]:
 def default_eval_data(cfg: TrainConfig) -> Path | None:
     candidate = Path(cfg.dataset).parent / "test.json"
     return candidate if candidate.is_file() else None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of Video-R1-schema rows")
-    return data
 
 
 def _digest(path: Path) -> str:

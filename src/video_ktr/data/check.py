@@ -27,7 +27,7 @@ from typing import Any
 
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.options import MediaArgs
-from video_ktr.data.rows import DataError, _is_one_json_object, validate_row
+from video_ktr.data.rows import DataError, parse_json_list, read_data_text, validate_row
 from video_ktr.data.text_checks import SPECIAL_TOKEN_POLICIES, text_char_limit
 from video_ktr.utils.config import field
 
@@ -125,18 +125,10 @@ class CheckResult:
 
 
 def _read_for_check(path: Path) -> tuple[str, list[Any], list[Rejection], list[int | None]]:
-    """(format, rows, rejections for unparsable JSONL lines, line numbers); same format rule as read_rows."""
-    if not path.is_file():
-        raise DataError(path, None, None, "data file does not exist", "missing_file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(path, None, None, f"is not UTF-8 text ({exc})", "bad_json") from None
-    stripped = text.lstrip()
-    if path.suffix != ".jsonl" and _is_one_json_object(stripped):
-        raise DataError(path, None, None, "holds one JSON object; a data file must be a JSON list of rows "
-                        "([{...}, {...}]) or JSONL (one row object per line)", "bad_json")
-    if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
+    """(format, rows, rejections for unparsable JSONL lines, line numbers); read as rows.read_rows reads, but a
+    JSONL line that is not JSON is one rejection (its row None) instead of the end of the check."""
+    text, jsonl = read_data_text(path)
+    if jsonl:
         rows: list[Any] = []
         rejected: list[Rejection] = []
         linenos: list[int | None] = []
@@ -152,16 +144,7 @@ def _read_for_check(path: Path) -> tuple[str, list[Any], list[Rejection], list[i
                 rows.append(None)
             linenos.append(lineno)
         return "jsonl", rows, rejected, linenos
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            path, None, None, f"not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})", "bad_json"
-        ) from None
-    except RecursionError:
-        raise DataError(path, None, None, "JSON nested too deeply", "bad_json") from None
-    if not isinstance(data, list):
-        raise DataError(path, None, None, "a data file must hold a JSON list of rows (or be JSONL)", "bad_json")
+    data = parse_json_list(path, text)
     return "json", data, [], [None] * len(data)
 
 

@@ -116,9 +116,9 @@ def _is_one_json_object(text: str) -> bool:
         return False
 
 
-def read_rows(path: str | os.PathLike) -> list[Any]:
-    """Read a JSON list or a JSONL file; malformed JSON raises DataError with the line."""
-    path = Path(path)
+def read_data_text(path: Path) -> tuple[str, bool]:
+    """The text of a JSON or JSONL data file and whether it is JSONL (a ``.jsonl`` name, or text that starts
+    with ``{``); a missing file, text that is not UTF-8 or one pretty-printed JSON object raise DataError."""
     if not path.is_file():
         raise DataError(path, None, None, "data file does not exist", "missing_file")
     try:
@@ -129,18 +129,32 @@ def read_rows(path: str | os.PathLike) -> list[Any]:
     if path.suffix != ".jsonl" and _is_one_json_object(stripped):
         raise DataError(path, None, None, "holds one JSON object; a data file must be a JSON list of rows "
                         "([{...}, {...}]) or JSONL (one row object per line)", "bad_json")
-    if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
-        try:
-            return parse_json_lines(text)
-        except JsonLineError as exc:
-            raise DataError(path, exc.lineno, None, str(exc), "bad_json") from None
+    return text, path.suffix == ".jsonl" or bool(stripped and stripped[0] == "{")
+
+
+def parse_json_list(path: Path, text: str) -> list[Any]:
+    """The rows of a data file that holds one JSON list; anything else raises DataError."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(path, None, None, f"not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})", "bad_json") from None
+    except RecursionError:
+        raise DataError(path, None, None, "JSON nested too deeply", "bad_json") from None
     if not isinstance(data, list):
         raise DataError(path, None, None, "a data file must hold a JSON list of rows (or be JSONL)", "bad_json")
     return data
+
+
+def read_rows(path: str | os.PathLike) -> list[Any]:
+    """Read a JSON list or a JSONL file; malformed JSON raises DataError with the line."""
+    path = Path(path)
+    text, jsonl = read_data_text(path)
+    if jsonl:
+        try:
+            return parse_json_lines(text)
+        except JsonLineError as exc:
+            raise DataError(path, exc.lineno, None, str(exc), "bad_json") from None
+    return parse_json_list(path, text)
 
 
 def resolve_media(
