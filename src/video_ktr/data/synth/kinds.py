@@ -93,6 +93,14 @@ def _other_option(rng: np.random.Generator, options: list[str], answer: str) -> 
     return others[int(rng.integers(len(others)))]
 
 
+def _choice(problem: str, options: list[str], answer: str, wrong: str, steps: np.ndarray,
+            reasoning: Callable[[str], str]) -> _Item:
+    """A multiple-choice item: the reasoning for ``answer`` and its letter, and the flawed teacher's
+    reasoning for the option ``wrong`` (the same words, the other option) and that option's letter."""
+    return _Item(problem=problem, problem_type="multiple choice", options=options, answer=_letter(options, answer),
+                 process=reasoning(answer), steps=steps, mistake=(reasoning(wrong), _letter(options, wrong)))
+
+
 def _palette(cfg: SynthConfig) -> list[str]:
     return list(PALETTE)[: cfg.num_colors]
 
@@ -103,37 +111,19 @@ def _palette(cfg: SynthConfig) -> list[str]:
 def _color_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
     seq = [answer] + _spread(rng, [o for o in options if o != answer], cfg.steps - 1)
-    letter = LETTERS[index]
     steps = _colour_steps(seq, cfg, rng)
     wrong = seq[-1]  # the mistake: reads the wrong end of the video
-    return _Item(
-        problem="Which colour appears first in the video?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=f"The video shows {_then(seq)}. The first colour is {answer}, which is option {letter}.",
-        steps=steps,
-        mistake=(f"The video shows {_then(seq)}. The first colour is {wrong}, which is option {_letter(options, wrong)}.",
-                 _letter(options, wrong)),
-    )
+    return _choice("Which colour appears first in the video?", options, answer, wrong, steps,
+                   lambda c: f"The video shows {_then(seq)}. The first colour is {c}, which is option {_letter(options, c)}.")
 
 
 def _color_last(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     answer, options = _options_for(_palette(cfg), cfg.num_options, index, rng, cfg.shuffle_options)
     seq = _spread(rng, [o for o in options if o != answer], cfg.steps - 1) + [answer]
-    letter = LETTERS[index]
     steps = _colour_steps(seq, cfg, rng)
     wrong = seq[0]  # the mistake: reads the wrong end of the video
-    return _Item(
-        problem="Which colour appears last in the video?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=f"The video shows {_then(seq)}. The last colour is {answer}, which is option {letter}.",
-        steps=steps,
-        mistake=(f"The video shows {_then(seq)}. The last colour is {wrong}, which is option {_letter(options, wrong)}.",
-                 _letter(options, wrong)),
-    )
+    return _choice("Which colour appears last in the video?", options, answer, wrong, steps,
+                   lambda c: f"The video shows {_then(seq)}. The last colour is {c}, which is option {_letter(options, c)}.")
 
 
 def _color_present(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -144,19 +134,10 @@ def _color_present(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _I
     choices: list[str | None] = [*shown, None]
     seq = [choices[i] for i in rng.integers(len(choices), size=cfg.steps)]
     seq[int(rng.integers(cfg.steps))] = answer
-    letter = LETTERS[index]
     steps = _colour_steps(seq, cfg, rng)
     wrong = _other_option(rng, options, answer)  # the mistake: names a colour that is not shown
-    return _Item(
-        problem="Which of these colours appears in the video?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=f"The video shows {_then(seq)}. Of the options only {answer} appears, which is option {letter}.",
-        steps=steps,
-        mistake=(f"The video shows {_then(seq)}. Of the options only {wrong} appears, which is option {_letter(options, wrong)}.",
-                 _letter(options, wrong)),
-    )
+    return _choice("Which of these colours appears in the video?", options, answer, wrong, steps,
+                   lambda c: f"The video shows {_then(seq)}. Of the options only {c} appears, which is option {_letter(options, c)}.")
 
 
 def _direction(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -172,7 +153,6 @@ def _direction(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     for t, p in enumerate(pos):
         row, col = (other, p) if horizontal else (p, other)
         steps[t, row, col] = PALETTE[colour]
-    letter = LETTERS[index]
 
     def reasoning(direction: str) -> str:
         start, end = direction.split(" to ")
@@ -181,15 +161,7 @@ def _direction(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
                 f"so it moves from {direction}, which is option {_letter(options, direction)}.")
 
     wrong = " to ".join(reversed(answer.split(" to ")))  # the mistake: reads the frames backwards
-    return _Item(
-        problem="In which direction does the square move?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=reasoning(answer),
-        steps=steps,
-        mistake=(reasoning(wrong), _letter(options, wrong)),
-    )
+    return _choice("In which direction does the square move?", options, answer, wrong, steps, reasoning)
 
 
 def _count(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -217,17 +189,9 @@ def _image_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     g = cfg.grid
     steps = np.zeros((1, g, g, 3), np.uint8)
     steps[0, rng.integers(g), rng.integers(g)] = PALETTE[answer]
-    letter = LETTERS[index]
     wrong = _other_option(rng, options, answer)  # the mistake: names another option's colour
-    return _Item(
-        problem="What colour is the square in the image?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=f"The square is {answer}, which is option {letter}.",
-        steps=steps,
-        mistake=(f"The square is {wrong}, which is option {_letter(options, wrong)}.", _letter(options, wrong)),
-    )
+    return _choice("What colour is the square in the image?", options, answer, wrong, steps,
+                   lambda c: f"The square is {c}, which is option {_letter(options, c)}.")
 
 
 def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -238,19 +202,10 @@ def _image_position(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _
     colour = _palette(cfg)[int(rng.integers(cfg.num_colors))]
     steps = np.zeros((1, g, g, 3), np.uint8)
     steps[0, row, col] = PALETTE[colour]
-    letter = LETTERS[index]
     vertical, horizontal = answer.split(" ")
     wrong = f"{vertical} {'right' if horizontal == 'left' else 'left'}"  # the mistake: mirrors left and right
-    return _Item(
-        problem="Where is the square in the image?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=f"The {colour} square is in the {answer} corner, which is option {letter}.",
-        steps=steps,
-        mistake=(f"The {colour} square is in the {wrong} corner, which is option {_letter(options, wrong)}.",
-                 _letter(options, wrong)),
-    )
+    return _choice("Where is the square in the image?", options, answer, wrong, steps,
+                   lambda c: f"The {colour} square is in the {c} corner, which is option {_letter(options, c)}.")
 
 
 def _after_event(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -261,7 +216,6 @@ def _after_event(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     seq: list[str | None] = []
     for step in range(s):
         seq.append("white" if step == t else answer if step == t + 1 else fill.pop())
-    letter = LETTERS[index]
     before = seq[t - 1] if t > 0 else None
     # the mistake: the colour right before the white screen (or another option when nothing precedes it)
     wrong = before if before in options and before != answer else _other_option(rng, options, answer)
@@ -271,15 +225,7 @@ def _after_event(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
         return (f"The video shows {_then(seq)}. Right after the white screen comes {colour}, "
                 f"which is option {_letter(options, colour)}.")
 
-    return _Item(
-        problem="Which colour appears right after the white screen?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=reasoning(answer),
-        steps=steps,
-        mistake=(reasoning(wrong), _letter(options, wrong)),
-    )
+    return _choice("Which colour appears right after the white screen?", options, answer, wrong, steps, reasoning)
 
 
 def _which_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -291,21 +237,15 @@ def _which_first(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     fillers: list[str | None] = [c for c in pool if c not in options] or [None]
     seq: list[str | None] = [fillers[int(rng.integers(len(fillers)))] for _ in range(s)]
     seq[first], seq[second] = answer, other
-    letter = LETTERS[index]
     steps = _colour_steps(seq, cfg, rng)
 
-    def reasoning(a: str, b: str) -> str:
+    def reasoning(a: str) -> str:
+        b = other if a == answer else answer
         return f"The video shows {_then(seq)}. {a.capitalize()} comes before {b}, which is option {_letter(options, a)}."
 
-    return _Item(
-        problem=f"Which colour appears first in the video, {options[0]} or {options[1]}?",
-        problem_type="multiple choice",
-        options=options,
-        answer=letter,
-        process=reasoning(answer, other),
-        steps=steps,
-        mistake=(reasoning(other, answer), _letter(options, other)),  # the mistake: reads the frames backwards
-    )
+    # the mistake: reads the frames backwards
+    return _choice(f"Which colour appears first in the video, {options[0]} or {options[1]}?", options, answer, other,
+                   steps, reasoning)
 
 
 def _count_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
