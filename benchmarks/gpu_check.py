@@ -12,10 +12,14 @@ and no model hub. Parts (``--parts``, all by default), each written to ``gpu_che
   the tiny default model, each in its own process: exit code, wall time, peak CUDA memory allocated;
 * ``rollout``: the mid configuration's rollout batch (2 prompts x 8 completions of 256 tokens, 16 frames of
   448x448) sampled by ``model.generate(do_sample=True)``, by the transformers path (``decoder="hf"``), by
-  the static decoder (``decoder="static"``: captured CUDA graph on CUDA) and, with ``--vllm``, by the
+  the static decoder (``decoder="static"``: captured CUDA graph on CUDA, kept for the later runs) and, with ``--vllm``, by the
   colocated vLLM engine; tokens per second, whether the graph was captured, whether two static runs with
   the same seeds gave the same tokens, and the memory-bound limit (weight and KV bytes read per
   decoding step over the GPU's bandwidth);
+* ``probes``: each no-grad pass of KTR (visual probe, temporal probe, reference; and the probes without
+  prompt sharing, the mask probe with its placeholders kept) timed against the policy's forward + backward
+  on the same batch, interleaved, with each pass's peak CUDA memory rise, and the rounding noise between the
+  policy pass and an identity temporal probe (what a selection tolerance must exceed in the weights' dtype);
 * ``step``: ``--token_selection none`` and ``all`` on the mid configuration, interleaved in one process
   (one step of each in turn): per-phase medians, the median of per-step KTR / GRPO ratios, and each
   variant's peak CUDA memory allocated (its own resident memory plus the largest rise within its steps);
@@ -206,7 +210,7 @@ def part_rollout(check: Check, paths: dict, size: dict) -> dict:
     from transformers import GenerationConfig
 
     from video_ktr.model import rollout as rollout_module
-    from video_ktr.model.decode import StaticDecoder
+    from video_ktr.model.decode import GraphStore, StaticDecoder
     from video_ktr.model.inputs import select_prompts
     from video_ktr.model.sampling import row_seed
 
@@ -241,6 +245,7 @@ def part_rollout(check: Check, paths: dict, size: dict) -> dict:
     result: dict = {"rows": rows, "tokens_per_row": T, "prompt_tokens": L}
     reps = {"generate": 2, "hf": 1, "static": 3} if cuda else {"generate": 2, "hf": 2, "static": 2}
     runs: dict[str, list[float]] = {k: [] for k in reps}
+    kept = StaticDecoder(store=GraphStore())
     tokens: list = []
     rollout_module.decode_from = recording
     try:
@@ -250,7 +255,7 @@ def part_rollout(check: Check, paths: dict, size: dict) -> dict:
                     if name == "generate":
                         s, _ = timed(lambda: model.generate(**repeated, generation_config=config))
                     else:
-                        decoder = "hf" if name == "hf" else StaticDecoder()
+                        decoder = "hf" if name == "hf" else kept  # the later static runs replay the kept graph
                         s, comps = timed(lambda d=decoder: rollout_module.generate(model, processor.tokenizer, prompts,
                                                                                    decoder=d, **args))
                         if name == "static":
@@ -264,6 +269,7 @@ def part_rollout(check: Check, paths: dict, size: dict) -> dict:
         result[name] = {"seconds": [round(t, 3) for t in times], "tokens_per_s": round(rows * T / best, 1)}
     result["static_same_tokens_run_to_run"] = all(torch.equal(tokens[0], t) for t in tokens[1:])
     result["static_captured"] = [d.captured for d in decodes]
+    result["static_reused_graph"] = [d.reused for d in decodes]
     result["static_fallback"] = next((d.fallback for d in decodes if d.fallback), None)
     result["static_over_generate"] = round(result["static"]["tokens_per_s"] / result["generate"]["tokens_per_s"], 3)
     result["static_over_hf_path"] = round(result["static"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
@@ -294,6 +300,114 @@ def _vllm_rollout(check, paths, model, processor, special, prompts, samples, med
         return out
     except Exception as exc:  # vLLM missing or failing: recorded, the check goes on
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def part_probes(check: Check, paths: dict, size: dict) -> dict:
+    """Each no-grad pass of KTR against the policy's forward + backward, on the step's batch (mid or small).
+
+    Completions are random non-vision tokens of the full length (a pass's cost does not depend on which
+    tokens); the policy pass is the trainer's (vision tower once per prompt, shared prompt, entropy, grad)
+    followed by a backward. Beside the default probe passes: the same passes without prompt sharing and
+    the ``mask`` probe with its placeholders left in the batch (masked, not dropped), which say what those
+    two savings are worth here; the reference pass; and the bf16 rounding noise between the policy pass
+    and a temporal probe whose permutation is the identity (its exact score is 0): what a selection
+    tolerance must exceed in this dtype.
+    """
+    import torch
+
+    from video_ktr.model.inputs import select_prompts, sequence_inputs
+    from video_ktr.model.prefix import shared_prefix_logprobs, strip_pixels
+    from video_ktr.model.probes import (
+        frame_permutation,
+        probe_logprobs,
+        temporal_probe_logprobs,
+        visual_masked_inputs,
+        visual_probe_logprobs,
+    )
+    from video_ktr.model.rollout import encode_visual_once
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, processor, special, prompts, _, media = _batch(paths, size, device, "bfloat16" if cuda else "float32")
+    P, G, T = size["prompts"], size["generations"], size["tokens"]
+    N = P * G
+    vision = set(special.vision_ids)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(model.config.get_text_config().vocab_size, 150000), (N, T), generator=gen)
+    for v in vision:  # no vision token among the completions (the rollout never samples one)
+        ids[ids == v] = 0
+    ids = ids.to(device)
+    valid = torch.ones(N, T, dtype=torch.bool, device=device)
+    token_seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), ids, valid)
+    perms = {p: frame_permutation(m.video.frames.shape[0], "shuffle", torch.Generator().manual_seed(p))
+             for p, m in enumerate(media)}
+    identity = {p: list(range(m.video.frames.shape[0])) for p, m in enumerate(media)}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def policy(backward: bool):
+        inputs = sequence_inputs(encode_visual_once(model, prompts, list(range(P)), G, grad=True), ids, valid)
+        logp, _ = shared_prefix_logprobs(model, inputs, ids, G, with_entropy=True, grad=True)
+        if backward:
+            (logp.sum() / logp.numel()).backward()
+            for p in params:
+                p.grad = None
+        return logp.detach()
+
+    def masked_kept():  # the mask probe with its placeholders masked but left in the batch
+        inputs = visual_masked_inputs(token_seq)
+        return probe_logprobs(model, inputs, ids, None, G)
+
+    passes = {
+        "policy_forward_backward": lambda: policy(True),
+        "policy_forward": lambda: policy(False),
+        "visual_probe": lambda: visual_probe_logprobs(model, "mask", seq_inputs=token_seq, completion_ids=ids,
+                                                      completion_valid=valid, group_size=G),
+        "visual_probe_placeholders_kept": masked_kept,
+        "visual_probe_unshared": lambda: visual_probe_logprobs(model, "mask", seq_inputs=token_seq, completion_ids=ids,
+                                                               completion_valid=valid, group_size=G, shared_prefix=False),
+        "temporal_probe": lambda: temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G),
+        "temporal_probe_unshared": lambda: temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid,
+                                                                   G, shared_prefix=False),
+        "reference": lambda: probe_logprobs(model, sequence_inputs(encode_visual_once(model, prompts, list(range(P)), G),
+                                                                   ids, valid), ids, None, G),
+    }
+    reps = 3 if cuda else 2
+    times: dict[str, list[float]] = {k: [] for k in passes}
+    peaks: dict[str, float] = {}
+    model.train()
+    for r in range(reps + 1):  # round 0 warms up; the passes interleave so that drift hits them alike
+        for name, fn in passes.items():
+            with torch.set_grad_enabled(name.startswith("policy")):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                    peaks[name] = max(peaks.get(name, 0.0), (torch.cuda.max_memory_allocated() - before) / 2**30)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        check.log(f"probes round {r}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items() if v))
+    out: dict = {"rows": N, "tokens_per_row": T, "prompt_tokens": prompts["input_ids"].shape[1], "repeats": reps,
+                 "passes": {}}
+    base = statistics.median(times["policy_forward_backward"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out["passes"][name] = {"seconds_median": round(med, 4), "seconds": [round(t, 4) for t in ts],
+                               "over_policy_forward_backward": round(med / base, 3),
+                               "peak_rise_cuda_gib": round(peaks[name], 3) if cuda else None}
+    # bf16 (or float32) rounding between the policy's pass and an identity temporal probe (exact score 0)
+    with torch.no_grad():
+        logp = policy(False)
+        same, _ = temporal_probe_logprobs(model, processor, prompts, media, identity, ids, valid, G)
+    noise = (logp - same).abs()[valid].float()
+    out["identity_probe_noise_nats"] = {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                                        "median": float(noise.median()), "p99": float(noise.quantile(0.99)),
+                                        "max": float(noise.max()), "fraction_over_1e-5": float((noise >= 1e-5).float().mean())}
+    model.eval()
+    return out
 
 
 def part_step(check: Check, paths: dict, size: dict) -> dict:
@@ -415,11 +529,23 @@ def summary(data: dict) -> str:
         mb = r["memory_bound"]
         lines += ["", f"static / generate = {r['static_over_generate']}, static / hf path = {r['static_over_hf_path']}; "
                       f"captured: {r['static_captured']}, fallback: {r['static_fallback']}; same tokens run to run: "
-                      f"{r['static_same_tokens_run_to_run']}.",
+                      f"{r['static_same_tokens_run_to_run']}; kept graph replayed: {r.get('static_reused_graph')}.",
                   f"Memory bound: {mb['weight_bytes_per_step'] / 1e9:.2f} GB weights + {mb['kv_bytes_per_step_mean'] / 1e9:.3f} GB "
                   f"KV per step at {mb['bandwidth_gbs']} GB/s: "
                   + (f"{mb['step_ms_lower_bound']:.2f} ms per step, {mb['tokens_per_s_upper_bound']:.0f} tokens/s, "
                      f"{mb['rollout_s_lower_bound']:.2f} s per rollout." if mb.get("step_ms_lower_bound") else "bandwidth unknown."), ""]
+    if "probes" in parts:
+        pr = parts["probes"]
+        lines += ["## Probe passes against the policy's forward + backward", "",
+                  f"{pr['rows']} rows x {pr['tokens_per_row']} tokens, prompt {pr['prompt_tokens']} tokens, median of "
+                  f"{pr['repeats']} interleaved rounds.", "",
+                  "| pass | seconds | / policy fwd+bwd | peak rise (GiB) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['seconds_median']} | {v['over_policy_forward_backward']} | {v['peak_rise_cuda_gib']} |"
+                  for k, v in pr["passes"].items()]
+        nz = pr["identity_probe_noise_nats"]
+        lines += ["", f"Identity temporal probe vs the policy pass ({nz['dtype']}): |difference| median {nz['median']:.2e}, "
+                      f"p99 {nz['p99']:.2e}, max {nz['max']:.2e} nats; {nz['fraction_over_1e-5']:.1%} of tokens at or over "
+                      "the default probe_score_tolerance 1e-5.", ""]
     if "step" in parts:
         s = parts["step"]
         names = list(s["variants"])
@@ -442,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", required=True, help="where gpu_check.json, summary.md and the runs go")
     ap.add_argument("--small", action="store_true", help="toy sizes: the dry run on a CPU")
-    ap.add_argument("--parts", default="cli,rollout,step,estimate", help="comma list of parts to run")
+    ap.add_argument("--parts", default="cli,rollout,probes,step,estimate", help="comma list of parts to run")
     ap.add_argument("--work_dir", default=None, help="models and data (default: OUTPUT_DIR/work; reused if present)")
     ap.add_argument("--budget_s", type=float, default=480, help="skip the parts left once this many seconds have passed")
     ap.add_argument("--bandwidth_gbs", type=float, default=None, help="GPU memory bandwidth (default: from the GPU's name)")
@@ -460,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = build(check, Path(args.work_dir) if args.work_dir else out / "work", size)
     check.save()
     runners = {"cli": lambda: part_cli(check, paths), "rollout": lambda: part_rollout(check, paths, size),
-               "step": lambda: part_step(check, paths, size), "estimate": lambda: part_estimate(check, paths, size)}
+               "probes": lambda: part_probes(check, paths, size), "step": lambda: part_step(check, paths, size),
+               "estimate": lambda: part_estimate(check, paths, size)}
     failed = False
     for name in args.parts.split(","):
         if check.left() <= 0:

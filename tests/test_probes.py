@@ -394,3 +394,103 @@ def test_rollout_keeps_no_pixel_copies_and_the_fallbacks_agree(tiny_setup, tmp_p
     assert torch.allclose(again.visual[valid], ro.probes.visual[valid], atol=ATOL)
     assert torch.equal(again.temporal_rows, ro.probes.temporal_rows) and ro.probes.temporal_rows.any()
     assert torch.allclose(again.temporal[valid], ro.probes.temporal[valid], atol=ATOL)
+
+
+def test_bf16_probes_move_the_selection_only_near_each_threshold(tiny_model, batch):
+    """probe dtype 'bfloat16' (autocast over float32 weights): each probe log-prob moves by at most eps (the bf16
+    rounding, measured here), so a token can enter or leave a probe's key set only within 2 eps of its group's
+    threshold; the entropy signal (policy pass) is untouched; 'weights' is the default computation bit for bit."""
+    from video_ktr.core.selection import SelectionSpec, quantile_threshold
+    from video_ktr.training.grpo_stages import ProbeScores, select_tokens, signal_scores
+
+    model, processor = tiny_model
+    prompts, media, G, ids, valid, seq = (batch[k] for k in ("prompts", "media", "G", "ids", "valid", "seq"))
+    P = prompts["input_ids"].shape[0]
+    token_seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), ids, valid)
+    with torch.no_grad():
+        logp, entropy = sequence_logprobs(model, seq, ids, with_entropy=True)
+    perms = {p: frame_permutation(m.video.frames.shape[0], "shuffle", torch.Generator().manual_seed(p))
+             for p, m in enumerate(media) if m.kind == "video"}
+    spec, tol = SelectionSpec(), 1e-5
+    kw = dict(seq_inputs=token_seq, completion_ids=ids, completion_valid=valid, group_size=G)
+    default_vis = visual_probe_logprobs(model, "mask", **kw)
+    out = {}
+    for dtype in ("weights", "bfloat16"):
+        vis = visual_probe_logprobs(model, "mask", dtype=dtype, **kw)
+        tmp, rows = temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G, dtype=dtype)
+        probes = ProbeScores(torch.ones(ids.shape[0], dtype=torch.bool), vis, tmp, rows)
+        scores = signal_scores(logp, entropy, probes, spec.signals, tol)
+        out[dtype] = (vis, scores, select_tokens(scores, valid, probes, spec, G))
+    assert torch.equal(out["weights"][0], default_vis)
+    (_, s32, m32), (_, s16, m16) = out["weights"], out["bfloat16"]
+    assert torch.equal(m32["entropy"], m16["entropy"])
+    for name in ("visual", "temporal"):
+        pool = valid & (rows[:, None] if name == "temporal" else True)
+        eps = float((s32[name] - s16[name])[pool].abs().max())
+        assert 0 < eps < 0.05, (name, eps)  # autocast ran, and bf16 rounding is small beside a nat
+        flipped = (m32[name] ^ m16[name]) & pool
+        for p in range(P):
+            group = torch.zeros_like(pool)
+            group[p * G:(p + 1) * G] = True
+            if not (pool & group).any():
+                continue
+            tau = quantile_threshold(s32[name][pool & group], spec.ratio(name))
+            distance = (s32[name] - tau).abs()[flipped & group]
+            assert (distance <= 2 * eps + 2 * tol).all(), (name, p, distance.max(), eps)
+        print(f"{name}: eps {eps:.2e} nats, {int(flipped.sum())} of {int(pool.sum())} tokens change selection")
+
+
+def test_temporal_probe_runs_each_shuffled_prompt_once_for_its_group(tiny_model, batch):
+    """The temporal probe's re-encoded prompt (shuffled video) runs through the vision tower and the language model
+    once per prompt, its cache shared by the G completions, and gives the log-probs of the unshared pass (every
+    row's full prompt + completion) to float32 tolerance."""
+    model, processor = tiny_model
+    prompts, media, G, ids, valid = (batch[k] for k in ("prompts", "media", "G", "ids", "valid"))
+    Lc = ids.shape[1]
+    perms = {p: frame_permutation(m.video.frames.shape[0], "shuffle", torch.Generator().manual_seed(p))
+             for p, m in enumerate(media) if m.kind == "video"}
+    inner = model.model
+    seen: dict[str, list] = {"text": [], "vision": []}
+    hooks = [inner.language_model.register_forward_pre_hook(
+                 lambda m, a, kw: seen["text"].append(tuple((kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None
+                                                             else kw["input_ids"]).shape[:2])), with_kwargs=True),
+             inner.visual.register_forward_pre_hook(lambda m, a, kw: seen["vision"].append(1), with_kwargs=True)]
+    try:
+        shared, rows = temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G)
+        calls = {k: list(v) for k, v in seen.items()}
+        seen["text"].clear()
+        seen["vision"].clear()
+        unshared, rows2 = temporal_probe_logprobs(model, processor, prompts, media, perms, ids, valid, G, shared_prefix=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(rows, rows2)
+    assert torch.allclose(shared[valid], unshared[valid], atol=1e-5, rtol=0), (shared - unshared)[valid].abs().max()
+    # shared: one vision call, one prompt pass over the len(perms) prompts, then completion passes no wider than Lc
+    assert len(calls["vision"]) == 1
+    prompt_passes = [s for s in calls["text"] if s[1] > Lc]
+    assert prompt_passes == [(len(perms), prompts["input_ids"].shape[1])], calls["text"]
+    # unshared: every one of the len(perms) x G rows runs its whole prompt
+    assert sum(s[0] for s in seen["text"] if s[1] > Lc) == len(perms) * G
+
+
+def test_trainer_runs_its_probes_in_bf16_when_asked(tiny_setup, tmp_path, monkeypatch):
+    """--probe_dtype bfloat16 reaches both probe passes (under autocast over the float32 weights); the default does not."""
+    import video_ktr.model.probes as probes
+    from tests.grpo_steps import record_step
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    seen = []
+    original = probes.probe_precision
+    monkeypatch.setattr(probes, "probe_precision", lambda model, dtype="weights": seen.append(dtype) or original(model, dtype))
+    for dtype in ("weights", "bfloat16"):
+        cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path / dtype, "--max_steps", "1", "--token_selection", "all",
+                                                             "--probe_dtype", dtype, "--probe_all_groups", "true"))
+        trainer = KTRTrainer(cfg)
+        trainer.state.micro_step = 1  # an image prompt and a video prompt: both probes run
+        seen.clear()
+        ro = record_step(trainer).rollout
+        assert seen == [dtype, dtype]
+        assert torch.isfinite(ro.probes.visual).all() and ro.probes.temporal_rows.any()

@@ -9,6 +9,7 @@ Both run without grad and keep only the log-prob of each sampled token.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,24 @@ from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 VISUAL_PROBES = ("mask", "zero_features", "blank")
 TEMPORAL_PROBES = ("shuffle", "reverse", "segments")
+PROBE_DTYPES = ("weights", "bfloat16")
+
+
+def probe_precision(model: torch.nn.Module, dtype: str = "weights") -> contextlib.AbstractContextManager:
+    """The precision of a probe's forward passes.
+
+    ``weights`` (default): as the weights are, nothing changes. ``bfloat16``: where the weights are float32,
+    the passes run under bf16 autocast (matrix products in bf16: about twice the speed on a GPU's tensor
+    cores); the log-softmax of the sampled tokens stays float32 (scoring.token_logprobs). Weights already
+    in 16 bits run as they are. Not exact: each probe log-prob moves by the bf16 rounding eps, so a token
+    can change selection only within 2 eps of its pool's threshold (docs/performance.md gives eps measured).
+    """
+    if dtype not in PROBE_DTYPES:
+        raise ValueError(f"probe dtype must be one of {PROBE_DTYPES}, got {dtype!r}")
+    param = next(unwrap(model).parameters(), None)
+    if dtype == "weights" or param is None or param.dtype != torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
 
 
 def text_only_positions(attention_mask: Tensor) -> Tensor:
@@ -286,14 +305,22 @@ def visual_probe_logprobs(
     model: torch.nn.Module, mode: str, *, seq_inputs: dict[str, Any], completion_ids: Tensor, completion_valid: Tensor,
     group_size: int, processor: Any = None, prompt_inputs: dict[str, Any] | None = None, media: list[Media] | None = None,
     chunk_rows: int | None = None, shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS,
-    lockstep: Lockstep | None = None,
+    lockstep: Lockstep | None = None, dtype: str = "weights",
 ) -> Tensor:
     """log p_vis (N, Lc): the sampled tokens with the visual input taken away (``mode`` in VISUAL_PROBES).
 
     seq_inputs: prompt+completion inputs of the N = P x G rows (groups of ``group_size`` consecutive rows);
     ``blank`` also needs the processor, the P un-repeated prompt inputs and their media. ``lockstep``: the
-    vision-tower calls of ``blank`` agreed across processes (model/lockstep.py).
+    vision-tower calls of ``blank`` agreed across processes (model/lockstep.py). ``dtype``: the passes'
+    precision (probe_precision).
     """
+    with probe_precision(model, dtype):
+        return _visual_probe_logprobs(model, mode, seq_inputs, completion_ids, completion_valid, group_size, processor,
+                                      prompt_inputs, media, chunk_rows, shared_prefix, bucket_overhead, lockstep)
+
+
+def _visual_probe_logprobs(model, mode, seq_inputs, completion_ids, completion_valid, group_size, processor, prompt_inputs,
+                           media, chunk_rows, shared_prefix, bucket_overhead, lockstep) -> Tensor:
 
     if mode == "mask":
         inputs = visual_masked_inputs(seq_inputs, completion_width=completion_ids.shape[1])
@@ -317,15 +344,25 @@ def temporal_probe_logprobs(
     model: torch.nn.Module, processor: Any, prompt_inputs: dict[str, Any], media: list[Media], perms: dict[int, list[int]],
     completion_ids: Tensor, completion_valid: Tensor, group_size: int, chunk_rows: int | None = None,
     shared_prefix: bool = True, bucket_overhead: int | None = BUCKET_OVERHEAD_TOKENS, lockstep: Lockstep | None = None,
+    dtype: str = "weights",
 ) -> tuple[Tensor, Tensor]:
     """log p_tmp (N, Lc) and the rows that have it (N,) bool.
 
     prompt_inputs: the P un-repeated prompts; completions: N = P x G rows, groups of ``group_size``.
     ``perms`` maps a prompt index to its frame order (the same for its G completions); prompts without
     one (images, single frames) get log p_tmp = 0 and are not temporal rows. Each shuffled video is
-    encoded once and its features repeated for the G completions. ``lockstep``: the vision-tower calls
-    agreed across processes (a process without a permuted video pads them; model/lockstep.py).
+    encoded once and its features repeated for the G completions; with ``shared_prefix`` its prompt
+    (re-encoded video included) runs once and its cache serves the G completions. ``lockstep``: the
+    vision-tower calls agreed across processes (a process without a permuted video pads them;
+    model/lockstep.py). ``dtype``: the passes' precision (probe_precision).
     """
+    with probe_precision(model, dtype):
+        return _temporal_probe_logprobs(model, processor, prompt_inputs, media, perms, completion_ids, completion_valid,
+                                        group_size, chunk_rows, shared_prefix, bucket_overhead, lockstep)
+
+
+def _temporal_probe_logprobs(model, processor, prompt_inputs, media, perms, completion_ids, completion_valid, group_size,
+                             chunk_rows, shared_prefix, bucket_overhead, lockstep) -> tuple[Tensor, Tensor]:
 
     G = group_size
     N, Lc = completion_ids.shape

@@ -141,7 +141,7 @@ class KTRTrainer(TrainingRun):
             # gradient checkpointing keeps no cache in training: the policy pass takes the full sequences
             policy_shared_prefix=cfg.policy_shared_prefix and not cfg.gradient_checkpointing,
             length_buckets=cfg.length_buckets, encode_visual_once=cfg.encode_visual_once,
-            rollout_shared_prefill=cfg.rollout_shared_prefill)
+            rollout_shared_prefill=cfg.rollout_shared_prefill, probe_dtype=cfg.probe_dtype)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
         # several processes: every pass makes as many forward calls on each (model/lockstep.py); one: nothing changes
         self.lockstep = (Lockstep(self._all_max, sharded=sharded_parameters(self.acc)) if self.acc.num_processes > 1

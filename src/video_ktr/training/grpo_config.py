@@ -75,6 +75,7 @@ class TrainConfig(RunOptions):
     probe_score_tolerance: float = field(1e-5, help="Visual / temporal scores smaller than this (in nats) count as exactly 0, so float rounding never decides a selection.")
     visual_probe: str = field("mask", choices=["mask", "zero_features", "blank"], help="How the visual input is taken away: placeholders masked from attention, zeroed visual features, or black frames.")
     temporal_probe: str = field("shuffle", choices=["shuffle", "reverse", "segments"], help="How frames are disordered: random non-identity permutation, reversal, or shuffled segments.")
+    probe_dtype: str = field("weights", choices=["weights", "bfloat16"], help="Precision of the visual / temporal probe passes: 'weights' as the weights are; 'bfloat16' bf16 autocast where the weights are float32 (faster on a GPU; not exact: a token can change selection only within 2 eps of its threshold, eps the bf16 rounding of the probe log-probs, docs/performance.md). 16-bit weights run as they are either way.")
 
     # model
     use_peft: bool = field(False, help="Train LoRA adapters (needs the peft extra); the reference model is then the base with adapters disabled.")

@@ -51,6 +51,7 @@ class ForwardPlan:
     length_buckets: bool = True  # completions run in buckets of similar length
     encode_visual_once: bool = True  # the policy pass runs the vision tower once per prompt
     rollout_shared_prefill: bool = True  # the rollout prefills each prompt once and repeats its cache
+    probe_dtype: str = "weights"  # the probe passes' precision (probes.probe_precision): not exact when 'bfloat16'
 
     @property
     def bucket_overhead(self) -> int | None:
@@ -238,6 +239,7 @@ def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[st
                     prompt_inputs=prompt_inputs if everything else select_prompts(prompt_inputs, probed),
                     media=[media[p] for p in probed], group_size=G, processor=processor, chunk_rows=plan.chunk_rows,
                     shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead, lockstep=lockstep,
+                    dtype=plan.probe_dtype,
                 )
             elif visual_probe == "blank":
                 pad_encoder_calls(model, lockstep)  # the blank frames' vision calls of the other processes
@@ -246,7 +248,7 @@ def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[st
             temporal, temporal_rows = temporal_probe_logprobs(
                 model, processor, prompt_inputs, media, {p: perms[p] for p in probed if p in perms}, comps.ids,
                 comps.valid, G, plan.chunk_rows, shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead,
-                lockstep=lockstep)
+                lockstep=lockstep, dtype=plan.probe_dtype)
     return ProbeScores(probed_rows, visual, temporal, temporal_rows)
 
 
