@@ -71,6 +71,31 @@ def test_frames_at_the_family_factor_reach_the_tower_unchanged(family):
     assert ("second_per_grid_ts" in prompts) == ("second_per_grid_ts" in family["adapter"].visual_keys)
 
 
+def test_eval_with_its_own_engine_cuts_frames_at_the_engines_processor_factor(family, tiny_setup):
+    """`eval --engine vllm` passes no processor to evaluate_rows: the factor comes from the engine's processor."""
+    from video_ktr.data.media import FrameSettings
+    from video_ktr.evaluation.evaluate import evaluate_rows
+
+    class Recording:  # the HFEngine generate signature, with the processor an engine such as VLLMEngine holds
+        processor, seen = family["processor"], []
+
+        def generate(self, messages, media, seeds, **kw):
+            self.seen.extend(media)
+            return ["<answer>A</answer>"] * len(messages)
+
+    f = family["adapter"].frame_factor
+    rows = [s for s in tiny_setup.samples("test") if s.data_type == "video"][:2]
+    raw = [{"problem_id": s.problem_id, "problem": s.problem, "data_type": s.data_type, "problem_type": s.problem_type,
+            "options": s.options, "solution": s.solution, "path": str(s.media_path.relative_to(tiny_setup.data_dir))}
+           for s in rows]
+    engine = Recording()
+    results, _ = evaluate_rows(None, None, raw, tiny_setup.data_dir, FrameSettings(max_frames=4, min_pixels=f * f,
+                               max_pixels=4 * f * f), engine=engine, prefetch=False)
+    assert len(engine.seen) == 2 and not any(r.get("failed") for r in results)
+    for m in engine.seen:
+        assert m.video.frames.shape[-1] % f == 0 and m.video.frames.shape[-2] % f == 0, m.video.frames.shape
+
+
 def test_sampling_and_mask_probe(family):
     model, processor, prompts, special = family["model"], family["processor"], family["prompts"], family["special"]
     G = 2

@@ -122,7 +122,9 @@ def evaluate_rows(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(settings, MediaArgs):
         settings = settings.frame_settings()
-    settings = frames_for(processor, settings or FrameSettings(max_frames=16, max_pixels=256 * 28 * 28))
+    # the family's side factor from the processor, or the engine's own (the vllm engine loads one; processor is None)
+    settings = frames_for(processor if processor is not None else getattr(engine, "processor", None),
+                          settings or FrameSettings(max_frames=16, max_pixels=256 * 28 * 28))
     settings.validate()
     rows = prepare_rows(rows, benchmark)
     engine = engine if engine is not None else HFEngine(model, processor)
