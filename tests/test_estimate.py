@@ -30,7 +30,7 @@ def _offline(monkeypatch):
 
 def hand_arch() -> ModelArch:
     """The SMALL sizes with a 100-token vocabulary, tied embeddings."""
-    return ModelArch(model_type="qwen2_5_vl", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    return ModelArch(family="qwen2_5_vl", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                        intermediate_size=128, vocab_size=100, tie_word_embeddings=True, vision_depth=1,
                        vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2, vision_out_size=64,
                        dtype="float32", source="test")
@@ -93,7 +93,7 @@ def test_known_sizes_match_transformers_on_meta_device():
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    for size, expected in (("3B", 3_754_622_976), ("7B", 8_292_166_656)):  # the public checkpoints' counts
+    for size, expected in (("Qwen2.5-VL-3B", 3_754_622_976), ("Qwen2.5-VL-7B", 8_292_166_656)):  # the public checkpoints' counts
         a = KNOWN_MODELS[size]
         text = dict(hidden_size=a.hidden_size, num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
                     num_key_value_heads=a.num_kv_heads, intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
@@ -264,3 +264,110 @@ def test_estimated_difference_matches_measured_cpu_runs(tmp_path):
     assert r["measured_difference_mb"] > 150
     assert abs(r["relative_error"]) <= 0.25, r
     assert abs(r["b"]["estimated_mb"] / r["b"]["measured_mb"] - 1) <= 0.25, r  # and the absolute step memory
+
+
+# ------------------------------------------------------------------ the launch (accelerate config) and the reference model
+
+ACCELERATE = CONFIGS / "accelerate"
+
+
+def test_launch_read_from_the_accelerate_configs(tmp_path):
+    from video_ktr.analysis.estimate_launch import read_accelerate_config
+
+    z3, z2, fsdp = (read_accelerate_config(ACCELERATE / f) for f in ("zero3.yaml", "zero2.yaml", "fsdp.yaml"))
+    assert (z3.backend, z3.zero_stage, z3.num_processes, z3.mixed_precision) == ("DeepSpeed", 3, 8, "bf16")
+    assert (z2.backend, z2.zero_stage) == ("DeepSpeed", 2) and not (z3.offload_params or z3.offload_optimizer)
+    assert (fsdp.backend, fsdp.zero_stage, fsdp.label) == ("FSDP", 3, "FSDP2 full sharding")
+    with pytest.raises(ValueError, match="cpu-2proc.yaml: use_cpu is true"):
+        read_accelerate_config(ACCELERATE / "cpu-2proc.yaml")
+    # a DeepSpeed JSON with offload; accelerate's FSDP1 strategy names
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme"}}}))
+    (tmp_path / "offload.yaml").write_text(f"distributed_type: DEEPSPEED\nnum_processes: 4\nmixed_precision: 'no'\n"
+                                           f"deepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    off = read_accelerate_config(tmp_path / "offload.yaml")
+    assert (off.zero_stage, off.offload_optimizer, off.offload_params, off.mixed_precision, off.num_processes) == (3, True, True, "bf16", 4)
+    (tmp_path / "sgo.yaml").write_text("distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n")
+    assert read_accelerate_config(tmp_path / "sgo.yaml").zero_stage == 2
+    (tmp_path / "tpu.yaml").write_text("distributed_type: XLA\n")
+    with pytest.raises(ValueError, match="tpu.yaml: distributed_type 'XLA'"):
+        read_accelerate_config(tmp_path / "tpu.yaml")
+    (tmp_path / "bad.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 5\n")
+    with pytest.raises(ValueError, match="bad.yaml deepspeed_config.zero_stage: 5"):
+        read_accelerate_config(tmp_path / "bad.yaml")
+
+
+def test_command_line_flags_win_over_the_accelerate_config(capsys):
+    base = ["--config", str(RECIPE), "--json"]
+    assert estimate_main(base + ["--accelerate_config", str(ACCELERATE / "zero3.yaml")]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["launch"], s["zero_stage"], s["num_gpus"]) == ("DeepSpeed ZeRO-3", 3, 8)
+    assert estimate_main(base + ["--accelerate_config", str(ACCELERATE / "zero3.yaml"), "--zero_stage", "2", "--num_gpus", "4"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["launch"], s["num_gpus"]) == ("DeepSpeed ZeRO-2", 4)
+    assert estimate_main(base + ["--accelerate_config", str(ACCELERATE / "fsdp.yaml"), "--zero_stage", "3"]) == 2
+    assert "ZeRO stages are DeepSpeed's" in capsys.readouterr().err
+    assert estimate_main(base) == 0  # no file: --zero_stage 0 and 8 GPUs, as before
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["launch"], s["num_gpus"]) == ("DDP", 8)
+
+
+def test_the_same_numbers_from_the_config_file_as_from_zero_stage():
+    from video_ktr.analysis.estimate_launch import read_accelerate_config
+
+    cfg = E.load_train_config(str(RECIPE))
+    arch = resolve_arch(cfg.model_name_or_path)
+    by_flag = E.estimate(cfg, arch, num_gpus=8, zero_stage=3, suggest=False)
+    by_file = E.estimate(cfg, arch, num_gpus=8, launch=read_accelerate_config(ACCELERATE / "zero3.yaml"), suggest=False)
+    assert by_flag["peak_gb"] == by_file["peak_gb"] and by_flag["components"] == by_file["components"]
+
+
+def test_the_reference_model_is_counted_as_the_trainer_holds_it(monkeypatch):
+    from video_ktr.analysis.estimate_launch import Launch
+
+    cfg = E.load_train_config(str(RECIPE))
+    arch = resolve_arch(cfg.model_name_or_path)
+    N, whole = 8, count_params(arch)["total"] * 2
+
+    def ref(launch, **changes):
+        r = E.estimate(dataclasses.replace(cfg, **changes), arch, num_gpus=N, launch=launch, suggest=False)
+        found = [c["bytes"] for c in r["components"] if c["name"] == "reference model weights"]
+        return found[0] if found else None
+
+    assert ref(Launch()) == whole  # DDP: a whole copy
+    for stage in (1, 2):  # a stage-0 engine: whole (training/reference.py)
+        assert ref(Launch(backend="DeepSpeed", zero_stage=stage)) == whole
+    assert ref(Launch(backend="DeepSpeed", zero_stage=3)) == pytest.approx(whole / N)  # its own ZeRO-3 engine
+    assert ref(Launch(backend="DeepSpeed", zero_stage=3, offload_params=True)) == 0
+    assert ref(Launch(backend="FSDP", zero_stage=3)) == ref(Launch(backend="FSDP", zero_stage=2)) == pytest.approx(whole / N)
+    assert ref(Launch(backend="DeepSpeed", zero_stage=3), use_peft=True) is None  # LoRA: the policy without adapters
+    assert ref(Launch(backend="DeepSpeed", zero_stage=3), beta=0.0) is None
+    # the estimate asks the trainer's own rule: were the reference kept whole under ZeRO-3, it would count it whole
+    monkeypatch.setattr(E, "reference_deepspeed_config", lambda c: {"zero_optimization": {"stage": 0}})
+    assert ref(Launch(backend="DeepSpeed", zero_stage=3)) == whole
+
+
+def test_the_rollouts_gathered_weights_and_offload_are_counted():
+    from video_ktr.analysis.estimate_launch import Launch
+
+    cfg = E.load_train_config(str(RECIPE))
+    arch = resolve_arch(cfg.model_name_or_path)
+    total = count_params(arch)["total"]
+    z3 = Launch(backend="DeepSpeed", zero_stage=3, mixed_precision="bf16")
+    gathered = E.estimate(cfg, arch, num_gpus=8, launch=z3, suggest=False)
+    assert component(gathered, "whole policy gathered for the rollout", "rollout") == total * 2
+    sharded = E.estimate(dataclasses.replace(cfg, gather_for_generation=False), arch, num_gpus=8, launch=z3, suggest=False)
+    assert not [c for c in sharded["components"] if c["name"] == "whole policy gathered for the rollout"]
+    assert gathered["phases_gb"]["rollout"] - sharded["phases_gb"]["rollout"] == pytest.approx(total * 2 / 2**30)
+    z2 = E.estimate(cfg, arch, num_gpus=8, launch=Launch(backend="DeepSpeed", zero_stage=2), suggest=False)
+    assert not [c for c in z2["components"] if c["name"] == "whole policy gathered for the rollout"]
+    off = E.estimate(cfg, arch, num_gpus=8, launch=Launch(backend="DeepSpeed", zero_stage=3, mixed_precision="bf16",
+                                                          offload_optimizer=True, offload_params=True), suggest=False)
+    assert component(off, "AdamW states") == component(off, "policy weights") == 0
+    assert component(off, "optimizer step temporaries") == 0
+    fsdp = E.estimate(cfg, arch, num_gpus=8, launch=Launch(backend="FSDP", zero_stage=3, mixed_precision="bf16"), suggest=False)
+    trainable = fsdp["params"]["trainable"]  # accelerate's FSDP2 keeps fp32 masters as the weights: 4 + 8 (m, v) + 4 (grads)
+    assert component(fsdp, "policy weights") == pytest.approx(trainable * 4 / 8)
+    assert component(fsdp, "AdamW states") == pytest.approx(trainable * 8 / 8)
+    assert component(fsdp, "gradients", "backward") == pytest.approx(trainable * 4 / 8)

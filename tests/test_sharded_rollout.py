@@ -280,6 +280,21 @@ def _fsdp_worker(rank: int, folder: str) -> None:
     out["same_numbers"] = all(torch.allclose(o, whole(x), atol=1e-6) for o in outs)
     out["sharded_after"] = all(p.to_local().shape[0] == q.shape[0] // 2 for p, q in zip(model.parameters(), whole.parameters()))
     out["train_after"] = [train_step(), train_step()]
+
+    def wrap(module):
+        for layer in module.layers:
+            fully_shard(layer)
+        return fully_shard(module)
+
+    ref = R.prepare_reference(Net(), SimpleNamespace(distributed_type="DistributedType.MULTI_CPU"), fsdp_wrap=wrap)
+    per_forward = []
+    for _ in range(2):
+        before = gathers[0]
+        with torch.no_grad():
+            ref(x)
+        per_forward.append(gathers[0] - before)
+    out["reference_forwards"] = per_forward
+    out["reference_sharded"] = all(p.to_local().shape[0] == q.shape[0] // 2 for p, q in zip(ref.parameters(), whole.parameters()))
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -297,3 +312,5 @@ def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path):
         assert out["full_inside"] and out["same_numbers"] and out["sharded_after"]
         # training after the rollout gathers exactly as before it (each unit's reshard-after-forward restored)
         assert out["train_after"] == out["train_before"][1:] * 2, out
+        # the reference: every unit, the root too, resharded after each forward (no backward to keep it for)
+        assert out["reference_forwards"] == [4, 4] and out["reference_sharded"], out

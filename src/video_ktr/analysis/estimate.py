@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from video_ktr.analysis.estimate_launch import Launch
 from video_ktr.analysis.model_size import (
     DTYPE_BYTES,
     PIXEL_VALUE_BYTES,
@@ -35,6 +36,7 @@ from video_ktr.analysis.model_size import (
 )
 from video_ktr.model.scoring import LOGPROB_CHUNK_ELEMENTS
 from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.reference import reference_deepspeed_config
 from video_ktr.utils.config import from_dict, load_yaml
 
 
@@ -73,6 +75,7 @@ def estimate(
     gpu_memory_gb: float = 80.0,
     num_gpus: int = 8,
     zero_stage: int = 0,
+    launch: Launch | None = None,
     video_seconds: float = 60.0,
     prompt_text_tokens: int = 200,
     headroom: float = 0.10,
@@ -89,8 +92,8 @@ def estimate(
     trainer switches the model to it: model.loading.use_grouped_kv_sdpa); on GPUs sdpa with a mask
     expands them to all heads, the default here.
     """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    launch = launch if launch is not None else Launch.for_zero_stage(zero_stage)  # validates the stage
+    z, fsdp = launch.zero_stage, launch.backend == "FSDP"
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be >= 1, got {num_gpus}")
     dtype = arch.dtype if cfg.dtype == "auto" else cfg.dtype
@@ -133,19 +136,31 @@ def estimate(
         trainable = counts["lora"]
     else:
         trainable = counts["text"] + (0 if cfg.freeze_vision_tower else counts["vision"])
-    vision_trains = (not cfg.freeze_vision_tower) if not peft else counts["lora"] > 0 and arch.model_type == "qwen2_5_vl"
-    # bf16 mixed precision (DeepSpeed with bf16, the configs/accelerate/zero*.yaml setting): fp32 master copy +
-    # fp32 m and v. Without DeepSpeed the trainer's torch AdamW keeps m and v in the weights' dtype.
+    vision_trains = (not cfg.freeze_vision_tower) if not peft else counts["lora_vision"] > 0
+    # bf16 mixed precision. DeepSpeed (the configs/accelerate/zero*.yaml setting): 16-bit weights, fp32 master copy
+    # + fp32 m and v. accelerate's FSDP2: the trainable weights upcast to fp32 (the master), their gradients and
+    # m and v in fp32, bf16 copies all-gathered per unit for compute. Without either (DDP, autocast) the trainer's
+    # torch AdamW keeps m and v in the weights' dtype. --zero_stage alone: bf16 as in our DeepSpeed configs.
     if mixed_precision == "auto":
-        mixed = zero_stage >= 1 and b == 2
+        if launch.mixed_precision is None:
+            mixed = z >= 1 and b == 2
+        else:
+            mixed = launch.mixed_precision in ("bf16", "fp16") and launch.backend != "DDP"
     else:
         mixed = mixed_precision in ("yes", "true", True)
     train_b = 4 if peft else b  # PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype)
-    grad_b = train_b
-    opt_per_param = 12 if (mixed and train_b == 2) else 2 * train_b
-    shard_opt = N if zero_stage >= 1 else 1
-    shard_grad = N if zero_stage >= 2 else 1
-    shard_par = N if zero_stage == 3 else 1
+    fsdp_master = fsdp and mixed and train_b == 2
+    weight_b = 4 if fsdp_master else train_b  # bytes of a trainable weight as held
+    grad_b = weight_b
+    compute_b = 2 if mixed else b  # the dtype forwards run in (gathered / unsharded weights)
+    opt_per_param = 8 if fsdp_master else 12 if (mixed and train_b == 2) else 2 * train_b
+    shard_opt = N if z >= 1 else 1
+    shard_grad = N if z >= 2 else 1
+    shard_par = N if launch.sharded_weights else 1
+    on_gpu_opt = 0.0 if launch.offload_optimizer else 1.0
+    on_gpu_par = 0.0 if launch.offload_params else 1.0
+    off_opt = " (in CPU memory: offloaded)" if launch.offload_optimizer else ""
+    off_par = " (in CPU memory: offloaded)" if launch.offload_params else ""
 
     comps: list[Component] = []
 
@@ -153,21 +168,34 @@ def estimate(
         comps.append(Component(name, phase, float(nbytes), note))
 
     sh = f" / {N} GPUs" if shard_par > 1 else ""
-    add("policy weights", "static", total * b / shard_par, f"{_count(total)} params x {b} B ({dtype}){sh}")
+    if fsdp_master and not peft:
+        add("policy weights", "static", on_gpu_par * (trainable * 4 + (total - trainable) * b) / shard_par,
+            f"{_count(trainable)} trainable x 4 B (fp32 master)"
+            + (f" + {_count(total - trainable)} frozen x {b} B" if total > trainable else "") + f"{sh}{off_par}")
+    else:
+        add("policy weights", "static", on_gpu_par * total * b / shard_par,
+            f"{_count(total)} params x {b} B ({dtype}){sh}{off_par}")
     if peft:
-        add("LoRA adapters", "static", trainable * 4 / shard_par, f"{_count(trainable)} params x 4 B (fp32){sh}")
+        add("LoRA adapters", "static", on_gpu_par * trainable * 4 / shard_par, f"{_count(trainable)} params x 4 B (fp32){sh}")
     ref = cfg.beta != 0 and not peft
-    if ref:
-        add("reference model weights", "static", total * b / shard_par, f"beta={cfg.beta}: a frozen copy{sh}")
+    if ref:  # held as training/reference.py holds it under this launch
+        ref_sharded = fsdp or reference_deepspeed_config({"zero_optimization": {"stage": z}})["zero_optimization"]["stage"] == 3
+        how = (f" / {N} GPUs ({'FSDP2 units' if fsdp else 'its own ZeRO-3 engine'})" if ref_sharded and N > 1 else
+               "" if ref_sharded else " (whole on each GPU" + (f": a ZeRO-{z} run's reference is a stage-0 engine)" if z else ")"))
+        add("reference model weights", "static", on_gpu_par * total * b / (N if ref_sharded else 1),
+            f"beta={cfg.beta}: a frozen copy{how}{off_par}")
     opt_note = ("fp32 master + m + v = 12 B/param" if opt_per_param == 12 else f"m + v in {'fp32' if train_b == 4 else dtype} "
                 f"= {opt_per_param} B/param (no master copy)")
-    add("AdamW states", "static", trainable * opt_per_param / shard_opt,
-        f"{_count(trainable)} trainable, {opt_note}" + (f" / {N} GPUs (ZeRO-{zero_stage})" if shard_opt > 1 else ""))
-    if zero_stage == 0 and N > 1:
+    if fsdp_master:
+        opt_note = "fp32 m + v = 8 B/param (the fp32 master is the weights)"
+    add("AdamW states", "static", on_gpu_opt * trainable * opt_per_param / shard_opt,
+        f"{_count(trainable)} trainable, {opt_note}" + (f" / {N} GPUs ({launch.label})" if shard_opt > 1 else "") + off_opt)
+    if z == 0 and N > 1:
         add("DDP gradient buckets", "static", trainable * grad_b, "DDP keeps a bucket copy of the gradients (gradient_as_bucket_view=False)")
-    if zero_stage == 3:
-        working = max(counts["embedding"], 2 * counts["text_layer"]) * b
-        add("ZeRO-3 gathered parameters", "static", working, "largest of the embedding / two decoder layers, gathered during forward")
+    if z == 3:
+        working = max(counts["embedding"], 2 * counts["text_layer"]) * compute_b
+        add("ZeRO-3 gathered parameters" if not fsdp else "FSDP2 unsharded units", "static", working,
+            "largest of the embedding / two decoder layers, gathered during forward")
     pixel_bytes = Np * arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * PIXEL_VALUE_BYTES
     add("batch inputs (pixel patches)", "static", pixel_bytes * cfg.gradient_accumulation_steps,
         f"{Np} patches x {arch.in_channels * arch.temporal_patch_size * arch.patch_size**2} values x 4 B, kept per micro-step")
@@ -198,15 +226,13 @@ def estimate(
 
     once_text = once_per_pass(T, R * S * S)
 
-    # vision blocks: norms, qkv output (v is a view of it), q and k after rope, attention out, proj input, MLP
-    a_vis = 2 * (4 + 2 * b) * hv + (7 if attn != "flash" else 6) * b * hv + 4 * b * iv
-    if arch.model_type == "qwen2_vl":
-        a_vis = 2 * (2 * b) * hv + (7 if attn != "flash" else 6) * b * hv + 3 * b * iv  # LayerNorm, fc1/act/fc2
+    # vision blocks: norms, qkv output (v is a view of it), q and k after rope, attention out, proj input, MLP (per family)
+    a_vis = arch.adapter.vision_activation_bytes(arch, b, flash=attn == "flash")
     vis_quad = 0.0
     if attn == "eager":
         ppf = geo["patches_per_frame_pair"]
         win = (arch.window_size // arch.patch_size) ** 2 if arch.window_size else ppf
-        n_full = len([i for i in arch.fullatt_block_indexes if i < Lv_depth]) if arch.model_type == "qwen2_5_vl" else Lv_depth
+        n_full = arch.adapter.full_attention_blocks(arch)
         per_row = arch.vision_num_heads * (4 + b) * geo["grid_t"] * (n_full * ppf**2 + (Lv_depth - n_full) * ppf * min(win, ppf))
         vis_quad = Rv * per_row
     vis_once = Np * (arch.in_channels * arch.temporal_patch_size * arch.patch_size**2) * b + Np * hv * (4 + 2 * b + 3 * b) \
@@ -226,6 +252,11 @@ def estimate(
     add("prefill working set (one layer + vision tower, no grad)", "rollout", prefill,
         f"{Tp} prompt tokens ({Rp} rows); counted with the KV cache of the prompt only")
     kv_prompt = R * Lp * kv_tok
+    gathered = 0.0
+    if launch.sharded_weights and cfg.gather_for_generation:  # training/rollout_weights.py: one gather per rollout
+        gathered = total * compute_b + (trainable * 4 if peft else 0)
+        add("whole policy gathered for the rollout", "rollout", gathered,
+            f"{_count(total)} params x {compute_b} B, gathered once per rollout (gather_for_generation)")
 
     # ---------------------------------------------------------------- probes / reference
     passes = []
@@ -293,13 +324,17 @@ def estimate(
         f"{R} x {Lc} x {V} x {(16 if entropy else 8) if logits_fwd >= logits_bwd else 12} B: fp32 log-softmax kept for "
         "backward + " + ("entropy" if logits_fwd >= logits_bwd else "backward") + " temporaries")
     add("backward working set", "policy", layer_ws, ws_note + " (counted only if larger than the logits)")
+    if fsdp and z == 2:  # reshard_after_forward false: every unit stays whole from its forward to its backward
+        add("weights unsharded from forward to backward", "policy", total * compute_b,
+            "FSDP reshard_after_forward false (fsdp_reshard_after_forward: true shards them again after each forward)")
     head_grad = counts["embedding"] * grad_b / shard_grad if not peft else 0.0
     accum_grads = trainable * grad_b / shard_grad if cfg.gradient_accumulation_steps > 1 else 0.0
     add("first gradients (lm_head)" if not accum_grads else "gradients (accumulating)", "policy",
         accum_grads or head_grad, "" if not accum_grads else "gradient_accumulation_steps > 1")
 
-    grads = trainable * grad_b / shard_grad
-    add("gradients", "backward", grads, f"{_count(trainable)} x {grad_b} B" + (f" / {N} GPUs" if shard_grad > 1 else ""))
+    grads = trainable * grad_b / shard_grad * (on_gpu_opt if fsdp else 1.0)  # FSDP's CPU offload takes the gradients too
+    add("gradients", "backward", grads, f"{_count(trainable)} x {grad_b} B" + (f" / {N} GPUs" if shard_grad > 1 else "")
+        + (off_opt if fsdp else ""))
     vis_ws = (Np * a_vis if ckpt else Np * b * (2 * iv + 4 * hv)) if vision_trains else 0.0
     add("vision activations + working set", "backward", (vis_act + vis_ws) if vision_trains else 0.0,
         "the vision tower is back-propagated last")
@@ -307,10 +342,13 @@ def estimate(
     if opt_per_param == 12:
         step_tmp = trainable * 4 / shard_opt
         step_note = "fp32 gradient partition"
+    elif fsdp_master:
+        step_tmp = trainable * 4 / shard_opt
+        step_note = "foreach AdamW temporary (sqrt of v), fp32, sharded"
     else:
         step_tmp = trainable * train_b
         step_note = "foreach AdamW temporary (sqrt of v)"
-    add("optimizer step temporaries", "optimizer", step_tmp, step_note)
+    add("optimizer step temporaries", "optimizer", on_gpu_opt * step_tmp, step_note + off_opt)
 
     # ---------------------------------------------------------------- phase peaks
     def phase_sum(ph: str) -> float:
@@ -319,7 +357,8 @@ def estimate(
     by = {c.name: c.bytes for c in comps if c.phase in ("rollout", "policy")}
     peaks = {
         "static": phase_sum("static"),
-        "rollout": max(by["KV cache (prompt + completion)"], kv_prompt + by["prefill working set (one layer + vision tower, no grad)"]),
+        "rollout": gathered + max(by["KV cache (prompt + completion)"],
+                                  kv_prompt + by["prefill working set (one layer + vision tower, no grad)"]),
         "probes": phase_sum("probes"),
         "policy": phase_sum("policy") - min(logits, layer_ws),
         "backward": phase_sum("backward"),
@@ -330,10 +369,12 @@ def estimate(
     peak = peaks["static"] + dynamic[top]
     usable = gpu_memory_gb * GiB * (1 - headroom)
     result: dict[str, Any] = {
-        "model": {"name": cfg.model_name_or_path, "source": arch.source, "model_type": arch.model_type,
+        "model": {"name": cfg.model_name_or_path, "source": arch.source, "family": arch.family,
                   "arch": dataclasses.asdict(arch)},
         "params": {**counts, "trainable": trainable},
-        "setup": {"dtype": dtype, "num_gpus": N, "zero_stage": zero_stage, "mixed_precision_optimizer": opt_per_param == 12,
+        "setup": {"dtype": dtype, "num_gpus": N, "zero_stage": z, "launch": launch.label, "launch_source": launch.source,
+                  "offload_optimizer": launch.offload_optimizer, "offload_params": launch.offload_params,
+                  "gather_for_generation": bool(cfg.gather_for_generation), "mixed_precision_optimizer": opt_per_param == 12 or fsdp_master,
                   "gradient_checkpointing": ckpt, "use_peft": peft, "attention": attn, "reference_model": ref,
                   "gpu_memory_gb": gpu_memory_gb, "headroom": headroom, "video_seconds": video_seconds},
         "tokens": tokens,
@@ -347,7 +388,7 @@ def estimate(
     }
     if suggest:
         result["suggestions"] = suggestions(cfg, arch, result, gpu_memory_gb=gpu_memory_gb, num_gpus=num_gpus,
-                                            zero_stage=zero_stage, video_seconds=video_seconds,
+                                            zero_stage=z, launch=launch, video_seconds=video_seconds,
                                             prompt_text_tokens=prompt_text_tokens, headroom=headroom,
                                             mixed_precision=mixed_precision, video_size=video_size,
                                             completion_tokens=completion_tokens)
@@ -359,8 +400,17 @@ def _options(cfg: Any, kw: dict[str, Any], nframes: int) -> list[tuple[str, str,
     options: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     if not cfg.gradient_checkpointing:
         options.append(("ckpt", "gradient_checkpointing: true", {"gradient_checkpointing": True}, {}))
-    if kw["zero_stage"] < 3 and kw["num_gpus"] > 1:
-        options.append(("zero", "ZeRO-3 (--zero_stage 3, configs/accelerate/zero3.yaml)", {}, {"zero_stage": 3}))
+    launch = kw["launch"]
+    if launch.backend == "FSDP" and launch.zero_stage == 2:
+        options.append(("zero", "fsdp_reshard_after_forward: true (full sharding)", {},
+                        {"launch": dataclasses.replace(launch, zero_stage=3)}))
+    elif not launch.sharded_weights and kw["num_gpus"] > 1:
+        options.append(("zero", "ZeRO-3 (configs/accelerate/zero3.yaml)", {},
+                        {"launch": Launch(backend="DeepSpeed", zero_stage=3, mixed_precision=launch.mixed_precision,
+                                          offload_optimizer=launch.offload_optimizer, source="suggestion")}))
+    if launch.sharded_weights and cfg.gather_for_generation:
+        options.append(("gather", "gather_for_generation: false (no whole weights in the rollout; a much slower rollout)",
+                        {"gather_for_generation": False}, {}))
     if cfg.nframes is not None and cfg.nframes >= 4:
         options.append(("frames", f"nframes: {cfg.nframes // 2}", {"nframes": cfg.nframes // 2}, {}))
     elif cfg.nframes is None and nframes >= 4 and max(cfg.min_frames, nframes // 2) < nframes:
@@ -449,7 +499,8 @@ def format_report(r: dict[str, Any], config_path: str = "") -> str:
     lines.append(f"         {_count(p['text'])} text + {_count(p['vision'])} vision = {_count(p['total'])} parameters; "
                  f"trainable {_count(p['trainable'])}; weights {s['dtype']}")
     opt = "bf16 mixed precision (fp32 master + m + v)" if s["mixed_precision_optimizer"] else "AdamW states in the weights' dtype"
-    lines.append(f"setup    {s['num_gpus']} GPU(s) x {s['gpu_memory_gb']:g} GiB, ZeRO stage {s['zero_stage']}, {opt}, "
+    lines.append(f"launch   {s['launch']} (from {s['launch_source']})")
+    lines.append(f"setup    {s['num_gpus']} GPU(s) x {s['gpu_memory_gb']:g} GiB, {opt}, "
                  f"attention {s['attention']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
     lines.append(f"tokens   video of {s['video_seconds']:g} s -> {t['nframes']} frames, {t['frame_size']}, "
                  f"{t['tokens_per_frame_pair']} tokens per frame pair -> {t['visual_tokens']} visual tokens")

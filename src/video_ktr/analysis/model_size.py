@@ -1,5 +1,5 @@
-"""The sizes that an estimate starts from: a model's architecture (from its config.json or a table of
-known Qwen2.5-VL sizes), its parameter counts (with LoRA adapters), and a video's token geometry.
+"""The sizes that an estimate starts from: a model's architecture (from its config.json or the public
+checkpoints its family's adapter knows), its parameter counts (with LoRA adapters), and a video's token geometry.
 """
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from video_ktr.data.media import smart_nframes, smart_resize
+from video_ktr.model.adapters import ADAPTERS, ModelAdapter, adapter_for
 
 GiB = float(2**30)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -26,9 +26,10 @@ PIXEL_VALUE_BYTES = 4  # the processor returns float32 pixel patches; the traine
 
 @dataclass
 class ModelArch:
-    """The numbers of a Qwen2.5-VL / Qwen2-VL checkpoint that memory depends on."""
+    """The numbers of a checkpoint that memory depends on; what differs by family comes from its adapter
+    (model/adapters: vision_sizes, text_layer_params, vision_params, ...)."""
 
-    model_type: str  # qwen2_5_vl | qwen2_vl
+    family: str  # the model adapter's name (adapters.adapter_for)
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -46,7 +47,7 @@ class ModelArch:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
-    window_size: int = 112  # Qwen2.5-VL windowed attention (pixels)
+    window_size: int = 112  # windowed vision attention (pixels; 0: none)
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
     dtype: str = "bfloat16"  # the checkpoint's dtype (used for --dtype auto)
     source: str = ""
@@ -54,38 +55,23 @@ class ModelArch:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
-        if self.model_type not in ("qwen2_5_vl", "qwen2_vl"):
-            raise ValueError(f"model_type {self.model_type!r}: the estimate knows qwen2_5_vl and qwen2_vl only")
+        self.family = adapter_for(self.family).name  # refuses a family no adapter knows
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.family)
 
     @property
     def vision_head_dim(self) -> int:
         return self.vision_hidden_size // self.vision_num_heads
 
 
-def _table_entry(hidden, layers, heads, kv, inter, vocab, tie, v_inter, name) -> ModelArch:
-    return ModelArch(
-        model_type="qwen2_5_vl", hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-        intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tie, vision_depth=32,
-        vision_hidden_size=1280, vision_intermediate_size=v_inter, vision_num_heads=16, vision_out_size=hidden,
-        window_size=112, fullatt_block_indexes=[7, 15, 23, 31], dtype="bfloat16",
-        source=f"built-in table: {name} (values written from memory of the public Qwen/{name}-Instruct "
-        "config.json, not read from a file; pass --model_config to use the real one)",
-    )
-
-
-# Known sizes of Qwen2.5-VL. FROM MEMORY of the public Hugging Face config.json files (not downloaded,
-# not checked against the files here): check with --model_config when in doubt.
-KNOWN_MODELS: dict[str, ModelArch] = {
-    "3B": _table_entry(2048, 36, 16, 2, 11008, 151936, True, 3420, "Qwen2.5-VL-3B"),
-    "7B": _table_entry(3584, 28, 28, 4, 18944, 152064, False, 3420, "Qwen2.5-VL-7B"),
-    "32B": _table_entry(5120, 64, 40, 8, 27648, 152064, False, 3456, "Qwen2.5-VL-32B"),
-    "72B": _table_entry(8192, 80, 64, 8, 29568, 152064, False, 3456, "Qwen2.5-VL-72B"),
-}
-
-
 def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelArch:
     """A :class:`ModelArch` from a parsed config.json (text fields at the top level or under text_config)."""
-    model_type = raw.get("model_type", "")
+    try:
+        adapter = adapter_for(raw)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     text = raw.get("text_config") or {}
     vision = raw.get("vision_config") or {}
 
@@ -94,32 +80,30 @@ def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelA
         return default if value is None else value
 
     if not vision:
-        raise ValueError(f"{source}: no vision_config; is this a Qwen2.5-VL / Qwen2-VL checkpoint?")
+        raise ValueError(f"{source}: no vision_config; is this a vision-language checkpoint?")
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     hidden = int(t("hidden_size"))
-    common = dict(
-        model_type=model_type, hidden_size=hidden, num_layers=int(t("num_hidden_layers")),
+    return ModelArch(
+        family=adapter.name, hidden_size=hidden, num_layers=int(t("num_hidden_layers")),
         num_heads=int(t("num_attention_heads")), num_kv_heads=int(t("num_key_value_heads", t("num_attention_heads"))),
         intermediate_size=int(t("intermediate_size")), vocab_size=int(t("vocab_size")), tie_word_embeddings=bool(tie),
-        head_dim=t("head_dim"), patch_size=int(vision.get("patch_size", 14)),
-        temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+        head_dim=t("head_dim"), patch_size=int(vision.get("patch_size", adapter.patch_size)),
+        temporal_patch_size=int(vision.get("temporal_patch_size", adapter.temporal_patch_size)),
+        spatial_merge_size=int(vision.get("spatial_merge_size", adapter.merge_size)),
         in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
         vision_depth=int(vision["depth"]), vision_num_heads=int(vision["num_heads"]),
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or t("dtype") or t("torch_dtype") or "bfloat16"),
-        source=source,
+        source=source, **adapter.vision_sizes(vision, hidden),
     )
-    if model_type == "qwen2_vl":
-        embed = int(vision["embed_dim"])
-        return ModelArch(**common, vision_hidden_size=embed, vision_intermediate_size=int(embed * vision.get("mlp_ratio", 4)),
-                         vision_out_size=int(vision.get("hidden_size", hidden)), window_size=0, fullatt_block_indexes=[])
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"{source}: model_type {model_type!r}; the estimate knows qwen2_5_vl and qwen2_vl only")
-    return ModelArch(
-        **common, vision_hidden_size=int(vision["hidden_size"]), vision_intermediate_size=int(vision["intermediate_size"]),
-        vision_out_size=int(vision.get("out_hidden_size", hidden)), window_size=int(vision.get("window_size", 112)),
-        fullatt_block_indexes=list(vision.get("fullatt_block_indexes", [7, 15, 23, 31])),
-    )
+
+
+# The public checkpoints the families' adapters know by name (their config.json written from memory, not
+# downloaded): name -> architecture. A hub id containing the name (Video-R1/Qwen2.5-VL-7B-COT-SFT) uses it.
+KNOWN_MODELS: dict[str, ModelArch] = {
+    name: arch_from_config(raw, source=f"built-in table: {name} (values written from memory of the public "
+                           f"Qwen/{name}-Instruct config.json, not read from a file; pass --model_config to use the real one)")
+    for adapter in ADAPTERS for name, raw in adapter.known_checkpoints.items()
+}
 
 
 def resolve_arch(model_name_or_path: str, model_config: str | None = None) -> ModelArch:
@@ -131,13 +115,13 @@ def resolve_arch(model_name_or_path: str, model_config: str | None = None) -> Mo
             return arch_from_config(json.loads(file.read_text()), source=str(file))
         if candidate == model_config:
             raise FileNotFoundError(f"--model_config {model_config}: no config.json there")
-    name = model_name_or_path.replace("_", ".").lower()
-    size = re.search(r"(?<![\d.])(3|7|32|72)b\b", name)
-    if "2.5-vl" in name and size:
-        return dataclasses.replace(KNOWN_MODELS[size.group(1).upper() + "B"])
+    for adapter in ADAPTERS:
+        known = adapter.known_config(model_name_or_path)
+        if known:
+            return dataclasses.replace(KNOWN_MODELS[known[0]])
     raise ValueError(
         f"cannot tell the architecture of {model_name_or_path!r}: it is not a local directory with a config.json "
-        f"and not a Qwen2.5-VL {'/'.join(KNOWN_MODELS)} hub id; pass --model_config DIR_OR_JSON"
+        f"and not a hub id naming one of {', '.join(KNOWN_MODELS)}; pass --model_config DIR_OR_JSON"
     )
 
 
@@ -146,34 +130,25 @@ def resolve_arch(model_name_or_path: str, model_config: str | None = None) -> Mo
 
 
 def count_params(arch: ModelArch, lora_r: int = 0, lora_targets: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
-    """Exact parameter counts of the transformers implementation (checked against the tiny model in tests).
+    """Exact parameter counts of the transformers implementation (checked against the tiny model in tests);
+    the per-family parts come from the model's adapter.
 
     LoRA counts r x (in + out) per adapted Linear, matching module names by their last component as PEFT
     does: in Qwen2.5-VL the vision blocks' gate_proj / up_proj / down_proj match the default targets too.
     """
+    adapter = arch.adapter
     h, d, nh, kv, inter, V = (arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
                               arch.intermediate_size, arch.vocab_size)
-    layer = (h * nh * d + nh * d) + 2 * (h * kv * d + kv * d) + nh * d * h + 3 * h * inter + 2 * h
+    layer = adapter.text_layer_params(arch)
     text = V * h + arch.num_layers * layer + h + (0 if arch.tie_word_embeddings else V * h)
-    hv, iv = arch.vision_hidden_size, arch.vision_intermediate_size
-    patch = arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * hv
-    attn = (hv * 3 * hv + 3 * hv) + (hv * hv + hv)
-    merged = hv * arch.spatial_merge_size**2
-    if arch.model_type == "qwen2_5_vl":
-        block = 2 * hv + attn + 2 * (hv * iv + iv) + (iv * hv + hv)  # RMSNorm x2, SwiGLU MLP with biases
-        merger = hv + (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
-    else:
-        block = 4 * hv + attn + (hv * iv + iv) + (iv * hv + hv)  # LayerNorm x2, fc1/fc2 with biases
-        merger = 2 * hv + (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
-    vision = patch + arch.vision_depth * block + merger
+    vision = adapter.vision_params(arch)
     shapes = {"q_proj": (h, nh * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (nh * d, h),
               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    lora = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes) * arch.num_layers
-    if arch.model_type == "qwen2_5_vl":
-        vshapes = {"gate_proj": (hv, iv), "up_proj": (hv, iv), "down_proj": (iv, hv)}
-        lora += sum(lora_r * sum(vshapes[t]) for t in lora_targets if t in vshapes) * arch.vision_depth
-    return {"text": text, "vision": vision, "total": text + vision, "lora": lora, "text_layer": layer,
-            "embedding": V * h}
+    lora_text = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes) * arch.num_layers
+    vshapes = adapter.vision_lora_shapes(arch)
+    lora_vision = sum(lora_r * sum(vshapes[t]) for t in lora_targets if t in vshapes) * arch.vision_depth
+    return {"text": text, "vision": vision, "total": text + vision, "lora": lora_text + lora_vision,
+            "lora_vision": lora_vision, "text_layer": layer, "embedding": V * h}
 
 
 # --------------------------------------------------------------------------------------------------

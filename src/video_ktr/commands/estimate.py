@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from video_ktr.analysis.estimate import estimate, format_report, load_train_config
+from video_ktr.analysis.estimate_launch import resolve_launch
 from video_ktr.analysis.model_size import resolve_arch
 
 __all__ = ["main"]
@@ -23,9 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--config", required=True, help="The training YAML (the one given to video-ktr train).")
     ap.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory per GPU in GiB (an '80 GB' card has 80 GiB).")
-    ap.add_argument("--num_gpus", type=int, default=8, help="GPUs (processes) training together.")
-    ap.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3],
-                    help="DeepSpeed ZeRO stage: 0 = plain DDP; 1 shards optimizer states, 2 also gradients, 3 also weights.")
+    ap.add_argument("--accelerate_config", default=None, metavar="YAML",
+                    help="The accelerate config the training is launched with (accelerate launch --config_file): the "
+                    "sharding (DeepSpeed ZeRO stage, FSDP), CPU offload, mixed precision and process count come from it. "
+                    "--num_gpus and --zero_stage given here win over the file, as accelerate launch's own flags do.")
+    ap.add_argument("--num_gpus", type=int, default=None,
+                    help="GPUs (processes) training together (default: the accelerate config's num_processes, else 8).")
+    ap.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3],
+                    help="DeepSpeed ZeRO stage: 0 = plain DDP; 1 shards optimizer states, 2 also gradients, 3 also weights "
+                    "(default: the accelerate config's, else 0).")
     ap.add_argument("--model_config", default=None, help="A model directory or config.json to read the architecture from.")
     ap.add_argument("--video_seconds", type=float, default=60.0, help="Length of the videos (frames follow the fps settings).")
     ap.add_argument("--video_size", default=None, metavar="HxW",
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             if not m:
                 ap.error(f"--video_size must be HxW, got {args.video_size!r}")
             size = (int(m.group(1)), int(m.group(2)))
-        result = estimate(cfg, arch, gpu_memory_gb=args.gpu_memory_gb, num_gpus=args.num_gpus, zero_stage=args.zero_stage,
+        launch, num_gpus = resolve_launch(args.accelerate_config, args.zero_stage, args.num_gpus)
+        result = estimate(cfg, arch, gpu_memory_gb=args.gpu_memory_gb, num_gpus=num_gpus, launch=launch,
                           video_seconds=args.video_seconds, prompt_text_tokens=args.prompt_text_tokens,
                           headroom=args.headroom, mixed_precision=args.mixed_precision, video_size=size,
                           completion_tokens=args.completion_tokens)

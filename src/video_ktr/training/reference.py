@@ -8,7 +8,8 @@
                           are whole there too), in the engine's precision like the policy
     FSDP2 (accelerate)    fully_shard like the policy, by accelerate's own fsdp2_prepare_model (the same
                           plugin: per-layer units, mixed precision, and with cpu_ram_efficient_loading the
-                          main process's weights sent to the others, which loaded empty ones)
+                          main process's weights sent to the others, which loaded empty ones); every unit
+                          resharded after its forward (a frozen model has no backward to keep them for)
     FSDP2 (own wrapping)  the function that wrapped the policy, passed as ``fsdp_wrap``
     LoRA                  no second model: the policy with its adapters disabled (KTRTrainer._reference_logp)
 
@@ -78,6 +79,8 @@ def prepare_reference(ref: torch.nn.Module, acc: Any, *,
         ref = _fsdp_reference(ref, acc)
     else:
         ref = acc.prepare_model(ref, evaluation_mode=True)
+    if hasattr(ref, "set_reshard_after_forward"):  # FSDP2: a frozen model has no backward to keep its units whole for
+        ref.set_reshard_after_forward(True)
     ref.eval()
     return ref
 

@@ -111,6 +111,49 @@ class ModelAdapter:
                 return None
         return int(vp.temporal_patch_size), int(vp.patch_size)
 
+    # -- sizes for `video-ktr estimate` (analysis/model_size.py, analysis/estimate.py) --------------
+    # ``arch`` is the estimate's architecture record (analysis.model_size.ModelArch): plain numbers.
+    known_checkpoints: dict[str, dict[str, Any]] = {}  # public checkpoint name -> its config.json (no download)
+
+    def _no_estimate(self) -> ValueError:
+        return ValueError(f"`video-ktr estimate` does not know the sizes of the {self.name} family yet "
+                          "(model/adapters: its vision_sizes and vision_params)")
+
+    def vision_sizes(self, vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+        """The estimate's vision fields (hidden / intermediate size, window attention) from config.json's vision_config."""
+        raise self._no_estimate()
+
+    def text_layer_params(self, arch: Any) -> int:
+        """One decoder layer: q, k, v with biases, o, a SwiGLU MLP, two RMSNorms (Qwen2 text)."""
+        h, d, nh, kv, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+        return (h * nh * d + nh * d) + 2 * (h * kv * d + kv * d) + nh * d * h + 3 * h * inter + 2 * h
+
+    def vision_params(self, arch: Any) -> int:
+        """The vision tower: patch embedding, blocks, patch merger."""
+        raise self._no_estimate()
+
+    def vision_lora_shapes(self, arch: Any) -> dict[str, tuple[int, int]]:
+        """(in, out) of the vision block's Linears whose names PEFT's LoRA targets match (per block)."""
+        return {}
+
+    def vision_activation_bytes(self, arch: Any, dtype_bytes: int, flash: bool) -> float:
+        """Bytes a vision block keeps for backward per patch."""
+        raise self._no_estimate()
+
+    def full_attention_blocks(self, arch: Any) -> int:
+        """Vision blocks that attend over a whole frame pair (the others use windows)."""
+        return arch.vision_depth
+
+    def known_config(self, model_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(name, config.json) of a public checkpoint a hub id names (``Video-R1/Qwen2.5-VL-7B-COT-SFT``), else None."""
+        import re
+
+        key = model_id.replace("_", ".").lower()
+        for name, raw in self.known_checkpoints.items():
+            if re.search(re.escape(name.lower()) + r"(?![0-9a-z.])", key):
+                return name, raw
+        return None
+
     # -- tiny random checkpoints ------------------------------------------------------------------
     def tiny_config(self, text: dict[str, Any], common: dict[str, Any], sizes: TinySizes) -> Any:
         raise NotImplementedError

@@ -12,6 +12,30 @@ class Qwen2VLAdapter(ModelAdapter):
     decoder_layer = "Qwen2VLDecoderLayer"
     vision_block = "Qwen2VLVisionBlock"
 
+    def vision_sizes(self, vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+        embed = int(vision["embed_dim"])
+        return {"vision_hidden_size": embed, "vision_intermediate_size": int(embed * vision.get("mlp_ratio", 4)),
+                "vision_out_size": int(vision.get("hidden_size", text_hidden)), "window_size": 0, "fullatt_block_indexes": []}
+
+    def _patch_and_attention(self, arch: Any) -> tuple[int, int, int]:
+        hv = arch.vision_hidden_size
+        patch = arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * hv
+        attn = (hv * 3 * hv + 3 * hv) + (hv * hv + hv)  # qkv and proj with biases
+        return patch, attn, hv * arch.spatial_merge_size**2
+
+    def vision_params(self, arch: Any) -> int:
+        """LayerNorm x2 and an fc1 / fc2 MLP with biases per block; the merger's LayerNorm and two Linears."""
+        hv, iv = arch.vision_hidden_size, arch.vision_intermediate_size
+        patch, attn, merged = self._patch_and_attention(arch)
+        block = 4 * hv + attn + (hv * iv + iv) + (iv * hv + hv)
+        merger = 2 * hv + (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
+        return patch + arch.vision_depth * block + merger
+
+    def vision_activation_bytes(self, arch: Any, dtype_bytes: int, flash: bool) -> float:
+        """LayerNorms, the qkv output (v a view of it), q and k after rope, attention out, proj input, fc1 / act / fc2."""
+        b, hv = dtype_bytes, arch.vision_hidden_size
+        return 2 * (2 * b) * hv + (6 if flash else 7) * b * hv + 3 * b * arch.vision_intermediate_size
+
     def video_processor_class(self) -> type:
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
