@@ -242,7 +242,48 @@ class Net(torch.nn.Module):
         return self.head(x)
 
 
-def _fsdp_worker(rank: int, folder: str) -> None:
+def _tiny_rollouts(rank: int, model_dir: str, data_json: str, gathers: list[int]) -> dict:
+    """The tiny VLM sharded with fully_shard (a unit per decoder layer and vision block, then the root): its
+    rollouts inside rollout_weights and, kept sharded, with synced processes, against the whole model's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from video_ktr.data.media import FrameSettings
+    from video_ktr.data.rows import load_dataset
+    from video_ktr.data.video import load_video
+    from video_ktr.model.adapters import adapter_for
+    from video_ktr.model.inputs import Media, encode_prompts
+    from video_ktr.model.loading import load_model, load_processor, special_tokens
+    from video_ktr.model.rollout import generate
+    from video_ktr.model.sampling import row_seed
+
+    processor = load_processor(model_dir)
+    whole, sharded = (load_model(model_dir).eval() for _ in range(2))
+    classes = set(adapter_for(sharded).wrap_classes())
+    for module in [m for m in sharded.modules() if type(m).__name__ in classes]:
+        fully_shard(module)
+    fully_shard(sharded)
+    frames = FrameSettings(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
+    samples = [s for s in load_dataset(data_json) if s.data_type == "video"][rank * 2:rank * 2 + 2]  # each rank its own
+    media = [Media(video=load_video(s.media_path, frames)) for s in samples]
+    inputs = encode_prompts(processor, [s.messages() for s in samples], media)
+    special = special_tokens(whole.config, processor.tokenizer)
+    args = dict(seeds=[row_seed(3, "rollout", 0, rank * 2 + p, g) for p in range(2) for g in range(2)], max_new_tokens=12,
+                temperature=1.0, top_p=0.95, eos_ids=special.eos_ids, pad_id=special.pad_id,
+                suppress_ids=special.vision_ids, group_size=2, decoder="hf")
+    reference = generate(whole, processor.tokenizer, inputs, **args)
+    before = gathers[0]
+    with rollout_weights(sharded) as gen:
+        entry = gathers[0] - before
+        gathered = generate(gen, processor.tokenizer, inputs, **args)
+        inside = gathers[0] - before - entry
+    before = gathers[0]
+    synced = generate(sharded, processor.tokenizer, inputs, synced_gpus=True, **args)  # --gather_for_generation false
+    return {"units": sum(1 for m in sharded.modules() if hasattr(m, "unshard")), "entry": entry, "inside": inside,
+            "synced_gathers": gathers[0] - before, "lengths": reference.lengths.tolist(),
+            "gathered_same": torch.equal(gathered.ids, reference.ids), "synced_same": torch.equal(synced.ids, reference.ids)}
+
+
+def _fsdp_worker(rank: int, folder: str, model_dir: str = "", data_json: str = "") -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -295,16 +336,18 @@ def _fsdp_worker(rank: int, folder: str) -> None:
         per_forward.append(gathers[0] - before)
     out["reference_forwards"] = per_forward
     out["reference_sharded"] = all(p.to_local().shape[0] == q.shape[0] // 2 for p, q in zip(ref.parameters(), whole.parameters()))
+    if model_dir:
+        out["tiny"] = _tiny_rollouts(rank, model_dir, data_json, gathers)
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path):
+def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path, tiny_setup):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(str(tmp_path), str(tiny_setup.model_dir), str(tiny_setup.train_json)), nprocs=2, join=True)
     for rank in range(2):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert out["entry"] == 4  # one all-gather per unit (3 layers + the root), all before the first forward
@@ -314,3 +357,11 @@ def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path):
         assert out["train_after"] == out["train_before"][1:] * 2, out
         # the reference: every unit, the root too, resharded after each forward (no backward to keep it for)
         assert out["reference_forwards"] == [4, 4] and out["reference_sharded"], out
+        # the tiny VLM: one all-gather per unit for the whole rollout, none while decoding, the whole model's
+        # tokens; kept sharded (synced processes, every token's forward gathering) the same tokens too
+        tiny = out["tiny"]
+        assert tiny["entry"] == tiny["units"] and tiny["inside"] == 0, tiny
+        assert tiny["gathered_same"] and tiny["synced_same"], tiny
+        assert tiny["synced_gathers"] > 12, tiny  # a gather per decoder layer at each of the 12 tokens
+    lengths = [json.loads((tmp_path / f"rank{r}.json").read_text())["tiny"]["lengths"] for r in range(2)]
+    assert lengths[0] != lengths[1]  # the processes' rows ended at different steps (what synced_gpus must cover)
