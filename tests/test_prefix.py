@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from video_ktr.model.probes import visual_masked_inputs
 from video_ktr.model.rollout import encode_visual_once
 from video_ktr.model.scoring import sequence_logprobs, width_buckets
 
+ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = FrameSettings(nframes=8, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=3136,
                          image_min_pixels=3136, image_max_pixels=3136)
 
@@ -86,22 +88,83 @@ def test_shared_prefix_accepts_visual_features_computed_once(setup):
     assert json.dumps(fast.shape[0]) == str(len(picked) * G)
 
 
-def test_shared_prefix_falls_back_when_the_model_gives_no_cache(setup):
+def test_shared_prefix_keeps_its_cache_under_gradient_checkpointing_without_grad(setup):
+    """The probes run the policy in training mode without grad: with gradient checkpointing on, the prompt's
+    cache is kept (one prefix call per chunk, not the full sequences) and the numbers are the full forward's."""
     model, processor, samples = setup
     picked = samples[:2]
     G, Lc = 2, 4
     prompts, ids, valid = _batch(processor, picked, G, Lc, seed=3)
     seq = sequence_inputs(select_prompts(prompts, [0, 1], G), ids, valid)
+    lengths = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
-        fast, _ = shared_prefix_logprobs(model, seq, ids, G)
+        with torch.no_grad():
+            fast, _ = shared_prefix_logprobs(model, seq, ids, G)
     finally:
+        handle.remove()
         model.gradient_checkpointing_disable()
         model.eval()
+    assert lengths[0] == seq["input_ids"].shape[1] - Lc and max(lengths[1:]) <= Lc  # a prefix, then the completions
     with torch.no_grad():
         full, _ = sequence_logprobs(model, seq, ids)
     assert torch.allclose(full[valid], fast[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_shared_prefix_with_gradient_checkpointing_gives_the_full_forwards_gradients(setup, reentrant):
+    """The policy pass of the 7B recipe (gradient checkpointing on): the shared-prompt pass keeps its cache,
+    checkpoints each decoder layer (the layers run again in the backward) and gives the gradients of the full
+    forward without checkpointing (to 1e-5 of each tensor's scale), and exactly the numbers and gradients of the
+    shared pass without checkpointing."""
+    model, processor, samples = setup
+    G, Lc = 3, 6
+    prompts, ids, valid = _mixed_batch(processor, samples, G, Lc, seed=11)
+    valid[2 * G, 2] = True
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(11)) * valid
+    attention_calls = []
+    attn = [m for n, m in model.named_modules() if n.endswith("language_model.layers.0.self_attn")][0]
+    handle = attn.register_forward_pre_hook(lambda *a: attention_calls.append(1))
+
+    def grads(shared: bool, checkpointing: bool):
+        model.zero_grad(set_to_none=True)
+        attention_calls.clear()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        try:
+            inputs = sequence_inputs(encode_visual_once(model, prompts, [0, 1, 2], G, grad=True), ids, valid)
+            if shared:
+                logp, _ = shared_prefix_logprobs(model, inputs, ids, G, grad=True, bucket_overhead=0)
+            else:
+                logp, _ = sequence_logprobs(model, inputs, ids)
+            forward_calls = len(attention_calls)
+            (logp * weights).sum().backward()
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+        assert not any("forward" in vars(m) for m in model.modules())  # the layers are as they were
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
+            (forward_calls, len(attention_calls))
+
+    try:
+        full, full_grads, _ = grads(shared=False, checkpointing=False)
+        plain, plain_grads, (plain_fwd, plain_all) = grads(shared=True, checkpointing=False)
+        fast, fast_grads, (fast_fwd, fast_all) = grads(shared=True, checkpointing=True)
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    assert fast_fwd == plain_fwd > 1 and plain_all == plain_fwd  # the same calls: a prefix, then the buckets
+    assert fast_all == 2 * fast_fwd  # each layer call ran again in the backward: it was checkpointed
+    assert torch.equal(fast, plain)
+    assert torch.allclose(full[valid], fast[valid], atol=1e-5)
+    assert full_grads.keys() == fast_grads.keys() == plain_grads.keys() and any("visual" in n for n in full_grads)
+    for name, g in full_grads.items():
+        # the full forward sums in another order: equal to 1e-5 of each tensor's largest entry + 1e-7
+        assert (g - fast_grads[name]).abs().max() <= 1e-5 * g.abs().max() + 1e-7, name
+        assert torch.equal(plain_grads[name], fast_grads[name]), name  # checkpointing recomputes the same numbers
 
 
 def _mixed_batch(processor, samples, G, Lc, seed):
@@ -294,3 +357,35 @@ def test_grouped_heads_are_a_setting_of_the_model_on_cpu_only_and_no_environment
     eager.config = type("Config", (), {"_attn_implementation": "eager"})()
     assert not use_grouped_kv_sdpa(eager) and eager.config._attn_implementation == "eager"  # other kernels left alone
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+
+
+def test_the_gradient_checkpointing_recipe_runs_the_shared_prompt_policy_pass(tiny_setup, tmp_path):
+    """The 7B recipe's gradient checkpointing keeps the shared-prompt policy pass, and a run with it takes the
+    steps of the run without (the same numbers to float tolerance: checkpointing recomputes, it does not change)."""
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    recipe = parse_args(TrainConfig, ["--config", str(ROOT / "configs" / "qwen2_5_vl_7b_ktr.yaml")])
+    assert recipe.gradient_checkpointing and recipe.policy_shared_prefix
+    metrics = {}
+    for ckpt in ("false", "true"):
+        cfg = parse_args(TrainConfig, tiny_setup.train_args(
+            tmp_path / ckpt, "--max_steps", "2", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+            "--token_selection", "entropy", "--reward_funcs", "accuracy,format", "--gradient_checkpointing", ckpt))
+        trainer = KTRTrainer(cfg)
+        assert trainer.plan.policy_shared_prefix
+        # the policy pass's forward calls: a prompt with a cache, then completions on it (no full sequences)
+        cached: list[bool] = []
+
+        def record(module, args, kwargs, cached=cached):
+            if torch.is_grad_enabled():
+                cached.append(bool(kwargs.get("use_cache")))
+
+        trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+        trainer.train()
+        assert cached and all(cached)
+        metrics[ckpt] = [json.loads(line) for line in (tmp_path / ckpt / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(metrics["false"], metrics["true"], strict=True):
+        for key in ("loss", "grad_norm", "kl", "entropy_fraction", "reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)

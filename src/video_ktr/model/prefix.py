@@ -14,11 +14,15 @@ not scored (0), and rows without an attended completion token are not run at all
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from video_ktr.model.inputs import PIXEL_KEYS, VISUAL_KEYS, select_prompts
 from video_ktr.model.loading import unwrap
@@ -134,9 +138,97 @@ def shared_prefix_logprobs(
     then part of the graph and each prompt's gradient is the sum over its G completions, the same as
     the full forward's (tests pin it); the entropy never takes a gradient. Default: no grad.
     """
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), checkpointed_cache(model):
         return _shared_prefix_logprobs(model, seq_inputs, completion_ids, group_size, with_entropy, prompts_per_chunk,
                                        bucket_overhead)
+
+
+class _LayerCache:
+    """One decoder layer's view of the key/value cache inside a checkpointed call: no side effect.
+
+    ``update`` returns the cached keys and values before the call (snapshotted at the first call, so the
+    backward's recomputation sees the same ones) followed by the new ones, as ``DynamicLayer.update`` does,
+    and keeps the new ones for the caller, which writes them into the real cache outside the checkpoint.
+    """
+
+    def __init__(self, cache: Any, state: dict[str, Any]):
+        self._cache, self._state = cache, state
+
+    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        state = self._state
+        if "past" not in state:  # the first call, before the real cache holds this call's keys
+            layer = self._cache.layers[layer_idx]
+            held = getattr(layer, "keys", None) is not None and getattr(layer, "is_initialized", True)
+            state["past"] = (layer.keys, layer.values) if held and layer.keys.numel() else None
+        state["new"] = (keys, values, layer_idx)
+        if state["past"] is None:
+            return keys, values
+        past_k, past_v = state["past"]
+        return torch.cat([past_k, keys], dim=-2), torch.cat([past_v, values], dim=-2)
+
+
+def _cache_layer_forward(layer: torch.nn.Module) -> Any:
+    """``layer``'s forward that keeps the key/value cache under gradient checkpointing (see checkpointed_cache)."""
+    wrapped = type(layer).forward.__get__(layer)  # transformers' wrapper: it checkpoints when the layer's flag is on
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        # the layer's own forward, also when the backward recomputes it (after checkpointed_cache turned the flag back on)
+        flag, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            layer.gradient_checkpointing = flag
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if not (torch.is_grad_enabled() and layer.training):
+            return forward(*args, **kwargs)  # no graph kept: nothing to recompute
+        if cache is None or not hasattr(cache, "layers"):
+            return layer._gradient_checkpointing_func(partial(forward, **kwargs), *args)  # as transformers does
+        state: dict[str, Any] = {}
+
+        def call(*a: Any) -> Any:
+            return forward(*a, **{**kwargs, "past_key_values": _LayerCache(cache, state)})
+
+        # non-reentrant whatever the model's setting: the keys and values leave the call through the cache, and
+        # only this form keeps their graph (the reentrant one runs the call without grad)
+        out = checkpoint(call, *args, use_reentrant=False)
+        keys, values, layer_idx = state["new"]
+        cache.update(keys, values, layer_idx)  # outside the checkpoint: the recomputation does not write it again
+        return out
+
+    return run
+
+
+@contextlib.contextmanager
+def checkpointed_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Gradient checkpointing with the key/value cache the shared-prefix pass needs.
+
+    transformers drops the cache of a checkpointed layer in training mode (its recomputation in the backward
+    would write the cache a second time), which left the pass without its prompt cache. Here each layer that
+    checkpoints (``gradient_checkpointing`` on, training mode) is checkpointed the same way, per layer, but
+    its cache write happens outside the checkpoint: inside, the layer reads the cache as it was before the
+    call (``_LayerCache``) and the new keys and values come out, so the recomputation gives the same numbers
+    and writes nothing. Gradients flow into the prompt's keys and values as without checkpointing (tests pin
+    them against the full forward). Without a grad (the probes in training mode) a layer runs as without
+    checkpointing. Nothing changes for a model that does not checkpoint.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flagged = [m for m in unwrap(model).modules() if getattr(m, "gradient_checkpointing", False) is True and m.training]
+    # the layers checkpoint; on the models around them the flag only turns use_cache off (transformers' defaults)
+    layers = [m for m in flagged if isinstance(m, GradientCheckpointingLayer) and "forward" not in vars(m)]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    for layer in layers:
+        layer.forward = _cache_layer_forward(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+        for module in flagged:
+            module.gradient_checkpointing = True
 
 
 def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], completion_ids: Tensor, group_size: int,
@@ -171,8 +263,8 @@ def _shared_prefix_logprobs(model: torch.nn.Module, seq_inputs: dict[str, Any], 
         out = model(**prefix, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         if cache is None:
-            # the model refused a cache (gradient checkpointing in training mode turns it off): score
-            # the full sequences instead, same numbers
+            # the model refused a cache (a model whose layers drop it in a way checkpointed_cache does not
+            # undo): score the full sequences instead, same numbers
 
             logp, entropy = sequence_logprobs(model, seq_inputs, completion_ids, with_entropy=with_entropy,
                                               bucket_overhead=bucket_overhead)

@@ -138,8 +138,8 @@ class KTRTrainer(TrainingRun):
         self.vllm = self._start_vllm() if cfg.use_vllm else None
         self.plan = ForwardPlan(
             chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,
-            # gradient checkpointing keeps no cache in training: the policy pass takes the full sequences
-            policy_shared_prefix=cfg.policy_shared_prefix and not cfg.gradient_checkpointing,
+            # with gradient checkpointing too: the shared pass checkpoints each layer and keeps its cache (prefix.py)
+            policy_shared_prefix=cfg.policy_shared_prefix,
             length_buckets=cfg.length_buckets, encode_visual_once=cfg.encode_visual_once,
             rollout_shared_prefill=cfg.rollout_shared_prefill, probe_dtype=cfg.probe_dtype)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)

@@ -90,8 +90,8 @@ class TrainConfig(RunOptions):
     policy_shared_prefix: bool = field(
         True, help="The policy pass (with grad) runs each prompt (with its video) once and shares it across the G "
         "completions, as the probe and reference passes do: the same log-probs and gradients, about P x Lp + N x Lc "
-        "token-forwards instead of N x (Lp + Lc), for GRPO and KTR alike. Off with --gradient_checkpointing (no cache "
-        "in training).")
+        "token-forwards instead of N x (Lp + Lc), for GRPO and KTR alike. With --gradient_checkpointing each "
+        "decoder layer is checkpointed inside it and the prompt's cache kept.")
     probe_all_groups: bool = field(
         False, help="Run the visual and temporal probes on every prompt group. Off (default): a group whose G "
         "completions got equal rewards has advantage 0, and where no loss term reads its key tokens (beta 0 or "

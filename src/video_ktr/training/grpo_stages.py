@@ -47,7 +47,7 @@ class ForwardPlan:
     chunk_rows: int | None = None  # rows per probe / reference forward (None: all at once)
     policy_chunk_rows: int | None = None  # rows whose full-vocabulary logits exist at once in the policy pass
     shared_prefix: bool = True  # probe and reference passes run each prompt once for its G completions
-    policy_shared_prefix: bool = True  # the policy pass too (not with gradient checkpointing)
+    policy_shared_prefix: bool = True  # the policy pass too (with gradient checkpointing: per layer, prefix.py)
     length_buckets: bool = True  # completions run in buckets of similar length
     encode_visual_once: bool = True  # the policy pass runs the vision tower once per prompt
     rollout_shared_prefill: bool = True  # the rollout prefills each prompt once and repeats its cache
