@@ -163,6 +163,20 @@ def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_
                     r"--max_prompt_length 318", examples[0]), examples
     assert re.match(r".*data\.json, row 3, field 'problem': the prompt is 3[5-9]\d tokens", examples[1]), examples
 
+    # data check with the model names the same rows first, with the same errors (the prompt made as training makes it)
+    from tests.conftest import SMALL_MEDIA
+    from video_ktr.commands.data import check_main
+
+    clean = tmp_path / "clean.json"
+    assert check_main([str(path), "--media_root", str(tiny_setup.data_dir), "--model_name_or_path", str(tiny_setup.model_dir),
+                       "--max_prompt_length", "318", "--write_clean", str(clean), "--workers", "0", *SMALL_MEDIA]) == 1
+    refused = [json.loads(line) for line in (tmp_path / "clean.json.rejected.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"], r["field"]) for r in refused] == [(1, "prompt_too_long", "path"), (3, "prompt_too_long", "problem")]
+    assert sorted(r["message"] for r in refused) == examples
+    assert len(json.loads(clean.read_text())) == 2
+    with pytest.raises(SystemExit):  # a model without the limit to count against
+        check_main([str(path), "--model_name_or_path", str(tiny_setup.model_dir)])
+
     trainer = KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "error", *common, "--on_bad_sample", "error")))
     with pytest.raises(DataError, match=r"data\.json, row [13], field '(path|problem)': the prompt is \d+ tokens") as e:
         trainer.train_step()

@@ -86,12 +86,24 @@ def check_main(argv: list[str]) -> int:
     if args.write_clean and Path(args.write_clean).resolve() == Path(args.dataset).resolve():
         print(f"{prog}: --write_clean must not be the input file {args.dataset}", file=sys.stderr)
         return 2
+    row_check = None
+    if args.model_name_or_path:  # the prompt as training makes and tokenises it, against --max_prompt_length
+        # imported here on purpose: torch and transformers take seconds to load, which `data unpack` and a
+        # `data check` without a model never need
+        from video_ktr.model.adapters import frames_for
+        from video_ktr.model.loading import load_processor
+        from video_ktr.training.grpo_data import prompt_length_check
+
+        processor = load_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        settings = frames_for(processor, settings)
+        row_check = prompt_length_check(processor, settings, args.max_prompt_length, prompt_layout=args.prompt_layout,
+                                        system_prompt=args.system_prompt)
     try:
         result = check_dataset(
             args.dataset, args.media_root, settings=settings, workers=args.workers,
             open_media_files=args.open_media, allow_outside_media_root=args.allow_outside_media_root,
             require_process=args.require_process, special_tokens=args.special_tokens,
-            max_prompt_length=args.max_prompt_length,
+            max_prompt_length=args.max_prompt_length, row_check=row_check,
         )
     except DataError as err:
         print(f"{prog}: {err}", file=sys.stderr)
@@ -106,7 +118,7 @@ def check_main(argv: list[str]) -> int:
 
 
 SUBCOMMANDS = {
-    "unpack": "extract every zip archive under a downloaded Video-R1-data folder, in place",
+    "unpack": "extract every zip and tar archive under a downloaded Video-R1-data folder, in place",
     "check": "validate every row and open every media file of a data set; optionally write the good rows",
 }
 

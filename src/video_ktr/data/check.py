@@ -8,6 +8,9 @@
     file, row and field; the exit status is 1 if any row is bad.  ``--write_clean FILE`` writes the good
     rows, unchanged and in order, in the input's format (JSON list or JSONL), plus
     ``FILE.rejected.jsonl`` with one line per rejected row (row index, reason, field, message).
+    With ``--model_name_or_path M --max_prompt_length N`` each good row's prompt is also made and tokenised
+    by M's processor as GRPO training does it, so a prompt long only by its visual tokens is named here
+    first (``prompt_too_long``, the check the command passes in as ``row_check``).
     In a JSONL file a line that is not valid JSON is one bad row (``bad_json``) and the other lines are
     still checked; a JSON list that does not parse cannot be split into rows and fails as a whole.
 """
@@ -27,7 +30,8 @@ from typing import Any
 
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.options import MediaArgs
-from video_ktr.data.rows import DataError, parse_json_list, read_data_text, validate_row
+from video_ktr.data.prompts import OPTION_LAYOUTS
+from video_ktr.data.rows import DataError, Sample, parse_json_list, read_data_text, validate_row
 from video_ktr.data.text_checks import SPECIAL_TOKEN_POLICIES, text_char_limit
 from video_ktr.utils.config import field
 
@@ -48,7 +52,11 @@ class CheckArgs(MediaArgs):
     require_process: bool = field(False, help="Rows must carry the reasoning in 'process' (SFT data).")
     examples: int = field(3, help="Examples shown per reason in the summary.")
     special_tokens: str = field("refuse", help="Control tokens such as <|im_start|> or <|video_pad|> in the text: refuse the row, or escape them (as train/sft/eval do with the same option).")
-    max_prompt_length: int | None = field(None, help="The training --max_prompt_length: a text field over 64 characters per token is refused before tokenising (default cap: 200,000 characters).")
+    max_prompt_length: int | None = field(None, help="The training --max_prompt_length: a text field over 64 characters per token is refused before tokenising (default cap: 200,000 characters); with --model_name_or_path each prompt's tokens are counted exactly.")
+    model_name_or_path: str | None = field(None, help="The model to train: its processor makes and tokenises each good row's prompt as GRPO training does (visual tokens included) and rows over --max_prompt_length are refused (prompt_too_long), with the file, row and field training would name. Needs --max_prompt_length; decodes each media file again in this process.")
+    prompt_layout: str = field("train", choices=list(OPTION_LAYOUTS), help="The training --prompt_layout (with --model_name_or_path).")
+    system_prompt: str | None = field(None, help="The training --system_prompt (with --model_name_or_path).")
+    trust_remote_code: bool = field(False, help="Allow custom processor code from the hub (with --model_name_or_path).")
 
     def validate(self) -> None:
         if self.workers is not None and self.workers < 0:
@@ -59,6 +67,8 @@ class CheckArgs(MediaArgs):
             raise ValueError(f"field 'special_tokens' must be one of {SPECIAL_TOKEN_POLICIES}, got {self.special_tokens!r}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"field 'max_prompt_length' must be >= 1, got {self.max_prompt_length}")
+        if self.model_name_or_path and self.max_prompt_length is None:
+            raise ValueError("--model_name_or_path counts prompt tokens against --max_prompt_length: give it too")
 
 
 @dataclass
@@ -284,8 +294,12 @@ def check_dataset(
     opener: Opener = open_media,
     special_tokens: str = "refuse",
     max_prompt_length: int | None = None,
+    row_check: Callable[[Sample], DataError | None] | None = None,
 ) -> CheckResult:
     """Check every row of ``dataset`` and (``open_media_files``) open every distinct media file.
+
+    ``row_check(sample)``: a further check of each row still good after that (in this process), e.g. the
+    training prompt length (training/grpo_data.prompt_length_check); its error rejects the row.
 
     Raises :class:`DataError` only when the file itself cannot be read as rows (missing, or a JSON list
     that does not parse); every other problem is one :class:`Rejection` per row.
@@ -297,6 +311,7 @@ def check_dataset(
     fmt, rows, rejected, linenos = _read_for_check(path)
     bad_rows = {r.row for r in rejected}
     media_rows: dict[tuple[str, str], list[int]] = defaultdict(list)
+    samples: dict[int, Sample] = {}
     for index, row in enumerate(rows):
         if index in bad_rows:
             continue
@@ -315,6 +330,7 @@ def check_dataset(
             rejected.append(Rejection(index, err.reason, err.field, str(err), linenos[index], pid))
             continue
         media_rows[(str(sample.media_path), sample.data_type)].append(index)
+        samples[index] = sample
 
     result = CheckResult(file=str(path), format=fmt, rows=rows, rejected=rejected)
     if open_media_files and media_rows:
@@ -335,6 +351,14 @@ def check_dataset(
                 row = rows[index]
                 err = DataError(path, index, "path", message, reason)
                 rejected.append(Rejection(index, reason, "path", str(err), linenos[index], row.get("problem_id")))
+    if row_check is not None:
+        refused = {r.row for r in rejected}
+        from tqdm.auto import tqdm
+
+        for index, sample in tqdm(samples.items(), desc="prompts", unit="row", disable=not progress):
+            err = None if index in refused else row_check(sample)
+            if err is not None:
+                rejected.append(Rejection(index, err.reason, err.field, str(err), linenos[index], rows[index].get("problem_id")))
     rejected.sort(key=lambda r: r.row)
     return result
 

@@ -23,6 +23,56 @@ from video_ktr.model.sampling import row_seed
 from video_ktr.utils.prefetch import Prefetcher
 
 
+def row_error(sample: Sample, field: str, message: str, reason: str) -> DataError:
+    """A DataError naming the sample's file and row (its ``source`` is "file:row")."""
+    file, _, row = sample.source.rpartition(":")
+    return DataError(file, int(row) if row.isdigit() else None, field, message, reason)
+
+
+def prompt_lengths(inputs: dict[str, Tensor]) -> tuple[list[int], list[int]]:
+    """(tokens, visual tokens) of each prompt of a processor batch (padding not counted)."""
+    mask = inputs["attention_mask"].bool()
+    return mask.sum(1).tolist(), ((inputs["mm_token_type_ids"] != 0) & mask).sum(1).tolist()
+
+
+def prompt_length_error(sample: Sample, tokens: int, visual: int, limit: int) -> DataError | None:
+    """The row's error if its prompt (``tokens``, ``visual`` of them visual) is over --max_prompt_length.
+
+    The field named is 'problem' when the text alone is over the limit, else 'path': its media's visual
+    tokens push the prompt over (which no text check before tokenising can see).
+    """
+    if tokens <= limit:
+        return None
+    return row_error(
+        sample, "problem" if tokens - visual > limit else "path",
+        f"the prompt is {tokens} tokens ({visual} of them visual), over --max_prompt_length {limit}. Visual tokens "
+        "cannot be truncated away: lower the frames or pixels (--max_frames, --max_pixels), shorten the text, or "
+        "raise --max_prompt_length", "prompt_too_long")
+
+
+def prompt_length_check(processor: Any, frames: FrameSettings, max_prompt_length: int, *, prompt_layout: str = "train",
+                        system_prompt: str | None = None) -> Any:
+    """What ``video-ktr data check --model_name_or_path M --max_prompt_length N`` runs on each good row: the
+    row's prompt made and tokenised as GRPO training makes it (same messages, media decoding, processor and
+    rule: :func:`prompt_length_error`), so a row training would refuse for its length is named first.
+
+    Returns ``check(sample) -> DataError | None`` (unreadable media: a ``media_unreadable`` error).
+    """
+    cache = FrameCache(capacity=8)
+
+    def check(sample: Sample) -> DataError | None:
+        try:
+            media = (Media(video=cache.get_or_load(sample.media_path, frames)) if sample.data_type == "video"
+                     else Media(image=load_image(sample.media_path, frames)))
+        except MediaError as err:
+            return row_error(sample, "path", f"media could not be read: {err}", "media_unreadable")
+        inputs = encode_prompts(processor, [sample.messages(prompt_layout, system_prompt)], [media])
+        (tokens,), (visual,) = prompt_lengths(inputs)
+        return prompt_length_error(sample, tokens, visual, max_prompt_length)
+
+    return check
+
+
 @dataclass
 class PreparedBatch:
     """One micro-step's data, made on the CPU (in the prefetch thread or the step itself)."""
@@ -72,10 +122,6 @@ class GRPOData:
             return Media(video=self.cache.get_or_load(sample.media_path, self.frames))
         return Media(image=load_image(sample.media_path, self.frames))
 
-    def _row_error(self, sample: Sample, field: str, message: str, reason: str) -> DataError:
-        file, _, row = sample.source.rpartition(":")
-        return DataError(file, int(row) if row.isdigit() else None, field, message, reason)
-
     def _decode_one(self, index: int, sample: Sample, unreadable: dict[int, DataError]) -> tuple[int, Sample, Media]:
         """Decode one prompt's media; a failure stops the run, or (skip) the row is replaced by another.
 
@@ -89,7 +135,7 @@ class GRPOData:
                     return index, sample, self._load_media(sample)
                 except MediaError as e:
                     err = e
-                    derr = self._row_error(sample, "path", f"media could not be read: {e}", "media_unreadable")
+                    derr = row_error(sample, "path", f"media could not be read: {e}", "media_unreadable")
                     if self.cfg.on_bad_sample == "error":
                         raise derr from e
                     unreadable[index] = derr
@@ -115,25 +161,15 @@ class GRPOData:
         return out, media
 
     def _too_long(self, inputs: dict[str, Tensor], samples: list[Sample]) -> dict[int, DataError]:
-        """{batch position: DataError} of the prompts over --max_prompt_length (visual tokens included).
-
-        The field named is 'problem' when the text alone is over the limit, else 'path': its media's visual
-        tokens push the prompt over (which no text check before tokenising can see).
-        """
+        """{batch position: DataError} of the prompts over --max_prompt_length (visual tokens included)."""
         limit = self.cfg.max_prompt_length
         if limit is None:
             return {}
-        lengths = inputs["attention_mask"].sum(1)
-        visual = ((inputs["mm_token_type_ids"] != 0) & inputs["attention_mask"].bool()).sum(1)
         found = {}
-        for i in (lengths > limit).nonzero().flatten().tolist():
-            n, v = int(lengths[i]), int(visual[i])
-            field = "problem" if n - v > limit else "path"
-            found[i] = self._row_error(
-                samples[i], field,
-                f"the prompt is {n} tokens ({v} of them visual), over --max_prompt_length {limit}. Visual tokens "
-                "cannot be truncated away: lower the frames or pixels (--max_frames, --max_pixels), shorten the "
-                "text, or raise --max_prompt_length", "prompt_too_long")
+        for i, (n, v) in enumerate(zip(*prompt_lengths(inputs), strict=True)):
+            err = prompt_length_error(samples[i], n, v, limit)
+            if err is not None:
+                found[i] = err
         return found
 
     def _count_unreadable(self, unreadable: dict[int, DataError]) -> None:
