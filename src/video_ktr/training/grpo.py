@@ -89,6 +89,7 @@ class KTRTrainer(TrainingRun):
     """GRPO with key-token reinforcement: set-up, the step (train_step), and what a checkpoint carries."""
 
     config_file = "train_config.json"
+    recipe = "grpo"
     log_files = ("metrics.jsonl", "completions.jsonl", "tokens.jsonl")
 
     def __init__(self, cfg: TrainConfig, accelerator: Any = None):

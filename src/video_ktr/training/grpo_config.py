@@ -79,6 +79,7 @@ class TrainConfig(RunOptions):
 
     # model
     use_peft: bool = field(False, help="Train LoRA adapters (needs the peft extra); the reference model is then the base with adapters disabled.")
+    merge_adapters: bool = field(False, help="--use_peft: after training, merge the LoRA adapter into the base model and save the merged model in --output_dir in safetensors (from_pretrained and vLLM load it without peft; the adapter moves to OUTPUT_DIR/adapter). Loads the base once more on the CPU.")
     lora_r: int = field(64, help="LoRA rank.")
     lora_alpha: int = field(128, help="LoRA alpha.")
     lora_dropout: float = field(0.05, help="LoRA dropout.")
@@ -129,6 +130,8 @@ class TrainConfig(RunOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.merge_adapters and not self.use_peft:
+            raise ValueError("--merge_adapters merges LoRA adapters: it needs --use_peft true")
         if self.max_steps is None:  # left out: TRL's -1 when epochs are asked for, this project's 100 otherwise
             self.max_steps = -1 if self.num_train_epochs is not None else DEFAULT_MAX_STEPS
         if self.max_steps == -1 and self.num_train_epochs is None:

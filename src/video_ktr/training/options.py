@@ -7,11 +7,12 @@ only where its default or meaning differs (e.g. --max_steps, --logging_steps, th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from video_ktr.data.options import DataArgs
+from video_ktr.training.hub import check_push_settings
 from video_ktr.utils.config import field
 from video_ktr.utils.logs import LogOptions
 
@@ -54,7 +55,18 @@ class RunOptions(DataArgs, LogOptions):
     resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
     report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")
     run_name: str | None = field(None, help="A name for the run (TRL / transformers' --run_name): the wandb run's name, in every tracker's config and in run_info.json (default: the name of --output_dir).")
+    push_to_hub: bool = field(False, help="After training, upload the final model, its processor and the model card (README.md) to the hub (huggingface_hub's create_repo + upload_folder); never the checkpoints, logs or run records. Needs the network and a token (--hub_token, HF_TOKEN or `hf auth login`).")
+    hub_model_id: str | None = field(None, help="--push_to_hub: the repository, 'name' (in your namespace) or 'owner/name' (default: the --output_dir folder's name, as transformers).")
+    hub_private_repo: bool | None = field(None, help="--push_to_hub: create the repository private (default: the hub's default for your account; an existing repository keeps its visibility).")
+    hub_token: str | None = field(None, help="--push_to_hub: the token (default: HF_TOKEN or the saved login). Recorded as <HUB_TOKEN> in the run's config files, never in clear.")
     max_bad_steps: int = field(10, help="Stop when this many steps had a non-finite loss or gradient (each is skipped and counted).")
+
+    def record(self) -> dict[str, Any]:
+        """The options as the run's config file and trackers record them (a --hub_token masked, as transformers does)."""
+        values = asdict(self)
+        if values.get("hub_token"):
+            values["hub_token"] = "<HUB_TOKEN>"
+        return values
 
     @property
     def run_label(self) -> str:
@@ -88,6 +100,7 @@ class RunOptions(DataArgs, LogOptions):
             raise ValueError("--warmup_ratio must be in [0, 1]")
         if self.run_name is not None and not self.run_name.strip():
             raise ValueError("--run_name must not be empty (leave it out to name the run after --output_dir)")
+        check_push_settings(self)
         if self.save_steps < 0:
             raise ValueError("--save_steps must be >= 0 (0: only the final model)")
         self.frame_settings()

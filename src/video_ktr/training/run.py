@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from video_ktr.training.distributed import (
     fill_deepspeed_batch_size,
     run_info,
 )
+from video_ktr.training.hub import finish_output
 from video_ktr.training.options import RunOptions
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
@@ -51,6 +51,7 @@ class TrainingRun:
     config_file = "run_config.json"  # the options as JSON, in the output folder
     tracker_project = "video-ktr"
     bar_desc = "train"
+    recipe = "run"  # the name of the method in the model card (training/hub.py)
     log_files: tuple[str, ...] = ("metrics.jsonl",)  # cut back to the resumed step when a run resumes
     save_at_last_step = True  # a checkpoint at the last step too (a finished run can then be extended)
 
@@ -185,12 +186,12 @@ class TrainingRun:
         cfg, acc = self.cfg, self.acc
         self.out.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            (self.out / self.config_file).write_text(json.dumps(asdict(cfg), indent=2))
+            (self.out / self.config_file).write_text(json.dumps(cfg.record(), indent=2))
             (self.out / "run_info.json").write_text(json.dumps({"run_name": cfg.run_label, **run_info(self.acc, self.model)}, indent=2))
             self._trim_logs()
             self.on_start()
         if cfg.trackers and not acc.trackers:
-            acc.init_trackers(self.tracker_project, config={**asdict(cfg), "run_name": cfg.run_label},
+            acc.init_trackers(self.tracker_project, config={**cfg.record(), "run_name": cfg.run_label},
                               init_kwargs=cfg.tracker_init_kwargs())
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=bars_disabled(cfg, main=acc.is_main_process),
                    desc=self.bar_desc)
@@ -208,6 +209,7 @@ class TrainingRun:
         last = self.finish(last, bar)
         bar.close()
         self.save_final()
+        finish_output(self, recipe=self.recipe)  # --merge_adapters, README.md, --push_to_hub (main process)
         result = self.summary(last)
         acc.end_training()
         if self.run_lock is not None:

@@ -71,6 +71,7 @@ class SFTTrainer(TrainingRun):
     config_file = "sft_config.json"
     tracker_project = "video-ktr-sft"
     bar_desc = "sft"
+    recipe = "sft"
     save_at_last_step = False  # the final model is saved anyway
 
     def __init__(self, cfg: SFTConfig, accelerator: Any = None):
