@@ -371,3 +371,35 @@ def test_the_rollouts_gathered_weights_and_offload_are_counted():
     assert component(fsdp, "policy weights") == pytest.approx(trainable * 4 / 8)
     assert component(fsdp, "AdamW states") == pytest.approx(trainable * 8 / 8)
     assert component(fsdp, "gradients", "backward") == pytest.approx(trainable * 4 / 8)
+
+
+@pytest.mark.parametrize("config_class", ["Qwen2VLConfig", "Qwen2_5_VLConfig", "Qwen3VLConfig"])
+def test_every_familys_count_equals_transformers_on_meta_device(config_class):
+    """The per-family counts (model/adapters) against the model transformers builds from the family's default config."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    from video_ktr.analysis.model_size import arch_from_config
+
+    config = getattr(transformers, config_class)()
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    counts = count_params(arch_from_config(config.to_dict()))
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["vision"] == sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    # LoRA: PEFT's matching (the last name) over the model's own Linears, against the adapter's shapes
+    targets, r = ("q_proj", "v_proj", "gate_proj", "down_proj"), 8
+    lora = sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+    assert count_params(arch_from_config(config.to_dict()), r, targets)["lora"] == lora
+
+
+def test_the_moe_variant_is_refused_with_a_reason():
+    from video_ktr.analysis.model_size import arch_from_config
+
+    raw = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "vocab_size": 100, "num_experts": 8},
+           "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        count_params(arch_from_config(raw))

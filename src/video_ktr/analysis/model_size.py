@@ -49,6 +49,10 @@ class ModelArch:
     in_channels: int = 3
     window_size: int = 112  # windowed vision attention (pixels; 0: none)
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    attention_bias: bool | None = None  # config.json's, where the family has the switch (Qwen3-VL)
+    num_experts: int = 0  # mixture-of-experts text MLPs (0: dense)
+    num_position_embeddings: int = 0  # learned vision position table (Qwen3-VL)
+    deepstack_layers: int = 0  # extra patch mergers feeding decoder layers (Qwen3-VL DeepStack)
     dtype: str = "bfloat16"  # the checkpoint's dtype (used for --dtype auto)
     source: str = ""
 
@@ -93,6 +97,7 @@ def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelA
         in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
         vision_depth=int(vision["depth"]), vision_num_heads=int(vision["num_heads"]),
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or t("dtype") or t("torch_dtype") or "bfloat16"),
+        attention_bias=t("attention_bias"), num_experts=int(t("num_experts", 0) or 0),
         source=source, **adapter.vision_sizes(vision, hidden),
     )
 

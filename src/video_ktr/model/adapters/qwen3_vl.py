@@ -32,6 +32,42 @@ class Qwen3VLAdapter(ModelAdapter):
         areas = [round(t / tp) * tp * h * w for t, h, w in shapes]
         return {"shortest_edge": min(areas), "longest_edge": max(areas)}
 
+    # -- sizes for `video-ktr estimate` (no public checkpoint table: pass --model_config) ------------
+    def vision_sizes(self, vision: dict[str, Any], text_hidden: int) -> dict[str, Any]:
+        return {"vision_hidden_size": int(vision["hidden_size"]), "vision_intermediate_size": int(vision["intermediate_size"]),
+                "vision_out_size": int(vision.get("out_hidden_size", text_hidden)), "window_size": 0,
+                "fullatt_block_indexes": [], "num_position_embeddings": int(vision.get("num_position_embeddings", 0)),
+                "deepstack_layers": len(vision.get("deepstack_visual_indexes") or ())}
+
+    def text_layer_params(self, arch: Any) -> int:
+        """Qwen3 text: q, k, v, o (biases only with attention_bias), RMSNorms over the head dim on q and k,
+        a SwiGLU MLP, two RMSNorms. The MoE variant's experts are not counted: refused."""
+        if arch.num_experts:
+            raise ValueError(f"`video-ktr estimate` does not count mixture-of-experts text layers ({arch.num_experts} "
+                             "experts per layer): the Qwen3-VL MoE variant is not modelled")
+        h, d, nh, kv, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+        bias = bool(arch.attention_bias)
+        attn = h * nh * d + 2 * h * kv * d + nh * d * h + (nh * d + 2 * kv * d + h if bias else 0)
+        return attn + 2 * d + 3 * h * inter + 2 * h
+
+    def vision_params(self, arch: Any) -> int:
+        """Conv3d patch embedding with bias, the learned position table, LayerNorm x2 + qkv / proj + fc1 / fc2 (all
+        with biases) per block, the merger (LayerNorm over the hidden size) and one DeepStack merger per
+        tapped block (LayerNorm over the merged width)."""
+        hv, iv = arch.vision_hidden_size, arch.vision_intermediate_size
+        patch = arch.in_channels * arch.temporal_patch_size * arch.patch_size**2 * hv + hv
+        attn = (hv * 3 * hv + 3 * hv) + (hv * hv + hv)
+        block = 4 * hv + attn + (hv * iv + iv) + (iv * hv + hv)
+        merged = hv * arch.spatial_merge_size**2
+        linears = (merged * merged + merged) + (merged * arch.vision_out_size + arch.vision_out_size)
+        mergers = (2 * hv + linears) + arch.deepstack_layers * (2 * merged + linears)
+        return patch + arch.num_position_embeddings * hv + arch.vision_depth * block + mergers
+
+    def vision_activation_bytes(self, arch: Any, dtype_bytes: int, flash: bool) -> float:
+        """As Qwen2-VL's blocks: LayerNorms, attention, fc1 / act / fc2 (the DeepStack mergers not counted)."""
+        b, hv = dtype_bytes, arch.vision_hidden_size
+        return 2 * (2 * b) * hv + (6 if flash else 7) * b * hv + 3 * b * arch.vision_intermediate_size
+
     def deepstack_layers(self, config: Any) -> int:
         return len(getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", ()) or ())
 
