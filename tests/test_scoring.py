@@ -34,3 +34,27 @@ def test_chunked_logprobs_are_the_whole_tensors_numbers(with_entropy, temperatur
     logp.sum().backward()
     expected = torch.autograd.grad(torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).sum(), logits)[0]
     assert torch.allclose(logits.grad, expected) and not ent.requires_grad
+
+
+def test_policy_pass_entropy_in_chunks_is_the_whole_tensors_entropy():
+    """With grad (the policy pass) the entropy summed a few positions at a time equals the whole tensor's bit for bit,
+    and log p and its gradient are those of the plain log-softmax."""
+    from video_ktr.model.scoring import token_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    for V, dtype in ((600, torch.float32), (151_936, torch.bfloat16)):
+        base = (torch.randn(3, 7, V, generator=g) * 4).to(dtype)
+        ids = torch.randint(0, V, (3, 7), generator=g)
+        plain = base.clone().requires_grad_(True)
+        z = torch.log_softmax(plain.float() / 0.7, -1)
+        whole_logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        whole_ent = -(z.detach().exp() * z.detach()).sum(-1)
+        (whole_grad,) = torch.autograd.grad(whole_logp.sum(), plain)
+        for chunk in (1, 3 * V * 2, 1 << 26):
+            logits = base.clone().requires_grad_(True)
+            logp, ent = token_logprobs(logits, ids, with_entropy=True, temperature=0.7, chunk_elements=chunk)
+            assert torch.equal(logp.detach(), whole_logp.detach()) and torch.equal(ent, whole_ent), (V, chunk)
+            assert not ent.requires_grad
+            logp.sum().backward()
+            assert torch.equal(logits.grad, whole_grad), (V, chunk)
+

@@ -317,12 +317,13 @@ def estimate(
     add("vision tower activations", "policy", vis_act,
         f"{Np} patches ({Rv} {'prompt' if Rv == P else 'row'}{'s' if Rv > 1 else ''} x {patches_video}) x {Lv_depth} blocks" + (" (frozen: none)" if not vision_trains else ""))
     entropy = "entropy" in signals
-    logits_fwd = R * Lc * V * (16 if entropy else 8)
+    # log-softmax kept (8 B: with its input, at its making); the entropy's exp and product a chunk at a time
+    logits_fwd = R * Lc * V * 8 + (8 * min(R * Lc * V, LOGPROB_CHUNK_ELEMENTS) if entropy else 0)
     logits_bwd = R * Lc * V * 12  # log-softmax + its gradient + the gradient of the logits
     logits = max(logits_fwd, logits_bwd)
     add("logits of the completion positions", "policy", logits,
-        f"{R} x {Lc} x {V} x {(16 if entropy else 8) if logits_fwd >= logits_bwd else 12} B: fp32 log-softmax kept for "
-        "backward + " + ("entropy" if logits_fwd >= logits_bwd else "backward") + " temporaries")
+        f"{R} x {Lc} x {V} x {8 if logits_fwd >= logits_bwd else 12} B: fp32 log-softmax kept for backward + "
+        + ("its input" + (" + entropy chunks" if entropy else "") if logits_fwd >= logits_bwd else "backward temporaries"))
     add("backward working set", "policy", layer_ws, ws_note + " (counted only if larger than the logits)")
     if fsdp and z == 2:  # reshard_after_forward false: every unit stays whole from its forward to its backward
         add("weights unsharded from forward to backward", "policy", total * compute_b,

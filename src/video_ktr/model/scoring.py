@@ -31,21 +31,25 @@ def token_logprobs(logits: Tensor, ids: Tensor, *, with_entropy: bool = False, t
     time (``chunk_elements`` float32 values, all rows of a position range together), never for all
     R x T x V at once: on a 152k vocabulary a probe pass over 16 x 256 positions held three 2.5 GB float32
     tensors at the end. The log-softmax of each position is the same computation either way (the same
-    numbers, tests). With grad (the policy pass) the whole tensor is formed as before: autograd keeps the
-    log-softmax for the backward in any case.
+    numbers, tests). With grad (the policy pass) the whole log-softmax is formed as before (autograd keeps
+    it for the backward in any case), but its float32 input is let go once it exists, and the entropy
+    (no grad) is summed a few positions at a time: its exp and product temporaries were two more float32
+    copies of all R x T x V at the policy pass's end, KTR's only extra memory over GRPO there.
     """
+    R, T, V = logits.shape
+    step = max(1, chunk_elements // max(1, R * V))
     if logits.requires_grad and torch.is_grad_enabled():
         z = logits.float()
         if temperature != 1.0:
             z = z / temperature
         logsm = torch.log_softmax(z, dim=-1)
+        del z  # not saved by log_softmax's backward: only the caller's logits and the log-softmax stay
         logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         if not with_entropy:
             return logp, None
         with torch.no_grad():  # the entropy selects tokens and is logged; it never takes a gradient
-            return logp, -(logsm.exp() * logsm).sum(-1)
-    R, T, V = logits.shape
-    step = max(1, chunk_elements // max(1, R * V))
+            ents = [-(c.exp() * c).sum(-1) for c in logsm.detach().split(step, dim=1)]
+            return logp, (torch.cat(ents, 1) if ents else logsm.new_zeros((R, 0)))
     logps, ents = [], []
     with torch.no_grad():
         for a in range(0, T, step):
