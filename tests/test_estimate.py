@@ -396,8 +396,12 @@ def test_every_familys_count_equals_transformers_on_meta_device(config_class):
 
 
 def test_the_moe_variant_is_refused_with_a_reason():
+    from transformers import Qwen3VLMoeConfig
+
     from video_ktr.analysis.model_size import arch_from_config
 
+    with pytest.raises(ValueError, match="60 experts per layer"):  # transformers' own layout (num_local_experts)
+        count_params(arch_from_config(Qwen3VLMoeConfig().to_dict()))
     raw = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "vocab_size": 100, "num_experts": 8},
            "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}

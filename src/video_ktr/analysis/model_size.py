@@ -97,7 +97,7 @@ def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelA
         in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
         vision_depth=int(vision["depth"]), vision_num_heads=int(vision["num_heads"]),
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or t("dtype") or t("torch_dtype") or "bfloat16"),
-        attention_bias=t("attention_bias"), num_experts=int(t("num_experts", 0) or 0),
+        attention_bias=t("attention_bias"), num_experts=int(t("num_experts", t("num_local_experts", 0)) or 0),
         source=source, **adapter.vision_sizes(vision, hidden),
     )
 
