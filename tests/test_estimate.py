@@ -407,3 +407,18 @@ def test_the_moe_variant_is_refused_with_a_reason():
            "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}
     with pytest.raises(ValueError, match="mixture-of-experts"):
         count_params(arch_from_config(raw))
+
+
+def test_static_decoder_cache_kept_between_rollouts_is_counted():
+    """The static decoder's kept step holds its static KV cache (columns rounded up to 64) through the whole step;
+    'hf' and vLLM rollouts keep none; T-GRPO keeps its half-size rollout's too."""
+    base = dict(per_device_train_batch_size=1, num_generations=2, max_completion_length=10, nframes=4, min_frames=2,
+                max_frames=4, min_pixels=3136, max_pixels=3136, beta=0.0)
+    kw = dict(num_gpus=1, zero_stage=0, video_seconds=10, prompt_text_tokens=20, suggest=False)
+    r = E.estimate(train_config(**base), hand_arch(), **kw)
+    R, L, kv, d, b = 2, 2, 2, 16, 4  # as test_memory_arithmetic_by_hand: 38 tokens, rounded up to 64 columns
+    assert component(r, "static decode cache kept between rollouts", "static") == R * 64 * L * 2 * kv * d * b
+    t = E.estimate(train_config(**base, temporal_grpo=True), hand_arch(), **kw)
+    assert component(t, "static decode cache kept between rollouts") == (R + 1) * 64 * L * 2 * kv * d * b
+    hf = E.estimate(train_config(**base, rollout_decoder="hf"), hand_arch(), **kw)
+    assert not [c for c in hf["components"] if c["name"] == "static decode cache kept between rollouts"]

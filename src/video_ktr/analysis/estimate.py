@@ -242,6 +242,13 @@ def estimate(
     kv_tok = L * 2 * kv * d * b
     add("KV cache (prompt + completion)", "rollout", R * S * kv_tok,
         f"{R} rows x {S} tokens x {L} layers x 2 x {kv} kv heads x {d} x {b} B")
+    # the static decoder (rollout_decoder auto/static on a GPU) keeps each captured decode step with its static
+    # cache between rollouts (model/decode.GraphStore): columns rounded up to 64; T-GRPO's half-size rollout too
+    if getattr(cfg, "rollout_decoder", "auto") != "hf" and not getattr(cfg, "use_vllm", False):
+        cols = -(-S // 64) * 64
+        rows_kept = R + (R // 2 if getattr(cfg, "temporal_grpo", False) else 0)
+        add("static decode cache kept between rollouts", "static", rows_kept * cols * kv_tok,
+            f"{rows_kept} rows x {cols} columns x {L} layers x 2 x {kv} kv heads x {d} x {b} B (decode.GraphStore)")
     # --rollout_shared_prefill: each prompt (and its video) is prefilled once, its cache then repeated G times
     Rp = P if cfg.rollout_shared_prefill else R
     Tp = Rp * Lp
