@@ -25,9 +25,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(_THREADS))
 
+from video_ktr.model.adapters import adapter_for  # noqa: E402
+
+# VK_TEST_ARCH=qwen2_vl (or another adapter's name) runs the suite on that family's tiny model; the synthetic
+# frames and the media settings below follow its frame factor F (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)
+TEST_ARCH = os.environ.get("VK_TEST_ARCH", "qwen2_5_vl")
+F = adapter_for(TEST_ARCH).frame_factor
 # Small media settings used by every trainer test: the synthetic videos' 8 frames (4 fps, 2 s) of
-# 28x28..56x56 pixels, i.e. a (4, 4, 4) grid and 16 visual tokens per video.
-SMALL_MEDIA = ["--max_frames", "8", "--video_fps", "4", "--min_pixels", "784", "--max_pixels", "3136"]
+# FxF..2Fx2F pixels (28x28..56x56 by default), i.e. a (4, 4, 4) grid and 16 visual tokens per video.
+SMALL_MEDIA = ["--max_frames", "8", "--video_fps", "4", "--min_pixels", str(F * F), "--max_pixels", str(4 * F * F)]
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class TinySetup:
     def frame_settings(self, **overrides):
         from video_ktr.data.media import FrameSettings
 
-        kw = dict(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
+        kw = dict(fps=4.0, max_frames=8, min_pixels=F * F, max_pixels=4 * F * F, image_min_pixels=F * F,
+                  image_max_pixels=4 * F * F, factor=F)
         kw.update(overrides)
         return FrameSettings(**kw)
 
@@ -83,9 +90,8 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
     from video_ktr.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-setup")
-    # VK_TEST_ARCH=qwen2_vl (or another adapter's name) runs the suite on that family's tiny model
-    model_dir = build_tiny_model(root / "model", seed=0, arch=os.environ.get("VK_TEST_ARCH", "qwen2_5_vl"))
-    synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0)
+    model_dir = build_tiny_model(root / "model", seed=0, arch=TEST_ARCH)
+    synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0, cell=F, size=2 * F)
     return TinySetup(model_dir=Path(model_dir), data_dir=root / "data")
 
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.conftest import F
 from video_ktr.model.inputs import Media, encode_prompts, processor_call, select_prompts, sequence_inputs
 from video_ktr.model.loading import special_tokens
 from video_ktr.model.prefix import strip_pixels
@@ -54,7 +55,7 @@ def batch(tiny_setup, tiny_model):
     model, processor = tiny_model
     samples = _pick(tiny_setup.samples(), ["video", "image", "video", "video"])
     # three different video grids, so that a grid paired with the wrong row shows in the log-probs
-    overrides = [dict(nframes=4), {}, {}, dict(max_pixels=784, min_pixels=784)]
+    overrides = [dict(nframes=4), {}, {}, dict(max_pixels=F * F, min_pixels=F * F)]  # F: the family's frame factor
     media = [tiny_setup.media(s, **o) for s, o in zip(samples, overrides)]
     prompts = encode_prompts(processor, [s.messages() for s in samples], media)
     assert prompts["video_grid_thw"].tolist() == [[2, 4, 4], [4, 4, 4], [4, 2, 2]]
@@ -106,7 +107,8 @@ def test_mask_probe_equals_deleting_the_placeholders(tiny_model, batch):
     masked = batch["all_masked"]
     deleted = _delete_visual(seq, Lc, pad)
     assert (deleted["input_ids"] == model.config.video_token_id).sum() == 0
-    assert (deleted["input_ids"] == model.config.vision_start_token_id).sum() == seq["input_ids"].shape[0]  # markers stay
+    start = model.config.vision_start_token_id  # one per item (Qwen2/2.5-VL) or per frame group (Qwen3-VL)
+    assert (deleted["input_ids"] == start).sum() == (seq["input_ids"] == start).sum() >= seq["input_ids"].shape[0]  # markers stay
     # left padding differs between the two batches: each row is also checked alone (no padding at all)
     batched = _logp(model, deleted, ids)
     assert torch.allclose(masked[valid], batched[valid], atol=ATOL), (masked - batched)[valid].abs().max()
