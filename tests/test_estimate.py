@@ -373,7 +373,7 @@ def test_the_rollouts_gathered_weights_and_offload_are_counted():
     assert component(fsdp, "gradients", "backward") == pytest.approx(trainable * 4 / 8)
 
 
-@pytest.mark.parametrize("config_class", ["Qwen2VLConfig", "Qwen2_5_VLConfig", "Qwen3VLConfig"])
+@pytest.mark.parametrize("config_class", ["Qwen2VLConfig", "Qwen2_5_VLConfig", "Qwen3VLConfig", "Qwen3VLMoeConfig"])
 def test_every_familys_count_equals_transformers_on_meta_device(config_class):
     """The per-family counts (model/adapters) against the model transformers builds from the family's default config."""
     import torch
@@ -395,14 +395,10 @@ def test_every_familys_count_equals_transformers_on_meta_device(config_class):
     assert count_params(arch_from_config(config.to_dict()), r, targets)["lora"] == lora
 
 
-def test_the_moe_variant_is_refused_with_a_reason():
-    from transformers import Qwen3VLMoeConfig
-
+def test_experts_in_a_dense_familys_config_are_refused():
     from video_ktr.analysis.model_size import arch_from_config
 
-    with pytest.raises(ValueError, match="60 experts per layer"):  # transformers' own layout (num_local_experts)
-        count_params(arch_from_config(Qwen3VLMoeConfig().to_dict()))
-    raw = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    raw = {"model_type": "qwen3_vl", "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "vocab_size": 100, "num_experts": 8},
            "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}
     with pytest.raises(ValueError, match="mixture-of-experts"):
@@ -422,3 +418,16 @@ def test_static_decoder_cache_kept_between_rollouts_is_counted():
     assert component(t, "static decode cache kept between rollouts") == (R + 1) * 64 * L * 2 * kv * d * b
     hf = E.estimate(train_config(**base, rollout_decoder="hf"), hand_arch(), **kw)
     assert not [c for c in hf["components"] if c["name"] == "static decode cache kept between rollouts"]
+
+
+def test_moe_layers_sparse_and_dense_and_the_routed_width():
+    from transformers import Qwen3VLMoeConfig
+
+    from video_ktr.analysis.model_size import arch_from_config
+
+    text = {"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [5], "num_experts": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "intermediate_size": 256, "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100}
+    arch = arch_from_config(Qwen3VLMoeConfig(text_config=text).to_dict())
+    assert (arch.sparse_layers, arch.num_experts, arch.experts_per_token) == (2, 8, 2)  # layers 1 and 3 (5 is dense-only)
+    assert arch.adapter.mlp_width(arch) == (4 * 256 + 2 * 2 * 32) / 6

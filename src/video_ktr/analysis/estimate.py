@@ -100,8 +100,8 @@ def estimate(
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
     b = DTYPE_BYTES.get(dtype, 2)
     N = num_gpus
-    h, L, nh, kv, d, inter, V = (arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads,
-                                 arch.head_dim, arch.intermediate_size, arch.vocab_size)
+    h, L, nh, kv, d, V = arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.vocab_size
+    inter = arch.adapter.mlp_width(arch)  # the MLP width a token's activations pass through (MoE: routed experts)
     hv, iv, Lv_depth = arch.vision_hidden_size, arch.vision_intermediate_size, arch.vision_depth
     attn = _attention_kind(cfg.attn_implementation)
     ckpt = bool(cfg.gradient_checkpointing)

@@ -51,6 +51,9 @@ class ModelArch:
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
     attention_bias: bool | None = None  # config.json's, where the family has the switch (Qwen3-VL)
     num_experts: int = 0  # mixture-of-experts text MLPs (0: dense)
+    moe_intermediate_size: int = 0  # one expert's MLP width
+    experts_per_token: int = 0  # experts a token is routed through
+    sparse_layers: int = 0  # decoder layers whose MLP is the experts
     num_position_embeddings: int = 0  # learned vision position table (Qwen3-VL)
     deepstack_layers: int = 0  # extra patch mergers feeding decoder layers (Qwen3-VL DeepStack)
     dtype: str = "bfloat16"  # the checkpoint's dtype (used for --dtype auto)
@@ -87,7 +90,7 @@ def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelA
         raise ValueError(f"{source}: no vision_config; is this a vision-language checkpoint?")
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     hidden = int(t("hidden_size"))
-    return ModelArch(
+    fields: dict[str, Any] = dict(
         family=adapter.name, hidden_size=hidden, num_layers=int(t("num_hidden_layers")),
         num_heads=int(t("num_attention_heads")), num_kv_heads=int(t("num_key_value_heads", t("num_attention_heads"))),
         intermediate_size=int(t("intermediate_size")), vocab_size=int(t("vocab_size")), tie_word_embeddings=bool(tie),
@@ -98,8 +101,11 @@ def arch_from_config(raw: dict[str, Any], source: str = "config.json") -> ModelA
         vision_depth=int(vision["depth"]), vision_num_heads=int(vision["num_heads"]),
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or t("dtype") or t("torch_dtype") or "bfloat16"),
         attention_bias=t("attention_bias"), num_experts=int(t("num_experts", t("num_local_experts", 0)) or 0),
-        source=source, **adapter.vision_sizes(vision, hidden),
+        source=source,
     )
+    fields.update(adapter.text_sizes({**raw, **text}))  # what differs by family comes from its adapter
+    fields.update(adapter.vision_sizes(vision, hidden))
+    return ModelArch(**fields)
 
 
 # The public checkpoints the families' adapters know by name (their config.json written from memory, not
@@ -142,14 +148,11 @@ def count_params(arch: ModelArch, lora_r: int = 0, lora_targets: list[str] | tup
     does: in Qwen2.5-VL the vision blocks' gate_proj / up_proj / down_proj match the default targets too.
     """
     adapter = arch.adapter
-    h, d, nh, kv, inter, V = (arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
-                              arch.intermediate_size, arch.vocab_size)
-    layer = adapter.text_layer_params(arch)
-    text = V * h + arch.num_layers * layer + h + (0 if arch.tie_word_embeddings else V * h)
+    h, V = arch.hidden_size, arch.vocab_size
+    layers, layer = adapter.text_params(arch)
+    text = V * h + layers + h + (0 if arch.tie_word_embeddings else V * h)
     vision = adapter.vision_params(arch)
-    shapes = {"q_proj": (h, nh * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (nh * d, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    lora_text = sum(lora_r * sum(shapes[t]) for t in lora_targets if t in shapes) * arch.num_layers
+    lora_text = adapter.text_lora_params(arch, lora_r, lora_targets)
     vshapes = adapter.vision_lora_shapes(arch)
     lora_vision = sum(lora_r * sum(vshapes[t]) for t in lora_targets if t in vshapes) * arch.vision_depth
     return {"text": text, "vision": vision, "total": text + vision, "lora": lora_text + lora_vision,

@@ -123,10 +123,33 @@ class ModelAdapter:
         """The estimate's vision fields (hidden / intermediate size, window attention) from config.json's vision_config."""
         raise self._no_estimate()
 
+    def text_sizes(self, text: dict[str, Any]) -> dict[str, Any]:
+        """Family-specific text fields of the estimate's architecture from config.json's text part (none here)."""
+        return {}
+
     def text_layer_params(self, arch: Any) -> int:
         """One decoder layer: q, k, v with biases, o, a SwiGLU MLP, two RMSNorms (Qwen2 text)."""
         h, d, nh, kv, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_size
         return (h * nh * d + nh * d) + 2 * (h * kv * d + kv * d) + nh * d * h + 3 * h * inter + 2 * h
+
+    def text_params(self, arch: Any) -> tuple[int, int]:
+        """(all decoder layers, the largest one): every layer alike here."""
+        layer = self.text_layer_params(arch)
+        return arch.num_layers * layer, layer
+
+    def text_lora_shapes(self, arch: Any) -> dict[str, tuple[int, int]]:
+        h, d, nh, kv, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+        return {"q_proj": (h, nh * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (nh * d, h),
+                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+    def text_lora_params(self, arch: Any, r: int, targets: Any) -> int:
+        """LoRA's r x (in + out) over the decoder layers' Linears whose last name is a target (as PEFT matches)."""
+        shapes = self.text_lora_shapes(arch)
+        return sum(r * sum(shapes[t]) for t in targets if t in shapes) * arch.num_layers
+
+    def mlp_width(self, arch: Any) -> float:
+        """The MLP width a token's activations pass through, averaged over the decoder layers."""
+        return float(arch.intermediate_size)
 
     def vision_params(self, arch: Any) -> int:
         """The vision tower: patch embedding, blocks, patch merger."""

@@ -45,10 +45,13 @@ class Qwen3VLAdapter(ModelAdapter):
         if arch.num_experts:
             raise ValueError(f"`video-ktr estimate` does not count mixture-of-experts text layers ({arch.num_experts} "
                              "experts per layer): the Qwen3-VL MoE variant is not modelled")
-        h, d, nh, kv, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.intermediate_size
+        return self._attention_and_norms(arch) + 3 * arch.hidden_size * arch.intermediate_size
+
+    def _attention_and_norms(self, arch: Any) -> int:
+        h, d, nh, kv = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads
         bias = bool(arch.attention_bias)
         attn = h * nh * d + 2 * h * kv * d + nh * d * h + (nh * d + 2 * kv * d + h if bias else 0)
-        return attn + 2 * d + 3 * h * inter + 2 * h
+        return attn + 2 * d + 2 * h
 
     def vision_params(self, arch: Any) -> int:
         """Conv3d patch embedding with bias, the learned position table, LayerNorm x2 + qkv / proj + fc1 / fc2 (all

@@ -22,6 +22,48 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     decoder_layer = "Qwen3VLMoeTextDecoderLayer"
     vision_block = "Qwen3VLMoeVisionBlock"
 
+    # -- sizes for `video-ktr estimate` -----------------------------------------------------------------
+    def text_sizes(self, text: dict[str, Any]) -> dict[str, Any]:
+        """Experts, their width, how many a token goes through, and which layers are sparse (every
+        decoder_sparse_step-th one not in mlp_only_layers, as the decoder layer decides)."""
+        experts = int(text.get("num_experts", text.get("num_local_experts", 0)) or 0)
+        layers, step = int(text["num_hidden_layers"]), int(text.get("decoder_sparse_step", 1) or 1)
+        dense_only = set(text.get("mlp_only_layers") or ())
+        sparse = sum(1 for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
+        return {"num_experts": experts, "moe_intermediate_size": int(text.get("moe_intermediate_size", 0) or 0),
+                "experts_per_token": int(text.get("num_experts_per_tok", 0) or 0), "sparse_layers": sparse}
+
+    def text_layer_params(self, arch: Any) -> int:
+        return self.text_params(arch)[1]
+
+    def _sparse_mlp(self, arch: Any) -> int:
+        """The experts (gate_up_proj and down_proj as 3-D parameters) and the router."""
+        h, experts = arch.hidden_size, arch.num_experts
+        return experts * 3 * h * arch.moe_intermediate_size + experts * h
+
+    def text_params(self, arch: Any) -> tuple[int, int]:
+        dense = arch.num_layers - arch.sparse_layers
+        base, dense_mlp = self._attention_and_norms(arch), 3 * arch.hidden_size * arch.intermediate_size
+        total = arch.num_layers * base + dense * dense_mlp + arch.sparse_layers * self._sparse_mlp(arch)
+        largest = base + max(dense_mlp if dense else 0, self._sparse_mlp(arch) if arch.sparse_layers else 0)
+        return total, largest
+
+    def text_lora_params(self, arch: Any, r: int, targets: Any) -> int:
+        """The attention's Linears in every layer; gate/up/down_proj only in the dense layers (the experts are
+        3-D parameters, not Linears, and PEFT's target_modules does not match them)."""
+        shapes = self.text_lora_shapes(arch)
+        attn = sum(r * sum(shapes[t]) for t in targets if t in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        mlp = sum(r * sum(shapes[t]) for t in targets if t in ("gate_proj", "up_proj", "down_proj"))
+        return arch.num_layers * attn + (arch.num_layers - arch.sparse_layers) * mlp
+
+    def mlp_width(self, arch: Any) -> float:
+        """A token in a sparse layer passes through experts_per_token experts of moe_intermediate_size (its
+        activations are kept once per routed expert); averaged with the dense layers' width. An approximation:
+        the router's logits and the routed copies of the hidden state are not counted."""
+        dense = arch.num_layers - arch.sparse_layers
+        routed = arch.experts_per_token * arch.moe_intermediate_size
+        return (dense * arch.intermediate_size + arch.sparse_layers * routed) / arch.num_layers
+
     def make_config(self, text: dict[str, Any], vision: dict[str, Any], common: dict[str, Any]) -> Any:
         from transformers import Qwen3VLMoeConfig
 
