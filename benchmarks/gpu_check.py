@@ -568,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", required=True, help="where gpu_check.json, summary.md and the runs go")
     ap.add_argument("--small", action="store_true", help="toy sizes: the dry run on a CPU")
-    ap.add_argument("--parts", default="cli,rollout,probes,step,estimate", help="comma list of parts to run")
+    ap.add_argument("--parts", default="cli,rollout,step,estimate,probes",
+                    help="comma list of parts to run (probes last: the budget cuts it before the step targets)")
     ap.add_argument("--work_dir", default=None, help="models and data (default: OUTPUT_DIR/work; reused if present)")
     ap.add_argument("--budget_s", type=float, default=480, help="skip the parts left once this many seconds have passed")
     ap.add_argument("--bandwidth_gbs", type=float, default=None, help="GPU memory bandwidth (default: from the GPU's name)")

@@ -292,3 +292,29 @@ def test_rollout_decoder_keeps_graphs_only_for_the_static_decoder():
     d = StaticDecoder(store=GraphStore(), capacity_multiple=64)
     assert d.capacity(100, 28, graphs=object()) == 128 and d.capacity(100, 29, graphs=object()) == 192
     assert d.capacity(100, 29, graphs=None) == 129 and StaticDecoder().capacity(100, 29, graphs=object()) == 129
+
+
+def test_trainer_steps_replay_the_kept_graph_with_the_updated_weights(tiny_setup, tmp_path):
+    """Two GRPO-KTR steps whose rollouts replay one kept graph (the optimizer updates the weights in place between
+    them) take the steps of rollouts that capture afresh every time: same completions, rewards, losses, gradients."""
+    from dataclasses import replace
+
+    from video_ktr.model.decode import GraphStore
+    from video_ktr.training.grpo import KTRTrainer
+    from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.utils.config import parse_args
+
+    runs, stores = {}, {}
+    for name in ("fresh", "kept"):
+        cfg = parse_args(TrainConfig, tiny_setup.train_args(tmp_path / name, "--max_steps", "2", "--token_selection",
+                                                            "all", "--learning_rate", "1e-3"))
+        trainer = KTRTrainer(cfg)
+        stores[name] = GraphStore() if name == "kept" else None
+        decoder = StaticDecoder(graphs=StandInGraphs(), noise="counter", store=stores[name])
+        trainer.sampling = replace(trainer.sampling, decoder=decoder)
+        runs[name] = [trainer.train_step() for _ in range(2)]
+    assert stores["kept"].captures >= 1 and stores["kept"].hits >= 1
+    for a, b in zip(runs["fresh"], runs["kept"]):
+        for key in ("loss", "completion_length", "reward", "grad_norm"):
+            if key in a:
+                assert a[key] == b[key], (key, a[key], b[key])
