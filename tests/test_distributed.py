@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from video_ktr.training import checkpoint as ckpt
-from video_ktr.training.distributed import backend, check_backend, requested_backend
+from video_ktr.training.distributed import (
+    backend,
+    check_backend,
+    own_fsdp2,
+    requested_backend,
+    sharded_parameters,
+)
 
 
 class StandInAccelerator:
@@ -81,25 +87,61 @@ def test_a_sharded_optimizer_state_is_not_saved_as_if_whole_and_such_a_checkpoin
         ckpt.load(folder, StandInAccelerator(main=True), model, opt, sched, ckpt.TrainState())
 
 
-def test_backend_names_and_the_launch_request():
+def test_backend_names_and_the_launch_request(monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
     assert backend(StandInAccelerator(main=True)) == "single"
     assert backend(StandInAccelerator(main=True, kind="MULTI_CPU")) == "DDP"
-    assert backend(StandInAccelerator(main=True, kind="FSDP")) == "FSDP"
+    fsdp2 = StandInAccelerator(main=True, kind="FSDP")
+    assert backend(fsdp2) == "FSDP1"
+    fsdp2.is_fsdp2 = True
+    assert backend(fsdp2) == "FSDP2"
     assert backend(StandInAccelerator(main=True, kind="DEEPSPEED", zero_stage=3)) == "DeepSpeed ZeRO-3"
     assert requested_backend({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
     assert requested_backend({"ACCELERATE_USE_DEEPSPEED": "True"}) == "DeepSpeed"
     assert requested_backend({}) is None
+    # an FSDP launch on CPU processes: accelerate set up MULTI_CPU, the trainers shard the model themselves
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cpu = StandInAccelerator(main=True, kind="MULTI_CPU")
+    assert own_fsdp2(cpu) and backend(cpu) == "FSDP2" and sharded_parameters(cpu)
+    assert not own_fsdp2(StandInAccelerator(main=True)) and backend(StandInAccelerator(main=True)) == "single"
 
 
-def test_a_launch_whose_fsdp_or_deepspeed_fell_back_is_refused():
+FSDP2_CPU = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+             "FSDP_OFFLOAD_PARAMS": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+
+
+def test_a_launch_whose_fsdp_or_deepspeed_would_fall_back_is_refused_or_sharded_by_the_trainers():
     cfg = SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0)
     ddp = StandInAccelerator(main=True, kind="MULTI_CPU")  # what accelerate 1.15 makes of an FSDP config on CPU
-    with pytest.raises(RuntimeError, match="asked for FSDP.*set up DDP"):
-        check_backend(ddp, cfg, {"ACCELERATE_USE_FSDP": "true"})
-    with pytest.raises(RuntimeError, match="asked for DeepSpeed"):
+    with pytest.raises(RuntimeError, match="asked for DeepSpeed.*set up DDP"):
         check_backend(ddp, cfg, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(RuntimeError, match="asked for FSDP.*set up single"):  # one process: nothing to shard over
+        check_backend(StandInAccelerator(main=True), cfg, FSDP2_CPU)
     check_backend(ddp, cfg, {})
+    check_backend(ddp, cfg, FSDP2_CPU)  # the trainers' own FSDP2 takes over
     check_backend(StandInAccelerator(main=True, kind="FSDP"), cfg, {"ACCELERATE_USE_FSDP": "true"})
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"FSDP_VERSION": "1"}, "FSDP version 1 on CPU"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+    ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "--gradient_checkpointing"),
+    ({"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "SIZE_BASED_WRAP"),
+])
+def test_fsdp_settings_the_cpu_wrapping_does_not_honour_are_refused(setting, match):
+    cfg = SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match=match):
+        check_backend(StandInAccelerator(main=True, kind="MULTI_CPU"), cfg, {**FSDP2_CPU, **setting})
+
+
+def test_fsdp_on_cpu_processes_refuses_mixed_precision():
+    cfg = SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0)
+    acc = StandInAccelerator(main=True, kind="MULTI_CPU")
+    acc.mixed_precision = "bf16"
+    with pytest.raises(RuntimeError, match="without mixed precision.*bf16"):
+        check_backend(acc, cfg, FSDP2_CPU)
 
 
 def test_deepspeed_settings_that_cannot_be_made_correct_are_refused():

@@ -80,8 +80,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def full_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights; EVERY process must call it (under FSDP and DeepSpeed ZeRO-3 it gathers the
-    shards, a collective: a save that only the main process entered would hang at its first checkpoint)."""
+    shards, a collective: a save that only the main process entered would hang at its first checkpoint).
+    A model wrapped with FSDP2 (accelerate's or this package's own on CPU processes) goes through PyTorch's
+    get_model_state_dict (full, on the main process's CPU)."""
+    from video_ktr.training import distributed_fsdp as fsdp
+
+    if fsdp.is_fsdp2(model):
+        return fsdp.full_model_state_dict(model)
     return accelerator.get_state_dict(model)
+
+
+def _rng_states(accelerator: Any) -> list[dict[str, Any]] | None:
+    """Every process's random states (a collective when several processes run), else None."""
+    import torch.distributed as dist
+
+    if int(getattr(accelerator, "num_processes", 1)) <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, _rng_state())
+    return states
 
 
 def _write_model(target: Path, accelerator: Any, model: torch.nn.Module, processor: Any,
@@ -170,25 +187,36 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
          optimizer: Any, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temporary folder + rename); every process calls it.
 
-    Under FSDP or DeepSpeed the optimiser state is split over the processes and the main process holds
-    only its part: it is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``
-    in trainer_state.json), so such a checkpoint holds the whole model but cannot be resumed from
-    (:func:`load` says so).
+    Under FSDP2 the optimiser state is gathered whole on the main process, keyed by parameter name
+    (``optimizer_format: "by-name"``; PyTorch's get_optimizer_state_dict, every process joins), so a resume
+    restores it on any number of processes. Under DeepSpeed and FSDP1 it stays split over the processes and
+    is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``): such a checkpoint
+    holds the whole model but cannot be resumed from (:func:`load` says so). Every process's random states
+    are kept (``rng_per_process``).
     """
+    from video_ktr.training import distributed_fsdp as fsdp
+
     final = output_dir / f"checkpoint-{step}"
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)  # a collective under FSDP / ZeRO-3: every process
-    sharded_optimizer = optimizer_state_sharded(accelerator)
+    by_name = fsdp.is_fsdp2(model)
+    optim_state = fsdp.full_optimizer_state_dict(model, optimizer) if by_name else None  # a collective too
+    sharded_optimizer = optimizer_state_sharded(accelerator) and not by_name
+    rng_states = _rng_states(accelerator)  # a collective with several processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
         _write_model(tmp, accelerator, model, processor, state_dict)
         if not sharded_optimizer:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state if by_name else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {},
                    "optimizer_state": "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
+        if by_name:
+            payload["optimizer_format"] = "by-name"
+        if rng_states is not None:
+            payload["rng_per_process"] = rng_states
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump(payload, fh)
         _fsync_tree(tmp)
@@ -205,8 +233,10 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
 
 def optimizer_state_sharded(accelerator: Any) -> bool:
     """Whether each process holds only part of the optimiser state (FSDP, DeepSpeed ZeRO 1-3)."""
+    from video_ktr.training.distributed import own_fsdp2
+
     kind = str(getattr(accelerator, "distributed_type", ""))
-    return kind.endswith("FSDP") or kind.endswith("DEEPSPEED")
+    return kind.endswith("FSDP") or kind.endswith("DEEPSPEED") or own_fsdp2(accelerator)
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -240,18 +270,30 @@ def find(output_dir: Path, spec: str) -> Path:
 
 
 def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> dict[str, Any]:
-    """Restore model weights, optimiser, scheduler, counters and random states from ``path``."""
+    """Restore model weights, optimiser, scheduler, counters and random states from ``path``.
+
+    Every process calls it. Under FSDP2 each process reads the whole weights and optimiser state and keeps
+    its shard (PyTorch's set_model_state_dict / set_optimizer_state_dict).
+    """
     from safetensors.torch import load_file
+
+    from video_ktr.training import distributed_fsdp as fsdp
 
     payload = json.loads((path / STATE_FILE).read_text())
     if payload.get("optimizer_state", "optimizer.pt") != "optimizer.pt":
         raise CheckpointError(
-            f"{path} was written under FSDP / DeepSpeed, whose optimiser state is split over the processes and was not "
+            f"{path} was written under DeepSpeed / FSDP1, whose optimiser state is split over the processes and was not "
             "saved: it holds the whole model (load it with --model_name_or_path to start a new run from it) but "
-            "cannot be resumed from. Resuming sharded runs is not implemented yet.")
-    if optimizer_state_sharded(accelerator):
-        raise CheckpointError("resuming under FSDP / DeepSpeed is not implemented yet (the optimiser state is split "
-                              "over the processes); start a new run from the checkpoint's model instead")
+            "cannot be resumed from.")
+    sharded = fsdp.is_fsdp2(model)
+    if optimizer_state_sharded(accelerator) and not sharded:
+        raise CheckpointError("resuming under DeepSpeed / FSDP1 is not implemented (the optimiser state is split over "
+                              "the processes); resume under FSDP2, DDP or one process, or start a new run from the "
+                              "checkpoint's model")
+    by_name = payload.get("optimizer_format") == "by-name"
+    if sharded and not by_name:
+        raise CheckpointError(f"{path}/optimizer.pt was written without FSDP2 (its state is keyed by parameter position, "
+                              "not name) and cannot be split over FSDP2's shards: resume it with the set-up that wrote it")
 
     unwrapped = accelerator.unwrap_model(model)
     weights: dict[str, torch.Tensor] = {}
@@ -259,13 +301,26 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
         weights.update(load_file(str(f)))
     if not weights:
         raise FileNotFoundError(f"{path} holds no safetensors weights")
-    missing, unexpected = _load_weights(unwrapped, weights)
+    if sharded:
+        mapping, unexpected = _match_keys(list(unwrapped.state_dict()), weights)
+        missing = [k for k in unwrapped.state_dict() if k not in set(mapping.values()) and "lm_head" not in k]
+        if not unexpected and not missing:
+            fsdp.load_full_model_state_dict(unwrapped, {mapping[k]: v for k, v in weights.items()})
+    else:
+        missing, unexpected = _load_weights(unwrapped, weights)
     if unexpected or missing:
         raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
-    optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+    optim_state = _load_tensors(path / "optimizer.pt")
+    if by_name:
+        fsdp.load_full_optimizer_state_dict(unwrapped if sharded else model, optimizer, optim_state)
+    else:
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
     state.step, state.micro_step = int(payload["step"]), int(payload["micro_step"])
-    _set_rng_state(payload.get("rng", {}))
+    per_process = payload.get("rng_per_process")
+    rank, world = int(getattr(accelerator, "process_index", 0)), int(getattr(accelerator, "num_processes", 1))
+    _set_rng_state(per_process[rank] if isinstance(per_process, list) and len(per_process) == world
+                   else payload.get("rng", {}))
     return payload.get("extra", {})
 
 
@@ -282,18 +337,23 @@ def _load_tensors(file: Path) -> Any:
             f"checkpoints this package wrote. ({str(err).splitlines()[0]})") from err
 
 
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    own = model.state_dict()
-    # save_pretrained may drop tied weights (lm_head tied to the embeddings) and rename prefixes
+def _match_keys(own: list[str], weights: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
+    """(saved key -> the model's key, saved keys that match none); save_pretrained may drop tied weights
+    (lm_head tied to the embeddings) and rename prefixes."""
     mapping = {}
+    own_set = set(own)
     for key in weights:
-        if key in own:
+        if key in own_set:
             mapping[key] = key
         else:
             candidates = [k for k in own if k.endswith(key) or key.endswith(k)]
             if len(candidates) == 1:
                 mapping[key] = candidates[0]
-    unexpected = [k for k in weights if k not in mapping]
+    return mapping, [k for k in weights if k not in mapping]
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    mapping, unexpected = _match_keys(list(model.state_dict()), weights)
     result = model.load_state_dict({mapping[k]: v for k, v in weights.items() if k in mapping}, strict=False)
     missing = [k for k in result.missing_keys if "lm_head" not in k]
     return missing, unexpected

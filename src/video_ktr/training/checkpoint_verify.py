@@ -100,9 +100,15 @@ def find_resumable(output_dir: str | Path, spec: str) -> tuple[Path, list[str]]:
     return ckpt.find(output_dir, spec), []  # raises: no checkpoint at all
 
 
-def check_finite_model(model: torch.nn.Module) -> None:
-    """Raise NonFiniteModelError naming the parameters that hold NaN or inf."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf in what this process holds (its shard of a DTensor)."""
+    return [name for name, p in model.named_parameters()
+            if not bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())]
+
+
+def check_finite_model(model: torch.nn.Module, bad: list[str] | None = None) -> None:
+    """Raise NonFiniteModelError naming the parameters that hold NaN or inf (``bad``: already found)."""
+    bad = non_finite_parameters(model) if bad is None else bad
     if bad:
         raise NonFiniteModelError(
             f"{len(bad)} parameter tensor(s) hold NaN or inf (first: {', '.join(bad[:3])}); the final model is not "

@@ -129,7 +129,7 @@ class KTRTrainer(TrainingRun):
         self.data.total_micro_steps = self.total_steps * cfg.gradient_accumulation_steps
         self._prepare(model, optimizer)
         if self.ref_model is not None:  # held like the policy: a ZeRO-3 engine, FSDP2 units, or whole (training/reference.py)
-            self.ref_model = prepare_reference(self.ref_model, self.acc)
+            self.ref_model = prepare_reference(self.ref_model, self.acc, fsdp_wrap=self.fsdp_wrap)
         self.reward_fns = [(spec, load_reward_function(spec, cfg.reward_completion_format), w)
                            for spec, w in zip(cfg.reward_funcs, cfg.reward_weights or [1.0] * len(cfg.reward_funcs))]
         self.loss_spec, self.selection = cfg.loss_spec(), cfg.selection_spec()

@@ -75,7 +75,7 @@ def prepare_reference(ref: torch.nn.Module, acc: Any, *,
         ref = fsdp_wrap(ref)
     elif kind.startswith("DeepSpeed"):
         ref = _deepspeed_reference(ref, acc)
-    elif kind == "FSDP":
+    elif kind.startswith("FSDP"):
         ref = _fsdp_reference(ref, acc)
     else:
         ref = acc.prepare_model(ref, evaluation_mode=True)

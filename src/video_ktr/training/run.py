@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ import torch
 
 from video_ktr.model.loading import grouped_kv_attention, load_model, use_grouped_kv_sdpa
 from video_ktr.training import checkpoint as ckpt
-from video_ktr.training.checkpoint_verify import check_finite_model, find_resumable
+from video_ktr.training.checkpoint_verify import check_finite_model, find_resumable, non_finite_parameters
 from video_ktr.training.distributed import (
     accelerator_device_kwargs,
     check_backend,
     check_process_count,
     fill_deepspeed_batch_size,
+    fsdp_reshard_after_forward,
+    fsdp_wrap_classes,
+    own_fsdp2,
     run_info,
 )
 from video_ktr.training.hub import finish_output
@@ -39,6 +43,11 @@ from video_ktr.utils.logs import bars_disabled, get_logger, setup_logging
 from video_ktr.utils.run_dir import claim_output_dir
 
 logger = get_logger(__name__)
+
+
+def _full(value: Any) -> Any:
+    """A DTensor's whole value (the gradient norm of an FSDP2 model is one); anything else as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 class BadStep(RuntimeError):
@@ -101,7 +110,29 @@ class TrainingRun:
         self.scheduler = build_scheduler(optimizer, kind=cfg.lr_scheduler_type, total_steps=self.total_steps,
                                          warmup_ratio=cfg.warmup_ratio)
         fill_deepspeed_batch_size(self.acc, cfg.per_device_train_batch_size)  # no data loader for accelerate to read it from
+        if own_fsdp2(self.acc):  # an FSDP launch on CPU processes: accelerate cannot shard, fully_shard does
+            from video_ktr.training import distributed_fsdp as fsdp
+
+            names = fsdp.parameter_names(model)
+            self.fsdp_wrap(model)
+            fsdp.rebind_optimizer(optimizer, names, model)
+            self.model, self.optimizer = model, self.acc.prepare(optimizer)
+            return
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+    @property
+    def fsdp_wrap(self) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
+        """The function that shards a model in place with FSDP2 when the trainers do it themselves (an FSDP launch
+        on CPU processes; the reference model goes through it too), else None (accelerate wraps, or nothing does)."""
+        if not own_fsdp2(self.acc):
+            return None
+        from video_ktr.training import distributed_fsdp as fsdp
+
+        def wrap(model: torch.nn.Module) -> torch.nn.Module:
+            fsdp.shard_model(model, reshard_after_forward=fsdp_reshard_after_forward(), wrap_classes=fsdp_wrap_classes())
+            return model
+
+        return wrap
 
     def _resume(self, spec: str) -> None:
         path, skipped = find_resumable(self.out, spec)  # verified; damaged newer ones skipped and named
@@ -156,9 +187,9 @@ class TrainingRun:
         """
         cfg = self.cfg
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            grad_norm = float(_full(self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
         else:
-            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            grads = [_full(p.grad.detach().float().norm()) for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.stack(grads).norm() if grads else torch.tensor(0.0))
         bad = self.global_sum(float(bad or not math.isfinite(grad_norm))) > 0
         if bad:
@@ -259,6 +290,8 @@ class TrainingRun:
         """The final model; every process enters (the weights are gathered under FSDP / ZeRO-3), the main one writes."""
         self.acc.wait_for_everyone()
         self.before_final_save()
-        if self.acc.is_main_process:
-            check_finite_model(self.acc.unwrap_model(self.model))  # never a NaN model as final
+        # never a NaN model as final: each process checks what it holds (its shards under FSDP2), all agree
+        bad = non_finite_parameters(self.acc.unwrap_model(self.model))
+        if self.global_sum(float(len(bad))) > 0:
+            check_finite_model(self.acc.unwrap_model(self.model), bad or ["(on another process)"])
         ckpt.save_model(self.out, self.acc, self.model, self.processor)

@@ -1,0 +1,153 @@
+"""FSDP2 (PyTorch's ``fully_shard``) where accelerate cannot set it up, and FSDP2 state dicts for checkpoints.
+
+accelerate 1.15 turns an FSDP launch on a machine without GPUs into plain DDP (``MULTI_CPU``, every process
+holding the whole model). When the launch asked for FSDP and accelerate set up CPU processes
+(:func:`video_ktr.training.distributed.own_fsdp2`), :func:`shard_model` wraps the model itself, the way
+accelerate's TRANSFORMER_BASED_WRAP does on GPUs: one ``fully_shard`` unit per decoder layer and per vision
+block (the launch's fsdp_transformer_layer_cls_to_wrap, else the model's ``_no_split_modules``), one for
+the vision tower (the trainers call ``get_image_features`` / ``get_video_features`` directly, outside the
+root's forward), then the root (embeddings, the tied output head, the final norm). Each process then holds
+a DTensor shard (``Shard(0)`` over a 1-D device mesh) of every parameter.
+
+The state-dict helpers serve any model wrapped with FSDP2 (accelerate's on GPUs too): they are collectives
+that every process enters the same number of times, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def is_fsdp2(model: Any) -> bool:
+    """Whether ``model`` (or, behind accelerate's wrappers, its module) was wrapped with ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    while model is not None:
+        if isinstance(model, FSDPModule):
+            return True
+        model = getattr(model, "_orig_mod", None)  # a compiled module
+    return False
+
+
+def wrap_class_names(model: torch.nn.Module, requested: list[str] | None = None) -> set[str]:
+    """The classes wrapped one by one: ``requested`` (the launch's list), else the adapter's decoder layer and
+    vision block, else the model's ``_no_split_modules``."""
+    if requested:
+        names = set(requested)
+    else:
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        try:
+            from video_ktr.model.adapters import adapter_for
+
+            names |= {n for n in adapter_for(model).wrap_classes() if n}
+        except (KeyError, ValueError, AttributeError):
+            pass
+    present = {type(m).__name__ for m in model.modules()}
+    missing = sorted(names - present)
+    if requested and missing:
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap names {missing}, which {type(model).__name__} does not "
+                         f"contain; its layer classes include {sorted(n for n in present if 'Layer' in n or 'Block' in n)[:8]}")
+    if not names & present:
+        raise ValueError(f"no class to wrap one by one in {type(model).__name__} (looked for {sorted(names)}): set "
+                         "fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return names & present
+
+
+def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = True,
+                wrap_classes: list[str] | None = None) -> list[str]:
+    """Wrap ``model`` in place with ``fully_shard`` over all processes (CPU, gloo); returns the units' names,
+    the root last as ''. Every process must call it with the same model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP2 needs torch.distributed set up (launch with accelerate launch or torchrun)")
+    classes = wrap_class_names(model, wrap_classes)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    named = list(model.named_modules())
+    layers = [name for name, m in named if type(m).__name__ in classes]
+    # the vision tower (the owner of the vision blocks' list) is a unit of its own: the trainers call it
+    # through get_image_features / get_video_features, outside the root's forward
+    towers = sorted({name.rsplit(".", 2)[0] for name in layers if "Vision" in type(model.get_submodule(name)).__name__
+                     and name.count(".") >= 2})
+    units = []
+    for name in [*reversed(layers), *towers]:  # bottom-up
+        fully_shard(model.get_submodule(name), mesh=mesh, reshard_after_forward=reshard_after_forward)
+        units.append(name)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    units.append("")
+    return units
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, before: dict[int, str], model: torch.nn.Module) -> None:
+    """Point ``optimizer`` at the sharded parameters ``fully_shard`` put in place of the ones it was built on.
+
+    ``before`` maps id(parameter) -> name, taken before the wrapping. The optimiser must hold no state yet.
+    """
+    if optimizer.state:
+        raise RuntimeError("the optimiser already holds state: shard the model before the first step")
+    now = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [now[before[id(p)]] for p in group["params"]]
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, on the CPU of the main process (an empty dict on the others); a collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    for name in tied_aliases(model):  # the gathered copies no longer share storage: keep one name, as
+        state.pop(name, None)         # save_pretrained does for a model that is not sharded
+    return state
+
+
+def tied_aliases(model: torch.nn.Module) -> list[str]:
+    """Names of parameters that are the same tensor as an earlier one (a tied output head)."""
+    first: dict[int, str] = {}
+    return [name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name]
+
+
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The whole optimiser state keyed by parameter name, on the CPU of the main process (empty on the
+    others); a collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every process passes the whole weights (keys of ``model.state_dict()``); each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, weights, options=_options(full_state_dict=True, strict=False))
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Every process passes the whole optimiser state (keyed by parameter name); each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state, options=_options(full_state_dict=True))
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
+    return optimizer
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,0 +1,139 @@
+"""FSDP2 over two CPU processes (gloo), launched as a user would: `accelerate launch --config_file
+configs/accelerate/fsdp-cpu-2proc.yaml -m video_ktr train ...`.
+
+accelerate 1.15 cannot set up FSDP without GPUs; the trainers then shard the model themselves with PyTorch's
+``fully_shard`` (training/distributed_fsdp.py). One unbroken 4-step run, and the same run SIGKILLed (the
+launcher and both workers) once its step-2 checkpoint exists, then resumed with 'latest': the same
+parameters at step 4 (1e-6), run_info.json says FSDP2 with sharded parameters (each process holding half of
+the elements), and the saved model loads with ``AutoModelForImageTextToText.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from video_ktr.training import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"
+# 2 processes x 1 prompt x 2 completions of up to 8 tokens; a reward with a signal (count_e), a cosine schedule
+# (the resumed scheduler must continue it), Adam's moments carried over the kill; no reference model (--beta 0)
+RUN = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "1", "--num_generations", "2",
+       "--max_completion_length", "8", "--learning_rate", "1e-3", "--token_selection", "none",
+       "--beta", "0", "--reward_funcs", "tests.reward_fixtures:count_e"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(tiny_setup, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+            "--main_process_port", str(_free_port()), "-m", "video_ktr", "train",
+            *tiny_setup.train_args(out, *RUN, *extra)]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != ckpt.TEST_SAVE_DELAY and not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _run(cmd: list[str], log: Path) -> str:
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def _run_and_kill(cmd: list[str], log: Path, kill_when, timeout: float = 300) -> None:
+    """Start the launch; SIGKILL the launcher and both workers as soon as ``kill_when()`` holds."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not kill_when():
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no kill point within {timeout} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.005)
+            _kill_tree(proc.pid)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and every process under it (torchrun's workers run in sessions of their own, so a
+    process-group kill would leave them training)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    workers = root.children(recursive=True)
+    for p in [*workers, root]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(workers, timeout=30)  # not the launcher: its exit status is the caller's to read
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_the_unbroken_run(tiny_setup, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    full = tmp_path / "full"
+    _run(_launch(tiny_setup, full), tmp_path / "full.log")
+    info = json.loads((full / "run_info.json").read_text())
+    assert (info["world_size"], info["distributed"], info["sharded_parameters"]) == (2, "FSDP2", True), info
+    assert info["launch_requested"] == "FSDP" and info["fsdp_wrapping"].startswith("video_ktr")
+    assert 0.45 < info["parameter_shard_fraction"] < 0.55, info  # each process holds about half of the elements
+    state = json.loads((full / "checkpoint-2" / ckpt.STATE_FILE).read_text())
+    assert state["optimizer_state"] == "optimizer.pt" and state["optimizer_format"] == "by-name"
+    assert len(state["rng_per_process"]) == 2
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and any(m["grad_norm"] > 0 for m in metrics)
+
+    killed = tmp_path / "killed"
+    _run_and_kill(_launch(tiny_setup, killed), tmp_path / "killed.log",
+                  lambda: (killed / "checkpoint-2" / ckpt.STATE_FILE).is_file())
+    assert not (killed / "model.safetensors").exists()  # killed before the end
+    text = _run(_launch(tiny_setup, killed, "--resume_from_checkpoint", "latest"), tmp_path / "resumed.log")
+    assert "at step 2" in text, text[-3000:]
+
+    a, b, start = _weights(full), _weights(killed), _weights(tiny_setup.model_dir)
+    assert a.keys() == b.keys() == start.keys()  # the tied output head saved once, as without sharding
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (key, (a[key] - b[key]).abs().max())
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # the 4 steps did move the weights
+
+    model = AutoModelForImageTextToText.from_pretrained(str(killed), dtype=torch.float32)
+    loaded = model.state_dict()
+    names, unmatched = ckpt._match_keys(list(loaded), b)  # transformers' class names its keys its own way
+    assert not unmatched, unmatched[:5]
+    for key, value in b.items():
+        assert torch.equal(loaded[names[key]], value), key
