@@ -70,7 +70,7 @@ DIFFERENCES = (
     "a given step sees different prompts; all prompts have the same template, one 56x56 image and similar length.",
     "Policy pass: TRL runs the vision tower on every one of the prompts x G rows and computes log-probs and "
     "entropies with its fused, chunked LM head; ours runs the vision tower once per prompt and repeats the features "
-    "(--encode_visual_once) and computes full-vocabulary log-softmax on the completion positions.",
+    "(ForwardPlan.encode_visual_once) and computes full-vocabulary log-softmax on the completion positions.",
     "Entropy: both compute it on every valid completion token in the policy forward (TRL needs it for the mask "
     "and its 'entropy' metric; ours for the entropy signal).",
     "Bookkeeping: TRL's step includes its Trainer machinery (callbacks, metric gathering, learning-rate scheduler "

@@ -144,7 +144,7 @@ def test_video_tokens_from_frame_settings():
 
 def test_memory_arithmetic_by_hand():
     cfg = train_config(per_device_train_batch_size=1, num_generations=2, max_completion_length=10, nframes=4,
-                       min_frames=2, max_frames=4, min_pixels=3136, max_pixels=3136, beta=0.0, policy_shared_prefix=False)
+                       min_frames=2, max_frames=4, min_pixels=3136, max_pixels=3136, beta=0.0, plain_forwards=True)
     kw = dict(num_gpus=1, zero_stage=0, video_seconds=10, prompt_text_tokens=20, suggest=False)
     r = E.estimate(cfg, hand_arch(), **kw)
     t = r["tokens"]
@@ -167,7 +167,7 @@ def test_memory_arithmetic_by_hand():
     # the policy pass with shared prompts: the prompt once (P x Lp tokens), the completions (R x Lc) with each
     # row's copy of the S keys and values (expanded to the 64-wide heads), masks over the R x Lc queries
     P, Lp, h = 1, 28, 64
-    sh = E.estimate(dataclasses.replace(cfg, policy_shared_prefix=True), hand_arch(), **kw)
+    sh = E.estimate(dataclasses.replace(cfg, plain_forwards=False), hand_arch(), **kw)
     kv_key = 2 * b * h
     Tpol = P * Lp + R * Lc
     masks = P * Lp * Lp + R * Lc * S

@@ -6,6 +6,7 @@ this process; the learning, resume and two-process checks are further down.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -411,10 +412,15 @@ def test_zero_advantage_groups_are_skipped_where_exact(tiny_setup, tmp_path, ext
 
 
 def test_policy_pass_with_shared_prompts_takes_the_same_step(tiny_setup, tmp_path):
-    """--policy_shared_prefix (default) and the full-sequence policy pass: the same loss, masks and weights."""
-    out = {flag: _step_keeping_rollout(make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all",
-                                                    "--beta", "0.04", "--max_grad_norm", "0", "--policy_shared_prefix", flag))
-           for flag in ("true", "false")}
+    """The policy pass with shared prompts (ForwardPlan.policy_shared_prefix, the default) and the full-sequence
+    policy pass: the same loss, masks and weights."""
+    out = {}
+    for flag in ("true", "false"):
+        trainer = make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "all", "--beta",
+                               "0.04", "--max_grad_norm", "0")
+        assert trainer.plan.policy_shared_prefix
+        trainer.plan = dataclasses.replace(trainer.plan, policy_shared_prefix=flag == "true")
+        out[flag] = _step_keeping_rollout(trainer)
     (a, step_a, m_a), (b, step_b, m_b) = out["true"], out["false"]
     assert torch.equal(step_a.rollout.completions.ids, step_b.rollout.completions.ids)
     assert torch.equal(step_a.key, step_b.key)
@@ -457,17 +463,53 @@ def test_prefetched_batches_are_the_inline_ones_and_the_thread_stops(tiny_setup,
 
 
 def test_shared_rollout_prefill_takes_the_same_steps(tiny_setup, tmp_path):
-    """--rollout_shared_prefill (default on) vs G prefilled copies: the same completions, rewards and loss, with
-    T-GRPO's shuffled-frame rollouts (G/2 rows per prompt) included."""
+    """The rollout's shared prefill (ForwardPlan.rollout_shared_prefill, the default) vs G prefilled copies: the
+    same completions, rewards and loss, with T-GRPO's shuffled-frame rollouts (G/2 rows per prompt) included."""
     runs = {}
     for flag in ("true", "false"):
-        trainer = make_trainer(tiny_setup, tmp_path / flag, *BASE, "--token_selection", "all", "--temporal_grpo", "true",
-                               "--rollout_shared_prefill", flag)
+        trainer = make_trainer(tiny_setup, tmp_path / flag, *BASE, "--token_selection", "all", "--temporal_grpo", "true")
+        trainer.plan = dataclasses.replace(trainer.plan, rollout_shared_prefill=flag == "true")
         runs[flag] = [trainer.train_step() for _ in range(2)]
         trainer.close()
     for x, y in zip(runs["true"], runs["false"]):
         for key in ("loss", "reward", "completion_length", "key_token_fraction", "temporal_bonus", "grad_norm"):
             assert x[key] == y[key], (key, x[key], y[key])
+
+
+def test_the_forward_plan_is_decided_at_set_up(tiny_setup, tmp_path):
+    """Every fast path (gradient checkpointing included); every path plain with --plain_forwards (the run the
+    equality tests compare against); the chunk sizes and the probes' precision as asked."""
+    from video_ktr.training.grpo_stages import ForwardPlan
+
+    def plan(*extra):
+        return ForwardPlan.for_run(parse_args(TrainConfig, tiny_setup.train_args(tmp_path, *extra)))
+
+    fast = plan("--forward_batch_size", "3")
+    assert fast == ForwardPlan(chunk_rows=3) and fast.shared_prefix and fast.length_buckets and fast.rollout_shared_prefill
+    assert fast.policy_shared_prefix and fast.encode_visual_once
+    assert plan("--gradient_checkpointing", "true") == ForwardPlan()
+    plain = plan("--plain_forwards", "true", "--policy_chunk_rows", "2", "--probe_dtype", "bfloat16")
+    assert plain == ForwardPlan.plain(policy_chunk_rows=2, probe_dtype="bfloat16")
+    assert not (plain.shared_prefix or plain.policy_shared_prefix or plain.length_buckets or plain.encode_visual_once
+                or plain.rollout_shared_prefill)
+    assert plain.bucket_overhead is None and plain.prefix_group(4) is None
+
+
+def test_plain_forwards_take_the_same_step(tiny_setup, tmp_path):
+    """--plain_forwards (every pass the plain way) and the fast paths: the same completions, key tokens, loss and
+    update, with the probes and the reference pass in play."""
+    out = {}
+    for flag in ("false", "true"):
+        trainer = make_trainer(tiny_setup, tmp_path / flag, "--max_steps", "1", "--token_selection", "entropy,visual,temporal",
+                               "--beta", "0.04", "--max_grad_norm", "0", "--plain_forwards", flag)
+        out[flag] = _step_keeping_rollout(trainer)
+    (a, step_a, m_a), (b, step_b, m_b) = out["false"], out["true"]
+    assert not b.plan.shared_prefix and a.plan.shared_prefix
+    assert torch.equal(step_a.rollout.completions.ids, step_b.rollout.completions.ids)
+    assert torch.equal(step_a.key, step_b.key)
+    assert m_a["loss"] == pytest.approx(m_b["loss"], abs=1e-6) and m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-4)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
 
 
 def test_prefetcher_gives_the_prefetched_result_or_makes_it_now():

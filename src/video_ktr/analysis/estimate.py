@@ -36,6 +36,7 @@ from video_ktr.analysis.model_size import (
 )
 from video_ktr.model.scoring import LOGPROB_CHUNK_ELEMENTS
 from video_ktr.training.grpo_config import TrainConfig
+from video_ktr.training.grpo_stages import ForwardPlan
 from video_ktr.training.reference import reference_deepspeed_config
 from video_ktr.utils.config import from_dict, load_yaml
 
@@ -118,8 +119,10 @@ def estimate(
     S = Lp + Lc
     T = R * S
     patches_video = geo["patches"]
-    # the policy pass runs the vision tower once per prompt (--encode_visual_once, the default) or on every row's copy
-    Rv = P if cfg.encode_visual_once else R
+    # the passes as the trainer runs them (decided at set-up; --plain_forwards: every row carries its prompt)
+    plan = ForwardPlan.for_run(cfg)
+    # the policy pass runs the vision tower once per prompt, or on every row's copy with --plain_forwards
+    Rv = P if plan.encode_visual_once else R
     Np = Rv * patches_video
     tokens = {
         **geo, "prompt_text_tokens": prompt_text_tokens, "prompt_tokens": Lp, "completion_tokens": Lc,
@@ -249,8 +252,8 @@ def estimate(
         rows_kept = R + (R // 2 if getattr(cfg, "temporal_grpo", False) else 0)
         add("static decode cache kept between rollouts", "static", rows_kept * cols * kv_tok,
             f"{rows_kept} rows x {cols} columns x {L} layers x 2 x {kv} kv heads x {d} x {b} B (decode.GraphStore)")
-    # --rollout_shared_prefill: each prompt (and its video) is prefilled once, its cache then repeated G times
-    Rp = P if cfg.rollout_shared_prefill else R
+    # each prompt (and its video) is prefilled once, its cache then repeated G times (not with --plain_forwards)
+    Rp = P if plan.rollout_shared_prefill else R
     Tp = Rp * Lp
     prefill_layer = Tp * b * (3 * inter + 4 * h) + (Rp * Lp * Lp * (1 + b) if attn == "sdpa" else 0) \
         + (Rp * nh * Lp * Lp * (4 + b) if attn == "eager" else 0)
@@ -295,7 +298,7 @@ def estimate(
         layer_ws = T * a_text + mask_layer + quad_layer + T * b * (2 * inter + 4 * h)
         ws_note = "one layer recomputed + its gradient buffers"
     else:
-        if cfg.policy_shared_prefix:
+        if plan.policy_shared_prefix:
             # each prompt runs once (P x Lp tokens); each completion token (R x Lc) attends over its row's copy of
             # the prompt's keys and values, which the attention keeps for backward (expanded to all heads unless
             # the kernel takes grouped heads); masks over R x Lc queries only

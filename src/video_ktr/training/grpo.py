@@ -137,20 +137,15 @@ class KTRTrainer(TrainingRun):
         # the static decoder keeps its captured CUDA graphs across steps (decode.GraphStore); 'hf' on CPU for 'auto'
         self.sampling = self._sampling_spec()
         self.vllm = self._start_vllm() if cfg.use_vllm else None
-        self.plan = ForwardPlan(
-            chunk_rows=cfg.forward_batch_size, policy_chunk_rows=cfg.policy_chunk_rows, shared_prefix=cfg.shared_prefix,
-            # with gradient checkpointing too: the shared pass checkpoints each layer and keeps its cache (prefix.py)
-            policy_shared_prefix=cfg.policy_shared_prefix,
-            length_buckets=cfg.length_buckets, encode_visual_once=cfg.encode_visual_once,
-            rollout_shared_prefill=cfg.rollout_shared_prefill, probe_dtype=cfg.probe_dtype)
+        self.plan = ForwardPlan.for_run(cfg)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
         # several processes: every pass makes as many forward calls on each (model/lockstep.py); one: nothing changes
         self.lockstep = (Lockstep(self._all_max, sharded=sharded_parameters(self.acc)) if self.acc.num_processes > 1
                          else None)
-        if sharded_parameters(self.acc) and not cfg.encode_visual_once:
-            raise ValueError("--encode_visual_once false runs the vision tower inside each policy forward, as many times "
-                             "as the rows' modalities: under FSDP or DeepSpeed ZeRO-3 every process must make the same "
-                             "calls, which that path cannot agree. Leave --encode_visual_once true.")
+        if sharded_parameters(self.acc) and not self.plan.encode_visual_once:
+            raise ValueError("--plain_forwards runs the vision tower inside each policy forward, as many times as the "
+                             "rows' modalities: under FSDP or DeepSpeed ZeRO-3 every process must make the same calls, "
+                             "which that path cannot agree. Leave --plain_forwards false.")
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
 

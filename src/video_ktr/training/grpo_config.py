@@ -86,20 +86,18 @@ class TrainConfig(RunOptions):
     lora_target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], help="Modules that get LoRA adapters (language model only unless --freeze_vision_tower false and the names match the vision tower).")
     forward_batch_size: int | None = field(None, help="Rows per forward pass in the probe and reference passes (default: all rows at once).")
     policy_chunk_rows: int | None = field(None, help="Rows whose full-vocabulary logits exist at once in the policy pass (default: all).")
-    shared_prefix: bool = field(True, help="Probe and reference passes run each prompt once and share its cache across the G completions (same numbers, less compute).")
-    length_buckets: bool = field(True, help="The policy, probe and reference passes run the completions in buckets of similar length, each cut after its longest row, instead of padding every row to the longest of the batch (same numbers, less compute when lengths vary).")
-    policy_shared_prefix: bool = field(
-        True, help="The policy pass (with grad) runs each prompt (with its video) once and shares it across the G "
-        "completions, as the probe and reference passes do: the same log-probs and gradients, about P x Lp + N x Lc "
-        "token-forwards instead of N x (Lp + Lc), for GRPO and KTR alike. With --gradient_checkpointing each "
-        "decoder layer is checkpointed inside it and the prompt's cache kept.")
+    plain_forwards: bool = field(
+        False, help="Run every forward pass the plain way, for checking the fast paths that are otherwise always "
+        "taken (training/grpo_stages.ForwardPlan): every completion row carries its prompt and video through the "
+        "rollout's prefill, the policy pass (and its vision tower), the probe and the reference passes, and every "
+        "row is padded to the longest of the batch. The same losses and gradients (the rollout's logits to float "
+        "tolerance), more compute. Not under FSDP / DeepSpeed ZeRO-3.")
     probe_all_groups: bool = field(
         False, help="Run the visual and temporal probes on every prompt group. Off (default): a group whose G "
         "completions got equal rewards has advantage 0, and where no loss term reads its key tokens (beta 0 or "
         "--kl_on valid, a per-sequence loss or dr_grpo, --selection_scope group) its probes are skipped: the loss "
         "and its gradient are the same, and the key-token metrics count the probed groups only. Diagnostics and "
         "token-record steps probe every group.")
-    rollout_shared_prefill: bool = field(True, help="The rollout runs each prompt (and its vision tower) once and repeats its cache for the G completions before decoding, instead of prefilling G copies (same logits to float tolerance).")
     rollout_decoder: str = field("auto", choices=["auto", "hf", "static"], help="How the rollout decodes: 'hf' transformers' generate with the batch-invariant sampler; 'static' the static decoder (model/decode.py: preallocated buffers, a captured CUDA graph per step, counter-based sampling noise on CUDA); 'auto' static on CUDA, hf elsewhere (CPU tokens unchanged).")
     gather_for_generation: bool = field(
         True, help="Under DeepSpeed ZeRO-3 or FSDP2: gather the policy's whole weights once per rollout and release "
@@ -110,7 +108,6 @@ class TrainConfig(RunOptions):
     vllm_gpu_memory_utilization: float = field(0.3, help="--use_vllm: the fraction of GPU memory vLLM takes for its weights and KV cache (the policy, reference and optimizer share the rest).")
     vllm_max_model_length: int | None = field(None, help="--use_vllm: vLLM's context length (default: the model's; prompt + completion must fit).")
     vllm_enable_sleep_mode: bool = field(True, help="--use_vllm: the engine sleeps (weights to host memory, KV cache freed) between rollouts, so the update phase has the GPU.")
-    encode_visual_once: bool = field(True, help="The policy pass runs the vision tower once per prompt and repeats its features for the G completions (same numbers, less compute).")
 
     # bookkeeping
     log_completions_every: int = field(0, help="Write sampled completions with rewards to completions.jsonl every this many steps (0: never).")

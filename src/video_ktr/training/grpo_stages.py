@@ -42,7 +42,8 @@ from video_ktr.model.scoring import BUCKET_OVERHEAD_TOKENS, sequence_logprobs
 
 @dataclass(frozen=True)
 class ForwardPlan:
-    """How the forward passes run: speed and memory only, never the numbers (tests pin each pair)."""
+    """How the forward passes run: speed and memory only, never the numbers (tests pin each fast path against
+    the plain one). Not user switches: :meth:`for_run` decides them once at set-up."""
 
     chunk_rows: int | None = None  # rows per probe / reference forward (None: all at once)
     policy_chunk_rows: int | None = None  # rows whose full-vocabulary logits exist at once in the policy pass
@@ -59,6 +60,22 @@ class ForwardPlan:
 
     def prefix_group(self, group_size: int) -> int | None:
         return group_size if self.shared_prefix else None
+
+    @classmethod
+    def for_run(cls, cfg: Any) -> ForwardPlan:
+        """The plan of a run with TrainConfig ``cfg``: every fast path (the policy pass's shared prompt with
+        gradient checkpointing too, per layer); ``cfg.plain_forwards``: the plain path everywhere (:meth:`plain`).
+        The probes' precision is the user's ``--probe_dtype`` (not exact in bfloat16, so a choice)."""
+        kept = {"chunk_rows": cfg.forward_batch_size, "policy_chunk_rows": cfg.policy_chunk_rows,
+                "probe_dtype": cfg.probe_dtype}
+        return cls.plain(**kept) if cfg.plain_forwards else cls(**kept)
+
+    @classmethod
+    def plain(cls, **kept: Any) -> ForwardPlan:
+        """Every pass the plain way: each row carries its prompt and video, padded to the batch's longest;
+        ``kept``: the chunk sizes and probe precision."""
+        return cls(shared_prefix=False, policy_shared_prefix=False, length_buckets=False, encode_visual_once=False,
+                   rollout_shared_prefill=False, **kept)
 
 
 @dataclass(frozen=True)
