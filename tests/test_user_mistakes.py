@@ -137,20 +137,28 @@ def test_what_data_check_passes_a_training_step_survives(tiny_setup, tmp_path):
     assert math.isfinite(metrics["loss"]) and metrics["skipped_samples"] == 0
 
 
-def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_and_field(tiny_setup, tmp_path):
+def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_and_field(tiny_setup, tiny_model, tmp_path):
     """A prompt over --max_prompt_length only after tokenising (by its visual tokens, or text under the character
     bound) stopped `train` with a bare ValueError; now: skip counts and replaces the row, error names file, row, field."""
+    from video_ktr.data.rows import load_dataset
+    from video_ktr.model.inputs import encode_prompts
     from video_ktr.training.grpo import KTRTrainer
     from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.training.grpo_data import prompt_lengths
 
     rows = _rows(tiny_setup)
     video = next(r for r in rows if r["data_type"] == "video")
     images = [r for r in rows if r["data_type"] == "image"][:3]
-    # limit 318: the image prompts are 310-311 tokens (4 visual), a video prompt 323-326 (16 visual, text < 318)
-    wordy = dict(images[2], problem=images[2]["problem"] + " ok" * 40)  # ~40 more text tokens, far under 64 chars/token
+    wordy = dict(images[2], problem=images[2]["problem"] + " ok" * 120)  # ~120 more text tokens, far under 64 chars/token
     path = _write(tmp_path, tiny_setup, [images[0], video, images[1], wordy])
+    # the limit: one token under the video's prompt, which is over it only by its video (Qwen2.5-VL: 310 + 16
+    # placeholders against 324); the wordy one is over it by its text
+    samples = load_dataset(path, tiny_setup.data_dir)
+    (n, v) = prompt_lengths(encode_prompts(tiny_model[1], [s.messages() for s in samples], [tiny_setup.media(s) for s in samples]))
+    limit = n[1] - 1
+    assert max(n[0], n[2]) <= limit and n[1] - v[1] <= limit and n[3] - v[3] > limit
     common = ("--dataset", str(path), "--media_root", str(tiny_setup.data_dir), "--max_steps", "1",
-              "--per_device_train_batch_size", "4", "--max_completion_length", "4", "--max_prompt_length", "318",
+              "--per_device_train_batch_size", "4", "--max_completion_length", "4", "--max_prompt_length", str(limit),
               "--token_selection", "none", "--beta", "0")
     trainer = KTRTrainer(parse_args(TrainConfig, tiny_setup.train_args(tmp_path / "skip", *common, "--on_bad_sample", "skip")))
     metrics = trainer.train_step()
@@ -159,9 +167,9 @@ def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_
     assert dict(trainer.skips.counts) == {"prompt_too_long": 2}
     assert sorted(trainer.data.bad_rows) == [1, 3]  # remembered (and saved with a checkpoint): never encoded again
     examples = sorted(trainer.skips.examples)
-    assert re.match(r".*data\.json, row 1, field 'path': the prompt is 32\d tokens \(16 of them visual\), over "
-                    r"--max_prompt_length 318", examples[0]), examples
-    assert re.match(r".*data\.json, row 3, field 'problem': the prompt is 3[5-9]\d tokens", examples[1]), examples
+    assert re.match(rf".*data\.json, row 1, field 'path': the prompt is {n[1]} tokens \({v[1]} of them for its video or "
+                    rf"image\), over --max_prompt_length {limit}", examples[0]), examples
+    assert re.match(rf".*data\.json, row 3, field 'problem': the prompt is {n[3]} tokens", examples[1]), examples
 
     # data check with the model names the same rows first, with the same errors (the prompt made as training makes it)
     from tests.conftest import SMALL_MEDIA
@@ -169,7 +177,7 @@ def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_
 
     clean = tmp_path / "clean.json"
     assert check_main([str(path), "--media_root", str(tiny_setup.data_dir), "--model_name_or_path", str(tiny_setup.model_dir),
-                       "--max_prompt_length", "318", "--write_clean", str(clean), "--workers", "0", *SMALL_MEDIA]) == 1
+                       "--max_prompt_length", str(limit), "--write_clean", str(clean), "--workers", "0", *SMALL_MEDIA]) == 1
     refused = [json.loads(line) for line in (tmp_path / "clean.json.rejected.jsonl").read_text().splitlines()]
     assert [(r["row"], r["reason"], r["field"]) for r in refused] == [(1, "prompt_too_long", "path"), (3, "prompt_too_long", "problem")]
     assert sorted(r["message"] for r in refused) == examples

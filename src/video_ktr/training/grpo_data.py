@@ -30,13 +30,21 @@ def row_error(sample: Sample, field: str, message: str, reason: str) -> DataErro
 
 
 def prompt_lengths(inputs: dict[str, Tensor]) -> tuple[list[int], list[int]]:
-    """(tokens, visual tokens) of each prompt of a processor batch (padding not counted)."""
+    """(tokens, tokens of its visual item) of each prompt of a processor batch (padding not counted).
+
+    The visual item's tokens are the span from its first to its last placeholder: the placeholders, and for
+    Qwen3-VL the markers and ``<t seconds>`` text between its frame groups, which the video brings along.
+    """
     mask = inputs["attention_mask"].bool()
-    return mask.sum(1).tolist(), ((inputs["mm_token_type_ids"] != 0) & mask).sum(1).tolist()
+    placeholder = (inputs["mm_token_type_ids"] != 0) & mask
+    positions = torch.arange(placeholder.shape[1]).expand_as(placeholder)
+    first = torch.where(placeholder, positions, placeholder.shape[1]).min(1).values
+    last = torch.where(placeholder, positions, -1).max(1).values
+    return mask.sum(1).tolist(), (last - first + 1).clamp(min=0).tolist()
 
 
 def prompt_length_error(sample: Sample, tokens: int, visual: int, limit: int) -> DataError | None:
-    """The row's error if its prompt (``tokens``, ``visual`` of them visual) is over --max_prompt_length.
+    """The row's error if its prompt (``tokens``, ``visual`` of them its image's or video's) is over --max_prompt_length.
 
     The field named is 'problem' when the text alone is over the limit, else 'path': its media's visual
     tokens push the prompt over (which no text check before tokenising can see).
@@ -45,7 +53,7 @@ def prompt_length_error(sample: Sample, tokens: int, visual: int, limit: int) ->
         return None
     return row_error(
         sample, "problem" if tokens - visual > limit else "path",
-        f"the prompt is {tokens} tokens ({visual} of them visual), over --max_prompt_length {limit}. Visual tokens "
+        f"the prompt is {tokens} tokens ({visual} of them for its video or image), over --max_prompt_length {limit}. Visual tokens "
         "cannot be truncated away: lower the frames or pixels (--max_frames, --max_pixels), shorten the text, or "
         "raise --max_prompt_length", "prompt_too_long")
 
