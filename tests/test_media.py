@@ -85,8 +85,10 @@ def test_smart_resize_rejects_extreme_aspect_ratio():
 
 
 def test_smart_resize_keeps_area_in_bounds_when_one_side_hits_factor():
-    h, w = smart_resize(20, 3000, factor=28, min_pixels=784, max_pixels=16 * 784)
+    h, w = smart_resize(20, 3000, factor=28, min_pixels=784, max_pixels=16 * 784, rule="fit")
     assert h == 28 and w % 28 == 0 and 784 <= h * w <= 16 * 784
+    with pytest.raises(ValueError, match="a side rounds to 0"):  # qwen-vl-utils' rule floors the height to 0
+        smart_resize(20, 3000, factor=28, min_pixels=784, max_pixels=16 * 784)
 
 
 # ---------------------------------------------------------------------------------------------- nframes
@@ -111,7 +113,9 @@ def test_smart_nframes_clamps_to_max_frames_and_min_frames():
 def test_smart_nframes_nframes_mode_rounds_odd_to_even():
     assert smart_nframes(100, 25.0, FrameSettings(nframes=8)) == 8
     assert smart_nframes(100, 25.0, FrameSettings(nframes=7)) == 8
-    assert smart_nframes(100, 25.0, FrameSettings(nframes=1)) == 2
+    assert smart_nframes(100, 25.0, FrameSettings(nframes=1, frame_rule="fit")) == 2
+    with pytest.raises(ValueError, match="nframes 1 rounds to 0 frames"):  # refused, as qwen-vl-utils does
+        smart_nframes(100, 25.0, FrameSettings(nframes=1))
 
 
 def test_smart_nframes_short_video_is_capped_by_total_frames():
@@ -120,9 +124,11 @@ def test_smart_nframes_short_video_is_capped_by_total_frames():
 
 
 def test_smart_nframes_one_frame_video_gives_frame_factor():
-    assert smart_nframes(1, 25.0, FrameSettings()) == 2
-    assert smart_nframes(1, 25.0, FrameSettings(nframes=8)) == 2
-    assert smart_nframes(3, 25.0, FrameSettings(frame_factor=4, max_frames=16)) == 4
+    assert smart_nframes(1, 25.0, FrameSettings(frame_rule="fit")) == 2
+    assert smart_nframes(1, 25.0, FrameSettings(nframes=8, frame_rule="fit")) == 2
+    assert smart_nframes(3, 25.0, FrameSettings(frame_factor=4, max_frames=16, frame_rule="fit")) == 4
+    with pytest.raises(ValueError, match="the video has 1 frame"):  # qwen-vl-utils refuses it
+        smart_nframes(1, 25.0, FrameSettings())
 
 
 def test_smart_nframes_more_frames_than_video_is_an_error():
@@ -230,10 +236,12 @@ def test_write_video_rejects_odd_sizes(tmp_path: Path):
 def test_one_frame_video_gives_multiple_of_frame_factor(tmp_path: Path):
     path = tmp_path / "one.mp4"
     write_video(path, np.full((1, 56, 56, 3), 100, np.uint8), fps=4.0)
-    video = load_video(path, FrameSettings())
+    video = load_video(path, FrameSettings(frame_rule="fit"))
     assert video.frames.shape[0] == 2
     assert video.frame_indices == [0, 0]
     assert video.total_frames == 1
+    with pytest.raises(MediaError, match="the video has 1 frame"):  # the default, qwen-vl-utils' rule, refuses it
+        load_video(path, FrameSettings())
 
 
 def test_overstated_frame_count_is_corrected_by_decoding(

@@ -181,11 +181,11 @@ def video_geometry(cfg: Any, video_seconds: float, video_size: tuple[int, int] |
     nframes = smart_nframes(total, ASSUMED_SOURCE_FPS, settings)
     max_px = settings.frame_max_pixels(nframes)
     if video_size:
-        fh, fw = smart_resize(video_size[0], video_size[1], factor, settings.min_pixels, max_px)
+        fh, fw = smart_resize(video_size[0], video_size[1], factor, settings.min_pixels, max_px, rule=settings.frame_rule)
         per_pair = (fh // factor) * (fw // factor)
         size = f"{fh}x{fw}"
     else:
-        per_pair = max(math.ceil(settings.min_pixels / factor**2), max_px // factor**2)
+        per_pair = max(math.ceil(settings.min_pixels / factor**2), int(max_px) // factor**2)
         size = f"worst case: {per_pair} cells of {factor}x{factor} px (<= max_pixels {max_px})"
     grid_t = math.ceil(nframes / tps)
     tokens = grid_t * per_pair

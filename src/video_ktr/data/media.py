@@ -15,10 +15,22 @@ Sampling (``smart_nframes`` + ``sample_indices``)
     Indices are uniform: ``round(linspace(0, total_frames - 1, n))``.
 
 Resizing (``smart_resize``)
-    Both sides become multiples of ``factor`` and the area lands in [min_pixels, max_pixels]
-    while the aspect ratio is kept as well as the grid allows.  For videos the per-frame maximum is
-    ``min(max_pixels, max(min(max_pixels, total_pixels / T * frame_factor), min_pixels * 1.05))``
-    when ``total_pixels`` is set (T = number of sampled frames), else ``max_pixels``.
+    Both sides become multiples of ``factor``, the area is brought towards [min_pixels, max_pixels]
+    and the aspect ratio kept as well as the grid allows.
+
+The rule (``FrameSettings.frame_rule``, ``--frame_rule``)
+    ``qwen-vl-utils`` (default): exactly qwen-vl-utils 0.0.14's ``smart_resize``, ``smart_nframes`` and
+    per-frame maximum of ``fetch_video``, the code the published numbers used.  Its rounding can leave
+    the bounds (when they are close together, as when many frames share ``total_pixels``); a side that
+    rounds to 0 and a count below ``frame_factor`` (``nframes`` 1, a one-frame video) are refused, as
+    there.  The per-frame maximum for T sampled frames is
+    ``min(max_pixels, max(min(768 * factor**2, total / T * frame_factor), int(min_pixels * 1.05)))`` with
+    ``total`` = ``total_pixels``, or qwen-vl-utils' default of 128000 x 0.9 tokens of ``factor**2`` pixels.
+    ``fit`` (this project's earlier rule): the same where the reference stays inside the bounds; where
+    it does not, the multiples of ``factor`` inside [min_pixels, max_pixels] with the closest aspect
+    ratio; counts below ``frame_factor`` become ``frame_factor`` (frames padded by repeating the last);
+    the per-frame maximum is ``min(max_pixels, max(min(max_pixels, total_pixels / T * frame_factor),
+    min_pixels * 1.05))`` when ``total_pixels`` is set, else ``max_pixels``.
 
 Time
     ``Video.duration`` is ``total_frames / source_fps`` (the quantity the fps rule uses), so
@@ -40,7 +52,12 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["FrameSettings", "IMAGE_FACTOR", "MediaError", "ceil_by_factor", "floor_by_factor", "load_image", "round_by_factor", "sample_indices", "smart_nframes", "smart_resize"]
+FRAME_RULES = ("qwen-vl-utils", "fit")
+# qwen-vl-utils 0.0.14 (vision_process.py): VIDEO_MAX_TOKEN_NUM and the default MODEL_SEQ_LEN of fetch_video
+REFERENCE_VIDEO_MAX_TOKENS = 768
+REFERENCE_SEQ_LEN = 128000
+
+__all__ = ["FRAME_RULES", "FrameSettings", "IMAGE_FACTOR", "MediaError", "ceil_by_factor", "floor_by_factor", "load_image", "round_by_factor", "sample_indices", "smart_nframes", "smart_resize"]
 
 
 IMAGE_FACTOR = 28  # default resize factor (patch 14 x merge 2); a setting too, passed as `factor`
@@ -90,6 +107,7 @@ class FrameSettings:
     image_max_pixels: int = 256 * 28 * 28
     factor: int = 28  # sides rounded to multiples of this
     max_aspect_ratio: float = 200.0
+    frame_rule: str = "qwen-vl-utils"  # how counts and sizes are computed: FRAME_RULES (module docstring)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for values that cannot work."""
@@ -121,11 +139,22 @@ class FrameSettings:
                 raise bad(hi, f"must be >= {lo} ({getattr(self, lo)})")
         if self.total_pixels is not None and self.total_pixels < 1:
             raise bad("total_pixels", "must be None or >= 1")
+        if self.frame_rule not in FRAME_RULES:
+            raise bad("frame_rule", f"must be one of {', '.join(FRAME_RULES)}")
         if not (self.max_aspect_ratio >= 1):
             raise bad("max_aspect_ratio", "must be >= 1")
 
-    def frame_max_pixels(self, nframes: int) -> int:
-        """Per-frame pixel maximum for ``nframes`` sampled frames (applies the ``total_pixels`` rule)."""
+    def frame_max_pixels(self, nframes: int) -> int | float:
+        """Per-frame pixel maximum for ``nframes`` sampled frames (the ``total_pixels`` rule of ``frame_rule``).
+
+        Under qwen-vl-utils' rule the value may be fractional (``total / T * frame_factor``), as there.
+        """
+        if self.frame_rule == "qwen-vl-utils":
+            area = self.factor * self.factor
+            total = self.total_pixels if self.total_pixels is not None else REFERENCE_SEQ_LEN * area * 0.9
+            cap = max(min(REFERENCE_VIDEO_MAX_TOKENS * area, total / nframes * self.frame_factor), int(self.min_pixels * 1.05))
+            value = min(self.max_pixels, cap)
+            return int(value) if float(value).is_integer() else value
         if self.total_pixels is None:
             return int(self.max_pixels)
         capped = max(
@@ -164,6 +193,7 @@ def smart_resize(
     min_pixels: int = 4 * 28 * 28,
     max_pixels: int = 128 * 28 * 28,
     max_aspect_ratio: float = 200.0,
+    rule: str = "qwen-vl-utils",
 ) -> tuple[int, int]:
     """Target ``(height, width)``: both multiples of ``factor``, area in ``[min_pixels, max_pixels]``.
 
@@ -172,8 +202,10 @@ def smart_resize(
     ``h, w = floor_by_factor(height / beta), floor_by_factor(width / beta)`` (at least ``factor``);
     if ``h * w < min_pixels`` then ``beta = sqrt(min_pixels / (height * width))`` and
     ``h, w = ceil_by_factor(height * beta), ceil_by_factor(width * beta)``.
-    Where that rule leaves the bounds (a side clamped to ``factor``, or bounds too close for the
-    ceil step) the multiples of ``factor`` inside the bounds with the closest aspect ratio are used.
+    ``rule`` "qwen-vl-utils" returns that as it is (it may leave the bounds) and refuses a side that
+    rounds to 0. ``rule`` "fit": where the reference leaves the bounds (a side clamped to ``factor``, or
+    bounds too close for the ceil step) the multiples of ``factor`` inside the bounds with the closest
+    aspect ratio are used.
     Raises ``ValueError`` when ``max(h, w) / min(h, w) > max_aspect_ratio`` or no size fits.
     """
     if height < 1 or width < 1:
@@ -188,8 +220,23 @@ def smart_resize(
         raise ValueError(
             f"smart_resize: aspect ratio {ratio:.1f} of {height}x{width} exceeds max_aspect_ratio={max_aspect_ratio}"
         )
+    if rule not in FRAME_RULES:
+        raise ValueError(f"smart_resize: rule must be one of {', '.join(FRAME_RULES)}, got {rule!r}")
     h_bar = max(factor, round_by_factor(height, factor))
     w_bar = max(factor, round_by_factor(width, factor))
+    if rule == "qwen-vl-utils":
+        if h_bar * w_bar > max_pixels:
+            beta = math.sqrt(height * width / max_pixels)
+            h_bar, w_bar = floor_by_factor(height / beta, factor), floor_by_factor(width / beta, factor)
+        elif h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar, w_bar = ceil_by_factor(height * beta, factor), ceil_by_factor(width * beta, factor)
+        if h_bar < 1 or w_bar < 1:
+            raise ValueError(
+                f"smart_resize: qwen-vl-utils' rule gives {h_bar}x{w_bar} for {height}x{width} with max_pixels "
+                f"{max_pixels} (a side rounds to 0); raise the pixel bounds or use --frame_rule fit"
+            )
+        return h_bar, w_bar
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h_bar = max(factor, floor_by_factor(height / beta, factor))
@@ -237,12 +284,20 @@ def smart_nframes(total_frames: int, video_fps: float, settings: FrameSettings) 
     """
     settings.validate()
     ff = settings.frame_factor
+    reference = settings.frame_rule == "qwen-vl-utils"
     if total_frames < 1:
         raise ValueError(f"smart_nframes: total_frames must be >= 1, got {total_frames}")
     if total_frames < ff:
+        if reference:
+            raise ValueError(f"smart_nframes: the video has {total_frames} frame(s), fewer than {ff} (qwen-vl-utils "
+                             "refuses it); --frame_rule fit pads it by repeating the last frame")
         return ff
     if settings.nframes is not None:
-        n = max(ff, round_by_factor(settings.nframes, ff))
+        n = round_by_factor(settings.nframes, ff)
+        if reference and n < ff:
+            raise ValueError(f"smart_nframes: nframes {settings.nframes} rounds to {n} frames (qwen-vl-utils refuses "
+                             f"it; it needs {ff} <= nframes); ask for {ff} or more, or use --frame_rule fit")
+        n = max(ff, n)
     else:
         if not (video_fps > 0 and math.isfinite(video_fps)):
             raise ValueError(f"smart_nframes: video_fps must be > 0 in fps mode, got {video_fps}")
@@ -347,6 +402,7 @@ def load_image(path: str | os.PathLike, settings: FrameSettings) -> Image.Image:
             min_pixels=settings.image_min_pixels,
             max_pixels=settings.image_max_pixels,
             max_aspect_ratio=settings.max_aspect_ratio,
+            rule=settings.frame_rule,
         )
     except ValueError as e:
         raise MediaError(p, str(e), "crop the image or raise FrameSettings.max_aspect_ratio") from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from video_ktr.data.media import FrameSettings
+from video_ktr.data.media import FRAME_RULES, FrameSettings
 from video_ktr.utils.config import field
 
 
@@ -19,12 +19,17 @@ class MediaArgs:
     total_pixels: int | None = field(None, help="Optional cap on the pixels of all frames of a video together.")
     image_min_pixels: int = field(4 * 28 * 28, help="Fewest pixels of an image after resizing.")
     image_max_pixels: int = field(256 * 28 * 28, help="Most pixels of an image after resizing.")
+    frame_rule: str = field(
+        "qwen-vl-utils", choices=list(FRAME_RULES),
+        help="How frame counts and sizes are computed: 'qwen-vl-utils' exactly as qwen-vl-utils 0.0.14 (the code the "
+        "published numbers used; its rounding may leave [min_pixels, max_pixels] when they are close, and it refuses "
+        "fewer than 2 frames), or 'fit' (sizes kept inside the bounds, 1 frame padded to 2). See data/media.py.")
 
     def frame_settings(self) -> FrameSettings:
         s = FrameSettings(
             fps=self.video_fps, nframes=self.nframes, min_frames=self.min_frames, max_frames=self.max_frames,
             min_pixels=self.min_pixels, max_pixels=self.max_pixels, total_pixels=self.total_pixels,
-            image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
+            image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels, frame_rule=self.frame_rule,
         )
         s.validate()
         return s

@@ -254,6 +254,7 @@ def load_video(path: str | os.PathLike, settings: FrameSettings) -> Video:
             min_pixels=settings.min_pixels,
             max_pixels=settings.frame_max_pixels(len(indices)),
             max_aspect_ratio=settings.max_aspect_ratio,
+            rule=settings.frame_rule,
         )
     except ValueError as e:
         raise MediaError(p, str(e), "crop the video or raise FrameSettings.max_aspect_ratio") from e

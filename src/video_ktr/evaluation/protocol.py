@@ -92,6 +92,7 @@ def build_protocol(cfg: EvalConfig, *, num_rows: int, notes: list[str] | None = 
             "fps": s.fps, "nframes": s.nframes, "min_frames": s.min_frames, "max_frames": s.max_frames,
             "min_pixels": s.min_pixels, "max_pixels": s.max_pixels, "total_pixels": s.total_pixels,
             "image_min_pixels": s.image_min_pixels, "image_max_pixels": s.image_max_pixels,
+            "frame_rule": s.frame_rule,
         },
         "prompt": {"layout": cfg.prompt_layout, "template_hash": template_hash(cfg.prompt_layout),
                    "system_prompt": cfg.system_prompt},

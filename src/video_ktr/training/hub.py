@@ -82,12 +82,14 @@ def merge_adapters(out: Path, cfg: Any, processor: Any = None) -> Path:
     from video_ktr.model.loading import load_model
 
     try:
-        from peft import PeftModel
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
     except ImportError as exc:
         raise ImportError("--merge_adapters needs the peft extra: pip install 'video-ktr[peft]'") from exc
     out = Path(out)
-    if not (out / "adapter_config.json").is_file():
-        raise HubError(f"--merge_adapters: no adapter_config.json in {out} (was the run trained with --use_peft?)")
+    if not (out / "adapter_config.json").is_file() or not (out / "adapter_model.safetensors").is_file():
+        raise HubError(f"--merge_adapters: no adapter_config.json and adapter_model.safetensors in {out} (was the run "
+                       "trained with --use_peft?)")
     adapter = out / "adapter"
     adapter.mkdir(exist_ok=True)
     for name in (*ADAPTER_FILES, "README.md"):
@@ -95,7 +97,14 @@ def merge_adapters(out: Path, cfg: Any, processor: Any = None) -> Path:
             os.replace(out / name, adapter / name)
     base = load_model(cfg.model_name_or_path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                       trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    # the adapter's weights from safetensors only (no pickle), applied to the base as peft saved them
+    model = get_peft_model(base, PeftConfig.from_pretrained(str(adapter)))
+    result = set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if missing:
+        raise HubError(f"--merge_adapters: {len(missing)} adapter tensors of {adapter} match no module of "
+                       f"{cfg.model_name_or_path} (e.g. {missing[0]})")
+    merged = model.merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     if processor is not None:
         processor.save_pretrained(str(out))
