@@ -152,7 +152,8 @@ def test_memory_arithmetic_by_hand():
     assert (t["visual_tokens"], t["prompt_tokens"], t["sequence_tokens"], t["rows_per_gpu"]) == (8, 28, 38, 2)
     R, S, Lc, V, L, kv, d, b = 2, 38, 10, 100, 2, 2, 16, 4
     assert component(r, "KV cache (prompt + completion)") == R * S * L * 2 * kv * d * b == 38912
-    assert component(r, "logits of the completion positions") == R * Lc * V * 16  # fp32: logits, log-softmax, exp, product
+    # logits (fp32 here) + their gradient, and one chunk (all of it at this size) of float32 log-softmax work
+    assert component(r, "logits of the completion positions") == R * Lc * V * 2 * b + 16 * R * Lc * V
     assert component(r, "policy weights") == 153728 * 4
     assert component(r, "AdamW states") == 153728 * 8  # fp32 m and v, no master copy
     assert component(r, "gradients", "backward") == 153728 * 4

@@ -326,14 +326,14 @@ def estimate(
             + f" x {4 + b if attn == 'eager' else b} B")
     add("vision tower activations", "policy", vis_act,
         f"{Np} patches ({Rv} {'prompt' if Rv == P else 'row'}{'s' if Rv > 1 else ''} x {patches_video}) x {Lv_depth} blocks" + (" (frozen: none)" if not vision_trains else ""))
-    entropy = "entropy" in signals
-    # log-softmax kept (8 B: with its input, at its making); the entropy's exp and product a chunk at a time
-    logits_fwd = R * Lc * V * 8 + (8 * min(R * Lc * V, LOGPROB_CHUNK_ELEMENTS) if entropy else 0)
-    logits_bwd = R * Lc * V * 12  # log-softmax + its gradient + the gradient of the logits
-    logits = max(logits_fwd, logits_bwd)
+    # the policy pass's log-probs (model/scoring.token_logprobs): the logits in the model's dtype are kept for the
+    # backward, which adds their gradient; the float32 work runs a chunk of positions at a time, forward and backward
+    # (input, log-softmax, exp and product / scattered gradient and its result: 16 B per element of a chunk)
+    chunk_p = min(R * Lc * V, LOGPROB_CHUNK_ELEMENTS)
+    logits = R * Lc * V * 2 * b + 16 * chunk_p
     add("logits of the completion positions", "policy", logits,
-        f"{R} x {Lc} x {V} x {8 if logits_fwd >= logits_bwd else 12} B: fp32 log-softmax kept for backward + "
-        + ("its input" + (" + entropy chunks" if entropy else "") if logits_fwd >= logits_bwd else "backward temporaries"))
+        f"{R} x {Lc} x {V} x {2 * b} B: logits kept for the backward + their gradient; {chunk_p:,} x 16 B: one "
+        "float32 chunk of log-softmax work")
     add("backward working set", "policy", layer_ws, ws_note + " (counted only if larger than the logits)")
     if fsdp and z == 2:  # reshard_after_forward false: every unit stays whole from its forward to its backward
         add("weights unsharded from forward to backward", "policy", total * compute_b,

@@ -27,43 +27,75 @@ def token_logprobs(logits: Tensor, ids: Tensor, *, with_entropy: bool = False, t
     """log p of ``ids`` (R, T) under ``logits`` (R, T, V) / ``temperature``, and each distribution's entropy (R, T).
 
     log p = log_softmax(z)[id], H = -sum_v p_v log p_v, with z the float32 logits over the temperature.
-    Without a gradient to keep, the float32 copy and the log-softmax are formed for a few positions at a
-    time (``chunk_elements`` float32 values, all rows of a position range together), never for all
-    R x T x V at once: on a 152k vocabulary a probe pass over 16 x 256 positions held three 2.5 GB float32
-    tensors at the end. The log-softmax of each position is the same computation either way (the same
-    numbers, tests). With grad (the policy pass) the whole log-softmax is formed as before (autograd keeps
-    it for the backward in any case), but its float32 input is let go once it exists, and the entropy
-    (no grad) is summed a few positions at a time: its exp and product temporaries were two more float32
-    copies of all R x T x V at the policy pass's end, KTR's only extra memory over GRPO there.
+    The float32 copy and the log-softmax are formed for a few positions at a time (``chunk_elements``
+    float32 values, all rows of a position range together), never for all R x T x V at once: on a 152k
+    vocabulary a pass over 16 x 256 positions held three or four 2.5 GB float32 tensors at the end. The
+    log-softmax of each position is the same computation either way, so the numbers are the same bit for
+    bit (tests). With grad (the policy pass) the backward forms the log-softmax of each chunk again from
+    the logits and applies the log-softmax's own backward kernel to it: the same gradient bit for bit,
+    with the logits (which the caller holds anyway) as the only tensor kept for it, instead of the float32
+    log-softmax, its scattered gradient and the float32 gradient of the logits (12 bytes x R x T x V).
+    The entropy never takes a gradient.
     """
     R, T, V = logits.shape
     step = max(1, chunk_elements // max(1, R * V))
     if logits.requires_grad and torch.is_grad_enabled():
-        z = logits.float()
-        if temperature != 1.0:
-            z = z / temperature
-        logsm = torch.log_softmax(z, dim=-1)
-        del z  # not saved by log_softmax's backward: only the caller's logits and the log-softmax stay
-        logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logp, None
-        with torch.no_grad():  # the entropy selects tokens and is logged; it never takes a gradient
-            ents = [-(c.exp() * c).sum(-1) for c in logsm.detach().split(step, dim=1)]
-            return logp, (torch.cat(ents, 1) if ents else logsm.new_zeros((R, 0)))
-    logps, ents = [], []
+        logp, entropy = _ChunkedTokenLogprobs.apply(logits, ids, float(temperature), step, with_entropy)
+        return logp, (entropy if with_entropy else None)
     with torch.no_grad():
-        for a in range(0, T, step):
-            z = logits[:, a:a + step].float()
-            if temperature != 1.0:
-                z = z / temperature
-            logsm = torch.log_softmax(z, dim=-1)
-            logps.append(logsm.gather(-1, ids[:, a:a + step].unsqueeze(-1)).squeeze(-1))
-            if with_entropy:
-                ents.append(-(logsm.exp() * logsm).sum(-1))
-            del z, logsm
+        logp, entropy = _chunked_forward(logits, ids, temperature, step, with_entropy)
+    return logp, (entropy if with_entropy else None)
+
+
+def _chunk_log_softmax(logits: Tensor, a: int, b: int, temperature: float) -> Tensor:
+    z = logits[:, a:b].float()
+    if temperature != 1.0:
+        z = z / temperature
+    return torch.log_softmax(z, dim=-1)
+
+
+def _chunked_forward(logits: Tensor, ids: Tensor, temperature: float, step: int,
+                     with_entropy: bool) -> tuple[Tensor, Tensor]:
+    R, T, _ = logits.shape
+    logps, ents = [], []
+    for a in range(0, T, step):
+        logsm = _chunk_log_softmax(logits, a, a + step, temperature)
+        logps.append(logsm.gather(-1, ids[:, a:a + step].unsqueeze(-1)).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logsm.exp() * logsm).sum(-1))
+        del logsm
     empty = logits.new_zeros((R, 0), dtype=torch.float32)
-    logp = torch.cat(logps, 1) if logps else empty
-    return logp, ((torch.cat(ents, 1) if ents else empty) if with_entropy else None)
+    return (torch.cat(logps, 1) if logps else empty), (torch.cat(ents, 1) if ents else empty)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p at the sampled ids (and the entropy, no grad) with the log-softmax formed a chunk at a time in the
+    forward and again in the backward (see token_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, step: int, with_entropy: bool):
+        logp, entropy = _chunked_forward(logits, ids, temperature, step, with_entropy)
+        ctx.save_for_backward(logits, ids)
+        ctx.temperature, ctx.step = temperature, step
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor | None):
+        logits, ids = ctx.saved_tensors
+        temperature, step = ctx.temperature, ctx.step
+        grad = torch.empty_like(logits)
+        for a in range(0, logits.shape[1], step):
+            logsm = _chunk_log_softmax(logits, a, a + step, temperature)
+            # what autograd does for log_softmax(z).gather(ids) -> z / temperature -> z.float(), chunk by chunk
+            scattered = torch.zeros_like(logsm).scatter_(-1, ids[:, a:a + step].unsqueeze(-1),
+                                                          grad_logp[:, a:a + step].unsqueeze(-1))
+            g = torch.ops.aten._log_softmax_backward_data(scattered, logsm, -1, torch.float32)
+            if temperature != 1.0:
+                g = g / temperature
+            grad[:, a:a + step] = g.to(logits.dtype)
+            del logsm, scattered, g
+        return grad, None, None, None, None
 
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int | None = None) -> Tensor:
