@@ -60,6 +60,7 @@ from video_ktr.training.grpo_metrics import (
 from video_ktr.training.grpo_stages import (
     ForwardPlan,
     RandomControl,
+    Rewards,
     Rollout,
     SamplingSpec,
     groups_to_probe,
@@ -202,26 +203,14 @@ class KTRTrainer(TrainingRun):
                 samples, indices, P = batch.samples, [i for i, _ in batch.picked], len(batch.picked)
                 prompts = to_device(batch.prompt_inputs, self.acc.device)
             with timer.phase("rollout"):  # rollout: G completions per prompt
-                seeds = rollout_seeds(cfg.seed, "rollout", micro, indices, G)
-                if self.vllm is not None:  # vLLM samples with the weights of this step (pushed once per step)
-                    comps = self.vllm.generate(
-                        self.model, self.state.step, [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples],
-                        batch.media, prompts, self.tokenizer, seeds=seeds, group_size=G,
-                        max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                        eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids)
-                else:  # one gather of the whole policy under ZeRO-3 / FSDP2, released before the update
-                    with rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
-                        comps = sample_completions(policy, self.tokenizer, prompts, seeds, group_size=G,
-                                                   sampling=self.sampling, special=self.special, plan=self.plan)
+                comps = self._sample(samples, batch.media, prompts, rollout_seeds(cfg.seed, "rollout", micro, indices, G))
             with timer.phase("rewards"):  # rewards
                 rewards = score_rewards(samples, comps, self.reward_fns, G, with_length_bonus=cfg.length_bonus)
             perms = (temporal_permutations(cfg.seed, micro, batch.picked, batch.media, cfg.temporal_probe)
                      if "temporal" in signals or cfg.temporal_grpo else {})
-            if cfg.temporal_grpo:
-                with timer.phase("rollout"), rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
-                    rewards = tgrpo_bonus(policy, self.tokenizer, self.processor, rewards, samples, prompts, batch.media,
-                                          perms, seed=cfg.seed, micro_step=micro, indices=indices, group_size=G,
-                                          sampling=self.sampling, special=self.special, plan=self.plan)
+            if cfg.temporal_grpo:  # T-GRPO: a rollout on shuffled frames, a bonus to groups that need the order
+                with timer.phase("rollout"):
+                    rewards = self._tgrpo(rewards, batch, prompts, perms, micro)
             advantages = group_advantages(rewards.total, G)  # advantages, per prompt group
             # the N rows' token inputs and grids without G copies of the pixels (no probe reads pixels)
             seq = sequence_inputs(select_prompts(strip_pixels(prompts), list(range(P)), G), comps.ids, comps.valid)
@@ -254,15 +243,9 @@ class KTRTrainer(TrainingRun):
                         logp, entropy = policy_logprobs(self.model, ro, G, self.plan, with_entropy=first and (
                             "entropy" in signals or (log_tokens and j == 0)), lockstep=self.lockstep)
                     if first:
-                        with timer.phase("selection"):  # key-token selection
-                            scores = signal_scores(logp, entropy, ro.probes, signals, cfg.probe_score_tolerance)
-                            masks = select_tokens(scores, valid, ro.probes, self.selection, G, gather=self._gather_pool,
-                                                  random_control=RandomControl(cfg.seed, ro.micro_step, ro.indices)
-                                                  if "random" in cfg.token_selection else None)
-                        keys[j], olds[j] = masks["key"], logp.detach() if cfg.num_iterations > 1 else None
-                        if self.weighting.soft:  # every valid token, weighted by its scores' ranks
-                            weights[j] = token_weights(scores, valid, ro.probes, self.weighting, self.selection, G)
-                            keys[j] = valid
+                        with timer.phase("selection"):  # key-token selection (and soft weights)
+                            masks, keys[j], weights[j] = self._select(ro, logp, entropy)
+                        olds[j] = logp.detach() if cfg.num_iterations > 1 else None
                         self._record_first_pass(records[j], ro, masks, logp, entropy, diagnose,
                                                 log_tokens and j == 0 and self.acc.is_main_process)
                     with timer.phase("loss"):  # loss
@@ -291,10 +274,51 @@ class KTRTrainer(TrainingRun):
         values = step_metrics(rollouts, records, losses, group_size=G, comm=self.comm, device=self.acc.device)
         self._write_logs(rollouts[0], records[0])
         return {"step": self.state.step, **dict(sorted(values.items())), "grad_norm": grad_norm, "learning_rate": lr,
-                "bad_step": int(any_bad), "bad_steps_total": self.bad_steps, "skipped_samples": self.skips.total,
-                "step_seconds": time.perf_counter() - t0, **{f"time_{k}": v for k, v in timer.seconds.items()}}
+                **self._step_counts(any_bad, timer, t0)}
 
     # ------------------------------------------------------------------ the step's helpers
+    def _sample(self, samples: list[Any], media: list[Any], prompts: dict[str, Tensor], seeds: list[int]) -> Any:
+        """The rollout stage: G completions per prompt, from vLLM (with this step's weights, pushed once per step)
+        or from the policy itself (its whole weights gathered once under ZeRO-3 / FSDP2, released before the update)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        if self.vllm is not None:
+            return self.vllm.generate(
+                self.model, self.state.step, [s.messages(cfg.prompt_layout, cfg.system_prompt) for s in samples],
+                media, prompts, self.tokenizer, seeds=seeds, group_size=G,
+                max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                eos_ids=self.special.eos_ids, pad_id=self.special.pad_id, suppress_ids=self.special.vision_ids)
+        with rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
+            return sample_completions(policy, self.tokenizer, prompts, seeds, group_size=G,
+                                      sampling=self.sampling, special=self.special, plan=self.plan)
+
+    def _tgrpo(self, rewards: Rewards, batch: Any, prompts: dict[str, Tensor], perms: dict[int, Any], micro: int
+               ) -> Rewards:
+        """T-GRPO's bonus (grpo_stages.tgrpo_bonus), its rollout with the policy's whole weights gathered once."""
+        cfg, indices = self.cfg, [i for i, _ in batch.picked]
+        with rollout_weights(self.model, gather=cfg.gather_for_generation) as policy:
+            return tgrpo_bonus(policy, self.tokenizer, self.processor, rewards, batch.samples, prompts, batch.media,
+                               perms, seed=cfg.seed, micro_step=micro, indices=indices, group_size=cfg.num_generations,
+                               sampling=self.sampling, special=self.special, plan=self.plan)
+
+    def _select(self, ro: Rollout, logp: Tensor, entropy: Tensor | None
+                ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        """The selection stage of the first pass: (the signals' masks, the tokens the loss reads, their soft
+        weights or None). Hard selection: the key mask; soft (--token_weighting): every valid token, weighted by
+        its scores' ranks."""
+        cfg, G, valid = self.cfg, self.cfg.num_generations, ro.completions.valid
+        scores = signal_scores(logp, entropy, ro.probes, cfg.signals, cfg.probe_score_tolerance)
+        masks = select_tokens(scores, valid, ro.probes, self.selection, G, gather=self._gather_pool,
+                              random_control=RandomControl(cfg.seed, ro.micro_step, ro.indices)
+                              if "random" in cfg.token_selection else None)
+        if not self.weighting.soft:
+            return masks, masks["key"], None
+        return masks, valid, token_weights(scores, valid, ro.probes, self.weighting, self.selection, G)
+
+    def _step_counts(self, any_bad: bool, timer: Timer, t0: float) -> dict[str, float]:
+        """The step record's bookkeeping: bad steps, skipped rows, seconds per phase."""
+        return {"bad_step": int(any_bad), "bad_steps_total": self.bad_steps, "skipped_samples": self.skips.total,
+                "step_seconds": time.perf_counter() - t0, **{f"time_{k}": v for k, v in timer.seconds.items()}}
+
     def _reference_logp(self, prompts: dict[str, Tensor], comps: Any) -> Tensor:
         """log p_ref: the frozen reference model, or (LoRA) the policy with its adapters disabled."""
         G = self.cfg.num_generations
