@@ -19,6 +19,7 @@ from video_ktr.data.text_checks import DEFAULT_MAX_TEXT_CHARS, clean_text, text_
 from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.eval_config import ROW_KEYS, SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
+from video_ktr.evaluation.tasks.subtitles import with_subtitles
 from video_ktr.model.inputs import Media, encode_prompts, to_device
 from video_ktr.model.loading import grouped_kv_attention, special_tokens, unwrap, use_grouped_kv_sdpa
 from video_ktr.model.rollout import generate
@@ -127,7 +128,10 @@ def load_batch(batch: list[dict], media_root: str | os.PathLike, settings: Frame
             if special_tokens == "escape":
                 row = {**row, "problem": clean_text(str(row.get("problem", "")), "escape"),
                        "options": [clean_text(str(o), "escape") for o in row["options"]] if row.get("options") else row.get("options")}
-            ready.append((row, load_media(path, row.get("data_type", "video"), settings, cache), str(path)))
+            media = load_media(path, row.get("data_type", "video"), settings, cache)
+            if (row.get("meta") or {}).get("with_subtitles") and media.video is not None:  # videomme_sub
+                row = with_subtitles(row, media.video, path, media_root)
+            ready.append((row, media, str(path)))
         except (FileNotFoundError, MediaError) as exc:
             if isinstance(exc, MediaError):
                 reason = str(exc)

@@ -20,7 +20,7 @@ from video_ktr.evaluation.tasks.registry import BENCHMARKS
 
 __all__ = ["PAPER_ORDER", "collect", "headline", "render"]
 
-PAPER_ORDER = ("videoholmes", "videommmu", "mmvu", "videomme", "mvbench", "tempcompass", "vsibench", "video_r1")
+PAPER_ORDER = ("videoholmes", "videommmu", "mmvu", "videomme", "videomme_sub", "mvbench", "tempcompass", "vsibench", "video_r1")
 
 
 def headline(metrics: dict[str, Any]) -> float | None:

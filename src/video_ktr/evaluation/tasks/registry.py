@@ -31,6 +31,18 @@ from video_ktr.evaluation.tasks.official import (
 )
 from video_ktr.evaluation.tasks.video_r1 import load_video_r1
 
+
+def mark_subtitled(rows: list[dict]) -> list[dict]:
+    """Video-MME rows that take the subtitles of their sampled frames (tasks/subtitles.py; engine.load_batch)."""
+    for row in rows:
+        row["meta"]["with_subtitles"] = True
+        row["uid"] = "videomme_sub:" + row["uid"].split(":", 1)[-1]
+    return rows
+
+
+def load_videomme_sub(data: Any, file: Path) -> list[dict]:
+    return mark_subtitled(load_videomme(data, file))
+
 __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",
@@ -75,6 +87,20 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ),
             load_videomme,
             description="videomme/test-00000-of-00001.parquet (rows; no subtitles)",
+        ),
+        BenchmarkSpec(
+            "videomme_sub",
+            "Video-MME (w/ subs)",
+            ("videomme_w_subtitle", "videomme_subtitles", "videommewsub", "videomme_with_subtitles"),
+            (
+                ("by_duration", "duration"),
+                ("by_domain", "domain"),
+                ("by_task_type", "task_type"),
+                ("by_sub_category", "sub_category"),
+            ),
+            load_videomme_sub,
+            description="the Video-MME rows, with subtitle/<videoID>.srt under --media_root (subtitle.zip): the "
+                        "subtitles of the sampled frames go in the prompt",
         ),
         BenchmarkSpec(
             "videommmu",
@@ -146,8 +172,6 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     key = _norm_name(str(name))
     if key in _ALIASES:
         return BENCHMARKS[_ALIASES[key]]
-    if key.startswith("videomme") and "sub" in key:
-        raise ValueError(f"benchmark {name!r}: Video-MME with subtitles is not supported yet; use 'videomme'")
     raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
 
 
@@ -165,7 +189,8 @@ def load_benchmark(name: str, data_file: str | os.PathLike) -> list[dict]:
         return spec.load_dir(path)
     data = read_file(path)
     if is_video_r1(data):
-        return load_video_r1(data, path, spec.name, spec.display_name)
+        rows = load_video_r1(data, path, spec.name, spec.display_name)
+        return mark_subtitled(rows) if spec.name == "videomme_sub" else rows
     if spec.load_official is None:
         raise BenchmarkDataError(
             path,

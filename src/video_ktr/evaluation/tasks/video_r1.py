@@ -164,6 +164,7 @@ def _enrich_vsibench(row: dict) -> None:
 _ENRICHERS: dict[str, Callable[[dict], None]] = {
     "videoholmes": _enrich_holmes,
     "videomme": _enrich_videomme,
+    "videomme_sub": _enrich_videomme,
     "videommmu": _enrich_videommmu,
     "mmvu": _enrich_mmvu,
     "mvbench": _enrich_mvbench,
