@@ -365,3 +365,40 @@ def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path, ti
         assert tiny["synced_gathers"] > 12, tiny  # a gather per decoder layer at each of the 12 tokens
     lengths = [json.loads((tmp_path / f"rank{r}.json").read_text())["tiny"]["lengths"] for r in range(2)]
     assert lengths[0] != lengths[1]  # the processes' rows ended at different steps (what synced_gpus must cover)
+
+
+@pytest.mark.slow
+def test_two_fsdp2_processes_with_a_sharded_reference_equal_one_process(tiny_setup, tmp_path):
+    """The whole trainer under FSDP2 over two CPU processes (accelerate launch, configs/accelerate/fsdp-cpu-2proc.yaml):
+    the reference model sharded like the policy (its own fully_shard units) and one gather per rollout; its KL,
+    loss, rewards and gradient norm over two steps are one process's with both prompts (1e-5)."""
+    import socket
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = ["--max_steps", "2", "--num_generations", "2", "--max_completion_length", "8", "--learning_rate", "1e-3",
+           "--token_selection", "none", "--beta", "0.04", "--reward_funcs", "tests.reward_fixtures:count_e"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    launches = {
+        "fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(root / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"), "--main_process_port", port, "-m", "video_ktr",
+                 "train", *tiny_setup.train_args(tmp_path / "fsdp", *run, "--per_device_train_batch_size", "1")],
+        "one": [sys.executable, "-m", "video_ktr", "train",
+                *tiny_setup.train_args(tmp_path / "one", *run, "--per_device_train_batch_size", "2")],
+    }
+    metrics = {}
+    for name, cmd in launches.items():
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        metrics[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    info = json.loads((tmp_path / "fsdp" / "run_info.json").read_text())
+    assert (info["distributed"], info["world_size"], info["sharded_parameters"]) == ("FSDP2", 2, True)
+    assert metrics["fsdp"][1]["kl"] > 0  # the second step's policy has moved away from the reference
+    for sharded, whole in zip(metrics["fsdp"], metrics["one"]):
+        for key in ("loss", "kl", "reward", "grad_norm", "completion_length"):
+            assert sharded[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), (key, sharded, whole)

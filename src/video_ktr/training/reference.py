@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from video_ktr.training.distributed import backend
+from video_ktr.training.rollout_weights import init_fsdp2_root
 
 
 def reference_deepspeed_config(policy_config: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +82,7 @@ def prepare_reference(ref: torch.nn.Module, acc: Any, *,
         ref = acc.prepare_model(ref, evaluation_mode=True)
     if hasattr(ref, "set_reshard_after_forward"):  # FSDP2: a frozen model has no backward to keep its units whole for
         ref.set_reshard_after_forward(True)
+        init_fsdp2_root(ref)  # its first call is the vision tower's (encode_visual_once), outside the root's forward
     ref.eval()
     return ref
 

@@ -43,6 +43,20 @@ def fsdp2_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def init_fsdp2_root(model: torch.nn.Module) -> None:
+    """Make the outermost ``fully_shard`` unit of ``model`` FSDP2's root now, before any forward.
+
+    FSDP2 takes as root the first unit whose forward runs. The trainers call the vision tower
+    (``get_video_features``) outside the root's forward, and a reference model's first call is one: its
+    tower would then become a root of its own and the first whole forward would stop with "FSDP requires
+    running forward through the root module first". torch has no public call for this; the unit's state
+    does it in its first pre-forward (``_lazy_init``, a no-op once done).
+    """
+    units = fsdp2_units(model)
+    if units:
+        units[0]._get_fsdp_state()._lazy_init()
+
+
 def sharded_for_rollout(model: torch.nn.Module) -> bool:
     """Whether a rollout with ``model`` would gather parameters in every forward (ZeRO-3 or FSDP2)."""
     return zero3_partitioned(model) or bool(fsdp2_units(model))
@@ -102,8 +116,7 @@ def _fsdp2_unsharded(units: list[torch.nn.Module]) -> Iterator[None]:
     the setting to restore is read from the unit's state (torch keeps no public getter): the
     post-forward mesh of each parameter group and the root's automatic choice.
     """
-    root_state = units[0]._get_fsdp_state()
-    root_state._lazy_init()  # the root's own 'no reshard after forward' is decided here; do it before saving
+    init_fsdp2_root(units[0])  # the root's own 'no reshard after forward' is decided there; do it before saving
     saved = []
     for unit in units:
         state = unit._get_fsdp_state()
