@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from video_ktr.utils.config import load_yaml
+
 DDP_TYPES = ("NO", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU", "MULTI_SDAA")
 
 
@@ -70,8 +72,6 @@ def _offloaded(device: Any) -> bool:
 
 def read_accelerate_config(path: str | Path) -> Launch:
     """The :class:`Launch` of an accelerate config file (YAML or JSON), with errors naming the file and key."""
-    from video_ktr.utils.config import load_yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--accelerate_config {path}: no such file")

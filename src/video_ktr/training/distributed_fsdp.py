@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from video_ktr.model.adapters import adapter_for
+
 
 def is_fsdp2(model: Any) -> bool:
     """Whether ``model`` (or, behind accelerate's wrappers, its module) was wrapped with ``fully_shard``."""
@@ -39,8 +41,6 @@ def wrap_class_names(model: torch.nn.Module, requested: list[str] | None = None)
     else:
         names = set(getattr(model, "_no_split_modules", None) or ())
         try:
-            from video_ktr.model.adapters import adapter_for
-
             names |= {n for n in adapter_for(model).wrap_classes() if n}
         except (KeyError, ValueError, AttributeError):
             pass
