@@ -105,6 +105,14 @@ def _palette(cfg: SynthConfig) -> list[str]:
     return list(PALETTE)[: cfg.num_colors]
 
 
+def _count_item(rng: np.random.Generator, problem: str, n: int, top: int, steps: np.ndarray,
+                reasoning: Callable[[int], str]) -> _Item:
+    """A numerical item whose answer is the count ``n``; the flawed teacher miscounts by one (within 1..top)."""
+    wrong = n + (1 if n == 1 else -1 if n == top else int(rng.choice([-1, 1])))
+    return _Item(problem=problem, problem_type="numerical", options=None, answer=str(n), process=reasoning(n),
+                 steps=steps, mistake=(reasoning(wrong), str(wrong)))
+
+
 # --------------------------------------------------------------------------- the kinds
 
 
@@ -171,17 +179,8 @@ def _count(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
     seq = ["white" if t in white else "black" for t in range(s)]
     steps = np.zeros((s, cfg.grid, cfg.grid, 3), np.uint8)
     steps[sorted(white)] = WHITE
-    # the mistake: miscounts by one (always within 1..s)
-    wrong = n_white + (1 if n_white == 1 else -1 if n_white == s else int(rng.choice([-1, 1])))
-    return _Item(
-        problem=f"The video shows {s} scenes in a row. How many of them are white?",
-        problem_type="numerical",
-        options=None,
-        answer=str(n_white),
-        process=f"The scenes are {', '.join(seq)}. {n_white} of them are white.",
-        steps=steps,
-        mistake=(f"The scenes are {', '.join(seq)}. {wrong} of them are white.", str(wrong)),
-    )
+    return _count_item(rng, f"The video shows {s} scenes in a row. How many of them are white?", n_white, s, steps,
+                       lambda k: f"The scenes are {', '.join(seq)}. {k} of them are white.")
 
 
 def _image_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Item:
@@ -257,17 +256,9 @@ def _count_color(rng: np.random.Generator, index: int, cfg: SynthConfig) -> _Ite
     others: list[str | None] = [c for c in pool if c != target] + [None]
     seq = [target if t in shown else others[int(rng.integers(len(others)))] for t in range(s)]
     steps = _colour_steps(seq, cfg, rng)
-    wrong = n + (1 if n == 1 else -1 if n == s - 1 else int(rng.choice([-1, 1])))  # the mistake: miscounts by one
-    return _Item(
-        problem=f"The video shows {s} scenes in a row. In how many of them is {target} shown?",
-        problem_type="numerical",
-        options=None,
-        answer=str(n),
-        process=f"The scenes are {_then(seq).replace(', then ', ', ')}. {target.capitalize()} is shown in {n} of them.",
-        steps=steps,
-        mistake=(f"The scenes are {_then(seq).replace(', then ', ', ')}. {target.capitalize()} is shown in {wrong} of them.",
-                 str(wrong)),
-    )
+    scenes = _then(seq).replace(", then ", ", ")
+    return _count_item(rng, f"The video shows {s} scenes in a row. In how many of them is {target} shown?", n, s - 1,
+                       steps, lambda k: f"The scenes are {scenes}. {target.capitalize()} is shown in {k} of them.")
 
 
 _MAKERS: dict[str, Callable[[np.random.Generator, int, SynthConfig], _Item]] = {
