@@ -32,6 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import SMALL_MEDIA  # the family's frame factor under VK_TEST_ARCH
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.video import load_video, write_video
 from video_ktr.training import checkpoint as ckpt
@@ -39,7 +40,6 @@ from video_ktr.utils.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "video_ktr"
-SMALL_MEDIA = ["--max_frames", "8", "--video_fps", "4", "--min_pixels", "784", "--max_pixels", "3136"]  # as conftest
 # wall-clock and memory metrics: the only ones allowed to differ between two runs
 TIMING = re.compile(r"seconds|^time_|memory|^mem_|per_second|throughput")
 
@@ -454,9 +454,13 @@ def test_empty_completions_identical_rewards_and_rows_without_key_tokens(tiny_se
     assert m["num_completions"] == 8
     # counted in the metrics, as fractions: empty completions, zero-advantage groups, probed groups, rows
     # without key tokens (of the probed rows)
-    for key, expected in (("empty_completions", 5 / 8), ("zero_advantage_groups", 1 / 2), ("probed_groups", 1 / 2),
-                          ("no_key_token_rows", 1 / 4)):
-        assert m[key] == pytest.approx(expected), key
+    # rows without key tokens: row 5 (forced), and row 4 (only its end token) if the signals did not keep that
+    # token (Qwen2.5-VL's tiny model keeps it: 1/4; it depends on the random model's scores)
+    no_key = [r for r in range(4, 8) if not key[r].any()]
+    assert 5 in no_key and set(no_key) <= {4, 5}
+    for name, expected in (("empty_completions", 5 / 8), ("zero_advantage_groups", 1 / 2), ("probed_groups", 1 / 2),
+                           ("no_key_token_rows", len(no_key) / 4)):
+        assert m[name] == pytest.approx(expected), name
 
 
 # ---------------------------------------------------------------------------------------------- 3. hostile input
