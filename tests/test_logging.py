@@ -107,3 +107,37 @@ def test_a_library_message_goes_through_the_logger(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     claim_output_dir(tmp_path, resuming=False, overwrite=True).release()
     assert capsys.readouterr().err == ""
+
+
+class _Answers:
+    """A stand-in engine: every row answered 'A'."""
+
+    def generate(self, messages, media, seeds, **kwargs):
+        return ["<think>x</think><answer>A</answer>"] * len(messages)
+
+
+def test_evaluation_passes_show_a_named_bar_on_the_main_process_only(tiny_setup, monkeypatch, capsys):
+    import json
+
+    from video_ktr.evaluation.evaluate import evaluate_rows
+
+    rows = json.loads(tiny_setup.test_json.read_text())[:3]
+    run = dict(engine=_Answers(), batch_size=2, progress=True, progress_desc="eval sft greedy", prefetch=False)
+    evaluate_rows(None, None, rows, tiny_setup.data_dir, tiny_setup.frame_settings(), **run)
+    err = capsys.readouterr().err
+    assert "eval sft greedy" in err and "3/3" in err
+    monkeypatch.setattr(logs, "is_main_process", lambda: False)
+    evaluate_rows(None, None, rows, tiny_setup.data_dir, tiny_setup.frame_settings(), **run)
+    assert "eval sft greedy" not in capsys.readouterr().err
+
+
+def test_demo_and_ablate_pass_the_options_on():
+    from pathlib import Path
+
+    from video_ktr.analysis.demo import DemoConfig, _log_args, rl_config
+
+    cfg = parse_args(DemoConfig, ["--quick", "--disable_tqdm", "--log_level", "warning"])
+    assert logs.bars_disabled(cfg, main=True)
+    rl = rl_config(cfg, Path("m"), Path("d.json"), Path("o"))
+    assert (rl.disable_tqdm, rl.log_level) == (True, "warning") and _log_args(cfg)["disable_tqdm"] is True
+    assert not logs.bars_disabled(parse_args(DemoConfig, ["--quick"]), main=True)

@@ -64,6 +64,7 @@ from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.utils.config import build_parser, from_dict, load_yaml
 from video_ktr.utils.jsonl import read_jsonl
+from video_ktr.utils.logs import bars_disabled
 
 # name -> the only settings that differ between variants
 _HARD = {"temporal_grpo": False, "token_weighting": "hard"}
@@ -287,7 +288,8 @@ def evaluate_run(folder: Path, cfg: TrainConfig, protocol: dict[str, Any], opts:
             model, processor, rows, protocol["media_root"], settings, greedy=dec["greedy"],
             temperature=dec["temperature"], top_p=dec["top_p"], max_new_tokens=protocol["max_new_tokens"],
             batch_size=opts.eval_batch_size, seed=cfg.seed, prompt_layout=protocol["prompt_layout"],
-            system_prompt=protocol["system_prompt"],
+            system_prompt=protocol["system_prompt"], progress=not bars_disabled(cfg),  # --disable_tqdm (a train option)
+            progress_desc=f"eval {folder.parent.name}/{folder.name} {name}",
         )
         write_json_atomic(folder / f"eval_{name}.json", {"results": results, "metrics": metrics, "protocol": protocol})
         out[name] = _accuracy_record(metrics, results)

@@ -28,10 +28,11 @@ from video_ktr.training.grpo import KTRTrainer
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.sft import SFTConfig, run_sft
 from video_ktr.utils.config import field
+from video_ktr.utils.logs import LogOptions, bars_disabled, setup_logging
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(LogOptions):
     """The main job on the embedded default: synth, SFT, eval, KTR, eval, report."""
 
     output_dir: str = field("runs/demo", help="Where everything goes (data, models, results, summary).")
@@ -83,6 +84,11 @@ def _frame_args(cell: int = 28) -> dict[str, Any]:
             "image_min_pixels": side * side, "image_max_pixels": side * side}
 
 
+def _log_args(cfg: DemoConfig) -> dict[str, Any]:
+    """--log_level, --log_level_replica and --disable_tqdm, passed on to the SFT and RL runs."""
+    return {"log_level": cfg.log_level, "log_level_replica": cfg.log_level_replica, "disable_tqdm": cfg.disable_tqdm}
+
+
 def _cell(cfg: DemoConfig) -> int:
     """Pixels per side of one visual token's cell: the family's frame factor (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
     return adapter_for(cfg.arch).frame_factor
@@ -102,6 +108,7 @@ def _check_reused(data_dir: Path, base: Path, arch: str, cell: int) -> None:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    setup_logging(cfg)  # --log_level; the stages' runs get the same options (_log_args)
     if cfg.quick:
         cfg.num_train, cfg.num_test, cfg.sft_steps, cfg.rl_steps = 48, 16, 20, 3
         cfg.rl_prompts, cfg.num_generations, cfg.max_completion_length = 2, 4, 24
@@ -144,7 +151,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               warmup_ratio=0.02, logging_steps=100, eval_dataset=str(data_dir / "test.json"),
                               eval_steps=cfg.sft_eval_steps, eval_generate=True,
                               eval_max_new_tokens=cfg.max_completion_length, per_device_eval_batch_size=32,
-                              **_frame_args(cell)))
+                              **_frame_args(cell), **_log_args(cfg)))
         else:
             print(f"reusing {sft_dir}")
     timings["sft"] = time.perf_counter() - st.t0
@@ -178,7 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
     """The RL stage's TrainConfig (configs/demo-rl.yaml holds the same values as a YAML)."""
 
-    return TrainConfig(model_name_or_path=str(model), dataset=str(dataset), output_dir=str(output_dir),
+    return TrainConfig(**_log_args(cfg), model_name_or_path=str(model), dataset=str(dataset), output_dir=str(output_dir),
                        max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
                        per_device_train_batch_size=cfg.rl_prompts, num_generations=cfg.num_generations,
                        max_completion_length=cfg.max_completion_length, temperature=1.0, top_p=1.0, beta=0.0,
@@ -199,6 +206,7 @@ def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> d
         results, metrics = evaluate_rows(
             model, processor, rows, test_file.parent, settings, greedy=greedy, temperature=temperature, top_p=1.0,
             max_new_tokens=cfg.max_completion_length, batch_size=32, seed=cfg.seed + k, prompt_layout="train",
+            progress=not bars_disabled(cfg), progress_desc=f"eval {out.name} {name}",
         )
         (out / f"{name}.json").write_text(json.dumps({"results": results, "metrics": metrics}, indent=1))
         report[name] = {"accuracy": metrics["overall"],

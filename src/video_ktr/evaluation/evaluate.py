@@ -71,7 +71,7 @@ from video_ktr.model.adapters import frames_for
 from video_ktr.model.loading import load_model, load_processor
 from video_ktr.model.sampling import row_seed
 from video_ktr.model.vllm_engine import VLLMEngine
-from video_ktr.utils.logs import bars_disabled, get_logger, is_main_process, setup_logging
+from video_ktr.utils.logs import bars_disabled, get_logger, setup_logging
 from video_ktr.utils.prefetch import Prefetcher
 
 logger = get_logger(__name__)
@@ -100,6 +100,7 @@ def evaluate_rows(
     done: dict[str, dict] | None = None,
     on_batch: Callable[[dict[str, dict]], None] | None = None,
     progress: bool = False,
+    progress_desc: str | None = None,
     prefetch: bool = True,
     allow_outside_media_root: bool = False,
     special_tokens: str = "refuse",
@@ -135,8 +136,8 @@ def evaluate_rows(
 
     bar = None
     if progress:
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {get_benchmark(benchmark).name}",
-                   unit="row", file=sys.stderr, dynamic_ncols=True, disable=not is_main_process())
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=progress_desc or f"eval {get_benchmark(benchmark).name}",
+                   unit="row", file=sys.stderr, dynamic_ncols=True, disable=bars_disabled())
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     # the processor runs ahead only for an engine whose generate() takes its result (a replaced or wrapped
     # generate() without ``prepared`` encodes its own inputs, as before)
