@@ -74,7 +74,7 @@ def test_every_process_gathers_the_weights_for_a_checkpoint_and_the_final_model(
     assert (tmp_path / "main" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+@pytest.mark.parametrize("kind", ["FSDP"])  # FSDP1 (accelerate's, not FSDP2); DeepSpeed saves through its engine (below)
 def test_a_sharded_optimizer_state_is_not_saved_as_if_whole_and_such_a_checkpoint_is_refused(tmp_path, kind):
     model = TinyModel()
     _save_all(StandInAccelerator(main=True, kind=kind), tmp_path, model)
@@ -151,3 +151,73 @@ def test_deepspeed_settings_that_cannot_be_made_correct_are_refused():
     with pytest.raises(RuntimeError, match="clips gradients at 1.0.*--max_grad_norm is 0.5"):
         check_backend(zero3, SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=0.5), {})
     check_backend(zero3, SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=1.0), {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+class StandInEngine(TinyModel):
+    """DeepSpeed's engine as the checkpoint code uses it: save_checkpoint / load_checkpoint (every process)."""
+
+    def __init__(self, rank: int = 0):
+        super().__init__()
+        self.rank, self.calls = rank, []
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, exclude_frozen_parameters=False):
+        from pathlib import Path
+
+        self.calls.append(("save_checkpoint", save_dir, tag, save_latest))
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"rank": self.rank}, folder / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt")
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        from pathlib import Path
+
+        self.calls.append(("load_checkpoint", load_dir, tag, load_optimizer_states, load_lr_scheduler_states))
+        return (str(Path(load_dir) / tag), {}) if (Path(load_dir) / tag).is_dir() else (None, None)
+
+
+def test_deepspeed_checkpoints_hold_the_engines_partitions_and_resume_through_the_engine(tmp_path):
+    """Under DeepSpeed the engine writes each process's partitions into the checkpoint's temporary folder
+    (accelerate save_state's call and tag), the folder is published by the rename, verify accepts it, and a
+    resume goes through the engine's load_checkpoint (optimizer states on, its own scheduler off: ours is
+    scheduler.pt). A stand-in engine: DeepSpeed does not run on this machine."""
+    from video_ktr.training.checkpoint_verify import verify
+
+    engine, acc = StandInEngine(), StandInAccelerator(main=True, kind="DEEPSPEED", zero_stage=3)
+    opt = torch.optim.AdamW(engine.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    folder = ckpt.save(tmp_path, 3, acc, engine, None, opt, sched, ckpt.TrainState(step=3, micro_step=6))
+    (call,) = engine.calls
+    assert call[0] == "save_checkpoint" and call[2] == ckpt.DEEPSPEED_TAG and call[3] is False
+    assert f"{tmp_path}/.checkpoint-3." in call[1] and call[1].endswith("/deepspeed")  # written before the rename
+    assert (folder / "deepspeed" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    assert not (folder / "optimizer.pt").exists() and (folder / "model.safetensors").is_file()
+    assert json.loads((folder / ckpt.STATE_FILE).read_text())["optimizer_state"] == "deepspeed"
+    verify(folder)
+
+    resumed, state = StandInEngine(), ckpt.TrainState()
+    ckpt.load(folder, acc, resumed, opt, sched, state)
+    assert resumed.calls == [("load_checkpoint", str(folder / "deepspeed"), "pytorch_model", True, False)]
+    assert (state.step, state.micro_step) == (3, 6)
+    # not resumable without DeepSpeed, nor with its partitions gone
+    with pytest.raises(ckpt.CheckpointError, match="resume it under DeepSpeed"):
+        ckpt.load(folder, StandInAccelerator(main=True), TinyModel(), opt, sched, ckpt.TrainState())
+    import shutil
+
+    shutil.rmtree(folder / "deepspeed" / "pytorch_model")
+    with pytest.raises(ckpt.CheckpointError, match="DeepSpeed engine's checkpoint was not written"):
+        verify(folder)
+
+
+def test_under_deepspeed_every_process_writes_into_the_main_processs_folder(tmp_path, monkeypatch):
+    """The non-main process learns the main one's temporary folder (a broadcast) and writes its partitions there;
+    it writes nothing else."""
+    shared = tmp_path / ".checkpoint-1.abcd"
+    monkeypatch.setattr(ckpt, "_main_process_path", lambda acc, path: shared)
+    engine, acc = StandInEngine(rank=1), StandInAccelerator(main=False, kind="DEEPSPEED", zero_stage=2)
+    opt = torch.optim.AdamW(engine.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt.save(tmp_path, 1, acc, engine, None, opt, sched, ckpt.TrainState(step=1, micro_step=1))
+    assert engine.calls == [("save_checkpoint", str(shared / "deepspeed"), "pytorch_model", False)]
+    assert sorted(p.name for p in (shared / "deepspeed" / "pytorch_model").iterdir()) == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert acc.calls.count("get_state_dict") == 1 and not (tmp_path / "checkpoint-1").exists()

@@ -26,10 +26,11 @@ from video_ktr.training import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"
 # 2 processes x 1 prompt x 2 completions of up to 8 tokens; a reward with a signal (count_e), a cosine schedule
-# (the resumed scheduler must continue it), Adam's moments carried over the kill; no reference model (--beta 0)
+# (the resumed scheduler must continue it), Adam's moments carried over the kill; the KL term's reference model
+# sharded the same way (training/reference.py through the trainers' own wrapper)
 RUN = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "1", "--num_generations", "2",
        "--max_completion_length", "8", "--learning_rate", "1e-3", "--token_selection", "none",
-       "--beta", "0", "--reward_funcs", "tests.reward_fixtures:count_e"]
+       "--reward_funcs", "tests.reward_fixtures:count_e"]
 
 
 def _free_port() -> int:
@@ -117,6 +118,7 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_the_unbroken_run(t
     assert len(state["rng_per_process"]) == 2
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and any(m["grad_norm"] > 0 for m in metrics)
+    assert any(m["kl"] > 0 for m in metrics)  # the sharded reference answered, and differs from the moved policy
 
     killed = tmp_path / "killed"
     _run_and_kill(_launch(tiny_setup, killed), tmp_path / "killed.log",

@@ -189,10 +189,12 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
 
     Under FSDP2 the optimiser state is gathered whole on the main process, keyed by parameter name
     (``optimizer_format: "by-name"``; PyTorch's get_optimizer_state_dict, every process joins), so a resume
-    restores it on any number of processes. Under DeepSpeed and FSDP1 it stays split over the processes and
-    is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``): such a checkpoint
-    holds the whole model but cannot be resumed from (:func:`load` says so). Every process's random states
-    are kept (``rng_per_process``).
+    restores it on any number of processes. Under DeepSpeed every process writes its own partitions with the
+    engine's ``save_checkpoint`` into ``deepspeed/pytorch_model/`` of the same temporary folder (what
+    accelerate's ``save_state`` calls; ``optimizer_state: "deepspeed"``), resumed with ``load_checkpoint`` on
+    the same number of processes. Under FSDP1 the optimiser state is not written (``optimizer.pt`` absent,
+    ``optimizer_state: "sharded-not-saved"``): such a checkpoint holds the whole model but cannot be resumed
+    from (:func:`load` says so). Every process's random states are kept (``rng_per_process``).
     """
     from video_ktr.training import distributed_fsdp as fsdp
 
@@ -201,18 +203,27 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     state_dict = full_state_dict(accelerator, model)  # a collective under FSDP / ZeRO-3: every process
     by_name = fsdp.is_fsdp2(model)
     optim_state = fsdp.full_optimizer_state_dict(model, optimizer) if by_name else None  # a collective too
-    sharded_optimizer = optimizer_state_sharded(accelerator) and not by_name
+    engine = deepspeed_engine(accelerator, model)
+    sharded_optimizer = optimizer_state_sharded(accelerator) and not by_name and engine is None
     rng_states = _rng_states(accelerator)  # a collective with several processes
+    tmp = None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    if engine is not None:  # every process writes its partitions into the main process's temporary folder
+        tmp = _main_process_path(accelerator, tmp)
+        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        assert tmp is not None
         _write_model(tmp, accelerator, model, processor, state_dict)
-        if not sharded_optimizer:
+        if not sharded_optimizer and engine is None:
             torch.save(optim_state if by_name else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {},
-                   "optimizer_state": "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
+                   "optimizer_state": "deepspeed" if engine is not None else
+                   "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
         if by_name:
             payload["optimizer_format"] = "by-name"
         if rng_states is not None:
@@ -229,6 +240,30 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
         _fsync_dir(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "pytorch_model"  # the engine's checkpoint, as accelerate's save_state names it
+
+
+def deepspeed_engine(accelerator: Any, model: Any) -> Any | None:
+    """The DeepSpeed engine accelerate.prepare returned (it saves and loads its own partitions), else None."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if kind.endswith("DEEPSPEED") and callable(getattr(model, "save_checkpoint", None)) \
+            and callable(getattr(model, "load_checkpoint", None)):
+        return model
+    return None
+
+
+def _main_process_path(accelerator: Any, path: Path | None) -> Path:
+    """The main process's ``path`` on every process (a broadcast when several run)."""
+    if int(getattr(accelerator, "num_processes", 1)) > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(path) if path is not None else None]
+        broadcast_object_list(box, from_process=0)
+        path = Path(box[0])
+    assert path is not None
+    return path
 
 
 def optimizer_state_sharded(accelerator: Any) -> bool:
@@ -280,16 +315,26 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
     from video_ktr.training import distributed_fsdp as fsdp
 
     payload = json.loads((path / STATE_FILE).read_text())
-    if payload.get("optimizer_state", "optimizer.pt") != "optimizer.pt":
+    mode, engine = payload.get("optimizer_state", "optimizer.pt"), deepspeed_engine(accelerator, model)
+    if mode == "deepspeed":
+        if engine is None:
+            raise CheckpointError(f"{path} was written under DeepSpeed (each process's partitions in {path / DEEPSPEED_DIR}): "
+                                  "resume it under DeepSpeed with the same ZeRO stage and number of processes, or start a "
+                                  "new run from its model (--model_name_or_path)")
+        loaded, _ = engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False, load_module_strict=False)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint '{DEEPSPEED_TAG}' in {path / DEEPSPEED_DIR}")
+        return _restore_counters(path, payload, accelerator, scheduler, state)
+    if mode != "optimizer.pt":
         raise CheckpointError(
-            f"{path} was written under DeepSpeed / FSDP1, whose optimiser state is split over the processes and was not "
+            f"{path} was written under FSDP1, whose optimiser state is split over the processes and was not "
             "saved: it holds the whole model (load it with --model_name_or_path to start a new run from it) but "
             "cannot be resumed from.")
     sharded = fsdp.is_fsdp2(model)
-    if optimizer_state_sharded(accelerator) and not sharded:
-        raise CheckpointError("resuming under DeepSpeed / FSDP1 is not implemented (the optimiser state is split over "
-                              "the processes); resume under FSDP2, DDP or one process, or start a new run from the "
-                              "checkpoint's model")
+    if engine is not None or (optimizer_state_sharded(accelerator) and not sharded):
+        raise CheckpointError(f"{path} holds a whole optimiser state, which cannot be split over DeepSpeed's / FSDP1's "
+                              "partitions: resume it with the set-up that wrote it, or start a new run from its model")
     by_name = payload.get("optimizer_format") == "by-name"
     if sharded and not by_name:
         raise CheckpointError(f"{path}/optimizer.pt was written without FSDP2 (its state is keyed by parameter position, "
@@ -315,6 +360,12 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
         fsdp.load_full_optimizer_state_dict(unwrapped if sharded else model, optimizer, optim_state)
     else:
         optimizer.load_state_dict(optim_state)
+    return _restore_counters(path, payload, accelerator, scheduler, state)
+
+
+def _restore_counters(path: Path, payload: dict[str, Any], accelerator: Any, scheduler: Any,
+                      state: TrainState) -> dict[str, Any]:
+    """The scheduler, the counters and this process's random states; returns the recipe's extra state."""
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
     state.step, state.micro_step = int(payload["step"]), int(payload["micro_step"])
     per_process = payload.get("rng_per_process")

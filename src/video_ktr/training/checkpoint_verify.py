@@ -68,7 +68,12 @@ def verify(path: str | Path) -> None:
         raise CheckpointError(f"{path} holds no *.safetensors weights")
     for file in weights:
         _verify_safetensors(file)
-    for name in ("optimizer.pt", "scheduler.pt"):
+    if payload.get("optimizer_state") == "deepspeed":  # each process's partitions, in DeepSpeed's own files
+        engine_dir = path / ckpt.DEEPSPEED_DIR / ckpt.DEEPSPEED_TAG
+        if not engine_dir.is_dir() or not any(engine_dir.iterdir()):
+            raise CheckpointError(f"{engine_dir} is missing or empty: the DeepSpeed engine's checkpoint was not written")
+    names = ("scheduler.pt",) if payload.get("optimizer_state") == "deepspeed" else ("optimizer.pt", "scheduler.pt")
+    for name in names:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")

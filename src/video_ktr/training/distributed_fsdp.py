@@ -79,6 +79,11 @@ def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = True,
         units.append(name)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     units.append("")
+    # FSDP2 makes the first unit that runs a forward the root. The trainers may call the vision tower
+    # (get_*_features) before the whole model ever ran (the reference's first use), which would make the tower a
+    # root and the model's own first forward fail ("already been lazily initialized"): initialise the root now.
+    # torch has no public call for it (accelerate's FSDP2 path runs a root forward first instead).
+    model._get_fsdp_state()._lazy_init()
     return units
 
 
