@@ -567,6 +567,27 @@ def test_unpack_refuses_malicious_tar_members_and_writes_nothing_of_that_archive
     assert (root / "Good" / "fine.mp4").read_bytes() == b"fine"  # the other archives are still extracted
 
 
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_unpack_archive_holding_a_file_and_a_folder_of_one_name_is_refused_before_writing(tmp_path, fmt):
+    from video_ktr.data.unpack import unpack
+
+    root = tmp_path / "dl"
+    if fmt == "zip":
+        import zipfile
+
+        (root / "A").mkdir(parents=True)
+        with zipfile.ZipFile(root / "A" / "a.zip", "w") as zf:
+            zf.writestr("first.mp4", b"1")
+            zf.writestr("clip/", b"")
+            zf.writestr("clip", b"x")
+    else:
+        _tar(root / "A" / "a.tar", {"first.mp4": b"1", "clip": None, "./clip": b"x"}, "w")
+    lines: list[str] = []
+    result = unpack(root, progress=False, log=lines.append)
+    assert not result.ok and "'clip': the archive also holds a folder of that name" in "\n".join(lines)
+    assert not (root / "A" / "first.mp4").exists()  # refused before anything was written (it was an OSError midway)
+
+
 def test_unpack_tar_never_writes_through_a_symlink_nor_applies_modes_and_checks_space(tmp_path, monkeypatch):
     import io
     import os

@@ -119,11 +119,15 @@ def _collisions(members: list[Member], reader: ZipArchive | TarArchive, dest: Pa
     differs from the member (allowed with ``overwrite``). An existing identical file is not a collision."""
     problems = []
     names = {m.name.rstrip("/") for m in members if not m.is_dir}
+    folders = {m.name.rstrip("/") for m in members if m.is_dir}
     for m in members:
         if m.is_dir:
             continue
         name = m.name
         target = dest / name
+        if name in folders:
+            problems.append(f"{name!r}: the archive also holds a folder of that name")
+            continue
         parts = Path(name).parts
         for k in range(1, len(parts)):
             prefix = "/".join(parts[:k])
