@@ -213,3 +213,12 @@ def test_intervals_and_paired_tests_are_reported(first):
         assert ci["ci95_seeds"]["n"] == 2 and ci["ci95_items"]["n"] == n_items
     text = (out / "ablation.md").read_text()
     assert "## 95 % intervals" in text and "## Paired tests against `grpo`" in text
+
+
+def test_epochs_are_refused_for_a_step_count(tiny_setup, tmp_path):
+    """A finished run is recognised by its step count: --num_train_epochs (max_steps -1) is refused, naming the fix."""
+    config = write_yaml(tiny_setup, tmp_path / "c.yaml")
+    opts = ablate.parse_options(["--config", str(config), "--output_dir", str(tmp_path / "o"), "--max_steps", "-1",
+                                 "--num_train_epochs", "1"])
+    with pytest.raises(ablate.AblateError, match="give --max_steps N instead of --num_train_epochs 1.0"):
+        ablate.base_config(opts)

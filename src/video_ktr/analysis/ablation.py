@@ -193,6 +193,9 @@ def base_config(opts: AblateOptions) -> TrainConfig:
         cfg = from_dict(TrainConfig, values, source=opts.config)
     except ValueError as exc:
         raise AblateError(str(exc)) from exc
+    if cfg.max_steps == -1:  # a finished run is recognised by its step count; epochs are counted per launch
+        raise AblateError(f"{opts.config}: ablate runs a fixed number of optimiser steps; give --max_steps N instead of "
+                          f"--num_train_epochs {cfg.num_train_epochs} (one epoch is ceil(rows / prompts per step) steps)")
     if not cfg.save_steps:  # checkpoints, so that an interrupted run resumes
         cfg.save_steps = max(1, cfg.max_steps // 4)
     if cfg.save_total_limit is None:  # only the newest one is needed to resume
