@@ -221,3 +221,29 @@ def test_under_deepspeed_every_process_writes_into_the_main_processs_folder(tmp_
     assert engine.calls == [("save_checkpoint", str(shared / "deepspeed"), "pytorch_model", False)]
     assert sorted(p.name for p in (shared / "deepspeed" / "pytorch_model").iterdir()) == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert acc.calls.count("get_state_dict") == 1 and not (tmp_path / "checkpoint-1").exists()
+
+
+def test_an_fsdp2_checkpoint_resumes_in_one_process(tmp_path, monkeypatch):
+    """The FSDP2 format (whole weights, optimiser state keyed by parameter name) restores Adam's moments into a
+    model that is not sharded: a run saved under FSDP2 can go on in one process. The FSDP2 save path runs on a
+    plain model here (PyTorch's state-dict functions take both), the load path is the unsharded one."""
+    from video_ktr.training import distributed_fsdp as fsdp
+
+    model = TinyModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.layer(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with monkeypatch.context() as m:
+        m.setattr(fsdp, "is_fsdp2", lambda model: True)
+        folder = ckpt.save(tmp_path, 1, StandInAccelerator(main=True), model, None, opt, sched, ckpt.TrainState(1, 1))
+    assert json.loads((folder / ckpt.STATE_FILE).read_text())["optimizer_format"] == "by-name"
+    assert set(torch.load(folder / "optimizer.pt", weights_only=True)["state"]) == {"layer.weight", "layer.bias"}
+
+    fresh = TinyModel()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    ckpt.load(folder, StandInAccelerator(main=True), fresh, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0),
+              ckpt.TrainState())
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
