@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from video_ktr.training.grpo_config import TrainConfig
@@ -83,3 +85,18 @@ def test_help_lists_required_flags_first_in_groups():
     assert text.index("--output_dir") < text.index("--video_fps")
     assert "(RunOptions)" in text and "--bf16" in text
     assert "--no_gradient_checkpointing" not in text  # accepted, but not listed twice
+
+
+@pytest.mark.parametrize("name", sorted(TrainConfig.REMOVED_OPTIONS))
+def test_removed_speed_switches_say_what_to_do_instead(tmp_path, capsys, name):
+    """The five speed-only switches are decided at set-up now: a flag or an old YAML key gets the reason, not a guess."""
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, [f"--{name}", "true"])
+    err = capsys.readouterr().err
+    assert f"--{name}" in err and "--plain_forwards" in err and "did you mean" not in err
+    old = tmp_path / "old.yaml"
+    old.write_text(f"{name}: true\n")
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, ["--config", str(old)])
+    assert f"old.yaml: option {name} was removed: " in capsys.readouterr().err
+    assert not any(f.name == name for f in dataclasses.fields(TrainConfig))

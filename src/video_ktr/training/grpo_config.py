@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from video_ktr.core.loss import LossSpec
 from video_ktr.core.selection import SIGNALS, SelectionSpec
@@ -17,6 +18,12 @@ DEFAULT_MAX_STEPS = 100  # --max_steps when neither it nor --num_train_epochs is
 @dataclass
 class TrainConfig(RunOptions):
     """GRPO training with key-token reinforcement (Video-KTR) on Video-R1-schema data."""
+
+    # speed-only switches the trainer now decides at set-up (ForwardPlan.for_run); a YAML that still sets one is told so
+    REMOVED_OPTIONS: ClassVar[dict[str, str]] = dict.fromkeys(
+        ["shared_prefix", "length_buckets", "policy_shared_prefix", "rollout_shared_prefill", "encode_visual_once"],
+        "the trainer takes this fast path whenever the set-up allows it (training/grpo_stages.ForwardPlan; same "
+        "losses); drop it, or give --plain_forwards true to run every pass the plain way")
 
     model_name_or_path: str = field("", help="Policy to train: a local directory or a hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct). [required]")
 

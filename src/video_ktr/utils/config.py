@@ -141,6 +141,8 @@ class _ListAction(argparse.Action):
 
 
 class ConfigArgumentParser(argparse.ArgumentParser):
+    removed_options: dict[str, str] = {}  # option -> what to do instead (a dataclass's REMOVED_OPTIONS)
+
     """argparse with HfArgumentParser's conventions, aliases and one-line errors (see the module docstring)."""
 
     def error(self, message: str) -> typing.NoReturn:  # one line, not the whole usage
@@ -165,6 +167,9 @@ class ConfigArgumentParser(argparse.ArgumentParser):
             if flag.startswith("-"):
                 near = self._closest(flag)
                 hint = f"; did you mean {near}?" if near else ""
+                removed = self.removed_options.get(flag.split("=", 1)[0].lstrip("-"))
+                if removed:
+                    hint = f": {removed}"
                 self.error(f"unrecognized argument {flag.split('=', 1)[0]}{hint}")
             self.error(f"unexpected value {flag!r} (flags take the form --name value)")
         return ns
@@ -196,6 +201,7 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
+    parser.removed_options = dict(getattr(cls, "REMOVED_OPTIONS", {}))
     parser.add_argument("--config", default=None, help="YAML file whose keys are the flags below (flags given on the command line win).")
     hints = _type_hints(cls)
     fields = dataclasses.fields(cls)
@@ -246,6 +252,10 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     hints = _type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
+    removed = getattr(cls, "REMOVED_OPTIONS", {})
+    for name in unknown:
+        if name in removed:
+            raise ValueError(f"{source}: option {name} was removed: {removed[name]}")
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; see --help for the valid ones")
     kwargs = {k: _coerce(k, hints[k], v, source) for k, v in values.items()}
