@@ -318,3 +318,24 @@ def test_trainer_steps_replay_the_kept_graph_with_the_updated_weights(tiny_setup
         for key in ("loss", "completion_length", "reward", "grad_norm"):
             if key in a:
                 assert a[key] == b[key], (key, a[key], b[key])
+
+
+@pytest.mark.parametrize("shared_prefill", [True, False])
+def test_a_kept_steps_cache_takes_the_next_prefill(tiny_model, prompts, monkeypatch, shared_prefill):
+    """A later rollout of the kept shapes prefills straight into the kept step's static cache (no second cache),
+    and still decodes the tokens of a fresh eager decode."""
+    import video_ktr.model.rollout as rollout_module
+    from video_ktr.model.decode import GraphStore
+
+    caches = []
+    original = rollout_module.decode_from
+    monkeypatch.setattr(rollout_module, "decode_from", lambda model, cache, *a, **kw: caches.append(cache)
+                        or original(model, cache, *a, **kw))
+    store = GraphStore()
+    kept = StaticDecoder(graphs=StandInGraphs(), noise="counter", store=store, capacity_multiple=256)
+    eager = StaticDecoder(graphs=None, noise="counter")
+    for rows in ((0,), (2,), (1,)):
+        got = _run(tiny_model, prompts, kept, rows=rows, shared_prefill=shared_prefill)
+        _same(got, _run(tiny_model, prompts, eager, rows=rows, shared_prefill=shared_prefill))
+    kept_caches = caches[0::2]  # the eager runs' caches in between are their own
+    assert store.hits == 2 and kept_caches[1] is kept_caches[0] and kept_caches[2] is kept_caches[0]

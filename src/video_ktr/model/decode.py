@@ -119,6 +119,19 @@ class GraphStore:
     def clear(self) -> None:
         self.entries.clear()
 
+    def cache_for(self, rows: int, capacity: int, device: torch.device) -> Any | None:
+        """A kept step's static cache of ``rows`` x ``capacity`` columns on ``device`` for the next prefill to write
+        into (None: none kept). Its contents are stale; the prefill overwrites what the step reads, and a step
+        replayed on it skips the copy. Saves a second cache's worth of memory during the rollout."""
+        for entry in reversed(self.entries.values()):
+            cache = entry.state.cache
+            layers = getattr(cache, "layers", None) or []
+            keys = getattr(layers[0], "keys", None) if layers else None
+            if keys is not None and _static_capacity(cache) == capacity and keys.shape[0] == rows \
+                    and keys.device == torch.device(device):
+                return cache
+        return None
+
 
 @dataclass
 class StaticDecoder:

@@ -166,7 +166,7 @@ def repeat_rows(cache: Any, repeats: int, capacity: int) -> bool:
 
 
 
-def static_cache(model: torch.nn.Module, capacity: int, prefix: Any = None, repeats: int = 1) -> Any:
+def static_cache(model: torch.nn.Module, capacity: int, prefix: Any = None, repeats: int = 1, into: Any = None) -> Any:
     """transformers' ``StaticCache`` with ``capacity`` columns: fixed buffers a captured decode step writes in place.
 
     With ``prefix`` (a dynamic cache holding P rows, e.g. a shared prefill's), the static cache holds P x
@@ -174,16 +174,28 @@ def static_cache(model: torch.nn.Module, capacity: int, prefix: Any = None, repe
     times in a row (as ``batch_repeat_interleave``): one copy per layer. Without it, the layers are
     allocated on the first update (the prefill). None when ``model``'s cache layout is not a plain one
     (every layer of a StaticCache must be a full-attention StaticLayer here).
+
+    ``into``: an initialised StaticCache of ``capacity`` columns to reuse instead of allocating one (a kept
+    decode step's, decode.GraphStore.cache_for): reset, or filled with the prefix; a new one is made when
+    its layout does not fit.
     """
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
-    try:
-        cache = StaticCache(config=model.config, max_cache_len=int(capacity))
-    except Exception:  # a config transformers cannot read the layer layout from
-        return None
-    if not cache.layers or any(type(layer) is not StaticLayer for layer in cache.layers):
-        return None
+    if into is not None and not _fits(into, capacity, prefix, repeats):
+        into = None
+    if into is not None:
+        cache = into
+        if prefix is None:
+            cache.reset()
+            return cache
+    else:
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=int(capacity))
+        except Exception:  # a config transformers cannot read the layer layout from
+            return None
+        if not cache.layers or any(type(layer) is not StaticLayer for layer in cache.layers):
+            return None
     if prefix is None:
         return cache
     src = getattr(prefix, "layers", None) or []
@@ -195,8 +207,34 @@ def static_cache(model: torch.nn.Module, capacity: int, prefix: Any = None, repe
         Dv = v.shape[-1]
         if n > capacity:
             raise ValueError(f"the prefix holds {n} tokens, more than the static cache's {capacity}")
-        layer.lazy_initialization(k.new_empty(B * repeats, H, 0, Dk), v.new_empty(B * repeats, H, 0, Dv))
+        if into is None:
+            layer.lazy_initialization(k.new_empty(B * repeats, H, 0, Dk), v.new_empty(B * repeats, H, 0, Dv))
         layer.keys.view(B, repeats, H, capacity, Dk)[:, :, :, :n].copy_(k[:, None].expand(B, repeats, H, n, Dk))
         layer.values.view(B, repeats, H, capacity, Dv)[:, :, :, :n].copy_(v[:, None].expand(B, repeats, H, n, Dv))
         layer.cumulative_length.fill_(n)
     return cache
+
+
+def _fits(cache: Any, capacity: int, prefix: Any, repeats: int) -> bool:
+    """Whether the initialised static ``cache`` has ``capacity`` columns and, with ``prefix``, its layers' rows, heads,
+    widths, dtype and device (repeated ``repeats`` times)."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None) or []
+    if not layers or any(type(layer) is not StaticLayer or not layer.is_initialized or layer.max_cache_len != capacity
+                         for layer in layers):
+        return False
+    if prefix is None:
+        return True
+    src = getattr(prefix, "layers", None) or []
+    if len(src) != len(layers):
+        return False
+    for layer, s in zip(layers, src):
+        if s.keys is None:
+            return False
+        B, H, _, Dk = s.keys.shape
+        if (tuple(layer.keys.shape) != (B * repeats, H, capacity, Dk) or layer.keys.dtype != s.keys.dtype
+                or layer.keys.device != s.keys.device or layer.values.shape[-1] != s.values.shape[-1]):
+            return False
+    return True
+

@@ -78,15 +78,18 @@ def generate(
     graphs = settings.graphs_for(device) if static else None
     capacity = settings.capacity(prompt_inputs["input_ids"].shape[1], max_new_tokens, graphs)
     cache = None
+    # a kept decode step's cache to prefill into (decode.GraphStore): no second cache during the rollout
+    rows_n = prompt_inputs["input_ids"].shape[0] * group_size
+    kept = settings.store.cache_for(rows_n, capacity, device) if graphs is not None and settings.store else None
     if group_size > 1 and shared_prefill:
-        cache = _shared_prefill(model, prompt_inputs, group_size, capacity, static=graphs is not None)
+        cache = _shared_prefill(model, prompt_inputs, group_size, capacity, static=graphs is not None, into=kept)
     if cache is not None:  # the token columns only: the pixels went into the cache
         rows = {k: prompt_inputs[k].repeat_interleave(group_size, dim=0)
                 for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     else:
         rows = select_prompts(prompt_inputs, list(range(prompt_inputs["input_ids"].shape[0])), group_size)
     if cache is None and graphs is not None:
-        cache = static_cache(unwrap(model), capacity)
+        cache = static_cache(unwrap(model), capacity, into=kept)
         if cache is None:  # no static layout for this model: decode eagerly into the reserving cache
             graphs = None
     args = dict(seeds=seeds, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids,
@@ -106,7 +109,7 @@ def _rope_owner(model: torch.nn.Module) -> Any:
 
 @torch.no_grad()
 def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], group_size: int, capacity: int = 0,
-                    static: bool = False):
+                    static: bool = False, into: Any = None):
     """Each prompt's cache up to its last token, computed once and repeated ``group_size`` times.
 
     The prompts (left-padded, so every row's last column is a real token) run once without their last
@@ -117,7 +120,8 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     last prompt column is a vision token, a model without M-RoPE offsets, or one that returns no cache),
     and then the caller prefills every row. The repeated cache reserves room for ``capacity`` tokens
     (kv_cache.repeat_rows: decoding then writes in place instead of concatenating); with ``static`` the
-    rows are repeated into a ``StaticCache`` of ``capacity`` columns instead (kv_cache.static_cache).
+    rows are repeated into a ``StaticCache`` of ``capacity`` columns instead (kv_cache.static_cache; ``into``:
+    an existing one to reuse).
     """
     owner = _rope_owner(model)
     mm = prompt_inputs["mm_token_type_ids"]
@@ -139,7 +143,7 @@ def _shared_prefill(model: torch.nn.Module, prompt_inputs: dict[str, Tensor], gr
     if cache is None or deltas is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     if static:
-        cache = static_cache(gen_model, capacity, prefix=cache, repeats=group_size)
+        cache = static_cache(gen_model, capacity, prefix=cache, repeats=group_size, into=into)
         if cache is None:
             return None
     elif not repeat_rows(cache, group_size, capacity):
