@@ -307,8 +307,9 @@ def find(output_dir: Path, spec: str) -> Path:
 def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> dict[str, Any]:
     """Restore model weights, optimiser, scheduler, counters and random states from ``path``.
 
-    Every process calls it. Under FSDP2 each process reads the whole weights and optimiser state and keeps
-    its shard (PyTorch's set_model_state_dict / set_optimizer_state_dict).
+    Every process calls it. Under FSDP2 the main process reads the whole weights and optimiser state, they are
+    broadcast tensor by tensor and each process keeps its shard (PyTorch's set_model_state_dict /
+    set_optimizer_state_dict with broadcast_from_rank0).
     """
     from safetensors.torch import load_file
 
@@ -341,26 +342,69 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
                               "not name) and cannot be split over FSDP2's shards: resume it with the set-up that wrote it")
 
     unwrapped = accelerator.unwrap_model(model)
+    if sharded:
+        _load_fsdp2(path, accelerator, unwrapped, optimizer)
+        return _restore_counters(path, payload, accelerator, scheduler, state)
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(str(f)))
     if not weights:
         raise FileNotFoundError(f"{path} holds no safetensors weights")
-    if sharded:
-        mapping, unexpected = _match_keys(list(unwrapped.state_dict()), weights)
-        missing = [k for k in unwrapped.state_dict() if k not in set(mapping.values()) and "lm_head" not in k]
-        if not unexpected and not missing:
-            fsdp.load_full_model_state_dict(unwrapped, {mapping[k]: v for k, v in weights.items()})
-    else:
-        missing, unexpected = _load_weights(unwrapped, weights)
+    missing, unexpected = _load_weights(unwrapped, weights)
     if unexpected or missing:
         raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
     optim_state = _load_tensors(path / "optimizer.pt")
     if by_name:
-        fsdp.load_full_optimizer_state_dict(unwrapped if sharded else model, optimizer, optim_state)
+        fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state)
     else:
         optimizer.load_state_dict(optim_state)
     return _restore_counters(path, payload, accelerator, scheduler, state)
+
+
+def _load_fsdp2(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any) -> None:
+    """Weights and optimiser state of an FSDP2 model: the main process reads the files, the tensors are
+    broadcast one by one and each process keeps its shard (no process but the main one holds the whole state;
+    a 7B model's Adam moments are ~56 GB). A problem found on the main process stops every process."""
+    from safetensors.torch import load_file
+
+    from video_ktr.training import distributed_fsdp as fsdp
+
+    weights: dict[str, torch.Tensor] = {}
+    optim_state: dict[str, Any] = {}
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            raw: dict[str, torch.Tensor] = {}
+            for f in sorted(path.glob("*.safetensors")):
+                raw.update(load_file(str(f)))
+            own = list(model.state_dict())  # the names, with DTensor values: no collective
+            mapping, unexpected = _match_keys(own, raw)
+            missing = [k for k in own if k not in set(mapping.values()) and "lm_head" not in k]
+            if not raw:
+                problem = f"{path} holds no safetensors weights"
+            elif unexpected or missing:
+                problem = f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}"
+            else:
+                weights = {mapping[k]: v for k, v in raw.items()}
+                optim_state = _load_tensors(path / "optimizer.pt")
+        except Exception as err:  # every process must hear of it, or the others would wait in the broadcast
+            problem = f"{type(err).__name__}: {err}"
+    problem = _from_main_process(accelerator, problem)
+    if problem:
+        raise CheckpointError(problem)
+    fsdp.load_full_model_state_dict(model, weights, from_main_process=True)
+    fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state, from_main_process=True)
+
+
+def _from_main_process(accelerator: Any, value: Any) -> Any:
+    """The main process's ``value`` on every process (a broadcast when several run)."""
+    if int(getattr(accelerator, "num_processes", 1)) <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _restore_counters(path: Path, payload: dict[str, Any], accelerator: Any, scheduler: Any,

@@ -133,18 +133,25 @@ def full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[st
     return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_options(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_model_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Every process passes the whole weights (keys of ``model.state_dict()``); each keeps its shard."""
+def load_full_model_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor], *,
+                               from_main_process: bool = False) -> None:
+    """The whole weights (keys of ``model.state_dict()``) into ``model``; each process keeps its shard. With
+    ``from_main_process`` only the main process passes them (the others an empty dict) and they are broadcast
+    tensor by tensor; a collective then."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, weights, options=_options(full_state_dict=True, strict=False))
+    set_model_state_dict(model, weights, options=_options(full_state_dict=True, strict=False,
+                                                          broadcast_from_rank0=from_main_process))
 
 
-def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
-    """Every process passes the whole optimiser state (keyed by parameter name); each keeps its shard."""
+def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, state: dict[str, Any], *,
+                                   from_main_process: bool = False) -> None:
+    """The whole optimiser state (keyed by parameter name) into ``optimizer``; each process keeps its shard.
+    ``from_main_process``: as for :func:`load_full_model_state_dict`."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state, options=_options(full_state_dict=True))
+    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state,
+                             options=_options(full_state_dict=True, broadcast_from_rank0=from_main_process))
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
