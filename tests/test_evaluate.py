@@ -421,6 +421,7 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
     model, processor = load_model(str(tiny_dir)), load_processor(str(tiny_dir))
     settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
     engine = HFEngine(model, processor)
+    assert engine.decoder == "hf"  # on a CPU the transformers path, as 'auto' chose before (a kept static decoder on CUDA)
     threads = _record_threads(monkeypatch, engine, "prepare")
     outputs = {}
     for prefetch in (True, False):

@@ -20,6 +20,7 @@ from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.eval_config import ROW_KEYS, SCHEMA_KEYS
 from video_ktr.evaluation.tasks.registry import get_benchmark, media_candidates, resolve_media
 from video_ktr.evaluation.tasks.subtitles import with_subtitles
+from video_ktr.model.decode import rollout_decoder
 from video_ktr.model.inputs import Media, encode_prompts, to_device
 from video_ktr.model.loading import grouped_kv_attention, special_tokens, unwrap, use_grouped_kv_sdpa
 from video_ktr.model.rollout import generate
@@ -175,6 +176,8 @@ class HFEngine:
             use_grouped_kv_sdpa(base)
         self.dtype = param.dtype if param.dtype.is_floating_point else None
         self._prepare_processor = None
+        # 'hf' on CPU (as 'auto'); on CUDA the static decoder, keeping its captured graph for batches of the same shape
+        self.decoder = rollout_decoder("auto", self.device)
 
     def prepare(self, messages: list[list[dict]], media: list[Any]) -> dict[str, Any]:
         """The processor's inputs for a batch (CPU tensors), for :meth:`generate` ``prepared=``.
@@ -194,6 +197,6 @@ class HFEngine:
         comps = generate(
             self.model, self.tokenizer, inputs, seeds=list(seeds), max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_ids=self.special.eos_ids, pad_id=self.special.pad_id,
-            suppress_ids=self.special.vision_ids,
+            suppress_ids=self.special.vision_ids, decoder=self.decoder,
         )
         return list(comps.texts)
