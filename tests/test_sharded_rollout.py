@@ -255,13 +255,16 @@ def _tiny_rollouts(rank: int, model_dir: str, data_json: str, gathers: list[int]
     from video_ktr.model.loading import load_model, load_processor, special_tokens
     from video_ktr.model.rollout import generate
     from video_ktr.model.sampling import row_seed
+    from video_ktr.training.grpo_stages import ForwardPlan, reference_logprobs
+
+    def like_accelerate(model):  # accelerate's TRANSFORMER_BASED_WRAP: decoder layers and vision blocks, then the root
+        classes = set(adapter_for(model).wrap_classes())
+        for module in [m for m in model.modules() if type(m).__name__ in classes]:
+            fully_shard(module)
+        return fully_shard(model)
 
     processor = load_processor(model_dir)
-    whole, sharded = (load_model(model_dir).eval() for _ in range(2))
-    classes = set(adapter_for(sharded).wrap_classes())
-    for module in [m for m in sharded.modules() if type(m).__name__ in classes]:
-        fully_shard(module)
-    fully_shard(sharded)
+    whole, sharded = load_model(model_dir).eval(), like_accelerate(load_model(model_dir).eval())
     frames = FrameSettings(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
     samples = [s for s in load_dataset(data_json) if s.data_type == "video"][rank * 2:rank * 2 + 2]  # each rank its own
     media = [Media(video=load_video(s.media_path, frames)) for s in samples]
@@ -276,9 +279,18 @@ def _tiny_rollouts(rank: int, model_dir: str, data_json: str, gathers: list[int]
         entry = gathers[0] - before
         gathered = generate(gen, processor.tokenizer, inputs, **args)
         inside = gathers[0] - before - entry
+    # after the block, a no-grad pass that calls the vision tower outside the root's forward, as the probes do
+    # (the tower's patch embedding and merger belong to the root unit here); the reference wrapped the same way
+    plan = ForwardPlan(length_buckets=False)  # the same forward calls on both ranks without a lockstep
+    whole_logp = reference_logprobs(whole, inputs, reference, 2, plan)
+    policy_logp = reference_logprobs(sharded, inputs, reference, 2, plan)
+    ref = R.prepare_reference(load_model(model_dir), SimpleNamespace(distributed_type="DistributedType.MULTI_CPU"),
+                              fsdp_wrap=like_accelerate)
+    ref_logp = reference_logprobs(ref, inputs, reference, 2, plan)
     before = gathers[0]
     synced = generate(sharded, processor.tokenizer, inputs, synced_gpus=True, **args)  # --gather_for_generation false
-    return {"units": sum(1 for m in sharded.modules() if hasattr(m, "unshard")), "entry": entry, "inside": inside,
+    return {"policy_pass_same": torch.allclose(policy_logp, whole_logp, atol=1e-5),
+            "reference_same": torch.allclose(ref_logp, whole_logp, atol=1e-5),"units": sum(1 for m in sharded.modules() if hasattr(m, "unshard")), "entry": entry, "inside": inside,
             "synced_gathers": gathers[0] - before, "lengths": reference.lengths.tolist(),
             "gathered_same": torch.equal(gathered.ids, reference.ids), "synced_same": torch.equal(synced.ids, reference.ids)}
 
@@ -319,7 +331,8 @@ def _fsdp_worker(rank: int, folder: str, model_dir: str = "", data_json: str = "
         out["inside"] = gathers[0] - before - out["entry"]
     out["full_inside"] = all(full_inside)
     out["same_numbers"] = all(torch.allclose(o, whole(x), atol=1e-6) for o in outs)
-    out["sharded_after"] = all(p.to_local().shape[0] == q.shape[0] // 2 for p, q in zip(model.parameters(), whole.parameters()))
+    out["sharded_after"] = all(p.to_local().shape[0] == q.shape[0] // 2
+                               for p, q in zip(model.layers.parameters(), whole.layers.parameters()))
     out["train_after"] = [train_step(), train_step()]
 
     def wrap(module):
@@ -335,7 +348,9 @@ def _fsdp_worker(rank: int, folder: str, model_dir: str = "", data_json: str = "
             ref(x)
         per_forward.append(gathers[0] - before)
     out["reference_forwards"] = per_forward
-    out["reference_sharded"] = all(p.to_local().shape[0] == q.shape[0] // 2 for p, q in zip(ref.parameters(), whole.parameters()))
+    out["reference_sharded"] = all(p.to_local().shape[0] == q.shape[0] // 2
+                                   for p, q in zip(ref.layers.parameters(), whole.layers.parameters()))
+    out["reference_sharded"] &= all(p.shape == q.shape for p, q in zip(ref.head.parameters(), whole.head.parameters()))
     if model_dir:
         out["tiny"] = _tiny_rollouts(rank, model_dir, data_json, gathers)
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(out))
@@ -353,15 +368,18 @@ def test_fsdp2_unshards_once_for_the_rollout_and_reshards_as_before(tmp_path, ti
         assert out["entry"] == 4  # one all-gather per unit (3 layers + the root), all before the first forward
         assert out["inside"] == 0  # five forwards, no collective
         assert out["full_inside"] and out["same_numbers"] and out["sharded_after"]
-        # training after the rollout gathers exactly as before it (each unit's reshard-after-forward restored)
-        assert out["train_after"] == out["train_before"][1:] * 2, out
-        # the reference: every unit, the root too, resharded after each forward (no backward to keep it for)
-        assert out["reference_forwards"] == [4, 4] and out["reference_sharded"], out
+        # after the block each unit is as a forward leaves it: the layers sharded, the root (which does not
+        # reshard after its forward) whole until the backward; then training gathers exactly as before
+        assert out["train_after"] == [out["train_before"][1] - 1, out["train_before"][1]], out
+        # the reference: its layers resharded after each forward (no backward to keep them for), the root's own
+        # parameters gathered once when it was prepared and kept
+        assert out["reference_forwards"] == [3, 3] and out["reference_sharded"], out
         # the tiny VLM: one all-gather per unit for the whole rollout, none while decoding, the whole model's
         # tokens; kept sharded (synced processes, every token's forward gathering) the same tokens too
         tiny = out["tiny"]
         assert tiny["entry"] == tiny["units"] and tiny["inside"] == 0, tiny
         assert tiny["gathered_same"] and tiny["synced_same"], tiny
+        assert tiny["policy_pass_same"] and tiny["reference_same"], tiny
         assert tiny["synced_gathers"] > 12, tiny  # a gather per decoder layer at each of the 12 tokens
     lengths = [json.loads((tmp_path / f"rank{r}.json").read_text())["tiny"]["lengths"] for r in range(2)]
     assert lengths[0] != lengths[1]  # the processes' rows ended at different steps (what synced_gpus must cover)

@@ -9,7 +9,8 @@
     FSDP2 (accelerate)    fully_shard like the policy, by accelerate's own fsdp2_prepare_model (the same
                           plugin: per-layer units, mixed precision, and with cpu_ram_efficient_loading the
                           main process's weights sent to the others, which loaded empty ones); every unit
-                          resharded after its forward (a frozen model has no backward to keep them for)
+                          resharded after its forward (no backward to keep them for) but the root, whose own
+                          parameters stay whole (the tower is called outside the root's forward)
     FSDP2 (own wrapping)  the function that wrapped the policy, passed as ``fsdp_wrap``
     LoRA                  no second model: the policy with its adapters disabled (KTRTrainer._reference_logp)
 
@@ -80,11 +81,24 @@ def prepare_reference(ref: torch.nn.Module, acc: Any, *,
         ref = _fsdp_reference(ref, acc)
     else:
         ref = acc.prepare_model(ref, evaluation_mode=True)
-    if hasattr(ref, "set_reshard_after_forward"):  # FSDP2: a frozen model has no backward to keep its units whole for
-        ref.set_reshard_after_forward(True)
-        init_fsdp2_root(ref)  # its first call is the vision tower's (encode_visual_once), outside the root's forward
+    if hasattr(ref, "set_reshard_after_forward"):  # FSDP2
+        _frozen_fsdp2(ref)
     ref.eval()
     return ref
+
+
+def _frozen_fsdp2(ref: Any) -> None:
+    """A frozen FSDP2 model: every unit resharded after its forward (no backward to keep it whole for), except
+    the root, whose own parameters are gathered now and stay whole.
+
+    The reference's first call of a pass is its vision tower (``encode_visual_once``), outside the root's
+    forward; the parameters the root unit owns there (with accelerate's wrapping: the tower's patch embedding
+    and merger; with ours: the embeddings and final norm) must be whole by then, and no root forward has run.
+    """
+    ref.set_reshard_after_forward(True)
+    ref.set_reshard_after_forward(False, recurse=False)
+    init_fsdp2_root(ref)  # the outermost unit is FSDP2's root, not the tower called first
+    ref.unshard()
 
 
 def _deepspeed_reference(ref: torch.nn.Module, acc: Any) -> torch.nn.Module:

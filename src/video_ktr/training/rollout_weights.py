@@ -110,7 +110,8 @@ def _deepspeed_gathered(engine: Any) -> Iterator[None]:
 @contextlib.contextmanager
 def _fsdp2_unsharded(units: list[torch.nn.Module]) -> Iterator[None]:
     """Every FSDP2 unit unsharded (one all-gather each, all issued before the first wait), kept whole
-    through any number of forwards, then resharded and given back its own reshard-after-forward setting.
+    through any number of forwards, then given back its own reshard-after-forward setting and left as a
+    forward leaves it (resharded, or whole where that setting is off).
 
     ``FSDPModule.unshard`` / ``reshard`` / ``set_reshard_after_forward`` are public but per unit;
     the setting to restore is read from the unit's state (torch keeps no public getter): the
@@ -131,9 +132,12 @@ def _fsdp2_unsharded(units: list[torch.nn.Module]) -> Iterator[None]:
                 handle.wait()
         yield
     finally:
-        for unit in units:
-            unit.reshard()
-        for state, auto, groups in saved:
+        for unit, (state, auto, groups) in zip(units, saved):
             state._auto_reshard_after_forward = auto
             for group, mesh_info in groups:
                 group.post_forward_mesh_info = mesh_info
+            # as after any forward: a unit that reshards after its forward is sharded again; one that does not
+            # (the root, accelerate's output-head unit) stays whole, and the vision tower's parameters it owns
+            # stay usable by the probes' direct get_video_features calls until the backward reshards it
+            if any(mesh_info is not None for _, mesh_info in groups):
+                unit.reshard()
