@@ -27,22 +27,35 @@ from video_ktr.model.rollout import Completions
 
 
 class ThreadWorld:
-    """A stand-in process group of ``n`` threads: an element-wise max that every rank must join."""
+    """A stand-in process group of ``n`` threads. Every collective (an all-reduce MAX, or a model call standing
+    for FSDP's parameter gather / DDP's buffer broadcast) waits for all ranks and fails when they are not in the
+    same collective, as the real ones would hang or mix their data."""
 
     def __init__(self, n: int, timeout: float = 30.0):
         self.barrier = threading.Barrier(n, timeout=timeout)
-        self.slots: list[torch.Tensor | None] = [None] * n
+        self.slots: list = [None] * n
         self.joins = [0] * n
 
+    def collective(self, rank: int, kind: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
+        self.joins[rank] += 1
+        self.slots[rank] = (kind, values)
+        self.barrier.wait()
+        kinds = [slot[0] for slot in self.slots]
+        out = torch.stack([slot[1] for slot in self.slots]).max(0).values if kinds == [kind] * len(kinds) \
+            and values is not None else None
+        self.barrier.wait()
+        if kinds != [kind] * len(kinds):
+            raise RuntimeError(f"rank {rank}: the ranks are in different collectives {kinds}")
+        return out
+
     def all_max(self, rank: int):
-        def reduce(values: torch.Tensor) -> torch.Tensor:
-            self.joins[rank] += 1
-            self.slots[rank] = values.clone()
-            self.barrier.wait()
-            out = torch.stack(self.slots).max(0).values  # raises when the ranks disagree on the shape
-            self.barrier.wait()
-            return out
-        return reduce
+        return lambda values: self.collective(rank, "all_max", values)
+
+    def as_collectives(self, rank: int, model: torch.nn.Module) -> list:
+        """Make each call of the model and of its vision tower a collective of this world (hooks, to remove)."""
+        vision = dict(model.named_modules())["model.visual"]
+        return [model.register_forward_pre_hook(lambda *a: self.collective(rank, "forward") and None, prepend=True),
+                vision.register_forward_pre_hook(lambda *a: self.collective(rank, "vision") and None, prepend=True)]
 
 
 @dataclass
@@ -121,11 +134,15 @@ def test_ranks_with_different_rows_make_the_same_forward_calls(tiny_setup, monke
     errors: list = []
 
     def work(i):
+        hooks = world.as_collectives(i, models[i])
         try:
             results[i] = _step_calls(models[i], processor, ranks[i], locks[i], plan, G)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append((i, exc))
             world.barrier.abort()
+        finally:
+            for h in hooks:
+                h.remove()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -146,24 +163,40 @@ def test_ranks_with_different_rows_make_the_same_forward_calls(tiny_setup, monke
             assert torch.equal(g, alone[i][2][name]), (i, name)
 
 
-def test_one_process_has_no_lockstep_and_a_pass_without_one_pads_nothing(tiny_model):
+class OtherProcess:
+    """A stand-in for the all-reduce with one other process that makes ``calls`` forward calls in the pass."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        other = 1 if self.calls > 0 else 0
+        self.calls -= other
+        return torch.maximum(values, torch.tensor([other]))
+
+
+def test_one_process_has_no_lockstep_and_a_finished_one_pads_the_others_calls(tiny_model):
     model, _ = tiny_model
     calls = []
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         with counted_pass(None, model):
             pass
-        lock = Lockstep(lambda t: t + 2)  # another process made two more calls
+        lock = Lockstep(OtherProcess(2))  # the other process makes two calls in the pass, this one none
         with torch.no_grad(), counted_pass(lock, model):
             pass
+        assert len(calls) == 2 and lock.padding_calls == 2
+        lock = Lockstep(OtherProcess(1))  # one call each: no padding
+        with torch.no_grad(), counted_pass(lock, model):
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long))
+        assert len(calls) == 3 and lock.padding_calls == 0
     finally:
         handle.remove()
-    assert len(calls) == 2 and lock.padding_calls == 2
 
 
 def test_a_padding_call_made_with_gradient_enters_the_result_times_zero(tiny_model):
     model, _ = tiny_model
-    lock = Lockstep(lambda t: t + 1)
+    lock = Lockstep(OtherProcess(1))
     x = torch.ones(3, requires_grad=True)
     with counted_pass(lock, model):
         pass
@@ -176,7 +209,8 @@ def test_a_padding_call_made_with_gradient_enters_the_result_times_zero(tiny_mod
 
 
 @pytest.mark.parametrize("present,other,pads", [(("image", "video"), 1, 0), (("video",), 2, 1), ((), 2, 2)])
-def test_vision_tower_calls_are_agreed(tiny_model, present, other, pads):
+def test_vision_tower_calls_are_agreed_before_they_are_made(tiny_model, present, other, pads):
+    from video_ktr.model.lockstep import agree_vision_calls
     from video_ktr.model.rollout import pad_encoder_calls
 
     model, _ = tiny_model
@@ -185,11 +219,48 @@ def test_vision_tower_calls_are_agreed(tiny_model, present, other, pads):
     handle = vision.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         lock = Lockstep(lambda t: torch.maximum(t, torch.tensor([other])))
+        assert agree_vision_calls(lock, present) == pads
         with torch.no_grad():
-            pad_encoder_calls(model, lock, present)
-        assert len(calls) == pads == lock.padding_calls
+            pad_encoder_calls(model, lock, padding=pads)
+            assert len(calls) == pads == lock.padding_calls
+            pad_encoder_calls(model, lock)  # a process with nothing to encode: as many as the other's
+        assert len(calls) == pads + other
         ddp = Lockstep(lambda t: torch.maximum(t, torch.tensor([other])), sharded=False)
-        pad_encoder_calls(model, ddp, present)  # DDP: a vision call is no collective, nothing is padded
-        assert len(calls) == pads
+        assert agree_vision_calls(ddp, present) == 0  # DDP: a vision call is no collective, nothing is padded
+        pad_encoder_calls(model, ddp)
+        assert len(calls) == pads + other
     finally:
         handle.remove()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_whose_rows_differ_make_the_same_forward_calls(tiny_setup, tmp_path):
+    """A real two-process run (DDP on gloo: each forward of the wrapped model broadcasts its buffers, a collective):
+    per-rank rows give different bucket counts (a call per completion width), probe groups skipped on image
+    prompts (their rewards are all 1) and temporal probes on videos only. Without the agreement the run hangs
+    (here: a 60 s process-group timeout); with it every step's policy and reference forwards are equal on both
+    ranks, and some rank padded."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_trainer import _free_port
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    args = tiny_setup.train_args(out, "--max_steps", "3", "--per_device_train_batch_size", "1",
+                                 "--token_selection", "entropy,visual,temporal", "--kl_on", "valid",
+                                 "--reward_funcs", "tests.reward_fixtures:count_e_on_videos,format")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(root / "tests" / "lockstep_launch.py"), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = [json.loads((out / f"calls-rank{r}.json").read_text()) for r in range(2)]
+    assert len(calls[0]) == len(calls[1]) == 3
+    for a, b in zip(*calls):
+        assert a["policy"] == b["policy"] and a.get("reference") == b.get("reference"), calls
+    assert sum(step["padding"] for rank in calls for step in rank) > 0, calls  # the rows did disagree

@@ -14,10 +14,13 @@ which prompts carry a video with several frames (the temporal probe), which moda
 vision-tower call per modality). So each pass agrees its counts first:
 
 - ``Lockstep.agree``: the element-wise largest of some counts over the processes (one all-reduce MAX);
-- ``counted_pass``: counts the model's top-level forward calls in a pass, then makes ``agreed - own`` padding
-  calls (a one-token text forward, ``pad_forward``);
-- vision-tower calls are agreed where they are made (``rollout.encode_visual_once``: the largest number of
-  calls, padded with the smallest image, ``visual_padding_inputs``).
+- ``counted_pass``: before each of its own forward calls in a pass a process says so (an agreement of 1); a
+  process that has finished its pass answers each such agreement with a padding call (a one-token text
+  forward, ``pad_forward``) until no process has a call left. The agreement comes before the call, never
+  after: a process that agreed after its own calls would sit in the all-reduce while another one's forward
+  waits in its own collective. How many calls a pass makes need not be known beforehand;
+- vision-tower calls are agreed before they are made (``rollout.encode_visual_once``: the largest number of
+  calls, one per modality present, padded with the smallest image, ``visual_padding_inputs``).
 
 A padding call's output is discarded; in a pass with gradient it is kept (``hold``) and added, times 0, to
 the pass's result (``fold``), so its backward runs too (under FSDP the backward is a collective as well)
@@ -76,33 +79,30 @@ def pad_forward(model: torch.nn.Module) -> Tensor:
     return out.logits
 
 
-class _Calls:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, *args: Any) -> None:
-        self.n += 1
-
-
 @contextlib.contextmanager
 def counted_pass(lockstep: Lockstep | None, model: torch.nn.Module) -> Iterator[None]:
-    """Count ``model``'s forward calls inside; on leaving, pad up to the largest count of any process.
+    """Keep ``model``'s forward calls inside in step with the other processes' (see the module's docstring).
 
-    The padding calls run under the grad mode of the pass and are held for ``Lockstep.fold`` (the caller
-    of a pass with gradient folds them into its result). Every process must enter the same passes in the
-    same order; a pass a process has nothing to run in is entered all the same (it then only pads).
+    Before each own call: an agreement of 1 (this process has a call). On leaving: agreements of 0 until
+    every process is done, each answered by a padding call while another process still had one. The padding
+    calls run under the grad mode of the pass and are held for ``Lockstep.fold`` (the caller of a pass with
+    gradient folds them into its result). Every process must enter the same passes in the same order; a
+    pass a process has nothing to run in is entered all the same (it then only pads).
     """
     if lockstep is None:
         yield
         return
-    calls = _Calls()
-    handle = model.register_forward_pre_hook(calls)
+    def announce(*args: Any) -> None:
+        lockstep.agree(1)
+
+    # prepend: before the hooks that make the call a collective (FSDP2 gathers the root's parameters in its own
+    # forward pre-hook; DDP and DeepSpeed inside the forward)
+    handle = model.register_forward_pre_hook(announce, prepend=True)
     try:
         yield
     finally:
         handle.remove()
-    (agreed,) = lockstep.agree(calls.n)
-    for _ in range(agreed - calls.n):
+    while lockstep.agree(0)[0]:
         lockstep.hold(pad_forward(model))
         lockstep.padding_calls += 1
 
@@ -120,7 +120,8 @@ def visual_padding_inputs(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def agree_vision_calls(lockstep: Lockstep | None, present: Sequence[str]) -> int:
-    """How many padding vision-tower calls this process makes after its own (one per modality present)."""
+    """How many padding vision-tower calls this process makes after its own (one per modality present);
+    agreed before any of them is made."""
     if lockstep is None or not lockstep.sharded:
         return 0
     (agreed,) = lockstep.agree(len(present))

@@ -275,23 +275,24 @@ def _encode_visual_once(model: torch.nn.Module, prompt_inputs: dict[str, Tensor]
     expanded = select_prompts(prompt_inputs, rows, repeats)
     out: dict[str, Any] = {k: v for k, v in expanded.items() if k not in PIXEL_KEYS}
     encoded = {}
-    for name, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+    modalities = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+    padding = agree_vision_calls(lockstep, [name for name, pix, _ in modalities if pix in once])  # before any call
+    for name, pix, grid in modalities:
         if pix in once:
             feats = _feature_fn(model, f"get_{name}_features")(once[pix], once[grid], return_dict=True)
             n = len(feats.pooler_output)
             encoded[name] = select_encoder_items(feats, [i for i in range(n) for _ in range(repeats)])
-    pad_encoder_calls(model, lockstep, present=list(encoded))
+    pad_encoder_calls(model, lockstep, padding=padding)
     out["mm_encoder_outputs"] = encoded
     return out
 
 
-def pad_encoder_calls(model: torch.nn.Module, lockstep: Lockstep | None, present: list[str] | tuple[str, ...] = ()) -> None:
-    """The padding vision-tower calls after this process's own (``present``: the modalities it encoded).
-
-    A process with nothing to encode in a pass the others run calls this with ``present`` empty. Outputs
-    made with gradient are held for ``Lockstep.fold``.
+def pad_encoder_calls(model: torch.nn.Module, lockstep: Lockstep | None, *, padding: int | None = None) -> None:
+    """The padding vision-tower calls of this process: ``padding`` (agreed by the caller before its own calls),
+    else agreed here for a process with nothing to encode in a pass the others run. Outputs made with gradient
+    are held for ``Lockstep.fold``.
     """
-    for _ in range(agree_vision_calls(lockstep, present)):
+    for _ in range(agree_vision_calls(lockstep, ()) if padding is None else padding):
         pixels, grid = visual_padding_inputs(model)
         feats = _feature_fn(model, "get_image_features")(pixels, grid, return_dict=True)
         lockstep.hold(torch.cat(list(feats.pooler_output)))
