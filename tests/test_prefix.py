@@ -364,10 +364,11 @@ def test_the_gradient_checkpointing_recipe_runs_the_shared_prompt_policy_pass(ti
     steps of the run without (the same numbers to float tolerance: checkpointing recomputes, it does not change)."""
     from video_ktr.training.grpo import KTRTrainer
     from video_ktr.training.grpo_config import TrainConfig
+    from video_ktr.training.grpo_stages import ForwardPlan
     from video_ktr.utils.config import parse_args
 
     recipe = parse_args(TrainConfig, ["--config", str(ROOT / "configs" / "qwen2_5_vl_7b_ktr.yaml")])
-    assert recipe.gradient_checkpointing and recipe.policy_shared_prefix
+    assert recipe.gradient_checkpointing and ForwardPlan.for_run(recipe).policy_shared_prefix
     metrics = {}
     for ckpt in ("false", "true"):
         cfg = parse_args(TrainConfig, tiny_setup.train_args(
