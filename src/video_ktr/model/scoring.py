@@ -35,11 +35,17 @@ def token_logprobs(logits: Tensor, ids: Tensor, *, with_entropy: bool = False, t
     the logits and applies the log-softmax's own backward kernel to it: the same gradient bit for bit,
     with the logits (which the caller holds anyway) as the only tensor kept for it, instead of the float32
     log-softmax, its scattered gradient and the float32 gradient of the logits (12 bytes x R x T x V).
-    The entropy never takes a gradient.
+    That costs one more log-softmax pass in the backward; where everything fits in one chunk, autograd keeps
+    the log-softmax instead (no second pass). The entropy never takes a gradient.
     """
     R, T, V = logits.shape
     step = max(1, chunk_elements // max(1, R * V))
     if logits.requires_grad and torch.is_grad_enabled():
+        if R * T * V <= chunk_elements:  # one chunk: autograd keeps its log-softmax, no second pass in the backward
+            logsm = _chunk_log_softmax(logits, 0, T, temperature)
+            logp = logsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                return logp, (-(logsm.exp() * logsm).sum(-1) if with_entropy else None)
         logp, entropy = _ChunkedTokenLogprobs.apply(logits, ids, float(temperature), step, with_entropy)
         return logp, (entropy if with_entropy else None)
     with torch.no_grad():
