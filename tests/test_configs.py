@@ -26,7 +26,7 @@ def test_paper_recipe_values():
 
 
 @pytest.mark.parametrize("name,kind", [("zero2.yaml", "DEEPSPEED"), ("zero3.yaml", "DEEPSPEED"), ("fsdp.yaml", "FSDP"),
-                                       ("cpu-2proc.yaml", "MULTI_CPU")])
+                                       ("cpu-2proc.yaml", "MULTI_GPU")])
 def test_accelerate_configs_load_with_accelerate(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 

@@ -279,8 +279,9 @@ def test_launch_read_from_the_accelerate_configs(tmp_path):
     assert (z3.backend, z3.zero_stage, z3.num_processes, z3.mixed_precision) == ("DeepSpeed", 3, 8, "bf16")
     assert (z2.backend, z2.zero_stage) == ("DeepSpeed", 2) and not (z3.offload_params or z3.offload_optimizer)
     assert (fsdp.backend, fsdp.zero_stage, fsdp.label) == ("FSDP", 3, "FSDP2 full sharding")
-    with pytest.raises(ValueError, match="cpu-2proc.yaml: use_cpu is true"):
-        read_accelerate_config(ACCELERATE / "cpu-2proc.yaml")
+    (tmp_path / "cpu.yaml").write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n")
+    with pytest.raises(ValueError, match="cpu.yaml: use_cpu is true"):
+        read_accelerate_config(tmp_path / "cpu.yaml")
     # a DeepSpeed JSON with offload; accelerate's FSDP1 strategy names
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {

@@ -278,11 +278,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(tiny_setup, out, nproc, *extra):
+def _torchrun(tiny_setup, out, nproc, *extra, accelerate_config=None):
+    """``torchrun --nproc_per_node N``, or ``accelerate launch --config_file F`` (the documented launch) when given."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-           "-m", "video_ktr", "train", *tiny_setup.train_args(out, *REWARDS, *extra)]
+    launcher = (["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), "--main_process_port"]
+                if accelerate_config else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port"])
+    cmd = [sys.executable, *launcher, str(_free_port()), "-m", "video_ktr", "train", *tiny_setup.train_args(out, *REWARDS, *extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return read_metrics(out)
@@ -300,7 +302,7 @@ def test_two_processes_equal_one(tiny_setup, tmp_path, shared_runs):
     """
     one_dir, one = shared_runs("all-batch")
     two = _torchrun(tiny_setup, tmp_path / "two", 2, *BASE, *CONFIGS["all"], "--per_device_train_batch_size", "1",
-                    "--selection_scope", "global")
+                    "--selection_scope", "global", accelerate_config=ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
     assert len(two) == 2  # one writer: the main process
     info = json.loads((tmp_path / "two" / "run_info.json").read_text())
     assert (info["world_size"], info["distributed"], info["sharded_parameters"]) == (2, "DDP", False)
