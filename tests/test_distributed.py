@@ -247,3 +247,24 @@ def test_an_fsdp2_checkpoint_resumes_in_one_process(tmp_path, monkeypatch):
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+
+
+def test_accelerates_fsdp2_plugin_also_wraps_the_vision_tower(tiny_model):
+    """accelerate's TRANSFORMER_BASED_WRAP takes the model's _no_split_modules (decoder layer, vision block); the
+    tower that owns the blocks is added, so get_*_features (called outside the root's forward) finds its patch
+    embedding and merger gathered by a unit of its own. A user's explicit list is kept and extended."""
+    from video_ktr.training.distributed_fsdp import wrap_vision_towers_too
+
+    model, _ = tiny_model
+    tower = type(model.model.visual).__name__
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
+    names = wrap_vision_towers_too(plugin, model)
+    assert set(names) == {*model._no_split_modules, tower} and names[-1] == tower
+    assert plugin.transformer_cls_names_to_wrap == names
+    assert wrap_vision_towers_too(plugin, model) == names  # once only
+    block = type(model.model.visual.blocks[0]).__name__
+    mine = SimpleNamespace(transformer_cls_names_to_wrap=[block])
+    assert wrap_vision_towers_too(mine, model) == [block, tower]
+    text_only = SimpleNamespace(transformer_cls_names_to_wrap=[type(model.model.language_model.layers[0]).__name__])
+    wrap_vision_towers_too(text_only, model)
+    assert tower not in text_only.transformer_cls_names_to_wrap  # no vision block wrapped: the tower stays in the root

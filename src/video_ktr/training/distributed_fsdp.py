@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from video_ktr.model.adapters import adapter_for
+from video_ktr.training.rollout_weights import init_fsdp2_root
 
 
 def is_fsdp2(model: Any) -> bool:
@@ -69,22 +70,40 @@ def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = True,
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     named = list(model.named_modules())
     layers = [name for name, m in named if type(m).__name__ in classes]
-    # the vision tower (the owner of the vision blocks' list) is a unit of its own: the trainers call it
-    # through get_image_features / get_video_features, outside the root's forward
-    towers = sorted({name.rsplit(".", 2)[0] for name in layers if "Vision" in type(model.get_submodule(name)).__name__
-                     and name.count(".") >= 2})
+    towers = vision_towers(model, layers)
     units = []
     for name in [*reversed(layers), *towers]:  # bottom-up
         fully_shard(model.get_submodule(name), mesh=mesh, reshard_after_forward=reshard_after_forward)
         units.append(name)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     units.append("")
-    # FSDP2 makes the first unit that runs a forward the root. The trainers may call the vision tower
-    # (get_*_features) before the whole model ever ran (the reference's first use), which would make the tower a
-    # root and the model's own first forward fail ("already been lazily initialized"): initialise the root now.
-    # torch has no public call for it (accelerate's FSDP2 path runs a root forward first instead).
-    model._get_fsdp_state()._lazy_init()
+    init_fsdp2_root(model)  # the tower may run before the whole model does (the reference's first use)
     return units
+
+
+def vision_towers(model: torch.nn.Module, layers: list[str]) -> list[str]:
+    """Names of the modules that own the list of the wrapped vision blocks among ``layers`` (module names).
+
+    The vision tower must be a unit of its own: the trainers call it through get_image_features /
+    get_video_features, outside the root's forward. Left in the root unit, its patch embedding and merger are
+    still sharded there after the root resharded (after a backward, after a rollout released the gathered
+    weights), and the call fails ("got mixed torch.Tensor and DTensor", checked on two CPU processes).
+    """
+    return sorted({name.rsplit(".", 2)[0] for name in layers if "Vision" in type(model.get_submodule(name)).__name__
+                   and name.count(".") >= 2})
+
+
+def wrap_vision_towers_too(plugin: Any, model: torch.nn.Module) -> list[str]:
+    """Add the vision tower's class to the classes accelerate's FSDP2 plugin wraps one by one (its
+    TRANSFORMER_BASED_WRAP takes ``transformer_cls_names_to_wrap``, else the model's ``_no_split_modules``,
+    which name the blocks but not the tower; see :func:`vision_towers`). Returns the names now wrapped."""
+    names = list(getattr(plugin, "transformer_cls_names_to_wrap", None) or getattr(model, "_no_split_modules", None) or [])
+    layers = [name for name, m in model.named_modules() if type(m).__name__ in names]
+    towers = [type(model.get_submodule(t)).__name__ for t in vision_towers(model, layers)]
+    added = [t for t in dict.fromkeys(towers) if t not in names]
+    if added:
+        plugin.transformer_cls_names_to_wrap = [*names, *added]
+    return [*names, *added]
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, before: dict[int, str], model: torch.nn.Module) -> None:

@@ -37,6 +37,7 @@ from video_ktr.training.distributed import (
 )
 from video_ktr.training.hub import finish_output
 from video_ktr.training.options import RunOptions
+from video_ktr.training.rollout_weights import init_fsdp2_root
 from video_ktr.training.schedule import build_scheduler
 from video_ktr.utils.jsonl import finite_or_null
 from video_ktr.utils.logs import bars_disabled, get_logger, setup_logging
@@ -118,7 +119,14 @@ class TrainingRun:
             fsdp.rebind_optimizer(optimizer, names, model)
             self.model, self.optimizer = model, self.acc.prepare(optimizer)
             return
+        plugin = getattr(self.acc.state, "fsdp_plugin", None) if getattr(self.acc, "is_fsdp2", False) else None
+        if plugin is not None:  # accelerate's FSDP2 (GPUs): the vision tower a unit of its own, as on CPU
+            from video_ktr.training import distributed_fsdp as fsdp
+
+            fsdp.wrap_vision_towers_too(plugin, model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if plugin is not None:
+            init_fsdp2_root(self.acc.unwrap_model(self.model))  # the tower may run before the whole model does
 
     @property
     def fsdp_wrap(self) -> Callable[[torch.nn.Module], torch.nn.Module] | None:
