@@ -36,13 +36,14 @@ class ThreadWorld:
         self.slots: list = [None] * n
         self.joins = [0] * n
 
-    def collective(self, rank: int, kind: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
+    def collective(self, rank: int, kind: str, values: torch.Tensor | None = None, op: str = "max") -> torch.Tensor | None:
         self.joins[rank] += 1
         self.slots[rank] = (kind, values)
         self.barrier.wait()
         kinds = [slot[0] for slot in self.slots]
-        out = torch.stack([slot[1] for slot in self.slots]).max(0).values if kinds == [kind] * len(kinds) \
+        stacked = torch.stack([slot[1] for slot in self.slots]) if kinds == [kind] * len(kinds) \
             and values is not None else None
+        out = None if stacked is None else stacked.max(0).values if op == "max" else stacked.sum(0)
         self.barrier.wait()
         if kinds != [kind] * len(kinds):
             raise RuntimeError(f"rank {rank}: the ranks are in different collectives {kinds}")
@@ -234,12 +235,14 @@ def test_vision_tower_calls_are_agreed_before_they_are_made(tiny_model, present,
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_whose_rows_differ_make_the_same_forward_calls(tiny_setup, tmp_path):
-    """A real two-process run (DDP on gloo: each forward of the wrapped model broadcasts its buffers, a collective):
-    per-rank rows give different bucket counts (a call per completion width), probe groups skipped on image
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_two_gloo_processes_whose_rows_differ_make_the_same_forward_calls(tiny_setup, tmp_path, launch):
+    """Two real processes on gloo: DDP (each forward of the wrapped model broadcasts its buffers, a collective) and
+    FSDP2 (configs/accelerate/fsdp-cpu-2proc.yaml: each unit gathers its parameters, the vision tower's too).
+    Per-rank rows give different bucket counts (a call per completion width), probe groups skipped on image
     prompts (their rewards are all 1) and temporal probes on videos only. Without the agreement the run hangs
-    (here: a 60 s process-group timeout); with it every step's policy and reference forwards are equal on both
-    ranks, and some rank padded."""
+    (here: a 60 s process-group timeout); with it every step's policy and reference forwards (and under FSDP2
+    the vision-tower calls) are equal on both ranks, and some rank padded."""
     import json
     import os
     import subprocess
@@ -255,12 +258,89 @@ def test_two_gloo_processes_whose_rows_differ_make_the_same_forward_calls(tiny_s
     args = tiny_setup.train_args(out, "--max_steps", "3", "--per_device_train_batch_size", "1",
                                  "--token_selection", "entropy,visual,temporal", "--kl_on", "valid",
                                  "--reward_funcs", "tests.reward_fixtures:count_e_on_videos,format")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(root / "tests" / "lockstep_launch.py"), *args]
+    script = str(root / "tests" / "lockstep_launch.py")
+    if launch == "ddp":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               script, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"), "--main_process_port", str(_free_port()),
+               script, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["distributed"], info["sharded_parameters"]) == (("DDP", False) if launch == "ddp" else ("FSDP2", True))
     calls = [json.loads((out / f"calls-rank{r}.json").read_text()) for r in range(2)]
     assert len(calls[0]) == len(calls[1]) == 3
     for a, b in zip(*calls):
         assert a["policy"] == b["policy"] and a.get("reference") == b.get("reference"), calls
+        if launch == "fsdp2":
+            assert a["vision"] == b["vision"], calls
     assert sum(step["padding"] for rank in calls for step in rank) > 0, calls  # the rows did disagree
+
+
+class SavingAccelerator:
+    """A stand-in accelerator of one rank of a ThreadWorld: the reduction and the waits are the world's
+    collectives; ``get_state_dict`` (a collective under FSDP / ZeRO-3) is recorded."""
+
+    def __init__(self, world: ThreadWorld, rank: int):
+        self.world, self.rank = world, rank
+        self.num_processes, self.process_index, self.is_main_process = 2, rank, rank == 0
+        self.device, self.distributed_type = torch.device("cpu"), "DistributedType.FSDP"
+        self.gathers = 0
+
+    def wait_for_everyone(self):
+        self.world.collective(self.rank, "barrier")
+
+    def reduce(self, values, reduction="sum"):
+        return self.world.collective(self.rank, "all_reduce", values, op=reduction)
+
+    def unwrap_model(self, model):
+        return model
+
+    def get_state_dict(self, model):
+        self.gathers += 1
+        self.world.collective(self.rank, "gather")
+        return model.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["shard", "zero3"])
+def test_a_nan_held_by_one_process_stops_every_process_before_the_gather(tmp_path, layout):
+    """The final save's NaN check: each process checks what it holds (an FSDP2 shard, or a ZeRO-3 partition
+    behind an empty placeholder), the processes agree, and all of them stop before the weights' gather."""
+    from video_ktr.training.checkpoint_verify import NonFiniteModelError
+    from video_ktr.training.run import TrainingRun
+
+    world = ThreadWorld(2)
+    runs = []
+    for rank in range(2):
+        run = object.__new__(TrainingRun)
+        run.acc, run.processor, run.out = SavingAccelerator(world, rank), None, tmp_path / f"rank{rank}"
+        run.model = torch.nn.Linear(2, 2)
+        held = run.model.weight.detach().clone()
+        if rank == 1:
+            held[0, 0] = float("nan")  # only rank 1 holds the bad value
+        if layout == "zero3":  # DeepSpeed's layout: the parameter is an empty placeholder, the partition is ds_tensor
+            run.model.weight.data = torch.empty(0)
+            run.model.weight.ds_tensor = held
+        else:
+            run.model.weight.data = held
+        runs.append(run)
+    raised: list = [None, None]
+
+    def work(rank):
+        try:
+            runs[rank].save_final()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised[rank] = exc
+            if not isinstance(exc, NonFiniteModelError):
+                world.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(isinstance(e, NonFiniteModelError) for e in raised), raised
+    assert "weight" in str(raised[1]) and "on another process" in str(raised[0])
+    assert [r.acc.gathers for r in runs] == [0, 0] and not any(r.out.exists() for r in runs)

@@ -105,10 +105,17 @@ def find_resumable(output_dir: str | Path, spec: str) -> tuple[Path, list[str]]:
     return ckpt.find(output_dir, spec), []  # raises: no checkpoint at all
 
 
+def _held(p: torch.Tensor) -> torch.Tensor:
+    """What this process holds of parameter ``p``: its shard of an FSDP2 DTensor, its ZeRO-3 partition
+    (``ds_tensor``; the parameter itself is then an empty placeholder), else the whole tensor."""
+    if hasattr(p, "to_local"):
+        return p.detach().to_local()
+    return (p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p).detach()
+
+
 def non_finite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding NaN or inf in what this process holds (its shard of a DTensor)."""
-    return [name for name, p in model.named_parameters()
-            if not bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())]
+    """Names of the parameters holding NaN or inf in what this process holds (its shard or partition)."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(_held(p)).all())]
 
 
 def check_finite_model(model: torch.nn.Module, bad: list[str] | None = None) -> None:
