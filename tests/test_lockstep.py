@@ -344,3 +344,44 @@ def test_a_nan_held_by_one_process_stops_every_process_before_the_gather(tmp_pat
     assert all(isinstance(e, NonFiniteModelError) for e in raised), raised
     assert "weight" in str(raised[1]) and "on another process" in str(raised[0])
     assert [r.acc.gathers for r in runs] == [0, 0] and not any(r.out.exists() for r in runs)
+
+
+@pytest.mark.slow
+def test_sft_evaluation_under_fsdp2_with_rows_that_do_not_split_evenly(tiny_setup, tmp_path):
+    """SFT's eval loss on two FSDP2 processes: 5 rows in batches of 2 give rank 0 two batches and rank 1 one.
+    Every sharded forward is a collective, so the evaluation gathers the weights once (rollout_weights) and
+    runs on the whole model: the run finishes (it crashed with mismatched gathers before) with one process's
+    eval loss (learning rate 0: the same weights)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_trainer import _free_port
+    from video_ktr.training.sft import SFTConfig, SFTTrainer
+    from video_ktr.utils.config import parse_args
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads(tiny_setup.test_json.read_text())[:5]
+    (tmp_path / "eval5.json").write_text(json.dumps(rows))
+    common = ["--model_name_or_path", str(tiny_setup.model_dir), "--dataset", str(tiny_setup.train_json),
+              "--media_root", str(tiny_setup.data_dir), "--eval_dataset", str(tmp_path / "eval5.json"),
+              "--eval_steps", "1", "--per_device_eval_batch_size", "2", "--max_steps", "1",
+              "--per_device_train_batch_size", "1", "--learning_rate", "0", "--logging_steps", "0", "--max_frames", "8",
+              "--video_fps", "4",
+              "--min_pixels", "784", "--max_pixels", "3136"]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml"), "--main_process_port", str(_free_port()),
+           "-m", "video_ktr", "sft", *common, "--output_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["distributed"] == "FSDP2"
+    SFTTrainer(parse_args(SFTConfig, [*common, "--output_dir", str(tmp_path / "one")])).train()
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert [r["eval_tokens"] for r in two] == [r["eval_tokens"] for r in one] and one[-1]["eval_tokens"] > 0
+    for a, b in zip(one, two, strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)

@@ -46,6 +46,7 @@ from video_ktr.model.inputs import Media, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
 from video_ktr.model.sampling import row_seed
 from video_ktr.training.distributed import sharded_parameters
+from video_ktr.training.rollout_weights import rollout_weights
 from video_ktr.training.run import TrainingRun
 from video_ktr.training.sft_batches import (
     IGNORE_INDEX,
@@ -274,26 +275,30 @@ class SFTTrainer(TrainingRun):
         self.model.eval()
         ce_sum, tokens, unreadable, ans_sum, ans_tokens = 0.0, 0, 0, 0.0, 0
         try:
-            for start in range(0, len(mine), cfg.per_device_eval_batch_size):
-                samples, media = [], []
-                for s in mine[start:start + cfg.per_device_eval_batch_size]:
-                    try:
-                        media.append(self._load_media(s))
-                        samples.append(s)
-                    except MediaError as err:
-                        if cfg.on_bad_sample == "error":
-                            raise self._media_error(s, err) from err
-                        unreadable += 1
-                if not samples:
-                    continue
-                inputs, labels = self._batch(samples, media)
-                with acc.autocast():
-                    ce, tail = token_ce(self.model, inputs, labels)
-                ce_sum += float(ce.sum())
-                tokens += int((tail != IGNORE_INDEX).sum())
-                answer = answer_token_mask(self.processor.tokenizer, samples, cfg.target_separator, tail.shape[1]).to(ce.device)
-                ans_sum += float(ce[answer].sum())
-                ans_tokens += int(answer.sum())
+            # the whole weights once under ZeRO-3 / FSDP2 (training/rollout_weights.py), on the unwrapped model: no
+            # forward here is a collective, so the processes' shares of the rows may take different numbers of batches
+            with rollout_weights(self.model) as whole:
+                model = acc.unwrap_model(whole)
+                for start in range(0, len(mine), cfg.per_device_eval_batch_size):
+                    samples, media = [], []
+                    for s in mine[start:start + cfg.per_device_eval_batch_size]:
+                        try:
+                            media.append(self._load_media(s))
+                            samples.append(s)
+                        except MediaError as err:
+                            if cfg.on_bad_sample == "error":
+                                raise self._media_error(s, err) from err
+                            unreadable += 1
+                    if not samples:
+                        continue
+                    inputs, labels = self._batch(samples, media)
+                    with acc.autocast():
+                        ce, tail = token_ce(model, inputs, labels)
+                    ce_sum += float(ce.sum())
+                    tokens += int((tail != IGNORE_INDEX).sum())
+                    answer = answer_token_mask(self.processor.tokenizer, samples, cfg.target_separator, tail.shape[1]).to(ce.device)
+                    ans_sum += float(ce[answer].sum())
+                    ans_tokens += int(answer.sum())
         finally:
             self.model.train(was_training)
         totals = acc.reduce(torch.tensor([ce_sum, float(tokens), float(unreadable), ans_sum, float(ans_tokens)],
