@@ -21,7 +21,7 @@ import video_ktr.training.grpo_stages as stages
 from video_ktr.core.loss import group_advantages
 from video_ktr.model.inputs import encode_prompts, select_prompts, sequence_inputs
 from video_ktr.model.loading import load_model, load_processor
-from video_ktr.model.lockstep import Lockstep, counted_pass
+from video_ktr.model.lockstep import Lockstep, lockstep_pass
 from video_ktr.model.prefix import strip_pixels
 from video_ktr.model.rollout import Completions
 
@@ -181,14 +181,14 @@ def test_one_process_has_no_lockstep_and_a_finished_one_pads_the_others_calls(ti
     calls = []
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with counted_pass(None, model):
+        with lockstep_pass(None, model):
             pass
         lock = Lockstep(OtherProcess(2))  # the other process makes two calls in the pass, this one none
-        with torch.no_grad(), counted_pass(lock, model):
+        with torch.no_grad(), lockstep_pass(lock, model):
             pass
         assert len(calls) == 2 and lock.padding_calls == 2
         lock = Lockstep(OtherProcess(1))  # one call each: no padding
-        with torch.no_grad(), counted_pass(lock, model):
+        with torch.no_grad(), lockstep_pass(lock, model):
             model(input_ids=torch.zeros(1, 1, dtype=torch.long))
         assert len(calls) == 3 and lock.padding_calls == 0
     finally:
@@ -199,7 +199,7 @@ def test_a_padding_call_made_with_gradient_enters_the_result_times_zero(tiny_mod
     model, _ = tiny_model
     lock = Lockstep(OtherProcess(1))
     x = torch.ones(3, requires_grad=True)
-    with counted_pass(lock, model):
+    with lockstep_pass(lock, model):
         pass
     y = lock.fold(x * 2)
     assert torch.equal(y, x * 2) and y.requires_grad

@@ -14,7 +14,7 @@ which prompts carry a video with several frames (the temporal probe), which moda
 vision-tower call per modality). So each pass agrees its counts first:
 
 - ``Lockstep.agree``: the element-wise largest of some counts over the processes (one all-reduce MAX);
-- ``counted_pass``: before each of its own forward calls in a pass a process says so (an agreement of 1); a
+- ``lockstep_pass``: before each of its own forward calls in a pass a process says so (an agreement of 1); a
   process that has finished its pass answers each such agreement with a padding call (a one-token text
   forward, ``pad_forward``) until no process has a call left. The agreement comes before the call, never
   after: a process that agreed after its own calls would sit in the all-reduce while another one's forward
@@ -42,8 +42,9 @@ from video_ktr.model.loading import unwrap
 class Lockstep:
     """Agreement between the processes of one run; ``all_max`` takes the element-wise max of a 1-D long tensor.
 
-    ``sharded``: every sharded module's call is a collective (FSDP, ZeRO-3), so the vision-tower calls and the
-    rollouts are agreed too; without it (DDP) only the calls of the wrapped model are (its buffer broadcast).
+    ``sharded``: every sharded module's call is a collective (FSDP, ZeRO-3), so the vision-tower calls are agreed
+    too; without it (DDP) only the calls of the wrapped model are (its buffer broadcast). The rollouts need no
+    agreement: under ZeRO-3 / FSDP they run on weights gathered once (training/rollout_weights.py).
     """
 
     def __init__(self, all_max: Callable[[Tensor], Tensor], *, sharded: bool = True):
@@ -80,7 +81,7 @@ def pad_forward(model: torch.nn.Module) -> Tensor:
 
 
 @contextlib.contextmanager
-def counted_pass(lockstep: Lockstep | None, model: torch.nn.Module) -> Iterator[None]:
+def lockstep_pass(lockstep: Lockstep | None, model: torch.nn.Module) -> Iterator[None]:
     """Keep ``model``'s forward calls inside in step with the other processes' (see the module's docstring).
 
     Before each own call: an agreement of 1 (this process has a call). On leaving: agreements of 0 until
@@ -92,6 +93,7 @@ def counted_pass(lockstep: Lockstep | None, model: torch.nn.Module) -> Iterator[
     if lockstep is None:
         yield
         return
+
     def announce(*args: Any) -> None:
         lockstep.agree(1)
 

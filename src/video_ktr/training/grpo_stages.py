@@ -26,7 +26,7 @@ from video_ktr.core.weighting import WeightingSpec, soft_token_weights
 from video_ktr.data.rows import Sample
 from video_ktr.model.inputs import Media, select_prompts, sequence_inputs
 from video_ktr.model.loading import SpecialTokens
-from video_ktr.model.lockstep import Lockstep, counted_pass
+from video_ktr.model.lockstep import Lockstep, lockstep_pass
 from video_ktr.model.prefix import shared_prefix_logprobs
 from video_ktr.model.probes import (
     frame_permutation,
@@ -246,7 +246,7 @@ def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[st
     visual = temporal = temporal_rows = None
     if "visual" in signals:
         visual = torch.zeros(comps.ids.shape, device=comps.ids.device)
-        with counted_pass(lockstep, model):
+        with lockstep_pass(lockstep, model):
             if probed:
                 rows = probed_rows.nonzero().squeeze(1)
                 everything = len(probed) == P
@@ -261,7 +261,7 @@ def probe_scores(model: torch.nn.Module, processor: Any, *, signals: Sequence[st
             elif visual_probe == "blank":
                 pad_encoder_calls(model, lockstep)  # the blank frames' vision calls of the other processes
     if "temporal" in signals:
-        with counted_pass(lockstep, model):
+        with lockstep_pass(lockstep, model):
             temporal, temporal_rows = temporal_probe_logprobs(
                 model, processor, prompt_inputs, media, {p: perms[p] for p in probed if p in perms}, comps.ids,
                 comps.valid, G, plan.chunk_rows, shared_prefix=plan.shared_prefix, bucket_overhead=plan.bucket_overhead,
@@ -274,7 +274,7 @@ def reference_logprobs(ref_model: torch.nn.Module, prompt_inputs: dict[str, Any]
                        plan: ForwardPlan, lockstep: Lockstep | None = None) -> Tensor:
     """log p_ref of the sampled tokens (the frozen reference, or the policy with its adapters disabled)."""
     P = prompt_inputs["input_ids"].shape[0]
-    with counted_pass(lockstep, ref_model):
+    with lockstep_pass(lockstep, ref_model):
         inputs = sequence_inputs(encode_visual_once(ref_model, prompt_inputs, list(range(P)), group_size, lockstep=lockstep),
                                  comps.ids, comps.valid)
         return probe_logprobs(ref_model, inputs, comps.ids, plan.chunk_rows, plan.prefix_group(group_size),
@@ -306,7 +306,7 @@ def policy_logprobs(model: torch.nn.Module, ro: Rollout, group_size: int, plan: 
     pass makes as many forward calls on every process; the padding calls' outputs enter log p times 0,
     so their backward runs with the loss's and adds nothing (model/lockstep.py).
     """
-    with counted_pass(lockstep, model):
+    with lockstep_pass(lockstep, model):
         inputs = policy_inputs(model, ro, group_size, plan, lockstep)
         if plan.policy_shared_prefix:
             per_chunk = max(1, plan.policy_chunk_rows // group_size) if plan.policy_chunk_rows else None
