@@ -25,6 +25,7 @@ import difflib
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -253,9 +254,12 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     removed = getattr(cls, "REMOVED_OPTIONS", {})
-    for name in unknown:
-        if name in removed:
-            raise ValueError(f"{source}: option {name} was removed: {removed[name]}")
+    if any(name in removed for name in unknown):  # an old YAML still runs: the key is ignored, with the reason
+        for name in [n for n in unknown if n in removed]:
+            warnings.warn(f"{source}: option {name} was removed and is ignored: {removed[name]}", FutureWarning,
+                          stacklevel=2)
+        values = {k: v for k, v in values.items() if k not in removed}
+        unknown = [n for n in unknown if n not in removed]
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; see --help for the valid ones")
     kwargs = {k: _coerce(k, hints[k], v, source) for k, v in values.items()}
