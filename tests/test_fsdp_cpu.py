@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.procs import run_and_kill
 from video_ktr.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,42 +60,6 @@ def _run(cmd: list[str], log: Path) -> str:
     return log.read_text()
 
 
-def _run_and_kill(cmd: list[str], log: Path, kill_when, timeout: float = 300) -> None:
-    """Start the launch; SIGKILL the launcher and both workers as soon as ``kill_when()`` holds."""
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while not kill_when():
-                if proc.poll() is not None:
-                    pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no kill point within {timeout} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.005)
-            _kill_tree(proc.pid)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                _kill_tree(proc.pid)
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and every process under it (torchrun's workers run in sessions of their own, so a
-    process-group kill would leave them training)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    workers = root.children(recursive=True)
-    for p in [*workers, root]:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(workers, timeout=30)  # not the launcher: its exit status is the caller's to read
-
-
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -121,8 +84,8 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_the_unbroken_run(t
     assert any(m["kl"] > 0 for m in metrics)  # the sharded reference answered, and differs from the moved policy
 
     killed = tmp_path / "killed"
-    _run_and_kill(_launch(tiny_setup, killed), tmp_path / "killed.log",
-                  lambda: (killed / "checkpoint-2" / ckpt.STATE_FILE).is_file())
+    run_and_kill(_launch(tiny_setup, killed), tmp_path / "killed.log",
+                 lambda: (killed / "checkpoint-2" / ckpt.STATE_FILE).is_file(), env=_env(), cwd=ROOT, whole_tree=True)
     assert not (killed / "model.safetensors").exists()  # killed before the end
     text = _run(_launch(tiny_setup, killed, "--resume_from_checkpoint", "latest"), tmp_path / "resumed.log")
     assert "at step 2" in text, text[-3000:]

@@ -19,11 +19,9 @@ import math
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import SMALL_MEDIA  # the family's frame factor under VK_TEST_ARCH
+from tests.procs import run_and_kill
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.video import load_video, write_video
 from video_ktr.training import checkpoint as ckpt
@@ -81,26 +80,8 @@ def _run(args: list[str], log: Path, **env: str) -> str:
 
 
 def _run_and_kill(args: list[str], log: Path, kill_when, *, grace: float = 0.0, timeout: float = 300, **env: str) -> None:
-    """Start a command, SIGKILL it as soon as ``kill_when()`` holds (polled every 5 ms), wait for it."""
-    with log.open("w") as fh:
-        proc = subprocess.Popen(_command(*args), env=_env(**env), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while not kill_when():
-                if proc.poll() is not None:
-                    pytest.fail(f"the run ended (exit {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no kill point within {timeout} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.005)
-            if grace:
-                time.sleep(grace)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
+    """Start ``video-ktr ARGS``, SIGKILL it as soon as ``kill_when()`` holds (then ``grace`` s), wait for it."""
+    run_and_kill(_command(*args), log, kill_when, env=_env(**env), cwd=ROOT, grace=grace, timeout=timeout)
     out = Path(args[args.index("--output_dir") + 1])
     print(f"[killed] video-ktr {args[0]}: checkpoints {[p.name for p in ckpt.complete_checkpoints(out)]}, "
           f"partial {[p.name for p in _partial_folders(out)]}")
