@@ -213,7 +213,7 @@ def test_under_deepspeed_every_process_writes_into_the_main_processs_folder(tmp_
     """The non-main process learns the main one's temporary folder (a broadcast) and writes its partitions there;
     it writes nothing else."""
     shared = tmp_path / ".checkpoint-1.abcd"
-    monkeypatch.setattr(ckpt, "_main_process_path", lambda acc, path: shared)
+    monkeypatch.setattr(ckpt, "_from_main_process", lambda acc, value: str(shared))  # the broadcast of its path
     engine, acc = StandInEngine(rank=1), StandInAccelerator(main=False, kind="DEEPSPEED", zero_stage=2)
     opt = torch.optim.AdamW(engine.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

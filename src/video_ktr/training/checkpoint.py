@@ -212,7 +212,7 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
         clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     if engine is not None:  # every process writes its partitions into the main process's temporary folder
-        tmp = _main_process_path(accelerator, tmp)
+        tmp = Path(_from_main_process(accelerator, str(tmp) if tmp is not None else None))
         engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -252,18 +252,6 @@ def deepspeed_engine(accelerator: Any, model: Any) -> Any | None:
             and callable(getattr(model, "load_checkpoint", None)):
         return model
     return None
-
-
-def _main_process_path(accelerator: Any, path: Path | None) -> Path:
-    """The main process's ``path`` on every process (a broadcast when several run)."""
-    if int(getattr(accelerator, "num_processes", 1)) > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [str(path) if path is not None else None]
-        broadcast_object_list(box, from_process=0)
-        path = Path(box[0])
-    assert path is not None
-    return path
 
 
 def optimizer_state_sharded(accelerator: Any) -> bool:
