@@ -250,6 +250,9 @@ class TrainingRun:
         self.save_final()
         finish_output(self, recipe=self.recipe)  # --merge_adapters, README.md, --push_to_hub (main process)
         result = self.summary(last)
+        # every process leaves together: a process that tears its process group down while the main one is still
+        # writing (or a gloo/FSDP2 transfer is still pending) aborts with SIGABRT and fails the launch
+        acc.wait_for_everyone()
         acc.end_training()
         if self.run_lock is not None:
             self.run_lock.release()
