@@ -17,6 +17,8 @@ from video_ktr.data import synth
 from video_ktr.data.synth import (
     DIRECTIONS,
     KINDS,
+    LEGACY_KINDS,
+    LEGACY_TASK,
     PALETTE,
     SynthConfig,
     answer_of,
@@ -30,8 +32,13 @@ OPPOSITE = {"left to right": "right to left", "right to left": "left to right",
             "top to bottom": "bottom to top", "bottom to top": "top to bottom"}
 
 
+# the tests of the kinds' content run on the small task of generate()'s defaults (8 frames, 4 colours, the first
+# seven kinds, held_out mark), as before `video-ktr synth` switched to a held-out split by content
+LEGACY = {**LEGACY_TASK, "kinds": list(LEGACY_KINDS)}
+
+
 def _cfg(**kw) -> SynthConfig:
-    base = {"output_dir": "unused", "num_train": 40, "num_test": 10, "dry_run": True}
+    base = {"output_dir": "unused", "num_train": 40, "num_test": 10, "dry_run": True, **LEGACY}
     base.update(kw)
     cfg = SynthConfig(**base)
     cfg.validate()
@@ -140,7 +147,7 @@ def test_cell_32_draws_the_same_rows_with_qwen3_vl_sized_cells(tmp_path):
     for split in synth.SPLITS:
         assert (tmp_path / "28" / f"{split}.json").read_bytes() == (tmp_path / "32" / f"{split}.json").read_bytes()
     assert json.loads((tmp_path / "32" / "synth_config.json").read_text())["cell"] == 32
-    cfg = SynthConfig(output_dir="unused", num_train=12, num_test=4, seed=2, image_fraction=0.25, size=64, cell=32)
+    cfg = SynthConfig(output_dir="unused", num_train=12, num_test=4, seed=2, image_fraction=0.25, size=64, cell=32, **LEGACY)
     for row, s in zip(json.loads((tmp_path / "32" / "train.json").read_text()), make_split(cfg, "train"), strict=True):
         path = tmp_path / "32" / row["path"]
         px = s.pixels(cfg.frames, cfg.cell)
@@ -162,7 +169,7 @@ def test_files_exist_and_decode_to_the_intended_pixels(written):
 
     out, summary = written
     settings = FrameSettings(nframes=8, min_pixels=56 * 56, max_pixels=56 * 56)
-    cfg = SynthConfig(output_dir=str(out), num_train=32, num_test=8, seed=3, image_fraction=0.25)
+    cfg = SynthConfig(output_dir=str(out), num_train=32, num_test=8, seed=3, image_fraction=0.25, **LEGACY)
     for split in synth.SPLITS:
         rows = json.loads((out / f"{split}.json").read_text())
         samples = make_split(cfg, split)
@@ -290,12 +297,15 @@ def test_invalid_options_are_rejected(bad):
         _cfg(**bad)
 
 
-def test_generate_defaults_match_the_config_dataclass():
+def test_generate_defaults_match_the_config_dataclass_but_the_legacy_task():
+    """generate() (the fixtures' helper) keeps the small task; every other default is the CLI's."""
     params = inspect.signature(generate).parameters
     for f in dataclasses.fields(SynthConfig):
         if f.name in ("output_dir", "kinds"):
             continue
-        assert params[f.name].default == f.default, f.name
+        assert params[f.name].default == LEGACY_TASK.get(f.name, f.default), f.name
+    assert SynthConfig(output_dir="x").held_out == "redraw" and LEGACY_TASK["held_out"] == "mark"
+    assert params["kinds"].default is None and generate("x", num_train=7, num_test=0, dry_run=True)["train"]["kinds"].keys() <= set(LEGACY_KINDS)
 
 
 def test_cli_writes_refuses_to_clobber_and_overwrites(tmp_path, capsys):

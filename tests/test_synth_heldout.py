@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tests.test_synth import LEGACY
 from video_ktr.commands import synth as synth_command
 from video_ktr.data import synth
 from video_ktr.data.synth import SynthConfig, SynthSpaceError, content_hash, generate, make_split
@@ -16,7 +17,7 @@ COLOUR_KINDS = ["color_first", "color_last", "color_present"]
 
 
 def _cfg(**kw) -> SynthConfig:
-    base = {"output_dir": "unused", "num_train": 40, "num_test": 10, "dry_run": True}
+    base = {"output_dir": "unused", "num_train": 40, "num_test": 10, "dry_run": True, **LEGACY}
     base.update(kw)
     cfg = SynthConfig(**base)
     cfg.validate()
@@ -56,6 +57,22 @@ def test_redraw_leaves_no_test_row_equal_to_a_training_row(seed, num_train, num_
         (s.row["kind"], synth.answer_of(s.row)) for s in plain]
 
 
+@pytest.mark.parametrize(("seed", "num_train", "num_test"), [(0, 2000, 300), (1, 2000, 300), (5, 3000, 400), (2, 500, 100)])
+def test_the_cli_defaults_hold_out_by_content(seed, num_train, num_test):
+    """`video-ktr synth` with its defaults (held_out redraw, 12 frames, 6 colours, the default kinds): every
+    test row differs in content from every training row, the redraws are counted, kinds and answers balanced."""
+    cfg = SynthConfig(output_dir="unused", num_train=num_train, num_test=num_test, seed=seed, dry_run=True)
+    assert cfg.held_out == "redraw"
+    summary = synth.synthesize(cfg)
+    train = {_independent_key(s) for s in make_split(cfg, "train")}
+    test = make_split(cfg, "test", set(_hashes(make_split(cfg, "train"))))
+    assert len(test) == num_test and not [s for s in test if _independent_key(s) in train]
+    assert summary["test_rows_identical_to_a_train_row"] == 0 and summary["test_redraws"] > 0
+    assert summary["test_redraws"] == sum(summary["test_redraws_by_kind"].values())
+    assert set(summary["test"]["kinds"]) == set(synth.DEFAULT_KINDS)
+    assert "test rows redrawn to differ from every train row" in synth.format_summary(summary)
+
+
 def test_redraw_counts_and_changes_only_the_colliding_rows():
     cfg = _cfg(seed=0, num_train=300, num_test=120, num_colors=4, frames=12, kinds=["color_first", "color_present"],
                held_out="redraw")
@@ -72,7 +89,7 @@ def test_redraw_counts_and_changes_only_the_colliding_rows():
             assert _independent_key(a) != _independent_key(b)
         else:
             assert a.row == b.row and np.array_equal(a.steps, b.steps)
-    # mark mode (the default) keeps the collisions and reports them
+    # mark mode (the opt-in old behaviour) keeps the collisions and reports them
     marked = synth.synthesize(_cfg(seed=0, num_train=300, num_test=120, num_colors=4, frames=12,
                                    kinds=["color_first", "color_present"]))
     assert marked["test_rows_identical_to_a_train_row"] == sum(collided) and marked["test_redraws"] == 0
@@ -107,7 +124,7 @@ def test_an_exhausted_space_fails_naming_the_kind_and_answer(tmp_path, capsys):
     with pytest.raises(SynthSpaceError, match=r"kind 'count' \(answer \d of 4\): 20 fresh draws"):
         synth.synthesize(cfg)
     argv = ["--output_dir", str(tmp_path / "x"), "--num_train", "40", "--num_test", "8", "--kinds", "count",
-            "--held_out", "redraw"]
+            "--frames", "8"]  # redraw is the CLI's default
     assert synth_command.main(argv) == 2
     assert "too small" in capsys.readouterr().err
     assert not (tmp_path / "x" / "test.json").exists()

@@ -1,5 +1,6 @@
 """The later question kinds (after_event, which_first, count_color): the pixels carry the answer, the
-frame order matters where it should, and the defaults keep the first seven kinds."""
+frame order matters where it should; they are among `video-ktr synth`'s default kinds, generate() keeps the
+first seven."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.test_synth import _cfg, _names, _option_letter
 from video_ktr.data import synth
-from video_ktr.data.synth import DEFAULT_KINDS, KINDS, ORDER_KINDS, answer_of, make_split
+from video_ktr.data.synth import DEFAULT_KINDS, KINDS, LEGACY_KINDS, ORDER_KINDS, answer_of, make_split
 
 NEW = ["after_event", "which_first", "count_color"]
 
@@ -63,10 +64,11 @@ def test_after_event_options_are_not_answered_by_presence():
         assert {o.split(". ", 1)[1] for o in s.row["options"]} <= colours
 
 
-def test_new_kinds_are_balanced_order_kinds_and_opt_in():
-    assert list(KINDS)[:7] == list(DEFAULT_KINDS) and list(KINDS)[7:] == NEW
+def test_new_kinds_are_balanced_order_kinds_and_in_the_cli_defaults():
+    assert list(KINDS)[:7] == list(LEGACY_KINDS) and list(KINDS)[7:] == NEW
     assert {"after_event", "which_first"} <= ORDER_KINDS and "count_color" not in ORDER_KINDS
     assert synth.SynthConfig(output_dir="x").kinds == list(DEFAULT_KINDS)
+    assert list(DEFAULT_KINDS) == ["color_first", "color_last", "color_present", *NEW]
     cfg = _cfg(kinds=NEW, num_train=240, num_test=0, frames=12)
     by_kind: dict[str, Counter] = {}
     for s in make_split(cfg, "train"):

@@ -36,6 +36,8 @@ from video_ktr.data.synth.config import (
     DIRECTIONS,
     IMAGE_KINDS,
     KINDS,
+    LEGACY_KINDS,
+    LEGACY_TASK,
     LETTERS,
     ORDER_KINDS,
     PALETTE,
@@ -46,7 +48,7 @@ from video_ktr.data.synth.config import (
 from video_ktr.data.synth.kinds import kind_of, num_answers
 
 __all__ = [
-    "CORNERS", "DATA_TYPE", "DEFAULT_KINDS", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
+    "CORNERS", "DATA_TYPE", "DEFAULT_KINDS", "DIRECTIONS", "IMAGE_KINDS", "KINDS", "LEGACY_KINDS", "LEGACY_TASK", "LETTERS", "ORDER_KINDS", "PALETTE", "SPLITS",
     "VIDEO_KINDS", "Sample", "SynthConfig", "SynthSpaceError", "content_hash", "answer_of", "cot_rows", "format_summary", "generate", "kind_of",
     "make_split", "num_answers", "synthesize",
 ]

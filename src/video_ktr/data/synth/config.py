@@ -41,12 +41,21 @@ KINDS: dict[str, str] = {
     "which_first": "video; which of two colours, both shown once among other colours, appears first (reversing the frames flips it)",
     "count_color": "video; numerical: in how many steps (1 to steps - 1) is a named colour shown, among other colours (order-free, needs every step)",
 }
-# the kinds of a data set unless --kinds says otherwise: the first seven, so that `make demo` and every
-# earlier data set keep their rows; the later kinds are opt-in (--kinds ...,after_event,which_first,count_color)
-DEFAULT_KINDS = ("color_first", "color_last", "direction", "count", "color_present", "image_color", "image_position")
+# the kinds of `video-ktr synth` (and `make demo`) unless --kinds says otherwise: the video kinds whose content
+# space is large enough for a test split held out by content (--held_out redraw) beside 2,000 training rows at
+# 12 frames and 6 colours. `direction`, `count` and the image kinds have a few dozen distinct contents per
+# answer at the small sizes (count: one video for "all white"; image_color: one per cell), so a held-out split
+# exhausts them; they stay available with --kinds (and --held_out mark, or few rows).
+DEFAULT_KINDS = ("color_first", "color_last", "color_present", "after_event", "which_first", "count_color")
+# the first seven kinds, the default before DEFAULT_KINDS above (and still the default of the Python helper
+# generate(), whose keyword defaults are the small task the tests' fixtures are built on: their rows unchanged)
+LEGACY_KINDS = ("color_first", "color_last", "direction", "count", "color_present", "image_color", "image_position")
 # the seed of the slot order of make_split: the number of kinds when it was written, frozen so that adding
 # a kind does not reorder existing data sets
 SLOT_ORDER_KEY = 7
+# the keyword defaults of the Python helper generate() that differ from SynthConfig's (the CLI's): the small
+# task of the tests' fixtures and of the data sets made before the held-out split by content became the default
+LEGACY_TASK = {"frames": 8, "num_colors": 4, "num_options": 4, "held_out": "mark"}
 DATA_TYPE: dict[str, str] = {k: ("image" if k.startswith("image_") else "video") for k in KINDS}
 ORDER_KINDS = frozenset({"color_first", "color_last", "direction", "after_event", "which_first"})  # answer changes if frames are shuffled
 VIDEO_KINDS = tuple(k for k in KINDS if DATA_TYPE[k] == "video")
@@ -61,17 +70,17 @@ class SynthConfig:
     num_train: int = field(2000, help="Number of training rows.")
     num_test: int = field(300, help="Number of test rows (drawn from random streams disjoint from the training ones).")
     seed: int = field(0, help="Random seed; the same seed and options give byte-identical files.")
-    frames: int = field(8, help="Frames per video (even, >= 4); content changes every 2 frames, i.e. frames // 2 steps.")
+    frames: int = field(12, help="Frames per video (even, >= 4); content changes every 2 frames, i.e. frames // 2 steps (12: 6 steps, enough distinct videos per answer for the default held-out split; 8 was the default before --held_out redraw).")
     size: int = field(56, help="Side of the square frames in pixels; a multiple of --cell (one visual token per cell).")
     fps: float = field(4.0, help="Frame rate written into the mp4 (duration = frames / fps seconds).")
     kinds: list[str] = field(list(DEFAULT_KINDS), help=f"Question kinds to generate (comma-separated); default: {', '.join(DEFAULT_KINDS)}.", choices=list(KINDS))
     image_fraction: float = field(0.0, help="Fraction of rows that are image questions (the image_* kinds, PNG under images/).")
-    num_colors: int = field(4, help="Difficulty: how many palette colours are used (2-8; red, green, blue, yellow, magenta, cyan, orange, purple).")
-    num_options: int = field(4, help="Difficulty: options per colour question (2..num_colors); direction and position questions always have 4.")
+    num_colors: int = field(6, help="Difficulty: how many palette colours are used (2-8; red, green, blue, yellow, magenta, cyan, orange, purple; 4 before --held_out redraw became the default).")
+    num_options: int = field(6, help="Difficulty: options per colour question (2..num_colors); direction and position questions always have 4 (4 before --held_out redraw became the default).")
     shuffle_options: bool = field(False, help="Difficulty: shuffle the option order per row; by default options keep palette order, the answer letter is still balanced.")
     color_fill: str = field("frame", help="Difficulty: colour kinds fill the whole frame ('frame') or one random cell per step ('cell').", choices=["frame", "cell"])
     cot_error_rate: float = field(0.0, help="Imperfect cold-start data: also write train_cot.json, the training rows with this fraction's reasoning and answer replaced by a flawed teacher's (one plausible wrong strategy per kind: the wrong end of the video, frames read backwards, a miscount by one, a mirrored corner, another option's colour), marked 'cot_error': true. train.json keeps the ground truth for RL and evaluation.")
-    held_out: str = field("mark", help="How test rows are kept apart from training rows, compared by content hash (kind, question, options, answer and the cell colours of every step): 'redraw' redraws a test row whose content equals a training row's from a fresh random stream (same kind and answer) until it is unseen, reports the count, and fails naming the kind and answer when max_redraws draws find nothing unseen (the task space is too small: grow frames, size, num_colors or use color_fill cell); 'mark' keeps such rows and marks them seen_in_train: true (the behaviour before 'redraw' existed; the default until the demo is re-tuned on a larger task space).", choices=["mark", "redraw"])
+    held_out: str = field("redraw", help="How test rows are kept apart from training rows, compared by content hash (kind, question, options, answer and the cell colours of every step): 'redraw' (the default) redraws a test row whose content equals a training row's from a fresh random stream (same kind and answer) until it is unseen, reports the count, and fails naming the kind and answer when max_redraws draws find nothing unseen (the task space is too small: grow frames, size or num_colors, use color_fill cell, or drop the kind); 'mark' keeps such rows and marks them seen_in_train: true (the behaviour before 'redraw' existed, opt-in).", choices=["mark", "redraw"])
     max_redraws: int = field(200, help="With held_out redraw: how many fresh draws a test row gets before synth gives up on its kind and answer.")
     cell: int = field(CELL, help="Pixels per side of one visual token's cell: the model family's frame factor, 28 for Qwen2/2.5-VL (14-px patches merged 2x2), 32 for Qwen3-VL (16 x 2); --size must be a multiple of it (Qwen3-VL: --cell 32 --size 64). The rows and cell colours do not depend on it.")
     overwrite: bool = field(False, help="Replace an existing data set in output_dir (only its own files are removed).")
