@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import html.parser
+import math
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_diagnostics import diagnostics_run
@@ -16,6 +18,7 @@ from video_ktr.analysis.word_cloud import (
     WordClassifier,
     cloud_word,
     layout_word_cloud,
+    touching,
     word_classifier,
     word_cloud,
 )
@@ -155,16 +158,47 @@ def test_word_cloud_places_every_word_at_a_size_proportional_to_its_count(tmp_pa
         assert size == pytest.approx(info.points_per_count * counts[word], rel=1e-12)
 
 
-def test_word_cloud_layout_has_no_overlap():
+def test_word_cloud_layout_keeps_the_margins():
     boxes = [(300, 80), (120, 40), (120, 40), *[(30, 12)] * 40, *[(3, 2)] * 100]
-    places = layout_word_cloud(boxes, 600, 300)
+    margins = [6.0, 3.0, 3.0, *[1.5] * 40, *[1.0] * 100]
+    places = layout_word_cloud(boxes, 600, 300, margins=margins)
     assert places is not None and len(places) == len(boxes)
     rects = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(places, boxes)]
     for i, a in enumerate(rects):
-        assert 0 <= a[0] and a[2] <= 600 and 0 <= a[1] and a[3] <= 300
-        for b in rects[:i]:
-            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+        m = margins[i]
+        assert m <= a[0] and a[2] <= 600 - m and m <= a[1] and a[3] <= 300 - m
+        for j, b in enumerate(rects[:i]):
+            gap = m + margins[j]
+            assert a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1], (a, b)
     assert layout_word_cloud([(700, 10)], 600, 300) is None  # does not fit: the caller shrinks every size alike
+    with pytest.raises(ValueError, match="2 boxes but 1 margins"):
+        layout_word_cloud([(1, 1), (1, 1)], 600, 300, margins=[1.0])
+
+
+def test_word_cloud_words_never_touch(tmp_path):
+    """Issue 18: words were packed with no gap ("movesfirstred"). The drawn words' boxes, as the renderer
+    reports them, are at least 3 px apart, and every pixel of a word's ink lies within 1 px of its own box,
+    so the ink of two words never meets."""
+    counts = Counter({"moves": 7, "first": 7, "red": 7, ",": 7, ".": 5, "the": 30, "<|im_end|>": 9, "⏎": 4,
+                      **{f"w{i}": 1 + i % 4 for i in range(120)}})
+    png = tmp_path / "cloud.png"
+    info = word_cloud(counts, png, "title", "#ff0000", width=600, height=300)
+    boxes = [info.boxes[w] for w in counts]
+    for i, a in enumerate(boxes):
+        assert 0 <= a[0] and a[2] <= 600 and 0 <= a[1] and a[3] <= 300 - 22  # below the title's band
+        for b in boxes[:i]:
+            assert a[2] + 3 <= b[0] or b[2] + 3 <= a[0] or a[3] + 3 <= b[1] or b[3] + 3 <= a[1], (a, b)
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape[:2] == (300, 600)
+    ink = img[..., 0] - img[..., 1] > 24  # the words' red, anti-aliased edges included (the title is black)
+    near = np.zeros(ink.shape, dtype=bool)
+    for x0, y0, x1, y1 in boxes:  # pixel rows count from the top
+        near[max(0, math.floor(300 - y1) - 1):math.ceil(300 - y0) + 1, max(0, math.floor(x0) - 1):math.ceil(x1) + 1] = True
+    assert ink.sum() > 1000 and not (ink & ~near).any(), np.argwhere(ink & ~near)[:5]
+    assert touching({"a": (0, 0, 10, 10), "b": (10.5, 0, 20, 10)}) == ("a", "b")  # the check itself
+    assert touching({"a": (0, 0, 10, 10), "b": (11, 0, 20, 10), "c": (0, 11, 10, 20)}) is None
 
 
 def test_cloud_words():

@@ -152,19 +152,25 @@ def cloud_word(token: str) -> str:
     return visible(stripped.lower()) if stripped else visible(token)
 
 
-def layout_word_cloud(boxes: Sequence[tuple[float, float]], width: int, height: int, cell: int = 2) -> list[tuple[float, float]] | None:
-    """Place boxes (w, h in pixels, biggest first) without overlap, each as near the centre as it fits.
+def layout_word_cloud(boxes: Sequence[tuple[float, float]], width: int, height: int, cell: int = 2,
+                      margins: Sequence[float] | None = None) -> list[tuple[float, float]] | None:
+    """Place boxes (w, h in pixels, biggest first) apart from each other, each as near the centre as it fits.
 
-    Deterministic: an occupancy grid of `cell`-pixel cells; a box goes to the free window whose centre
-    is nearest the canvas centre (ties: the first in row-major order). Returns the lower-left corner
-    of each box (pixels, y up), or None when one does not fit (the caller shrinks every size alike).
+    Box i keeps `margins[i]` pixels (default 1) free on every side, inside the canvas too, so two placed
+    boxes are at least the sum of their margins apart. Deterministic: an occupancy grid of `cell`-pixel
+    cells; a box and its margins go to the free window whose centre is nearest the canvas centre (ties:
+    the first in row-major order). Returns the lower-left corner of each box (pixels, y up), or None when
+    one does not fit (the caller shrinks every size alike).
     """
+    margins = [1.0] * len(boxes) if margins is None else list(margins)
+    if len(margins) != len(boxes):
+        raise ValueError(f"layout_word_cloud: {len(boxes)} boxes but {len(margins)} margins")
     gw, gh = width // cell, height // cell
     occupied = np.zeros((gh, gw), dtype=np.int32)
     ys, xs = np.mgrid[0:gh, 0:gw]
     out = []
-    for w, h in boxes:
-        bw, bh = max(1, math.ceil(w / cell) + 1), max(1, math.ceil(h / cell) + 1)  # one cell of padding
+    for (w, h), m in zip(boxes, margins):
+        bw, bh = max(1, math.ceil((w + 2 * m) / cell)), max(1, math.ceil((h + 2 * m) / cell))
         if bw > gw or bh > gh:
             return None
         integral = np.zeros((gh + 1, gw + 1), dtype=np.int64)
@@ -178,8 +184,14 @@ def layout_word_cloud(boxes: Sequence[tuple[float, float]], width: int, height: 
         dist[~free] = np.inf
         row, col = divmod(int(np.argmin(dist)), nx)
         occupied[row:row + bh, col:col + bw] = 1
-        out.append((col * cell, height - (row + bh) * cell))  # grid row 0 is the top
+        out.append((col * cell + m, height - (row + bh) * cell + m))  # grid row 0 is the top
     return out
+
+
+def word_margin(points: float, dpi: int = 100) -> float:
+    """The free space kept around a word drawn at `points` pt: 8% of its size, at least 1.5 px (two words
+    are at least 3 px apart: never touching, even where the renderer's anti-aliasing spills a pixel)."""
+    return max(1.5, 0.08 * points * dpi / 72)
 
 
 @dataclass
@@ -188,13 +200,18 @@ class CloudInfo:
     tokens: int  # tokens counted
     points_per_count: float  # font size = points_per_count x count
     font_sizes: dict[str, float] = field(default_factory=dict)  # word -> the font size it was drawn at (pt)
+    # word -> its drawn text's box as the renderer reports it: (x0, y0, x1, y1), pixels, origin bottom-left
+    boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
 
 def word_cloud(counts: Counter, path: Path, title: str, colour: str, width: int = 880, height: int = 440) -> CloudInfo | None:
-    """Render a word cloud: font size = k x count for every word (k the same for all), all words placed.
+    """Render a word cloud: font size = k x count for every word (k the same for all), all words placed,
+    no two words touching.
 
     k starts at the largest value for which the most frequent word is 72 pt and the words' boxes cover at
-    most half the canvas, and shrinks by 15% (for every word alike) until all fit.
+    most half the canvas, and shrinks by 15% (for every word alike) until all fit. Each word is measured at
+    the size it is drawn at (small text does not scale linearly), placed with `word_margin` free around
+    it, and the drawn boxes are checked once more after rendering: two that touch are an error.
     """
     if not counts:
         return None
@@ -209,40 +226,59 @@ def word_cloud(counts: Counter, path: Path, title: str, colour: str, width: int 
     ax.set_ylim(0, height)
     ax.axis("off")
     renderer = fig.canvas.get_renderer()
-    ref = 100.0  # measure at 100 pt, scale linearly
     prop = FontProperties(family="DejaVu Sans")
-    sizes = []
+
+    def extent(word: str, points: float) -> tuple[float, float, float, float]:
+        """The text's box drawn at (0, 0) with ha=left, va=bottom: its offset from the anchor and size."""
+        t = ax.text(0, 0, word, fontsize=points, fontproperties=prop, parse_math=False, ha="left", va="bottom")
+        ext = t.get_window_extent(renderer)
+        t.remove()
+        x0, y0 = ax.transData.transform((0, 0))
+        return ext.x0 - x0, ext.y0 - y0, max(ext.width, 1.0), max(ext.height, 1.0)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # glyphs missing from the font are drawn as boxes
-        for w in words:
-            t = ax.text(0, 0, w, fontsize=ref, fontproperties=prop, parse_math=False)
-            ext = t.get_window_extent(renderer)
-            sizes.append((max(ext.width, 1.0) / ref, max(ext.height, 1.0) / ref))
-            t.remove()
-    top = counts[words[0]]
-    area = sum(sw * sh * counts[w] ** 2 for w, (sw, sh) in zip(words, sizes))
-    k = min(72.0 / top, math.sqrt(0.5 * width * (height - band) / area), (width - 8) / (sizes[0][0] * top),
-            (height - band - 8) / (sizes[0][1] * top))
-    for _ in range(60):
-        boxes = [(sw * k * counts[w], sh * k * counts[w]) for w, (sw, sh) in zip(words, sizes)]
-        places = layout_word_cloud(boxes, width, height - band)
-        if places is not None:
-            break
-        k *= 0.85
-    else:
-        plt.close(fig)
-        raise RuntimeError(f"word cloud {path.name}: {len(words)} words do not fit")
-    drawn = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for w, (x, y) in zip(words, places):
+        ref = 100.0  # the start value of k from sizes measured at 100 pt, scaled linearly
+        sizes = [extent(w, ref)[2:] for w in words]
+        top = counts[words[0]]
+        area = sum(sw * sh * counts[w] ** 2 for w, (sw, sh) in zip(words, sizes)) / ref ** 2
+        k = min(72.0 / top, math.sqrt(0.5 * width * (height - band) / area), (width - 8) * ref / (sizes[0][0] * top),
+                (height - band - 8) * ref / (sizes[0][1] * top))
+        for _ in range(60):
+            measured = [extent(w, k * counts[w]) for w in words]
+            margins = [word_margin(k * counts[w], dpi) for w in words]
+            places = layout_word_cloud([(m[2], m[3]) for m in measured], width, height - band, margins=margins)
+            if places is not None:
+                break
+            k *= 0.85
+        else:
+            plt.close(fig)
+            raise RuntimeError(f"word cloud {path.name}: {len(words)} words do not fit")
+        drawn, artists = {}, {}
+        for w, (x, y), (dx, dy, _, _) in zip(words, places, measured):
             drawn[w] = k * counts[w]
-            ax.text(x + 1, y + 1, w, fontsize=drawn[w], fontproperties=prop, parse_math=False, color=colour,
-                    ha="left", va="bottom")
+            artists[w] = ax.text(x - dx, y - dy, w, fontsize=drawn[w], fontproperties=prop, parse_math=False,
+                                 color=colour, ha="left", va="bottom")
         ax.text(4, height - 4, title, fontsize=9, ha="left", va="top", parse_math=False)
+        fig.canvas.draw()
+        boxes = {w: tuple(float(v) for v in a.get_window_extent(renderer).extents) for w, a in artists.items()}
         fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return CloudInfo(words=len(words), tokens=sum(counts.values()), points_per_count=k, font_sizes=drawn)
+    if (clash := touching(boxes)) is not None:
+        raise RuntimeError(f"word cloud {path.name}: the drawn words {clash[0]!r} and {clash[1]!r} touch")
+    return CloudInfo(words=len(words), tokens=sum(counts.values()), points_per_count=k, font_sizes=drawn, boxes=boxes)
+
+
+def touching(boxes: dict[str, tuple[float, float, float, float]], gap: float = 1.0) -> tuple[str, str] | None:
+    """The first two boxes (x0, y0, x1, y1) less than `gap` pixels apart (overlapping or touching), or None."""
+    items = sorted(boxes.items(), key=lambda kv: kv[1][0])
+    for i, (a, ba) in enumerate(items):
+        for b, bb in items[i + 1:]:
+            if bb[0] >= ba[2] + gap:
+                break  # sorted by x0: every later box starts further right
+            if not (ba[3] + gap <= bb[1] or bb[3] + gap <= ba[1]):
+                return a, b
+    return None
 
 
 # ---------------------------------------------------------------------------- token statistics
