@@ -224,10 +224,14 @@ def test_under_deepspeed_every_process_writes_into_the_main_processs_folder(tmp_
 
 
 def test_an_fsdp2_checkpoint_resumes_in_one_process(tmp_path, monkeypatch):
-    """The FSDP2 format (whole weights, optimiser state keyed by parameter name) restores Adam's moments into a
-    model that is not sharded: a run saved under FSDP2 can go on in one process. The FSDP2 save path runs on a
-    plain model here (PyTorch's state-dict functions take both), the load path is the unsharded one."""
+    """The FSDP2 format (whole weights, the optimiser state as DCP shards in optimizer/) restores Adam's moments
+    into a model that is not sharded: a run saved under FSDP2 can go on in one process. The FSDP2 save path runs
+    on a plain model in one process here (DCP and PyTorch's state-dict functions take both); the real two-process
+    shards are tests/test_fsdp_cpu.py's. verify() checks the shard files against their index; a state that does
+    not name the model's parameters, and one holding pickled values, are refused."""
     from video_ktr.training import distributed_fsdp as fsdp
+    from video_ktr.training import optimizer_shards
+    from video_ktr.training.checkpoint_verify import verify
 
     model = TinyModel()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -237,16 +241,48 @@ def test_an_fsdp2_checkpoint_resumes_in_one_process(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(fsdp, "is_fsdp2", lambda model: True)
         folder = ckpt.save(tmp_path, 1, StandInAccelerator(main=True), model, None, opt, sched, ckpt.TrainState(1, 1))
-    assert json.loads((folder / ckpt.STATE_FILE).read_text())["optimizer_format"] == "by-name"
-    assert set(torch.load(folder / "optimizer.pt", weights_only=True)["state"]) == {"layer.weight", "layer.bias"}
+    payload = json.loads((folder / ckpt.STATE_FILE).read_text())
+    assert (payload["optimizer_state"], payload["optimizer_processes"]) == ("sharded", 1)
+    assert not (folder / "optimizer.pt").exists()
+    shards = folder / ckpt.OPTIMIZER_DIR
+    assert optimizer_shards.saved_keys(shards) == {f"state.layer.{p}.{k}" for p in ("weight", "bias")
+                                                   for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert {p.name for p in shards.iterdir()} >= {"__0_0.distcp", ".metadata", "metadata.pt", "param_groups.pt"}
+    verify(folder)
 
     fresh = TinyModel()
-    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.5)
     ckpt.load(folder, StandInAccelerator(main=True), fresh, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0),
               ckpt.TrainState())
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert torch.equal(a["step"], b["step"])
+    assert opt2.param_groups[0]["lr"] == 0.1  # the saved hyper-parameters
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+
+    class Other(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(2, 1)
+
+    other = Other()
+    other.load_state_dict(model.state_dict(), strict=False)
+    opt3 = torch.optim.AdamW(other.parameters())
+    with pytest.raises(ckpt.CheckpointError, match=r"does not match this model's parameters: missing \['state.extra"):
+        ckpt._load_shards(folder, payload, StandInAccelerator(main=True), other, opt3)
+    shard = shards / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="__0_0.distcp is damaged: the optimiser's shard index places"):
+        verify(folder)
+
+    import torch.distributed.checkpoint as dcp
+
+    pickled = tmp_path / "pickled"  # DCP stores a value other than a tensor pickled; reading it back is refused
+    with optimizer_shards._quiet():
+        dcp.save({"state": {"layer.weight": {"note": "a string"}}}, storage_writer=optimizer_shards._writer(pickled),
+                 no_dist=True)
+    with pytest.raises(optimizer_shards.ShardedOptimizerError, match="values other than tensors"):
+        optimizer_shards.saved_keys(pickled)
 
 
 def test_accelerates_fsdp2_plugin_also_wraps_the_vision_tower(tiny_model):

@@ -77,8 +77,9 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_the_unbroken_run(t
     assert info["launch_requested"] == "FSDP" and info["fsdp_wrapping"].startswith("video_ktr")
     assert 0.45 < info["parameter_shard_fraction"] < 0.55, info  # each process holds about half of the elements
     state = json.loads((full / "checkpoint-2" / ckpt.STATE_FILE).read_text())
-    assert state["optimizer_state"] == "optimizer.pt" and state["optimizer_format"] == "by-name"
-    assert len(state["rng_per_process"]) == 2
+    assert (state["optimizer_state"], state["optimizer_processes"]) == ("sharded", 2)
+    assert len(state["rng_per_process"]) == 2 and not (full / "checkpoint-2" / "optimizer.pt").exists()
+    _each_process_wrote_its_own_shards(full / "checkpoint-2" / ckpt.OPTIMIZER_DIR)
     metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and any(m["grad_norm"] > 0 for m in metrics)
     assert any(m["kl"] > 0 for m in metrics)  # the sharded reference answered, and differs from the moved policy
@@ -96,9 +97,52 @@ def test_fsdp2_on_two_cpu_processes_killed_and_resumed_equals_the_unbroken_run(t
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (key, (a[key] - b[key]).abs().max())
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the 4 steps did move the weights
 
+    _resumes_in_one_process(killed / "checkpoint-2")
+
     model = AutoModelForImageTextToText.from_pretrained(str(killed), dtype=torch.float32)
     loaded = model.state_dict()
     names, unmatched = ckpt._match_keys(list(loaded), b)  # transformers' class names its keys its own way
     assert not unmatched, unmatched[:5]
     for key, value in b.items():
         assert torch.equal(loaded[names[key]], value), key
+
+
+def _each_process_wrote_its_own_shards(folder: Path) -> None:
+    """Process 0's file holds the first rows of every Adam moment, process 1's the rest: no file holds a whole
+    moment, and each about half of the moments' bytes (the whole state was never gathered for the save)."""
+    from video_ktr.training import optimizer_shards
+
+    pieces: dict[str, dict[str, list[int]]] = {}
+    moment_bytes = {"__0_0.distcp": 0, "__1_0.distcp": 0}
+    for index, info in optimizer_shards.storage(folder).items():
+        if index.fqn.endswith(("exp_avg", "exp_avg_sq")):
+            pieces.setdefault(index.fqn, {}).setdefault(info.relative_path, []).append(int(index.offset[0]))
+            moment_bytes[info.relative_path] += info.length
+    assert pieces and all(set(files) == {"__0_0.distcp", "__1_0.distcp"} for files in pieces.values()), pieces
+    assert all(files["__0_0.distcp"] == [0] and files["__1_0.distcp"][0] > 0 for files in pieces.values())
+    share = moment_bytes["__0_0.distcp"] / sum(moment_bytes.values())
+    assert 0.4 < share < 0.6, moment_bytes
+
+
+def _resumes_in_one_process(folder: Path) -> None:
+    """The two processes' shards read back into one unsharded model (DCP reshards): every moment whole, its
+    rows from both files (the second half is not the zeros a fresh optimiser starts from)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, distributed_type="DistributedType.NO",
+                          unwrap_model=lambda m: m)
+    state = ckpt.TrainState()
+    ckpt.load(folder, acc, model, opt, sched, state)
+    assert state.step == 2
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, moments in opt.state.items():
+        assert moments["exp_avg"].shape == param.shape and float(moments["step"]) == 2, names[id(param)]
+        if param.shape[0] > 1 and "embed" not in names[id(param)]:  # a token embedding: only the rows used
+            low = param.shape[0] - param.shape[0] // 2
+            assert moments["exp_avg_sq"][low:].abs().sum() > 0 or moments["exp_avg_sq"][:low].abs().sum() == 0, names[id(param)]
+    assert any(m["exp_avg_sq"].abs().sum() > 0 for m in opt.state.values())

@@ -1,7 +1,8 @@
 """Checkpoints that survive a kill: written to a temporary folder, then renamed into place.
 
 ``checkpoint-N/`` holds the model (safetensors, loadable with ``from_pretrained``), the processor,
-the optimiser and scheduler states (tensors and plain containers, loaded with ``weights_only=True``)
+the optimiser and scheduler states (tensors and plain containers, loaded with ``weights_only=True``; under
+FSDP2 the optimiser state is ``optimizer/``, each process's shards, see training/optimizer_shards.py)
 and ``trainer_state.json`` (step, data position, counters, random states as JSON). A folder without
 ``trainer_state.json`` is incomplete and is never resumed from.
 
@@ -40,6 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from video_ktr.utils.logs import get_logger
+
+logger = get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -187,45 +192,51 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
          optimizer: Any, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temporary folder + rename); every process calls it.
 
-    Under FSDP2 the optimiser state is gathered whole on the main process, keyed by parameter name
-    (``optimizer_format: "by-name"``; PyTorch's get_optimizer_state_dict, every process joins), so a resume
-    restores it on any number of processes. Under DeepSpeed every process writes its own partitions with the
-    engine's ``save_checkpoint`` into ``deepspeed/pytorch_model/`` of the same temporary folder (what
+    Under FSDP2 every process writes its own shards of the optimiser state into ``optimizer/`` of the main
+    process's temporary folder (PyTorch's distributed checkpoint, ``optimizer_state: "sharded"``,
+    training/optimizer_shards.py): no process holds the whole state; the model itself is gathered and written
+    whole (safetensors, ``from_pretrained`` loads it). Under DeepSpeed every process writes its own partitions
+    with the engine's ``save_checkpoint`` into ``deepspeed/pytorch_model/`` of the same temporary folder (what
     accelerate's ``save_state`` calls; ``optimizer_state: "deepspeed"``), resumed with ``load_checkpoint`` on
-    the same number of processes. Under FSDP1 the optimiser state is not written (``optimizer.pt`` absent,
-    ``optimizer_state: "sharded-not-saved"``): such a checkpoint holds the whole model but cannot be resumed
-    from (:func:`load` says so). Every process's random states are kept (``rng_per_process``).
+    the same number of processes. Both need the output folder on a file system every process sees. Under FSDP1
+    the optimiser state is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``): such
+    a checkpoint holds the whole model but cannot be resumed from (:func:`load` says so). Every process's random
+    states are kept (``rng_per_process``). One process and DDP: the whole state in ``optimizer.pt``, as ever.
     """
     from video_ktr.training import distributed_fsdp as fsdp
+    from video_ktr.training import optimizer_shards
 
     final = output_dir / f"checkpoint-{step}"
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)  # a collective under FSDP / ZeRO-3: every process
-    by_name = fsdp.is_fsdp2(model)
-    optim_state = fsdp.full_optimizer_state_dict(model, optimizer) if by_name else None  # a collective too
+    shards = fsdp.is_fsdp2(model)  # each process writes its own shards of the optimiser state (DCP)
     engine = deepspeed_engine(accelerator, model)
-    sharded_optimizer = optimizer_state_sharded(accelerator) and not by_name and engine is None
+    sharded_optimizer = optimizer_state_sharded(accelerator) and not shards and engine is None
     rng_states = _rng_states(accelerator)  # a collective with several processes
     tmp = None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(output_dir)  # left by a run killed while saving
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
-    if engine is not None:  # every process writes its partitions into the main process's temporary folder
+    if engine is not None or shards:  # every process writes its part into the main process's temporary folder
         tmp = Path(_from_main_process(accelerator, str(tmp) if tmp is not None else None))
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        else:
+            optimizer_shards.save(accelerator.unwrap_model(model), optimizer, tmp / OPTIMIZER_DIR,
+                                  main=accelerator.is_main_process)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         assert tmp is not None
         _write_model(tmp, accelerator, model, processor, state_dict)
-        if not sharded_optimizer and engine is None:
-            torch.save(optim_state if by_name else optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded_optimizer and engine is None and not shards:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {},
-                   "optimizer_state": "deepspeed" if engine is not None else
+                   "optimizer_state": "deepspeed" if engine is not None else SHARDS if shards else
                    "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
-        if by_name:
-            payload["optimizer_format"] = "by-name"
+        if shards:
+            payload["optimizer_processes"] = int(getattr(accelerator, "num_processes", 1))
         if rng_states is not None:
             payload["rng_per_process"] = rng_states
         with open(tmp / STATE_FILE, "w") as fh:
@@ -243,6 +254,7 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
 
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "pytorch_model"  # the engine's checkpoint, as accelerate's save_state names it
+OPTIMIZER_DIR, SHARDS = "optimizer", "sharded"  # FSDP2: each process's optimiser shards (training/optimizer_shards.py)
 
 
 def deepspeed_engine(accelerator: Any, model: Any) -> Any | None:
@@ -295,9 +307,9 @@ def find(output_dir: Path, spec: str) -> Path:
 def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> dict[str, Any]:
     """Restore model weights, optimiser, scheduler, counters and random states from ``path``.
 
-    Every process calls it. Under FSDP2 the main process reads the whole weights and optimiser state, they are
-    broadcast tensor by tensor and each process keeps its shard (PyTorch's set_model_state_dict /
-    set_optimizer_state_dict with broadcast_from_rank0).
+    Every process calls it. Under FSDP2 the main process reads the whole weights, they are broadcast tensor by
+    tensor and each process keeps its shard (PyTorch's set_model_state_dict with broadcast_from_rank0); each
+    process reads its own shards of a sharded optimiser state (any number of processes, one included).
     """
     from safetensors.torch import load_file
 
@@ -315,44 +327,73 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint '{DEEPSPEED_TAG}' in {path / DEEPSPEED_DIR}")
         return _restore_counters(path, payload, accelerator, scheduler, state)
-    if mode != "optimizer.pt":
+    if mode not in ("optimizer.pt", SHARDS):
         raise CheckpointError(
             f"{path} was written under FSDP1, whose optimiser state is split over the processes and was not "
             "saved: it holds the whole model (load it with --model_name_or_path to start a new run from it) but "
             "cannot be resumed from.")
     sharded = fsdp.is_fsdp2(model)
     if engine is not None or (optimizer_state_sharded(accelerator) and not sharded):
-        raise CheckpointError(f"{path} holds a whole optimiser state, which cannot be split over DeepSpeed's / FSDP1's "
-                              "partitions: resume it with the set-up that wrote it, or start a new run from its model")
-    by_name = payload.get("optimizer_format") == "by-name"
-    if sharded and not by_name:
+        raise CheckpointError(f"{path} holds an optimiser state ({mode}) that DeepSpeed's / FSDP1's partitions cannot "
+                              "take: resume it with the set-up that wrote it, or start a new run from its model")
+    by_name = payload.get("optimizer_format") == "by-name"  # the whole state by name (FSDP2 checkpoints before DCP)
+    if sharded and mode == "optimizer.pt" and not by_name:
         raise CheckpointError(f"{path}/optimizer.pt was written without FSDP2 (its state is keyed by parameter position, "
                               "not name) and cannot be split over FSDP2's shards: resume it with the set-up that wrote it")
 
     unwrapped = accelerator.unwrap_model(model)
     if sharded:
-        _load_fsdp2(path, accelerator, unwrapped, optimizer)
-        return _restore_counters(path, payload, accelerator, scheduler, state)
-    weights: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(str(f)))
-    if not weights:
-        raise FileNotFoundError(f"{path} holds no safetensors weights")
-    missing, unexpected = _load_weights(unwrapped, weights)
-    if unexpected or missing:
-        raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
-    optim_state = _load_tensors(path / "optimizer.pt")
-    if by_name:
-        fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state)
+        _load_fsdp2(path, accelerator, unwrapped, optimizer, whole_optimizer=mode == "optimizer.pt")
     else:
-        optimizer.load_state_dict(optim_state)
+        weights: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        if not weights:
+            raise FileNotFoundError(f"{path} holds no safetensors weights")
+        missing, unexpected = _load_weights(unwrapped, weights)
+        if unexpected or missing:
+            raise RuntimeError(f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+        if mode == "optimizer.pt":
+            optim_state = _load_tensors(path / "optimizer.pt")
+            if by_name:
+                fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state)
+            else:
+                optimizer.load_state_dict(optim_state)
+    if mode == SHARDS:
+        _load_shards(path, payload, accelerator, unwrapped, optimizer)
     return _restore_counters(path, payload, accelerator, scheduler, state)
 
 
-def _load_fsdp2(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any) -> None:
-    """Weights and optimiser state of an FSDP2 model: the main process reads the files, the tensors are
-    broadcast one by one and each process keeps its shard (no process but the main one holds the whole state;
-    a 7B model's Adam moments are ~56 GB). A problem found on the main process stops every process."""
+def _load_shards(path: Path, payload: dict[str, Any], accelerator: Any, model: torch.nn.Module, optimizer: Any) -> None:
+    """The optimiser state each process holds now, from the shards every process wrote (DCP reshards: a
+    checkpoint of N processes resumes on M, or in one unsharded process). Every process calls it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from video_ktr.training import optimizer_shards
+
+    folder = path / OPTIMIZER_DIR
+    groups, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            groups = _load_tensors(folder / optimizer_shards.PARAM_GROUPS)
+        except (OSError, CheckpointError, RuntimeError) as err:
+            problem = f"{type(err).__name__}: {err}"
+    groups, problem = _from_main_process(accelerator, (groups, problem))
+    if problem:
+        raise CheckpointError(problem)
+    saved, now = payload.get("optimizer_processes"), int(getattr(accelerator, "num_processes", 1))
+    if saved != now and accelerator.is_main_process:
+        logger.info("resuming %s: its optimiser state was written by %s processes, resharded over %d", path.name, saved, now)
+    try:
+        optimizer_shards.load(model, optimizer, folder, groups)
+    except (optimizer_shards.ShardedOptimizerError, CheckpointException) as err:
+        raise CheckpointError(f"{folder}: the optimiser's shards could not be read back: {err}") from err
+
+
+def _load_fsdp2(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, *, whole_optimizer: bool) -> None:
+    """Weights of an FSDP2 model (and, with ``whole_optimizer``, a whole optimiser state keyed by name: the
+    format before the shards): the main process reads the files, the tensors are broadcast one by one and each
+    process keeps its shard. A problem found on the main process stops every process."""
     from safetensors.torch import load_file
 
     from video_ktr.training import distributed_fsdp as fsdp
@@ -374,14 +415,16 @@ def _load_fsdp2(path: Path, accelerator: Any, model: torch.nn.Module, optimizer:
                 problem = f"checkpoint {path} does not match this model: unexpected {unexpected[:5]}, missing {missing[:5]}"
             else:
                 weights = {mapping[k]: v for k, v in raw.items()}
-                optim_state = _load_tensors(path / "optimizer.pt")
+                if whole_optimizer:
+                    optim_state = _load_tensors(path / "optimizer.pt")
         except Exception as err:  # every process must hear of it, or the others would wait in the broadcast
             problem = f"{type(err).__name__}: {err}"
     problem = _from_main_process(accelerator, problem)
     if problem:
         raise CheckpointError(problem)
     fsdp.load_full_model_state_dict(model, weights, from_main_process=True)
-    fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state, from_main_process=True)
+    if whole_optimizer:
+        fsdp.load_full_optimizer_state_dict(model, optimizer, optim_state, from_main_process=True)
 
 
 def _from_main_process(accelerator: Any, value: Any) -> Any:

@@ -72,7 +72,9 @@ def verify(path: str | Path) -> None:
         engine_dir = path / ckpt.DEEPSPEED_DIR / ckpt.DEEPSPEED_TAG
         if not engine_dir.is_dir() or not any(engine_dir.iterdir()):
             raise CheckpointError(f"{engine_dir} is missing or empty: the DeepSpeed engine's checkpoint was not written")
-    names = ("scheduler.pt",) if payload.get("optimizer_state") == "deepspeed" else ("optimizer.pt", "scheduler.pt")
+    if payload.get("optimizer_state") == ckpt.SHARDS:  # FSDP2: each process's shards (training/optimizer_shards.py)
+        _verify_shards(path / ckpt.OPTIMIZER_DIR)
+    names = ("scheduler.pt",) if payload.get("optimizer_state") in ("deepspeed", ckpt.SHARDS) else ("optimizer.pt", "scheduler.pt")
     for name in names:
         file = path / name
         if not file.is_file():
@@ -82,6 +84,31 @@ def verify(path: str | Path) -> None:
                 zf.namelist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise CheckpointError(f"{file} is damaged: not a complete torch archive ({exc})") from None
+
+
+def _verify_shards(folder: Path) -> None:
+    """The sharded optimiser state's index and hyper-parameters are complete archives, and every shard file it
+    names holds the bytes the index places in it."""
+    from video_ktr.training import optimizer_shards
+
+    for name in (optimizer_shards.METADATA, optimizer_shards.PARAM_GROUPS):
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the optimiser's shards were not completely written")
+        try:
+            with zipfile.ZipFile(file) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{file} is damaged: not a complete torch archive ({exc})") from None
+    needed: dict[str, int] = {}
+    for info in optimizer_shards.storage(folder).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = folder / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            raise CheckpointError(f"{file} is {'missing' if have is None else 'damaged'}: the optimiser's shard index "
+                                  f"places {size} bytes in it" + ("" if have is None else f", the file has {have}"))
 
 
 def find_resumable(output_dir: str | Path, spec: str) -> tuple[Path, list[str]]:

@@ -144,14 +144,6 @@ def tied_aliases(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name]
 
 
-def full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """The whole optimiser state keyed by parameter name, on the CPU of the main process (empty on the
-    others); a collective."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_options(full_state_dict=True, cpu_offload=True))
-
-
 def load_full_model_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor], *,
                                from_main_process: bool = False) -> None:
     """The whole weights (keys of ``model.state_dict()``) into ``model``; each process keeps its shard. With
@@ -165,15 +157,16 @@ def load_full_model_state_dict(model: torch.nn.Module, weights: dict[str, torch.
 
 def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, state: dict[str, Any], *,
                                    from_main_process: bool = False) -> None:
-    """The whole optimiser state (keyed by parameter name) into ``optimizer``; each process keeps its shard.
+    """The whole optimiser state (keyed by parameter name: FSDP2 checkpoints written before the sharded format,
+    training/optimizer_shards.py) into ``optimizer``; each process keeps its shard.
     ``from_main_process``: as for :func:`load_full_model_state_dict`."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _torch_optimizer(optimizer), state,
+    set_optimizer_state_dict(model, torch_optimizer(optimizer), state,
                              options=_options(full_state_dict=True, broadcast_from_rank0=from_main_process))
 
 
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer
     return optimizer
