@@ -6,6 +6,7 @@ a save that only the main process enters; these stand-ins record the calls each 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -304,3 +305,38 @@ def test_accelerates_fsdp2_plugin_also_wraps_the_vision_tower(tiny_model):
     text_only = SimpleNamespace(transformer_cls_names_to_wrap=[type(model.model.language_model.layers[0]).__name__])
     wrap_vision_towers_too(text_only, model)
     assert tower not in text_only.transformer_cls_names_to_wrap  # no vision block wrapped: the tower stays in the root
+
+
+def test_the_trainers_turn_fsdp2_gradient_sync_off_for_the_micro_batches_before_the_last(monkeypatch):
+    """Our own FSDP2 wrapping on CPU processes is invisible to accelerate's no_sync (it set up plain processes): the
+    recipe's accumulation block turns each unit's gradient sync off itself, and back on; under DDP it is accelerate's
+    no_sync; the last micro-batch runs with neither. (The reductions counted on two real processes:
+    tests/test_fsdp_cpu.py.)"""
+    from video_ktr.training import distributed_fsdp as fsdp
+    from video_ktr.training.grpo import KTRTrainer
+
+    class Unit:
+        def __init__(self):
+            self.calls = []
+
+        def set_requires_gradient_sync(self, flag):
+            self.calls.append(flag)
+
+    monkeypatch.setattr(fsdp, "is_fsdp2", lambda model: isinstance(model, Unit))
+    monkeypatch.setattr(fsdp, "_is_fsdp_module", lambda model: isinstance(model, Unit))
+    entered = []
+
+    @contextlib.contextmanager
+    def no_sync(model):
+        entered.append(model)
+        yield
+
+    unit, acc = Unit(), SimpleNamespace(no_sync=no_sync)
+    with KTRTrainer._accumulating(SimpleNamespace(acc=acc, model=unit), True):
+        assert unit.calls == [False]
+    with KTRTrainer._accumulating(SimpleNamespace(acc=acc, model=unit), False):
+        pass
+    assert unit.calls == [False, True] and not entered
+    ddp = torch.nn.Linear(1, 1)
+    with KTRTrainer._accumulating(SimpleNamespace(acc=acc, model=ddp), True):
+        assert entered == [ddp]

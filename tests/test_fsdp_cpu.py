@@ -146,3 +146,24 @@ def _resumes_in_one_process(folder: Path) -> None:
             low = param.shape[0] - param.shape[0] // 2
             assert moments["exp_avg_sq"][low:].abs().sum() > 0 or moments["exp_avg_sq"][:low].abs().sum() == 0, names[id(param)]
     assert any(m["exp_avg_sq"].abs().sum() > 0 for m in opt.state.values())
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_reduces_the_gradients_once_per_step(tiny_setup, tmp_path):
+    """Three micro-batches on two FSDP2 processes: with the gradient sync off for the first two (what the trainers
+    do; accelerate's no_sync does not see our own CPU wrapping), each unit reduces its gradients once instead of
+    three times, and the accumulated gradients equal those reduced at every micro-batch (each process's whole
+    gradients, 1e-6 of their scale)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "fsdp_accumulation_launch.py"), str(tiny_setup.model_dir), str(tmp_path)]
+    _run(cmd, tmp_path / "accumulation.log")
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"counts-rank{rank}.json").read_text())
+        assert counts["synced"] == 3 * counts["unsynced"] and counts["unsynced"] > 1, counts  # one per unit per reduction
+        grads = torch.load(tmp_path / f"grads-rank{rank}.pt", weights_only=True)
+        assert grads["synced"].keys() == grads["unsynced"].keys() and grads["synced"]
+        for name, synced in grads["synced"].items():
+            scale = float(synced.abs().max()) or 1.0
+            assert torch.allclose(grads["unsynced"][name], synced, rtol=0, atol=1e-6 * scale), name
+    zero, one = (torch.load(tmp_path / f"grads-rank{r}.pt", weights_only=True)["unsynced"] for r in (0, 1))
+    assert all(torch.equal(zero[n], one[n]) for n in zero)  # reduced: every process has the same gradients

@@ -15,6 +15,8 @@ that every process enters the same number of times, in the same order.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,6 +34,44 @@ def is_fsdp2(model: Any) -> bool:
             return True
         model = getattr(model, "_orig_mod", None)  # a compiled module
     return False
+
+
+def _fsdp_module(model: Any) -> Any:
+    while not _is_fsdp_module(model) and getattr(model, "_orig_mod", None) is not None:
+        model = model._orig_mod
+    return model
+
+
+def _is_fsdp_module(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradients_unsynced(accelerator: Any, model: Any, unsynced: bool = True) -> Iterator[None]:
+    """No gradient reduction across processes inside the block (``unsynced``): the micro-batches of an optimiser
+    step before its last one (forward and backward both inside). The gradients accumulate locally and are
+    reduced once, by the last micro-batch's backward.
+
+    FSDP2 (accelerate's, or this package's own wrapping on CPU processes, which accelerate's ``no_sync`` does
+    not see: it set up plain CPU processes): ``set_requires_gradient_sync(False)`` on every unit, so no
+    reduce-scatter runs until the last micro-batch (each unit keeps its unsharded gradient meanwhile, the price
+    of skipping the communication, as with accelerate's own ``no_sync`` under FSDP2). Anything else:
+    accelerate's ``no_sync`` (DDP's; nothing on one process; DeepSpeed refuses accumulation at start-up)."""
+    if not unsynced:
+        yield
+        return
+    if is_fsdp2(model):
+        module = _fsdp_module(model)
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+        return
+    with accelerator.no_sync(model):
+        yield
 
 
 def wrap_class_names(model: torch.nn.Module, requested: list[str] | None = None) -> set[str]:

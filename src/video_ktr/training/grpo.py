@@ -43,6 +43,7 @@ from video_ktr.model.lockstep import Lockstep
 from video_ktr.model.prefix import strip_pixels
 from video_ktr.model.vllm_rollout import VLLMRollout
 from video_ktr.training.distributed import sharded_parameters
+from video_ktr.training.distributed_fsdp import gradients_unsynced
 from video_ktr.training.grpo_config import TrainConfig
 from video_ktr.training.grpo_data import GRPOData
 from video_ktr.training.grpo_metrics import (
@@ -330,7 +331,7 @@ class KTRTrainer(TrainingRun):
 
     @contextlib.contextmanager
     def _accumulating(self, accumulate: bool):
-        with self.acc.no_sync(self.model) if accumulate else contextlib.nullcontext():
+        with gradients_unsynced(self.acc, self.model, accumulate):  # DDP's no_sync, FSDP2's gradient sync off
             yield
 
     def _record_first_pass(self, record: MicroRecord, ro: Rollout, masks: dict[str, Tensor], logp: Tensor,

@@ -27,7 +27,6 @@ resumed run needs, so ``N`` steps equal ``k`` steps plus ``N - k`` resumed steps
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -46,6 +45,7 @@ from video_ktr.model.inputs import Media, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
 from video_ktr.model.sampling import row_seed
 from video_ktr.training.distributed import sharded_parameters
+from video_ktr.training.distributed_fsdp import gradients_unsynced
 from video_ktr.training.rollout_weights import rollout_weights
 from video_ktr.training.run import TrainingRun
 from video_ktr.training.sft_batches import (
@@ -231,7 +231,7 @@ class SFTTrainer(TrainingRun):
         ce_local, bad = 0.0, False
         for j, (inputs, labels) in enumerate(micro):
             last = j == len(micro) - 1
-            with acc.no_sync(self.model) if not last else contextlib.nullcontext():
+            with gradients_unsynced(acc, self.model, not last):  # DDP no_sync, FSDP2 gradient sync off
                 with acc.autocast():
                     ce, _ = token_ce_sum(self.model, inputs, labels)
                 loss = ce * scale
