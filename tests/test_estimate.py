@@ -176,6 +176,14 @@ def test_memory_arithmetic_by_hand():
     assert component(sh, "text activations") == L * (P * Lp * a_text + R * Lc * (a_text - kv_key) + R * S * kv_key) + once_sh
     assert component(sh, "attention masks (sdpa bias per layer)") == L * masks * b
     assert component(sh, "text activations") < component(r, "text activations")
+    # checkpointed shared pass (model/prefix.checkpointed_cache, what the trainer runs with --gradient_checkpointing):
+    # each layer's input of both passes, each row's cached keys and values (kv heads: 2 x 16), one layer recomputed
+    cs = E.estimate(dataclasses.replace(cfg, plain_forwards=False, gradient_checkpointing=True), hand_arch(), **kw)
+    assert component(cs, "text activations") == L * (Tpol * h * b + R * S * 2 * b * kv * d) + once_sh
+    grads = b * (2 * 128 + 4 * h)
+    assert component(cs, "backward working set") == max(P * Lp * (a_text + grads) + P * Lp * Lp * b,
+                                                        R * Lc * (a_text - kv_key + grads) + R * S * kv_key + R * Lc * S * b)
+    assert component(cs, "text activations") < component(ck, "text activations")
     # peak = static + the largest phase
     assert r["peak_gb"] == pytest.approx(r["phases_gb"]["static"] + r["phases_gb"][r["largest_phase"]])
 

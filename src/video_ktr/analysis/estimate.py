@@ -291,7 +291,26 @@ def estimate(
             f"{rows_c} rows x {Lc + 1} x {V} x {b} B logits + {chunk:,} x 8 B: fp32 logits + log-softmax per chunk")
 
     # ---------------------------------------------------------------- policy forward / backward
-    if ckpt:
+    if ckpt and plan.policy_shared_prefix:
+        # model/prefix.checkpointed_cache: the prompts' pass and the completions' pass checkpoint each layer; kept
+        # for the backward: each layer's input (P x Lp + R x Lc tokens) and each row's copy of the prompt's keys
+        # and values (the cache the completion layer read, kv heads, to recompute it) plus the completion's own
+        kv_cache = 2 * b * kv * d
+        kv_key = 2 * b * (kv * d if kv_unexpanded else h)
+        Tpol = P * Lp + R * Lc
+        text_act = L * (Tpol * h * b + R * S * kv_cache) + once_per_pass(Tpol, P * Lp * Lp + R * Lc * S)
+        text_note = (f"checkpointed, shared prompts: {L} layer inputs x ({P} x {Lp} + {R} x {Lc}) tokens x {h} x {b} B "
+                     f"+ {R} rows' cached keys and values of {S} tokens")
+        vis_act = (Lv_depth * Np * hv * b + vis_once) if vision_trains else 0.0
+
+        def cells(n: float) -> float:  # a recomputed layer's attention mask (sdpa) or scores (eager)
+            return n * b if attn == "sdpa" else n * nh * (4 + b) if attn == "eager" else 0.0
+
+        grads = b * (2 * inter + 4 * h)
+        layer_ws = max(P * Lp * (a_text + grads) + cells(P * Lp * Lp),
+                       R * Lc * (a_text - kv_key + grads) + R * S * kv_key + cells(R * Lc * S))
+        ws_note = "one layer recomputed (the prompts' or the completions' pass) + its gradient buffers"
+    elif ckpt:
         text_act = L * T * h * b + once_text
         text_note = f"checkpointed: {L} layer inputs x {T} tokens x {h} x {b} B"
         vis_act = (Lv_depth * Np * hv * b + vis_once) if vision_trains else 0.0
