@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random Qwen2.5-VL and one small synthetic data set per test session.
+"""Shared fixtures: one tiny random model (Qwen2.5-VL, or VK_TEST_ARCH's family: tests/family.py) and one
+small synthetic data set per test session.
 
 Building them takes about 4 s; every trainer / probe / sampling test reuses them (read-only: a test
 that trains writes only into its own tmp_path).
@@ -25,15 +26,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(_THREADS))
 
-from video_ktr.model.adapters import adapter_for  # noqa: E402
-
 # VK_TEST_ARCH=qwen2_vl (or another adapter's name) runs the suite on that family's tiny model; the synthetic
 # frames and the media settings below follow its frame factor F (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)
-TEST_ARCH = os.environ.get("VK_TEST_ARCH", "qwen2_5_vl")
-F = adapter_for(TEST_ARCH).frame_factor
-# Small media settings used by every trainer test: the synthetic videos' 8 frames (4 fps, 2 s) of
-# FxF..2Fx2F pixels (28x28..56x56 by default), i.e. a (4, 4, 4) grid and 16 visual tokens per video.
-SMALL_MEDIA = ["--max_frames", "8", "--video_fps", "4", "--min_pixels", str(F * F), "--max_pixels", str(4 * F * F)]
+from tests.family import SIDE, SMALL_MEDIA, TEST_ARCH, F, frame_settings  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -50,12 +45,7 @@ class TinySetup:
         return self.data_dir / "test.json"
 
     def frame_settings(self, **overrides):
-        from video_ktr.data.media import FrameSettings
-
-        kw = dict(fps=4.0, max_frames=8, min_pixels=F * F, max_pixels=4 * F * F, image_min_pixels=F * F,
-                  image_max_pixels=4 * F * F, factor=F)
-        kw.update(overrides)
-        return FrameSettings(**kw)
+        return frame_settings(**overrides)
 
     def samples(self, split: str = "train"):
         from video_ktr.data.rows import load_dataset
@@ -91,7 +81,7 @@ def tiny_setup(tmp_path_factory) -> TinySetup:
 
     root = tmp_path_factory.mktemp("tiny-setup")
     model_dir = build_tiny_model(root / "model", seed=0, arch=TEST_ARCH)
-    synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0, cell=F, size=2 * F)
+    synth.generate(root / "data", num_train=24, num_test=8, image_fraction=0.25, seed=0, cell=F, size=SIDE)
     return TinySetup(model_dir=Path(model_dir), data_dir=root / "data")
 
 

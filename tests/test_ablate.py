@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.family import px
 from video_ktr.analysis import ablation as ablate
 from video_ktr.commands.ablate import main as ablate_main
 from video_ktr.training.grpo import KTRTrainer
@@ -30,7 +31,7 @@ def write_yaml(tiny_setup, path: Path) -> Path:
         "output_dir": "ignored/by/ablate", "seed": 123, "token_selection": ["entropy"],  # replaced per run
         "max_steps": 2, "per_device_train_batch_size": 1, "num_generations": 2, "max_completion_length": 8,
         "lr_scheduler_type": "constant", "beta": 0.0, "top_p": 1.0, "logging_steps": 0,
-        "max_frames": 8, "video_fps": 4, "min_pixels": 784, "max_pixels": 3136,
+        "max_frames": 8, "video_fps": 4, "min_pixels": px(1), "max_pixels": px(4),
         # count_e differs between completions of the random model: non-zero advantages and gradients
         "reward_funcs": ["accuracy", "format", "tests.reward_fixtures:count_e"],
         "diagnostics_steps": 1, "save_total_limit": 2,  # keep checkpoint-1 for the resume test

@@ -1,6 +1,6 @@
 """`video-ktr eval` / `video-ktr score` (video_ktr.evaluation.evaluate) and the vLLM request building (video_ktr.model.vllm_engine).
 
-A tiny random Qwen2.5-VL and an 8-row synthetic test set; a fake engine (answers chosen per row) where
+A tiny random Qwen2.5-VL (VK_TEST_ARCH: tests/family.py) and an 8-row synthetic test set; a fake engine (answers chosen per row) where
 the scores must be non-trivial; a fake vLLM ``LLM`` object (vLLM is not installed here).
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.family import SIDE, TEST_ARCH, F, px
 from tests.paths import BENCHMARK_FIXTURES
 from video_ktr.commands.eval import main
 from video_ktr.commands.score import main as score_main
@@ -37,7 +38,7 @@ SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
 HOLMES = BENCHMARK_FIXTURES / "video_holmes" / "test_Video-Holmes.json"
 # small frame settings and few new tokens keep every run well under a second
-FAST = ["--max_new_tokens", "6", "--max_frames", "4", "--max_pixels", str(4 * 28 * 28), "--progress", "false"]
+FAST = ["--max_new_tokens", "6", "--max_frames", "4", "--max_pixels", str(px(4)), "--progress", "false"]
 
 
 @pytest.fixture(autouse=True)
@@ -48,13 +49,13 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", **SMALL)
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", arch=TEST_ARCH, **SMALL)
 
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
-    synth.generate(out, num_train=0, num_test=8, seed=0)
+    synth.generate(out, num_train=0, num_test=8, seed=0, cell=F, size=SIDE)
     return out
 
 
@@ -160,7 +161,7 @@ def test_eval_writes_results_metrics_and_protocol(first_run, tiny_dir, synth_dir
     p = payload["protocol"]
     assert p["model"] == str(Path(tiny_dir).resolve()) and p["benchmark"] == "video_r1"
     assert p["data_file"] == str((synth_dir / "test.json").resolve()) and p["num_rows"] == 8
-    assert p["frames"]["max_frames"] == 4 and p["frames"]["max_pixels"] == 4 * 28 * 28 and p["frames"]["fps"] == 2.0
+    assert p["frames"]["max_frames"] == 4 and p["frames"]["max_pixels"] == px(4) and p["frames"]["fps"] == 2.0
     assert p["prompt"] == {"layout": "eval", "template_hash": template_hash("eval"), "system_prompt": None}
     assert p["decoding"] == {"temperature": 0.1, "top_p": 0.001, "max_new_tokens": 6, "greedy": False, "seed": 42}
     assert p["engine"] == "hf" and set(p["versions"]) >= {"torch", "transformers", "video_ktr"}
@@ -180,7 +181,7 @@ def test_metrics_exact_with_known_answers(synth_dir, tmp_path):
     rows = json.loads((synth_dir / "test.json").read_text())
     fake = FakeEngine(_mixed_outputs(rows))
     cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(synth_dir / "test.json"),
-                     output_dir=str(tmp_path), max_frames=4, max_pixels=4 * 28 * 28, batch_size=8, progress=False)
+                     output_dir=str(tmp_path), max_frames=4, max_pixels=px(4), batch_size=8, progress=False)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = evaluate(cfg, engine=fake)
     payload = json.loads((tmp_path / "video_r1.json").read_text())
@@ -266,7 +267,7 @@ def test_unreadable_media_is_counted_as_failed_not_scored(broken_data, tmp_path)
     data, rows = broken_data
     fake = FakeEngine(_mixed_outputs(rows))
     cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(data / "test.json"),
-                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=4 * 28 * 28, batch_size=4,
+                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=px(4), batch_size=4,
                      progress=False)
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         metrics = evaluate(cfg, engine=fake)
@@ -290,7 +291,7 @@ def test_unreadable_media_is_counted_as_failed_not_scored(broken_data, tmp_path)
 def test_on_bad_sample_error_stops(broken_data, tmp_path):
     data, rows = broken_data
     cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(data / "test.json"),
-                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=4 * 28 * 28, on_bad_sample="error",
+                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=px(4), on_bad_sample="error",
                      progress=False)
     with pytest.raises(EvalError, match="video_r1:0"):
         evaluate(cfg, engine=FakeEngine(_mixed_outputs(rows)))
@@ -304,7 +305,7 @@ def test_media_prefetch_gives_the_same_results_and_failures(broken_data, monkeyp
 
     data, rows = broken_data
     rows = rows[2:] + rows[:2]  # the bad rows land in the last batch, which is prefetched
-    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    settings = FrameSettings(max_frames=4, max_pixels=px(4), factor=F)
     threads = _record_threads(monkeypatch, ev, "load_batch")
     runs = {}
     for prefetch in (False, True):
@@ -343,7 +344,7 @@ def test_score_reproduces_eval_metrics(first_run, broken_data, tmp_path):
     # a file with right, wrong and failed rows, its predictions, scores and metrics wiped
     data, rows = broken_data
     cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(data / "test.json"),
-                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=4 * 28 * 28, progress=False)
+                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=px(4), progress=False)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = evaluate(cfg, engine=FakeEngine(_mixed_outputs(rows)))
     f2 = tmp_path / "out" / "video_r1.json"
@@ -400,7 +401,7 @@ def test_evaluate_rows_in_process_on_raw_rows(first_run, tiny_dir, synth_dir):
     _, full, _ = first_run
     rows = json.loads((synth_dir / "test.json").read_text())  # raw rows: "kind" at the top level
     model, processor = load_model(str(tiny_dir)), load_processor(str(tiny_dir))
-    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    settings = FrameSettings(max_frames=4, max_pixels=px(4), factor=F)
     results, metrics = evaluate_rows(model, processor, rows, synth_dir, settings, max_new_tokens=6, batch_size=8)
     assert [r["uid"] for r in results] == [r["uid"] for r in full["results"]]
     assert [r["meta"]["kind"] for r in results] == [r["kind"] for r in rows]
@@ -419,7 +420,7 @@ def test_hf_engine_prepares_the_next_batch_in_the_prefetch_thread(first_run, tin
     _, full, _ = first_run
     rows = json.loads((synth_dir / "test.json").read_text())
     model, processor = load_model(str(tiny_dir)), load_processor(str(tiny_dir))
-    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    settings = FrameSettings(max_frames=4, max_pixels=px(4), factor=F)
     engine = HFEngine(model, processor)
     assert engine.decoder == "hf"  # on a CPU the transformers path, as 'auto' chose before (a kept static decoder on CUDA)
     threads = _record_threads(monkeypatch, engine, "prepare")
@@ -485,9 +486,9 @@ def test_vllm_requests_built_from_our_frames(tiny_dir, synth_dir):
 
     processor = load_processor(str(tiny_dir))
     rows = prepare_rows(json.loads((synth_dir / "test.json").read_text()))
-    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    settings = FrameSettings(max_frames=4, max_pixels=px(4), factor=F)
     video = load_media(synth_dir / rows[1]["path"], "video", settings)
-    image = Media(image=Image.new("RGB", (56, 56), (0, 255, 0)))
+    image = Media(image=Image.new("RGB", (SIDE, SIDE), (0, 255, 0)))
     messages = [build_messages(r["problem"], r["problem_type"], r["options"], dt, layout="eval")
                 for r, dt in ((rows[1], "video"), (rows[2], "image"))]
     llm = FakeLLM()
@@ -499,7 +500,7 @@ def test_vllm_requests_built_from_our_frames(tiny_dir, synth_dir):
     assert vreq["prompt"].count("<|vision_start|><|video_pad|><|vision_end|>") == 1
     assert rows[1]["problem"] in vreq["prompt"] and vreq["prompt"].endswith("<|im_start|>assistant\n")
     ((frames, meta),) = vreq["multi_modal_data"]["video"]
-    assert frames.dtype == np.uint8 and frames.shape == (4, 56, 56, 3)
+    assert frames.dtype == np.uint8 and frames.shape == (4, SIDE, SIDE, 3)
     np.testing.assert_array_equal(frames, video.video.frames.permute(0, 2, 3, 1).numpy())
     assert meta["frames_indices"] == video.video.frame_indices and meta["fps"] == video.video.source_fps
     assert meta["total_num_frames"] == video.video.total_frames and meta["do_sample_frames"] is False
@@ -520,7 +521,7 @@ def test_vllm_engine_drives_evaluate_rows(tiny_dir, synth_dir):
     rows = json.loads((synth_dir / "test.json").read_text())[:3]
     llm = FakeLLM()
     engine = VLLMEngine(llm, load_processor(str(tiny_dir)), stop_token_ids=(1,), sampling_params_cls=FakeSamplingParams)
-    settings = FrameSettings(max_frames=4, max_pixels=4 * 28 * 28)
+    settings = FrameSettings(max_frames=4, max_pixels=px(4), factor=F)
     results, metrics = evaluate_rows(None, None, rows, synth_dir, settings, engine=engine, batch_size=2, seed=3)
     assert len(llm.requests) == 3 and [p.kw["seed"] for p in llm.params] == [
         row_seed(3, "eval", f"video_r1:{r['problem_id']}") for r in rows]

@@ -13,9 +13,10 @@ from video_ktr.model import tiny
 
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
              vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=2)
+from tests.family import TEST_ARCH, px  # noqa: E402
 from tests.paths import REAL_VIDEO  # noqa: E402
 
-SMALL_FRAMES = ["--max_frames", "4", "--min_frames", "4", "--max_pixels", str(4 * 28 * 28)]
+SMALL_FRAMES = ["--max_frames", "4", "--min_frames", "4", "--max_pixels", str(px(4))]  # the family's cells
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,7 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", **SMALL)
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", arch=TEST_ARCH, **SMALL)
 
 
 def test_infer_on_a_real_video(tiny_dir, capsys):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import video_ktr.training.grpo_stages as stages
+from tests.family import px
 from video_ktr.core.loss import group_advantages
 from video_ktr.model.inputs import encode_prompts, select_prompts, sequence_inputs
 from video_ktr.model.loading import load_model, load_processor
@@ -370,7 +371,7 @@ def test_sft_evaluation_under_fsdp2_with_rows_that_do_not_split_evenly(tiny_setu
               "--eval_steps", "1", "--per_device_eval_batch_size", "2", "--max_steps", "1",
               "--per_device_train_batch_size", "1", "--learning_rate", "0", "--logging_steps", "0", "--max_frames", "8",
               "--video_fps", "4",
-              "--min_pixels", "784", "--max_pixels", "3136"]
+              "--min_pixels", str(px(1)), "--max_pixels", str(px(4))]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.family import SIDE, TEST_ARCH, F, px
 from video_ktr.data import synth
 from video_ktr.data.media import FrameSettings, load_image
 from video_ktr.data.rows import load_dataset
@@ -21,15 +22,15 @@ from video_ktr.model.rollout import encode_visual_once
 from video_ktr.model.scoring import sequence_logprobs, width_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = FrameSettings(nframes=8, min_frames=2, max_frames=8, min_pixels=3136, max_pixels=3136,
-                         image_min_pixels=3136, image_max_pixels=3136)
+SETTINGS = FrameSettings(nframes=8, min_frames=2, max_frames=8, min_pixels=px(4), max_pixels=px(4),
+                         image_min_pixels=px(4), image_max_pixels=px(4), factor=F)  # tests/family.py
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prefix")
-    tiny.build_tiny_model(root / "model", seed=0)
-    synth.generate(root / "data", num_train=12, num_test=2, seed=0, image_fraction=0.3)
+    tiny.build_tiny_model(root / "model", seed=0, arch=TEST_ARCH)
+    synth.generate(root / "data", num_train=12, num_test=2, seed=0, image_fraction=0.3, cell=F, size=SIDE)
     model = load_model(str(root / "model")).eval()
     processor = load_processor(str(root / "model"))
     samples = load_dataset(root / "data" / "train.json")
@@ -306,7 +307,8 @@ def test_shared_prefix_with_grad_gives_the_full_forwards_gradients(setup, prompt
     assert torch.allclose(full[valid], fast[valid], atol=1e-5)
     assert full_grads.keys() == fast_grads.keys() and any("visual" in n for n in full_grads)
     for name, g in full_grads.items():
-        assert torch.allclose(g, fast_grads[name], atol=1e-6, rtol=1e-4), name
+        # float32 noise grows with the gradient's scale (a tied embedding also holds the head's gradient: Qwen3-VL)
+        assert torch.allclose(g, fast_grads[name], atol=1e-6 * max(1.0, float(g.abs().max())), rtol=1e-4), name
     # and without grad asked for, nothing is recorded
     inputs = sequence_inputs(select_prompts(prompts, [0, 1, 2], G), ids, valid)
     assert not shared_prefix_logprobs(model, inputs, ids, G)[0].requires_grad

@@ -19,7 +19,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.conftest import F
+from tests.family import F
 from video_ktr.model.inputs import Media, encode_prompts, processor_call, select_prompts, sequence_inputs
 from video_ktr.model.loading import special_tokens
 from video_ktr.model.prefix import strip_pixels

@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import SMALL_MEDIA  # the family's frame factor under VK_TEST_ARCH
+from tests.family import SMALL_MEDIA  # the family's frame factor under VK_TEST_ARCH
 from tests.procs import run_and_kill
 from video_ktr.data.media import FrameSettings, MediaError, load_image
 from video_ktr.data.video import load_video, write_video

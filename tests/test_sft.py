@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from tests.family import ADAPTER, SIDE, TEST_ARCH, F, px
 from video_ktr.data.rows import DataError, load_dataset
 from video_ktr.data.video import FrameCache
 from video_ktr.model.inputs import Media, processor_call
@@ -22,7 +23,7 @@ from video_ktr.training.sft import (
 )
 from video_ktr.utils.config import parse_args
 
-FRAMES = dict(nframes=8, max_frames=8, min_pixels=784, max_pixels=3136)
+FRAMES = dict(nframes=8, max_frames=8, min_pixels=px(1), max_pixels=px(4))  # the family's cells: tests/family.py
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +47,8 @@ def env(tmp_path_factory):
     from video_ktr.model.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("sft")
-    model = build_tiny_model(root / "model", seed=0)
-    generate(root / "data", num_train=32, num_test=8, seed=0, frames=8, size=56)
+    model = build_tiny_model(root / "model", seed=0, arch=TEST_ARCH)
+    generate(root / "data", num_train=32, num_test=8, seed=0, frames=8, size=SIDE, cell=F)
     return {"root": root, "model": str(model), "train": str(root / "data" / "train.json"),
             "test": str(root / "data" / "test.json"), "data": root / "data"}
 
@@ -94,7 +95,9 @@ def test_labels_supervise_exactly_the_target_and_end_token(env):
     inputs, labels = build_sft_batch(processor, samples, media)
     ids, attn, mm = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
     assert labels.shape == ids.shape
-    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids"):
+    # the family's per-video times travel too (Qwen2.5-VL's second_per_grid_ts; Qwen2-VL and Qwen3-VL have none)
+    times = (ADAPTER.per_item_times,) if ADAPTER.per_item_times else ()
+    for key in ("pixel_values_videos", "video_grid_thw", "mm_token_type_ids", *times):
         assert key in inputs
     prompts = [processor.apply_chat_template(s.messages(), add_generation_prompt=True, tokenize=False) for s in samples]
     full_texts = [p + s.process + s.solution + "<|im_end|>" for p, s in zip(prompts, samples)]

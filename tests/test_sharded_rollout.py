@@ -247,7 +247,7 @@ def _tiny_rollouts(rank: int, model_dir: str, data_json: str, gathers: list[int]
     rollouts inside rollout_weights and, kept sharded, with synced processes, against the whole model's."""
     from torch.distributed.fsdp import fully_shard
 
-    from video_ktr.data.media import FrameSettings
+    from tests.family import frame_settings
     from video_ktr.data.rows import load_dataset
     from video_ktr.data.video import load_video
     from video_ktr.model.adapters import adapter_for
@@ -265,7 +265,7 @@ def _tiny_rollouts(rank: int, model_dir: str, data_json: str, gathers: list[int]
 
     processor = load_processor(model_dir)
     whole, sharded = load_model(model_dir).eval(), like_accelerate(load_model(model_dir).eval())
-    frames = FrameSettings(fps=4.0, max_frames=8, min_pixels=784, max_pixels=3136, image_min_pixels=784, image_max_pixels=3136)
+    frames = frame_settings()  # 8 frames of the family's F x F .. 2F x 2F (tests/family.py)
     samples = [s for s in load_dataset(data_json) if s.data_type == "video"][rank * 2:rank * 2 + 2]  # each rank its own
     media = [Media(video=load_video(s.media_path, frames)) for s in samples]
     inputs = encode_prompts(processor, [s.messages() for s in samples], media)

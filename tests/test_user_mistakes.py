@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.family import px
 from video_ktr.data.check import check_dataset, write_clean
 from video_ktr.data.rows import DataError, SkipReport, load_dataset, read_rows, validate_row
 from video_ktr.data.text_checks import DEFAULT_MAX_TEXT_CHARS, escape_special, text_char_limit
@@ -172,7 +173,7 @@ def test_prompt_over_max_prompt_length_is_a_counted_skip_or_an_error_naming_row_
     assert re.match(rf".*data\.json, row 3, field 'problem': the prompt is {n[3]} tokens", examples[1]), examples
 
     # data check with the model names the same rows first, with the same errors (the prompt made as training makes it)
-    from tests.conftest import SMALL_MEDIA
+    from tests.family import SMALL_MEDIA
     from video_ktr.commands.data import check_main
 
     clean = tmp_path / "clean.json"
@@ -670,7 +671,7 @@ def test_eval_jails_media_records_bad_rows_as_failed_and_goes_on(tiny_setup, tmp
     bad_uid = f"video_r1:{rows[4]['problem_id']}"
     engine = _PickyEngine(row_seed(42, "eval", bad_uid))
     cfg = EvalConfig(model_name_or_path="fake-model", benchmark="video_r1", data_file=str(data),
-                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=4 * 28 * 28, batch_size=4, progress=False)
+                     output_dir=str(tmp_path / "out"), max_frames=4, max_pixels=px(4), batch_size=4, progress=False)
     try:
         metrics = evaluate(cfg, engine=engine)
         saved = json.loads((tmp_path / "out" / "video_r1.json").read_text(encoding="utf-8"))["results"]

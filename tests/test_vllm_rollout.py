@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from video_ktr.model.adapters import adapter_for
 from video_ktr.model.inputs import encode_prompts
 from video_ktr.model.loading import special_tokens
 from video_ktr.model.sampling import row_seed
@@ -169,9 +170,11 @@ def test_requests_carry_the_trainers_prompts_frames_and_seeds(tiny_model, batch)
     assert torch.equal(torch.from_numpy(frames), media[0].video.frames.permute(0, 2, 3, 1))
     assert metadata["do_sample_frames"] is False and reqs[0]["mm_processor_kwargs"]["do_sample_frames"] is False
     assert reqs[3]["multi_modal_data"]["image"] is media[1].image
-    # the processor bounds hold exactly these frame / image sizes (as inputs.processor_call's do)
-    h, w = media[0].video.frames.shape[-2:]
-    assert reqs[0]["mm_processor_kwargs"]["size"] == {"shortest_edge": h * w, "longest_edge": h * w}
+    # the processor bounds hold exactly these frame / image sizes (as inputs.processor_call's do), in the family's
+    # terms: one frame's area (Qwen2/2.5-VL), frames x height x width (Qwen3-VL, whose processor bounds the video)
+    t, (h, w) = media[0].video.frames.shape[0], media[0].video.frames.shape[-2:]
+    area = h * w * (t if adapter_for(model).name.startswith("qwen3") else 1)
+    assert reqs[0]["mm_processor_kwargs"]["size"] == {"shortest_edge": area, "longest_edge": area}
     iw, ih = media[1].image.size
     assert reqs[3]["mm_processor_kwargs"]["size"] == {"shortest_edge": iw * ih, "longest_edge": iw * ih}
     # the stand-in's processor run on each request gave back the trainer's unpadded prompt tokens (else it raised)

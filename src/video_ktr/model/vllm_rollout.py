@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from video_ktr.model.adapters import video_size
 from video_ktr.model.loading import unwrap
 from video_ktr.model.rollout import Completions
 from video_ktr.model.scoring import completion_mask
@@ -73,27 +74,29 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield name, param.detach()
 
 
-def media_processor_kwargs(media: Any) -> dict[str, Any]:
+def media_processor_kwargs(media: Any, processor: Any = None) -> dict[str, Any]:
     """``mm_processor_kwargs`` that keep vLLM's processor from resampling or resizing the frames / image.
 
-    The same bounds inputs.processor_call gives the transformers processor: the item's own area as both
-    the smallest and the largest allowed (the frames were resized by data.media already).
+    The same bounds inputs.processor_call gives the transformers processor: the item's own size as both
+    the smallest and the largest allowed (the frames were resized by data.media already), in the terms of
+    ``processor``'s family (adapters.video_size: one frame's area for Qwen2/2.5-VL, frames x height x width
+    for Qwen3-VL, whose processor would otherwise shrink the frames).
     """
     if media is None or media.kind == "text":
         return {}
     if media.kind == "video":
         frames = media.video.frames  # (T, 3, H, W)
-        area = int(frames.shape[-1]) * int(frames.shape[-2])
+        shape = (int(frames.shape[0]), int(frames.shape[-2]), int(frames.shape[-1]))
         return {"fps": float(media.video.sampled_fps), "do_sample_frames": False, "cap_pixels_per_frame": False,
-                "size": {"shortest_edge": area, "longest_edge": area}}
+                "size": video_size(processor, [shape])}
     area = int(media.image.size[0]) * int(media.image.size[1])
     return {"size": {"shortest_edge": area, "longest_edge": area}}
 
 
-def rollout_request(prompt: str, media: Any) -> dict[str, Any]:
+def rollout_request(prompt: str, media: Any, processor: Any = None) -> dict[str, Any]:
     """One vLLM request: the prompt text, its media and the processor bounds (vllm_engine.build_request + bounds)."""
     request = build_request(prompt, media)
-    kwargs = media_processor_kwargs(media)
+    kwargs = media_processor_kwargs(media, processor)
     if kwargs:
         request["mm_processor_kwargs"] = {**request.get("mm_processor_kwargs", {}), **kwargs}
     return request
@@ -195,7 +198,7 @@ class VLLMRollout:
         if len(messages) != len(media):
             raise ValueError(f"{len(messages)} prompts but {len(media)} media items")
         texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        once = [rollout_request(t, m) for t, m in zip(texts, media)]  # the frames converted once per prompt
+        once = [rollout_request(t, m, self.processor) for t, m in zip(texts, media)]  # the frames converted once per prompt
         return [request for request in once for _ in range(group_size)]
 
     # -- the rollout ----------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class VLLMRollout:
                     "its processor expanded the visual input differently (frame size, frame count or processor "
                     "version); the policy would score completions of another prompt. Check that vLLM loads the "
                     "same processor as --model_name_or_path and that the frame settings give sides that are "
-                    "multiples of 28."
+                    "multiples of the model's frame factor (patch x merge size: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."
                 )
 
 
