@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint clean-demo
+.PHONY: setup demo test test-fast test-arch lint clean-demo
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# the whole suite on another family's tiny model (docs/models.md; CI runs the default family only):
+#   make test-arch ARCH=qwen3_vl      (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)
+test-arch: setup
+	@test -n "$(ARCH)" || { echo "usage: make test-arch ARCH=qwen3_vl (a family of docs/models.md)"; exit 2; }
+	VK_TEST_ARCH=$(ARCH) $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check src tests
