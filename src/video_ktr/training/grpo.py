@@ -16,6 +16,7 @@ keeps the books (metrics, checkpoints, resumption).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from video_ktr.core.loss import group_advantages
 from video_ktr.core.rewards import load_reward_function
 from video_ktr.data.rows import SkipReport, load_dataset
 from video_ktr.data.text_checks import text_char_limit
-from video_ktr.model.adapters import frames_for
+from video_ktr.model.adapters import frames_for, router_loss_for
 from video_ktr.model.decode import rollout_decoder
 from video_ktr.model.inputs import select_prompts, sequence_inputs, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, special_tokens, unwrap
@@ -111,6 +112,9 @@ class KTRTrainer(TrainingRun):
         self.data = GRPOData(samples, cfg=cfg, frames=frames_for(self.processor, cfg.frame_settings()), processor=self.processor,
                              rank=self.acc.process_index, world=self.acc.num_processes, skips=self.skips)
         model = self._load_model()
+        # a mixture-of-experts checkpoint whose config asks for its router logits: the policy loss gets
+        # router_aux_loss_coef x the load-balancing loss, as in TRL (model/adapters/router_loss.py); else None
+        self.router_loss = router_loss_for(model)
         self.special = special_tokens(model.config, self.tokenizer)
         if cfg.freeze_vision_tower:
             freeze_vision(model)
@@ -120,6 +124,8 @@ class KTRTrainer(TrainingRun):
         elif cfg.beta != 0:
             self.ref_model = self._load_model()
             self.ref_model.eval().requires_grad_(False)
+            if self.router_loss is not None:  # its passes compute no router loss (and cached passes do not fail)
+                router_loss_for(self.ref_model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -140,6 +146,8 @@ class KTRTrainer(TrainingRun):
         self.sampling = self._sampling_spec()
         self.vllm = self._start_vllm() if cfg.use_vllm else None
         self.plan = ForwardPlan.for_run(cfg)
+        if self.router_loss is not None:  # the loss counts each row's prompt tokens, as one forward of the rows does
+            self.plan = dataclasses.replace(self.plan, policy_shared_prefix=False)
         self.comm = Collectives(gather_rows=self._gather_rows, reduce_sum=self._reduce_sum)
         # several processes: every pass makes as many forward calls on each (model/lockstep.py); one: nothing changes
         self.lockstep = (Lockstep(self._all_max, sharded=sharded_parameters(self.acc)) if self.acc.num_processes > 1
@@ -232,6 +240,7 @@ class KTRTrainer(TrainingRun):
         olds: list[Tensor | None] = [None] * len(rollouts)
         weights: list[Tensor | None] = [None] * len(rollouts)  # soft key-token weights (None: hard mask)
         losses, any_bad, grad_norm = [], False, 0.0
+        router_losses: list[float] = []  # the load-balancing loss of each policy pass (MoE with router logits on)
         for it in range(cfg.num_iterations):
             bad = False
             for j, ro in enumerate(rollouts):
@@ -240,7 +249,7 @@ class KTRTrainer(TrainingRun):
                 head = self._measured_head() if grad_diagnostics else None
                 # no gradient all-reduce before the last micro-batch: forward and backward both inside no_sync
                 with self._accumulating(j < len(rollouts) - 1):
-                    with timer.phase("policy"), record_linear_calls(head) as head_calls:  # policy log-probs, grad
+                    with timer.phase("policy"), record_linear_calls(head) as head_calls, self._routing():  # grad
                         logp, entropy = policy_logprobs(self.model, ro, G, self.plan, with_entropy=first and (
                             "entropy" in signals or (log_tokens and j == 0)), lockstep=self.lockstep)
                     if first:
@@ -254,6 +263,7 @@ class KTRTrainer(TrainingRun):
                                                  num_processes=self.acc.num_processes, weights=weights[j])
                         if first:
                             records[j].seq_losses = per_sequence_losses(logp, ro, keys[j], self.loss_spec, weights[j])
+                        loss = self._with_router_loss(loss, router_losses)
                     if grad_diagnostics:
                         with timer.phase("diagnostics"):
                             # with a soft weighting: decomposed by the hard mask of the same signals (unweighted)
@@ -273,6 +283,8 @@ class KTRTrainer(TrainingRun):
         self.scheduler.step()
         self.state.step += 1
         values = step_metrics(rollouts, records, losses, group_size=G, comm=self.comm, device=self.acc.device)
+        if router_losses:  # this process's mean over its policy passes (TRL logs it as aux_loss)
+            values["router_aux_loss"] = sum(router_losses) / len(router_losses)
         self._write_logs(rollouts[0], records[0])
         return {"step": self.state.step, **dict(sorted(values.items())), "grad_norm": grad_norm, "learning_rate": lr,
                 **self._step_counts(any_bad, timer, t0)}
@@ -328,6 +340,22 @@ class KTRTrainer(TrainingRun):
         model = unwrap(self.model)
         with model.disable_adapter():
             return reference_logprobs(model, prompts, comps, G, self.plan, self.lockstep)
+
+    def _routing(self) -> Any:
+        """The policy pass records its router logits when the router loss is on (else nothing happens)."""
+        return self.router_loss.recording() if self.router_loss is not None else contextlib.nullcontext()
+
+    def _with_router_loss(self, loss: Tensor, seen: list[float]) -> Tensor:
+        """The micro-batch's loss + router_aux_loss_coef x the policy pass's load-balancing loss (TRL's sum; both
+        are then divided by gradient_accumulation_steps). Dense models and MoE checkpoints with
+        output_router_logits off: ``loss`` itself."""
+        if self.router_loss is None:
+            return loss
+        aux = self.router_loss.loss()
+        if aux is None:
+            return loss
+        seen.append(float(aux.detach()))
+        return loss + self.router_loss.coef * aux.to(loss.device, loss.dtype)
 
     @contextlib.contextmanager
     def _accumulating(self, accumulate: bool):

@@ -27,6 +27,7 @@ resumed run needs, so ``N`` steps equal ``k`` steps plus ``N - k`` resumed steps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -40,7 +41,7 @@ from video_ktr.data.media import MediaError, load_image
 from video_ktr.data.rows import DataError, Sample, SkipReport, load_dataset
 from video_ktr.data.video import FrameCache
 from video_ktr.evaluation.evaluate import evaluate_rows
-from video_ktr.model.adapters import frames_for
+from video_ktr.model.adapters import frames_for, router_loss_for
 from video_ktr.model.inputs import Media, to_device
 from video_ktr.model.loading import freeze_vision, load_processor, vision_tower
 from video_ktr.model.sampling import row_seed
@@ -103,6 +104,7 @@ class SFTTrainer(TrainingRun):
         self.frames = frames_for(self.processor, self.frames)  # the family's frame-side factor
         self.end_id = end_of_turn_id(self.processor.tokenizer)
         model = self._load_model()
+        self.router_loss = router_loss_for(model)  # MoE with output_router_logits on: + coef x load balancing (TRL)
         if cfg.freeze_vision_tower:
             freeze_vision(model)
         if cfg.gradient_checkpointing:
@@ -228,13 +230,18 @@ class SFTTrainer(TrainingRun):
         total_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
         # DDP averages gradients over processes: multiply by their number so the result is sum / total
         scale = acc.num_processes / max(1, total_tokens)
-        ce_local, bad = 0.0, False
+        ce_local, bad, routed = 0.0, False, []
         for j, (inputs, labels) in enumerate(micro):
             last = j == len(micro) - 1
             with gradients_unsynced(acc, self.model, not last):  # DDP no_sync, FSDP2 gradient sync off
-                with acc.autocast():
+                with acc.autocast(), (self.router_loss.recording() if self.router_loss is not None
+                                      else contextlib.nullcontext()):
                     ce, _ = token_ce_sum(self.model, inputs, labels)
                 loss = ce * scale
+                aux = self.router_loss.loss() if self.router_loss is not None else None
+                if aux is not None:  # as TRL: + coef x the micro-batch's load-balancing loss / accumulation steps
+                    routed.append(float(aux.detach()))
+                    loss = loss + self.router_loss.coef * aux.to(loss.device, loss.dtype) / len(micro)
                 if not torch.isfinite(loss):
                     bad = True
                     loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -256,6 +263,7 @@ class SFTTrainer(TrainingRun):
             "bad_step": int(bad),
             "bad_steps_total": self.bad_steps,
             "skipped_samples": self.skips.total,
+            **({"router_aux_loss": sum(routed) / len(routed)} if routed else {}),  # this process's mean
         }
 
     # ------------------------------------------------------------------ evaluation

@@ -24,7 +24,7 @@ FAMILIES: tuple[str, ...] = tuple(a.name for a in ADAPTERS)
 DEFAULT_FAMILY = "qwen2_5_vl"  # what make-tiny-model and the demo build unless told otherwise
 
 __all__ = ["ADAPTERS", "DEFAULT_FAMILY", "FAMILIES", "PIXEL_KEYS", "VISUAL_KEYS", "ModelAdapter", "TinySizes", "adapter_for", "frames_for",
-           "patch_layout", "processor_adapter", "select_encoder_items", "video_size"]
+           "patch_layout", "processor_adapter", "router_loss_for", "select_encoder_items", "video_size"]
 
 
 def _model_type(obj: Any) -> str | None:
@@ -67,6 +67,13 @@ def frames_for(processor: Any, settings: Any) -> Any:
     if adapter is None or settings is None or settings.factor == adapter.frame_factor:
         return settings
     return dataclasses.replace(settings, factor=adapter.frame_factor)
+
+
+def router_loss_for(model: Any) -> Any:
+    """The router load-balancing loss of a mixture-of-experts ``model`` whose config asks for its router logits
+    (adapters/router_loss.RouterLoss, hooked into the model), else None (dense families; MoE checkpoints as
+    released)."""
+    return adapter_for(model).router_loss(model)
 
 
 def patch_layout(processor: Any) -> tuple[int, int] | None:

@@ -190,5 +190,11 @@ class ModelAdapter:
     def check_tiny_sizes(self, sizes: TinySizes) -> None:
         """Raise ValueError for sizes the family's config cannot express."""
 
+    # -- mixture-of-experts routers -----------------------------------------------------------------
+    def router_loss(self, model: Any) -> Any:
+        """A router_loss.RouterLoss hooked into ``model`` when the family routes tokens to experts and the
+        model's config asks for the router logits (``output_router_logits``), else None (dense families)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

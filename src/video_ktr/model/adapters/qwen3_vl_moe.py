@@ -3,8 +3,10 @@ sparse mixture-of-experts MLPs in the text decoder. Everything the trainers, pro
 family is Qwen3-VL's; what differs is the model and config classes, the decoder layer FSDP wraps and the
 tiny checkpoint's experts.
 
-The router's load-balancing loss is not added to the training loss (the config's ``output_router_logits`` is
-left off, as the checkpoints ship it); the policy gradient flows through the routed experts only.
+The router's load-balancing loss is added to the GRPO loss when the checkpoint's text config has
+``output_router_logits`` on (``router_aux_loss_coef`` x transformers' load-balancing loss, as TRL adds it;
+adapters/router_loss.py); the released checkpoints leave it off, and then the policy gradient flows through
+the routed experts only.
 """
 
 from __future__ import annotations
@@ -76,3 +78,21 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         from transformers import Qwen3VLMoeForConditionalGeneration
 
         return Qwen3VLMoeForConditionalGeneration
+
+    def router_loss(self, model: Any) -> Any:
+        """Hooks Qwen3VLMoeModel (its forward returns the text decoder's router logits to the top-level one)
+        when ``text_config.output_router_logits`` is on; the loss is transformers' own load_balancing_loss_func
+        with the config's experts, experts per token and ``router_aux_loss_coef``."""
+        from transformers import Qwen3VLMoeModel
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+        from video_ktr.model.adapters.router_loss import RouterLoss
+
+        text = model.config.text_config
+        if not getattr(text, "output_router_logits", False):
+            return None
+        inner = [m for m in model.modules() if isinstance(m, Qwen3VLMoeModel)]
+        if not inner:
+            raise ValueError(f"{type(model).__name__} holds no Qwen3VLMoeModel: the router loss cannot be taken")
+        return RouterLoss(inner, coef=text.router_aux_loss_coef, num_experts=text.num_experts,
+                          top_k=text.num_experts_per_tok, loss_fn=load_balancing_loss_func)
