@@ -23,7 +23,11 @@ and no model hub. Parts (``--parts``, all by default), each written to ``gpu_che
 * ``step``: ``--token_selection none`` and ``all`` on the mid configuration, interleaved in one process
   (one step of each in turn): per-phase medians, the median of per-step KTR / GRPO ratios, and each
   variant's peak CUDA memory allocated (its own resident memory plus the largest rise within its steps);
-* ``estimate``: ``video-ktr estimate`` for both variants' configurations beside the measured peaks.
+* ``estimate``: ``video-ktr estimate`` for both variants' configurations beside the measured peaks;
+* ``dist``: ``accelerate launch`` of ``train`` with FSDP2 and (``deepspeed`` importable) ZeRO-3, one process
+  each, saving at a step and resuming from a copy of that checkpoint: what ran, the checkpoint's optimiser
+  format, the resumed run's weights against the unbroken run's, ``from_pretrained`` on the result
+  (benchmarks/gpu_check_dist.py; on a CPU: FSDP2 over two processes, ZeRO-3 not run).
 
 ``--small`` runs every part at toy size (tiny model, 8 frames of 56x56, 32 tokens) on whatever device
 there is: the dry run of this script on a CPU (tests/test_gpu_check.py runs it).
@@ -74,6 +78,13 @@ class Check:
         self.data["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str))
         (self.out / "summary.md").write_text(summary(self.data))
+
+
+def summary(data: dict) -> str:
+    """summary.md (benchmarks/gpu_check_summary.py)."""
+    from gpu_check_summary import summary as write
+
+    return write(data, PHASES)
 
 
 def environment() -> dict:
@@ -507,68 +518,11 @@ def part_estimate(check: Check, paths: dict, size: dict) -> dict:
     return out
 
 
-def summary(data: dict) -> str:
-    env, parts = data["environment"], data["parts"]
-    lines = [f"# GPU check ({data['size']} size)", "",
-             f"{env.get('gpu', 'no GPU (CPU)')}, torch {env['torch']}, transformers {env['transformers']}, "
-             f"vLLM {env.get('vllm')}, commit {env.get('commit')}, {env['date_utc']} UTC, {data.get('elapsed_s')} s", ""]
-    if "cli" in parts:
-        lines += ["## CLI", "", "| command | result | wall (s) | peak CUDA allocated (GiB) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {'ok' if r['ok'] else 'FAILED'} | {r['seconds']} | {r['peak_cuda_gib']} |" for k, r in parts["cli"].items()]
-        lines.append("")
-    if "rollout" in parts:
-        r = parts["rollout"]
-        lines += ["## Rollout", "", f"{r['rows']} rows x {r['tokens_per_row']} tokens, prompt {r['prompt_tokens']} tokens.", "",
-                  "| engine | tokens/s | seconds per run |", "|---|---|---|"]
-        for k, label in (("generate", "model.generate(do_sample=True)"), ("hf", "rollout, decoder=hf"),
-                         ("static", "rollout, static decoder"), ("vllm", "vLLM (colocated)")):
-            if k in r and "tokens_per_s" in r[k]:
-                lines.append(f"| {label} | {r[k]['tokens_per_s']} | {r[k]['seconds']} |")
-            elif k in r:
-                lines.append(f"| {label} | - | {r[k].get('error', '')[:200]} |")
-        mb = r["memory_bound"]
-        lines += ["", f"static / generate = {r['static_over_generate']}, static / hf path = {r['static_over_hf_path']}; "
-                      f"captured: {r['static_captured']}, fallback: {r['static_fallback']}; same tokens run to run: "
-                      f"{r['static_same_tokens_run_to_run']}; kept graph replayed: {r.get('static_reused_graph')}.",
-                  f"Memory bound: {mb['weight_bytes_per_step'] / 1e9:.2f} GB weights + {mb['kv_bytes_per_step_mean'] / 1e9:.3f} GB "
-                  f"KV per step at {mb['bandwidth_gbs']} GB/s: "
-                  + (f"{mb['step_ms_lower_bound']:.2f} ms per step, {mb['tokens_per_s_upper_bound']:.0f} tokens/s, "
-                     f"{mb['rollout_s_lower_bound']:.2f} s per rollout." if mb.get("step_ms_lower_bound") else "bandwidth unknown."), ""]
-    if "probes" in parts:
-        pr = parts["probes"]
-        lines += ["## Probe passes against the policy's forward + backward", "",
-                  f"{pr['rows']} rows x {pr['tokens_per_row']} tokens, prompt {pr['prompt_tokens']} tokens, median of "
-                  f"{pr['repeats']} interleaved rounds.", "",
-                  "| pass | seconds | / policy fwd+bwd | peak rise (GiB) |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['seconds_median']} | {v['over_policy_forward_backward']} | {v['peak_rise_cuda_gib']} |"
-                  for k, v in pr["passes"].items()]
-        nz = pr["identity_probe_noise_nats"]
-        lines += ["", f"Identity temporal probe vs the policy pass ({nz['dtype']}): |difference| median {nz['median']:.2e}, "
-                      f"p99 {nz['p99']:.2e}, max {nz['max']:.2e} nats; {nz['fraction_over_1e-5']:.1%} of tokens at or over "
-                      "the default probe_score_tolerance 1e-5.", ""]
-    if "step" in parts:
-        s = parts["step"]
-        names = list(s["variants"])
-        lines += ["## Step (interleaved, medians)", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for key in ("step_seconds", *PHASES, "completion_length", "peak_cuda_gib"):
-            lines.append(f"| {key} | " + " | ".join(str(s["variants"][n].get(key)) for n in names) + " |")
-        lines += ["", f"KTR / GRPO step: paired median {s['step_ktr_over_grpo_paired_median']}, ratio of medians "
-                      f"{s['step_ktr_over_grpo_of_medians']}; peak memory KTR / GRPO {s.get('peak_ktr_over_grpo')}.", ""]
-    if "estimate" in parts:
-        lines += ["## video-ktr estimate", "", "| variant | estimate (GiB) | measured peak (GiB) | ratio |", "|---|---|---|---|"]
-        for v, e in parts["estimate"].items():
-            lines.append(f"| {v} | {e.get('estimate_gib')} | {e.get('measured_peak_gib')} | {e.get('estimate_over_measured')} |")
-        lines.append("")
-    for name, err in data.get("errors", {}).items():
-        lines += [f"**{name} failed**: `{err[:500]}`", ""]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", required=True, help="where gpu_check.json, summary.md and the runs go")
     ap.add_argument("--small", action="store_true", help="toy sizes: the dry run on a CPU")
-    ap.add_argument("--parts", default="cli,rollout,step,estimate,probes",
+    ap.add_argument("--parts", default="cli,rollout,step,estimate,dist,probes",
                     help="comma list of parts to run (probes last: the budget cuts it before the step targets)")
     ap.add_argument("--work_dir", default=None, help="models and data (default: OUTPUT_DIR/work; reused if present)")
     ap.add_argument("--budget_s", type=float, default=480, help="skip the parts left once this many seconds have passed")
@@ -578,9 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the dist part and the summary, beside this file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    import gpu_check_dist
+
     check = Check(out, args)
     size = SIZES["small" if args.small else "mid"]
     check.log(f"environment: {json.dumps(check.data['environment'])}")
@@ -588,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     check.save()
     runners = {"cli": lambda: part_cli(check, paths), "rollout": lambda: part_rollout(check, paths, size),
                "probes": lambda: part_probes(check, paths, size), "step": lambda: part_step(check, paths, size),
-               "estimate": lambda: part_estimate(check, paths, size)}
+               "estimate": lambda: part_estimate(check, paths, size), "dist": lambda: gpu_check_dist.part_dist(check, paths)}
     failed = False
     for name in args.parts.split(","):
         if check.left() <= 0:
@@ -614,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
     check.log(f"done: {out / 'gpu_check.json'}, {out / 'summary.md'}")
     print((out / "summary.md").read_text())
-    return 1 if failed or any(not r["ok"] for r in check.data["parts"].get("cli", {}).values()) else 0
+    parts = check.data["parts"]
+    return 1 if failed or any(not r["ok"] for r in parts.get("cli", {}).values()) \
+        or any(r.get("ok") is False for r in parts.get("dist", {}).values()) else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@
 # and data are built under /tmp (a 2.2B-parameter random model is 4.4 GB: it must not come back), the
 # figures go to OUT_DIR/check, and OUT_DIR/gpu-check.tgz holds the JSON, the summary, the log and
 # nvidia-smi's view. Sized for about 8 minutes: model build ~1 min, then the parts until --budget_s.
+# The parts (gpu_check.py --parts, all by default): cli, rollout, step, estimate, dist (accelerate launch with
+# configs/accelerate/fsdp.yaml and, when deepspeed imports, zero3.yaml, one process each: save, resume from the
+# checkpoint, compare with the unbroken run; benchmarks/gpu_check_dist.py), probes. VK_GPU_PARTS=dist runs that
+# part alone (about 3 minutes).
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-gpu-check-out}}
 shift || true
@@ -30,9 +34,11 @@ if missing:
     print("MISSING:", ", ".join(missing))
 PYEOF
 timeout "${VK_GPU_CHECK_TIMEOUT:-560}" "$PY" benchmarks/gpu_check.py --output_dir "$OUT_DIR/check" \
-    --work_dir "${VK_GPU_WORK:-/tmp/vk-gpu-work}" --budget_s "${VK_GPU_BUDGET:-480}" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+    --work_dir "${VK_GPU_WORK:-/tmp/vk-gpu-work}" --budget_s "${VK_GPU_BUDGET:-480}" \
+    ${VK_GPU_PARTS:+--parts "$VK_GPU_PARTS"} "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check exit code: $rc" | tee -a "$OUT_DIR/gpu_check.log"
 tar czf "$OUT_DIR/gpu-check.tgz" -C "$OUT_DIR" --exclude='check/cli' --exclude='check/step-*' \
+    --exclude='check/dist/*/unbroken' --exclude='check/dist/*/resumed' \
     check gpu_check.log environment.txt nvidia-smi.txt 2>/dev/null
 exit "$rc"

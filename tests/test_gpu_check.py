@@ -21,7 +21,7 @@ def test_gpu_check_small_runs_every_part_and_writes_its_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = data["parts"]
-    assert set(parts) == {"cli", "rollout", "probes", "step", "estimate"} and not data.get("errors")
+    assert set(parts) == {"cli", "rollout", "probes", "step", "estimate", "dist"} and not data.get("errors")
     assert all(r["ok"] for r in parts["cli"].values()) and set(parts["cli"]) == {"train", "resume", "sft", "eval", "infer"}
     r = parts["rollout"]
     assert r["rows"] == 8 and r["tokens_per_row"] == 32
@@ -42,5 +42,14 @@ def test_gpu_check_small_runs_every_part_and_writes_its_figures(tmp_path):
     assert s["variants"]["all"]["probes"] > s["variants"]["none"]["probes"]  # only KTR runs the probe passes
     assert s["step_ktr_over_grpo_paired_median"] > 0
     assert all(parts["estimate"][v]["estimate_gib"] > 0 for v in ("none", "all"))
+    # FSDP2 over two CPU processes saved at step 1 and resumed from a copy of that checkpoint: the unbroken run's weights
+    d = parts["dist"]
+    assert d["zero3"] == {"ok": None, "not_run": "no GPU"}
+    f = d["fsdp2"]
+    assert f["ok"] is True and f["run_info"]["distributed"] == "FSDP2" and f["run_info"]["sharded_parameters"] is True
+    assert f["checkpoint"]["optimizer_state"] == "sharded" and set(f["checkpoint"]["optimizer_shard_bytes"]) == {
+        "__0_0.distcp", "__1_0.distcp"}
+    assert f["weights"]["max_abs_move"] > 0 and f["weights"]["max_abs_difference"] <= 1e-6 and f["from_pretrained_loads"] is True
     text = (tmp_path / "summary.md").read_text()
     assert "## Rollout" in text and "## Probe passes" in text and "## Step" in text and "## video-ktr estimate" in text and "FAILED" not in text
+    assert "## FSDP2 / ZeRO-3" in text
