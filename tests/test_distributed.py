@@ -340,3 +340,23 @@ def test_the_trainers_turn_fsdp2_gradient_sync_off_for_the_micro_batches_before_
     ddp = torch.nn.Linear(1, 1)
     with KTRTrainer._accumulating(SimpleNamespace(acc=acc, model=ddp), True):
         assert entered == [ddp]
+
+
+def test_save_only_model_checkpoints_hold_the_model_and_are_never_resumed(tmp_path):
+    """--save_only_model: the weights and trainer_state.json, no optimiser, scheduler or random states; resuming it is
+    refused with the reason, and 'latest' falls back to an older full checkpoint (saying why)."""
+    from video_ktr.training.checkpoint_verify import find_resumable
+
+    model, acc = TinyModel(), StandInAccelerator(main=True)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    full = ckpt.save(tmp_path, 1, acc, model, None, opt, sched, ckpt.TrainState(1, 1))
+    only = ckpt.save(tmp_path, 2, acc, model, None, opt, sched, ckpt.TrainState(2, 2), model_only=True)
+    assert sorted(p.name for p in only.iterdir()) == ["model.safetensors", ckpt.STATE_FILE]
+    assert json.loads((only / ckpt.STATE_FILE).read_text())["optimizer_state"] == "not-saved"
+    with pytest.raises(ckpt.CheckpointError, match="written with --save_only_model"):
+        ckpt.load(only, acc, TinyModel(), opt, sched, ckpt.TrainState())
+    with pytest.raises(ckpt.CheckpointError, match="written with --save_only_model"):
+        find_resumable(tmp_path, str(only))
+    path, skipped = find_resumable(tmp_path, "latest")
+    assert path == full and len(skipped) == 1 and "checkpoint-2" in skipped[0] and "save_only_model" in skipped[0]

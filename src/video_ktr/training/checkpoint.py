@@ -189,7 +189,8 @@ def _test_delay(step: int) -> float:
 
 
 def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, processor: Any,
-         optimizer: Any, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None) -> Path:
+         optimizer: Any, scheduler: Any, state: TrainState, extra: dict[str, Any] | None = None, *,
+         model_only: bool = False) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically (temporary folder + rename); every process calls it.
 
     Under FSDP2 every process writes its own shards of the optimiser state into ``optimizer/`` of the main
@@ -202,6 +203,8 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     the optimiser state is not written (``optimizer.pt`` absent, ``optimizer_state: "sharded-not-saved"``): such
     a checkpoint holds the whole model but cannot be resumed from (:func:`load` says so). Every process's random
     states are kept (``rng_per_process``). One process and DDP: the whole state in ``optimizer.pt``, as ever.
+    ``model_only`` (``--save_only_model``): the model, processor and ``trainer_state.json`` only
+    (``optimizer_state: "not-saved"``): not resumable (:func:`load` and checkpoint_verify say so).
     """
     from video_ktr.training import distributed_fsdp as fsdp
     from video_ktr.training import optimizer_shards
@@ -209,9 +212,9 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     final = output_dir / f"checkpoint-{step}"
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)  # a collective under FSDP / ZeRO-3: every process
-    shards = fsdp.is_fsdp2(model)  # each process writes its own shards of the optimiser state (DCP)
-    engine = deepspeed_engine(accelerator, model)
-    sharded_optimizer = optimizer_state_sharded(accelerator) and not shards and engine is None
+    shards = fsdp.is_fsdp2(model) and not model_only  # each process writes its own shards of the optimiser state (DCP)
+    engine = deepspeed_engine(accelerator, model) if not model_only else None
+    sharded_optimizer = optimizer_state_sharded(accelerator) and not shards and engine is None and not model_only
     rng_states = _rng_states(accelerator)  # a collective with several processes
     tmp = None
     if accelerator.is_main_process:
@@ -229,12 +232,13 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
     if accelerator.is_main_process:
         assert tmp is not None
         _write_model(tmp, accelerator, model, processor, state_dict)
-        if not sharded_optimizer and engine is None and not shards:
+        if not sharded_optimizer and engine is None and not shards and not model_only:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if not model_only:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         payload = {**asdict(state), "rng": _rng_state(), "extra": extra or {},
-                   "optimizer_state": "deepspeed" if engine is not None else SHARDS if shards else
-                   "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
+                   "optimizer_state": MODEL_ONLY if model_only else "deepspeed" if engine is not None else
+                   SHARDS if shards else "sharded-not-saved" if sharded_optimizer else "optimizer.pt"}
         if shards:
             payload["optimizer_processes"] = int(getattr(accelerator, "num_processes", 1))
         if rng_states is not None:
@@ -255,6 +259,9 @@ def save(output_dir: Path, step: int, accelerator: Any, model: torch.nn.Module, 
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "pytorch_model"  # the engine's checkpoint, as accelerate's save_state names it
 OPTIMIZER_DIR, SHARDS = "optimizer", "sharded"  # FSDP2: each process's optimiser shards (training/optimizer_shards.py)
+MODEL_ONLY = "not-saved"  # --save_only_model: no optimiser, scheduler or random states
+MODEL_ONLY_REFUSAL = ("was written with --save_only_model: it holds the model only (no optimiser, scheduler or random "
+                      "states) and cannot be resumed from; start a new run from it with --model_name_or_path")
 
 
 def deepspeed_engine(accelerator: Any, model: Any) -> Any | None:
@@ -327,6 +334,8 @@ def load(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, s
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint '{DEEPSPEED_TAG}' in {path / DEEPSPEED_DIR}")
         return _restore_counters(path, payload, accelerator, scheduler, state)
+    if mode == MODEL_ONLY:
+        raise CheckpointError(f"{path} {MODEL_ONLY_REFUSAL}")
     if mode not in ("optimizer.pt", SHARDS):
         raise CheckpointError(
             f"{path} was written under FSDP1, whose optimiser state is split over the processes and was not "

@@ -72,6 +72,8 @@ def verify(path: str | Path) -> None:
         engine_dir = path / ckpt.DEEPSPEED_DIR / ckpt.DEEPSPEED_TAG
         if not engine_dir.is_dir() or not any(engine_dir.iterdir()):
             raise CheckpointError(f"{engine_dir} is missing or empty: the DeepSpeed engine's checkpoint was not written")
+    if payload.get("optimizer_state") == ckpt.MODEL_ONLY:
+        raise CheckpointError(f"{path} {ckpt.MODEL_ONLY_REFUSAL}")
     if payload.get("optimizer_state") == ckpt.SHARDS:  # FSDP2: each process's shards (training/optimizer_shards.py)
         _verify_shards(path / ckpt.OPTIMIZER_DIR)
     names = ("scheduler.pt",) if payload.get("optimizer_state") in ("deepspeed", ckpt.SHARDS) else ("optimizer.pt", "scheduler.pt")

@@ -51,6 +51,7 @@ class RunOptions(DataArgs, LogOptions):
     logging_steps: int = field(1, help="Print a progress line every this many steps (metrics.jsonl gets every step).")
     save_steps: int = field(0, help="Write checkpoint-N every this many steps (0: only the final model).")
     save_total_limit: int | None = field(None, help="Keep at most this many checkpoints (oldest removed).")
+    save_only_model: bool = field(False, help="Checkpoints hold the model only (weights, processor, trainer_state.json): no optimiser, scheduler or random states, so they cannot be resumed from (--resume_from_checkpoint latest skips them), but are smaller and quicker to write (transformers' save_only_model).")
     overwrite_output_dir: bool = field(False, help="Start over in an --output_dir that holds a previous run: its checkpoints and logs are removed first (without it such a folder is refused unless the run resumes).")
     resume_from_checkpoint: str | None = field(None, help="A checkpoint-N directory to continue from, or 'latest' for the newest complete one in --output_dir.")
     report_to: list[str] = field(["none"], help="Extra trackers through accelerate: tensorboard, wandb (when installed), or none.")

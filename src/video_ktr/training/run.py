@@ -292,7 +292,8 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         path = ckpt.save(self.out, self.state.step, self.acc, self.model, self.processor, self.optimizer, self.scheduler,
-                         self.state, extra={"bad_steps": self.bad_steps, **self.checkpoint_extra()})
+                         self.state, extra={"bad_steps": self.bad_steps, **self.checkpoint_extra()},
+                         model_only=self.cfg.save_only_model)
         if self.cfg.save_total_limit and self.acc.is_main_process:
             ckpt.prune(self.out, self.cfg.save_total_limit)
         return path
