@@ -38,8 +38,12 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert f"| sampled (mean of {k}) overall | {results['before']['sampled']['accuracy']:.3f} |" in summary
     assert "| sampled_0 overall" not in summary
     curves = sft_accuracy_curves(read_jsonl(out / "sft" / "metrics.jsonl"))
-    assert [s for s, _ in curves["overall"]] == [10, 20] and "count" in curves
+    assert [s for s, _ in curves["overall"]] == [10, 20] and "count_color" in curves
     assert "| SFT step | overall |" in summary
+    # the test split is held out by content (synth --held_out redraw): the headline says so, no separate unseen row
+    assert saved["held_out"]["held_out"] == "redraw" and saved["held_out"]["test_rows_identical_to_a_train_row"] == 0
+    assert results["before"]["greedy"]["unseen_rows"] == 16 and "Held out by content" in summary
+    assert "unseen rows only" not in summary
     # a second run reuses every stage
     again = run_demo(DemoConfig(output_dir=str(out), quick=True))
     assert again["before"] == results["before"] and again["after"] == results["after"]

@@ -39,8 +39,10 @@ class DemoConfig(LogOptions):
     seed: int = field(0, help="Seed of every stage.")
     num_train: int = field(2000, help="Synthetic training questions.")
     num_test: int = field(300, help="Synthetic held-out questions.")
-    kinds: list[str] | None = field(None, help="Question kinds of the synthetic set (default: synth's default kinds, the first seven).")
-    image_fraction: float = field(0.2, help="Fraction of synthetic rows that are image questions (mixed image/video training).")
+    kinds: list[str] | None = field(None, help="Question kinds of the synthetic set (default: synth's default kinds: color_first, color_last, color_present, after_event, which_first, count_color; the image kinds, direction and count have too few distinct contents at this size for a test split held out by content).")
+    image_fraction: float = field(0.0, help="Fraction of synthetic rows that are image questions (needs an image kind in --kinds and, with --held_out redraw, room for unseen images: 2x2-cell images have one content per colour and cell).")
+    frames: int = field(12, help="Frames per synthetic video (2 per visual token in time: 12 frames = 6 steps; 8 steps' worth of distinct videos per answer is what the held-out split by content needs beside 2,000 training rows).")
+    held_out: str = field("redraw", choices=["redraw", "mark"], help="synth --held_out: 'redraw' makes every test row differ in content (question, options, answer, video) from every training row, so the held-out accuracy is on unseen rows only; 'mark' keeps repeats and marks them (the demo before 2026-12-05: 257 of 300 test rows repeated a training row).")
     num_colors: int = field(6, help="Palette size of the synthetic set (more colours: fewer test rows repeat a training row).")
     num_options: int = field(6, help="Options per colour question (= num_colors: every colour keeps one letter, so the tiny model learns the colours, not a lookup in the option list, within the SFT budget).")
     shuffle_options: bool = field(False, help="Shuffle the option order per synthetic row (harder: the tiny model then needs far more SFT).")
@@ -76,11 +78,11 @@ def _stage(name: str):
     return _S()
 
 
-def _frame_args(cell: int = 28) -> dict[str, Any]:
-    """The synthetic videos' own size: 8 frames of 2x2 cells of ``cell`` pixels (56x56 at the default 28: 2x2
-    visual tokens per frame pair)."""
+def _frame_args(cell: int = 28, frames: int = 12) -> dict[str, Any]:
+    """The synthetic videos' own size: ``frames`` frames of 2x2 cells of ``cell`` pixels (56x56 at the default 28:
+    2x2 visual tokens per frame pair), every frame read."""
     side = 2 * cell
-    return {"nframes": 8, "min_frames": 2, "max_frames": 8, "min_pixels": side * side, "max_pixels": side * side,
+    return {"nframes": frames, "min_frames": 2, "max_frames": frames, "min_pixels": side * side, "max_pixels": side * side,
             "image_min_pixels": side * side, "image_max_pixels": side * side}
 
 
@@ -112,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.quick:
         cfg.num_train, cfg.num_test, cfg.sft_steps, cfg.rl_steps = 48, 16, 20, 3
         cfg.rl_prompts, cfg.num_generations, cfg.max_completion_length = 2, 4, 24
-        cfg.num_colors, cfg.vocab_size, cfg.sft_eval_steps = 4, 512, 10
+        cfg.num_colors, cfg.vocab_size, cfg.sft_eval_steps, cfg.frames = 4, 512, 10, 8
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cell = _cell(cfg)
@@ -123,12 +125,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         marker = data_dir / "synth_config.json"
         if not marker.is_file():
             summary = synth.generate(data_dir, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed,
+                                     frames=cfg.frames, held_out=cfg.held_out,
                                      image_fraction=cfg.image_fraction, num_colors=cfg.num_colors,
                                      num_options=min(cfg.num_options, cfg.num_colors), shuffle_options=cfg.shuffle_options, cot_error_rate=cfg.cot_error_rate,
-                                     size=2 * cell, cell=cell, **({"kinds": cfg.kinds} if cfg.kinds else {}))
+                                     size=2 * cell, cell=cell, kinds=list(cfg.kinds or synth.DEFAULT_KINDS))
             print(synth.format_summary(summary))
+            (data_dir / "synth_summary.json").write_text(json.dumps(summary, indent=1))
         else:
             print(f"reusing {data_dir}")
+        held_out = _held_out_summary(data_dir)
     timings["synth"] = time.perf_counter() - st.t0
 
     base = out / "base"
@@ -151,7 +156,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               warmup_ratio=0.02, logging_steps=100, eval_dataset=str(data_dir / "test.json"),
                               eval_steps=cfg.sft_eval_steps, eval_generate=True,
                               eval_max_new_tokens=cfg.max_completion_length, per_device_eval_batch_size=32,
-                              **_frame_args(cell), **_log_args(cfg)))
+                              **_frame_args(cell, cfg.frames), **_log_args(cfg)))
         else:
             print(f"reusing {sft_dir}")
     timings["sft"] = time.perf_counter() - st.t0
@@ -173,13 +178,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     with _stage("6/6 evaluate the KTR model and write the report") as st:
         after = _evaluate(rl_dir, test_file, cfg, out / "eval_ktr")
-        results = {"config": asdict(cfg), "before": before, "after": after, "timings_seconds": timings,
+        results = {"config": asdict(cfg), "held_out": held_out, "before": before, "after": after, "timings_seconds": timings,
                    "total_seconds": time.perf_counter() - t_start}
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
         write_report(out, results)
     print(f"\nsummary: {out / 'summary.md'}")
     return results
+
+
+def _held_out_summary(data_dir: Path) -> dict[str, Any]:
+    """How the test split was kept apart from the training rows (synth's summary, written with the data)."""
+    path = data_dir / "synth_summary.json"
+    if not path.is_file():  # a data folder from before the summary was kept
+        return {}
+    summary = json.loads(path.read_text())
+    return {k: summary.get(k) for k in ("held_out", "test_rows_identical_to_a_train_row", "test_redraws", "test_redraws_by_kind")}
 
 
 def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
@@ -189,7 +203,7 @@ def rl_config(cfg: DemoConfig, model: Path, dataset: Path, output_dir: Path):
                        max_steps=cfg.rl_steps, learning_rate=cfg.rl_learning_rate, lr_scheduler_type="constant",
                        per_device_train_batch_size=cfg.rl_prompts, num_generations=cfg.num_generations,
                        max_completion_length=cfg.max_completion_length, temperature=1.0, top_p=1.0, beta=0.0,
-                       seed=cfg.seed, token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args(_cell(cfg)))
+                       seed=cfg.seed, token_selection=list(cfg.token_selection), logging_steps=10, **_frame_args(_cell(cfg), cfg.frames))
 
 
 def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> dict[str, Any]:
@@ -198,7 +212,7 @@ def _evaluate(model_dir: Path, test_file: Path, cfg: DemoConfig, out: Path) -> d
     rows = json.loads(test_file.read_text())
     model, processor = load_model(str(model_dir)), load_processor(str(model_dir))
     model.eval()
-    settings = FrameSettings(**_frame_args(_cell(cfg)))
+    settings = FrameSettings(**_frame_args(_cell(cfg), cfg.frames))
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     runs = [("greedy", True, 0.0, 0)] + [(f"sampled_{k}", False, 1.0, k) for k in range(cfg.eval_samples)]

@@ -98,9 +98,14 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     before, after = results["before"], results["after"]
     plots.append(_plot_accuracy(out, before, after))
     kinds = sorted(set(before["greedy"]["by_kind"]) | set(after["greedy"]["by_kind"]))
+    held = results.get("held_out") or {}
     lines = [
         "# video-ktr demo: SFT cold start, then GRPO with key-token reinforcement",
         "",
+        *([f"Held out by content (synth --held_out redraw): none of the {results['config']['num_test']} test questions "
+           f"equals a training row in question, options, answer and video ({held.get('test_redraws', 0)} test rows were "
+           "redrawn to make it so), so every accuracy below is on unseen rows."]
+          if held.get("held_out") == "redraw" and held.get("test_rows_identical_to_a_train_row") == 0 else []),
         f"Held-out questions: {results['config']['num_test']}; RL steps: {results['config']['rl_steps']} "
         f"({results['config']['rl_prompts']} prompts x {results['config']['num_generations']} completions); "
         f"token selection: {', '.join(results['config']['token_selection'])}; seed {results['config']['seed']}.",
@@ -118,7 +123,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         label = f"sampled (mean of {before[key]['samples']})" if key == "sampled" else key
         lines.append(f"| {label} overall | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
         bu, au = before[key].get("unseen_accuracy"), after[key].get("unseen_accuracy")
-        if bu is not None and au is not None:
+        everything_unseen = before[key].get("unseen_rows") == results["config"]["num_test"]  # the line above again
+        if bu is not None and au is not None and not everything_unseen:
             lines.append(f"| {label} unseen rows only ({before[key]['unseen_rows']}) | {bu:.3f} | {au:.3f} | {au - bu:+.3f} |")
         for kind in kinds:
             b2, a2 = before[key]["by_kind"].get(kind), after[key]["by_kind"].get(kind)
